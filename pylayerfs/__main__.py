@@ -1,0 +1,5 @@
+import sys
+
+from pylayerfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""Open files: real file descriptors behind the merged view's file handles (the kernel's ``file.c``).
+
+A file opened for writing (or with ``O_TRUNC``) is copied up first; its handle
+then holds an fd on the upper file. A file opened read-only on a lower layer
+holds an fd on the lower file, and is registered under its path: when the file
+is later copied up, every such handle is switched to the upper copy, so an fd
+opened before a copy-up reads the new data after it, as with the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class OpenFile:
+    fd: int
+    path: str
+    ino: int
+    on_lower: bool  # read-only handle on a lower file (switched to upper on copy-up)
+
+
+class OpenFiles:
+    def __init__(self) -> None:
+        self._by_fh: dict[int, OpenFile] = {}
+        self._lower_by_path: dict[str, list[OpenFile]] = {}
+
+    def add(self, of: OpenFile) -> int:
+        """Register ``of``; its fd number is its file handle."""
+        self._by_fh[of.fd] = of
+        if of.on_lower:
+            self._lower_by_path.setdefault(of.path, []).append(of)
+        return of.fd
+
+    def get(self, fh: int) -> OpenFile:
+        return self._by_fh[fh]
+
+    def release(self, fh: int) -> None:
+        of = self._by_fh.pop(fh)
+        if of.on_lower:
+            self._unregister(of)
+        os.close(of.fd)
+
+    def copied_up(self, path: str, reopen: Callable[[], int]) -> None:
+        """``path`` now has an upper copy: point every lower handle on it to that copy."""
+        for of in self._lower_by_path.pop(path, []):
+            new_fd = reopen()
+            os.dup2(new_fd, of.fd, inheritable=False)  # the handle (the fd number) stays the same
+            os.close(new_fd)
+            of.on_lower = False
+
+    def forget(self, path: str) -> None:
+        """The name ``path`` now refers to another object: stop tracking handles opened on it."""
+        for of in self._lower_by_path.pop(path, []):
+            of.on_lower = False
+
+    def _unregister(self, of: OpenFile) -> None:
+        handles = [h for h in self._lower_by_path.pop(of.path, []) if h is not of]
+        if handles:
+            self._lower_by_path[of.path] = handles
+
+    def close_all(self) -> None:
+        for fh in list(self._by_fh):
+            self.release(fh)

@@ -1,0 +1,242 @@
+"""The FUSE adapter: translates kernel requests into :class:`~pylayerfs.overlay.Overlay` calls.
+
+The only module that imports the binding (mfusepy, on libfuse 3). It does
+nothing but translate: paths lose their leading slash, the caller's uid/gid
+come from the FUSE context, and errors become errnos. An exception that is not
+an :class:`OSError` is a bug: it is logged with its traceback and answered with
+EIO, and the daemon goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+import mfusepy as fuse  # noqa: E402  (the library choice above must come first)
+
+from pylayerfs.overlay import Caller, Overlay  # noqa: E402
+
+log = logging.getLogger("pylayerfs.fuse")
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Lowers never change and the upper changes only through the mount: the kernel may cache freely.
+CACHE_TIMEOUT = 86400.0
+
+
+def _answers_eio(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(*args: Any) -> Any:
+        try:
+            return method(*args)
+        except OSError as exc:
+            if isinstance(exc.errno, int) and exc.errno > 0:
+                raise
+            log.exception("%s%r: OSError without errno, answering EIO", method.__name__, args[1:])
+            raise OSError(errno.EIO, os.strerror(errno.EIO)) from exc
+        except Exception as exc:
+            log.exception("%s%r failed, answering EIO", method.__name__, args[1:])
+            raise OSError(errno.EIO, os.strerror(errno.EIO)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _rel(path: str | None) -> str:
+    return path.lstrip("/") if path else ""
+
+
+def _caller() -> Caller:
+    uid, gid, _ = fuse.fuse_get_context()
+    return Caller(uid, gid)
+
+
+class FuseOperations(fuse.Operations):  # type: ignore[misc]
+    use_ns = True
+
+    def __init__(self, overlay: Overlay, on_ready: Callable[[], None] | None = None) -> None:
+        self.ov = overlay
+        self._on_ready = on_ready
+        self._dirs: dict[int, str] = {}  # open directory handle -> path (readdir gets no path)
+        self._next_dir = itertools.count(1)
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if config is not None:
+            config.nullpath_ok = 1  # open files stay usable after their name is gone (hard_remove)
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def destroy(self, path: str) -> None:
+        self.ov.close()
+
+    @_answers_eio
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
+        return self.ov.getattr(_rel(path), fh)
+
+    @_answers_eio
+    def readlink(self, path: str) -> str:
+        return self.ov.readlink(_rel(path))
+
+    @_answers_eio
+    def opendir(self, path: str) -> int:
+        if not self.ov.lookup.lookup(_rel(path)).is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        fh = next(self._next_dir)
+        self._dirs[fh] = _rel(path)
+        return fh
+
+    @_answers_eio
+    def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        # libfuse asks at offset 0 (opendir, rewinddir) and keeps the list: a snapshot per open directory.
+        entries = self.ov.readdir(self._dirs[fh])
+        return [(name, {"st_mode": mode, "st_ino": ino}, 0) for name, mode, ino in entries]
+
+    def releasedir(self, path: str | None, fh: int) -> int:
+        self._dirs.pop(fh, None)
+        return 0
+
+    @_answers_eio
+    def statfs(self, path: str) -> dict[str, int]:
+        return self.ov.statfs()
+
+    @_answers_eio
+    def open(self, path: str, flags: int) -> int:
+        return self.ov.open(_rel(path), flags)
+
+    @_answers_eio
+    def create(self, path: str, mode: int, flags: int) -> int:
+        return self.ov.create(_rel(path), mode, flags, _caller())
+
+    @_answers_eio
+    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        return self.ov.read(fh, size, offset)
+
+    @_answers_eio
+    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        return self.ov.write(fh, data, offset)
+
+    @_answers_eio
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        self.ov.truncate(_rel(path), length, fh)
+        return 0
+
+    def flush(self, path: str | None, fh: int) -> int:
+        return 0
+
+    @_answers_eio
+    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
+        self.ov.fsync(fh, bool(datasync))
+        return 0
+
+    @_answers_eio
+    def release(self, path: str | None, fh: int) -> int:
+        self.ov.release(fh)
+        return 0
+
+    @_answers_eio
+    def chmod(self, path: str, mode: int) -> int:
+        self.ov.chmod(_rel(path), mode)
+        return 0
+
+    @_answers_eio
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        self.ov.chown(_rel(path), uid, gid)
+        return 0
+
+    @_answers_eio
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        self.ov.utimens(_rel(path), times)
+        return 0
+
+    @_answers_eio
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        self.ov.mknod(_rel(path), mode, dev, _caller())
+        return 0
+
+    @_answers_eio
+    def mkdir(self, path: str, mode: int) -> int:
+        self.ov.mkdir(_rel(path), mode, _caller())
+        return 0
+
+    @_answers_eio
+    def symlink(self, target: str, source: str) -> int:
+        self.ov.symlink(_rel(target), source, _caller())
+        return 0
+
+    @_answers_eio
+    def link(self, target: str, source: str) -> int:
+        self.ov.link(_rel(source), _rel(target))
+        return 0
+
+    @_answers_eio
+    def unlink(self, path: str) -> int:
+        self.ov.unlink(_rel(path))
+        return 0
+
+    @_answers_eio
+    def rmdir(self, path: str) -> int:
+        self.ov.rmdir(_rel(path))
+        return 0
+
+    @_answers_eio
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        self.ov.rename(_rel(old), _rel(new), flags)
+        return 0
+
+    @_answers_eio
+    def listxattr(self, path: str) -> list[str]:
+        return self.ov.listxattr(_rel(path))
+
+    @_answers_eio
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return self.ov.getxattr(_rel(path), name)
+
+    @_answers_eio
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        self.ov.setxattr(_rel(path), name, value, options)
+        return 0
+
+    @_answers_eio
+    def removexattr(self, path: str, name: str) -> int:
+        self.ov.removexattr(_rel(path), name)
+        return 0
+
+
+class _FUSE(fuse.FUSE):  # type: ignore[misc]
+    """mfusepy drops the flags of rename(2) on libfuse 3; pass RENAME_NOREPLACE/EXCHANGE on."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return int(
+            self.operations.rename(old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags)
+            or 0
+        )
+
+
+def serve(
+    overlay: Overlay,
+    mountpoint: str,
+    *,
+    fsname: str,
+    fuse_options: dict[str, Any],
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount and serve requests until unmounted (single-threaded, in the foreground)."""
+    _FUSE(
+        FuseOperations(overlay, on_ready),
+        mountpoint,
+        foreground=True,
+        nothreads=True,
+        fsname=fsname,
+        subtype="pylayerfs",
+        use_ino=True,
+        hard_remove=True,
+        kernel_cache=True,
+        attr_timeout=CACHE_TIMEOUT,
+        entry_timeout=CACHE_TIMEOUT,
+        negative_timeout=CACHE_TIMEOUT,
+        **fuse_options,
+    )

@@ -1,0 +1,186 @@
+"""Mount options: parsing and checking, with the syntax of ``mount -t overlay`` (the kernel's ``params.c``).
+
+``-o lowerdir=top:...:bottom,upperdir=U,workdir=W`` with ``\\`` escaping the
+next character (so ``\\:`` and ``\\,`` stand for a colon and a comma inside a
+path). Every problem becomes a :class:`MountError` with a one-line message; the
+checks run before anything is mounted or written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+MAX_LOWERS = 500  # the kernel's OVL_MAX_STACK
+
+# Options of the kernel's overlayfs that pylayerfs accepts at the value it implements.
+_KERNEL_DEFAULTS = {
+    "redirect_dir": ("off", "nofollow"),
+    "index": ("off",),
+    "metacopy": ("off",),
+    "nfs_export": ("off",),
+    "xino": ("off", "auto"),
+    "uuid": ("on", "off", "auto", "null"),
+}
+# Generic mount flags that libfuse applies to the mount.
+_FUSE_MOUNT_FLAGS = {
+    "rw", "ro", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "sync", "async", "dirsync",
+    "noatime", "nodiratime", "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime",
+}  # fmt: skip
+# What mount(8), mount.fuse and fstab pass along and a filesystem ignores.
+_IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "nofail", "_netdev", "atime",
+            "diratime", "loud", "silent"}  # fmt: skip
+
+
+class MountError(Exception):
+    """A mount request that cannot be honoured; ``str()`` is the one-line message for the user."""
+
+
+@dataclass
+class MountConfig:
+    lowerdirs: list[str]
+    upperdir: str | None = None
+    workdir: str | None = None
+    userxattr: bool = False
+    allow_other: bool = True
+    default_permissions: bool = True
+    debug: bool = False
+    logfile: str | None = None
+    fuse_flags: list[str] = field(default_factory=list)
+
+    @property
+    def read_only(self) -> bool:
+        return self.upperdir is None or "ro" in self.fuse_flags
+
+
+def split_escaped(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` except where a backslash escapes it; backslashes escape any character."""
+    parts, cur, escaped = [], [], False
+    for ch in text:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if escaped:
+        cur.append("\\")
+    parts.append("".join(cur))
+    return parts
+
+
+def unescape(text: str) -> str:
+    return split_escaped(text, "")[0]
+
+
+def _split_options(options: str) -> list[str]:
+    """Split an option string on unescaped commas, keeping escapes for the values to undo."""
+    parts, cur, escaped = [], [], False
+    for ch in options:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\":
+            cur.append(ch)
+            escaped = True
+        elif ch == ",":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p for p in parts if p]
+
+
+def parse_options(options: list[str]) -> MountConfig:
+    """Parse the ``-o`` strings (several are joined, as mount does)."""
+    config = MountConfig(lowerdirs=[])
+    for opt in (o for text in options for o in _split_options(text)):
+        key, has_value, value = opt.partition("=")
+        if key == "lowerdir":
+            config.lowerdirs = split_escaped(value, ":")
+            if any(not d for d in config.lowerdirs):
+                raise MountError("lowerdir has an empty entry (pylayerfs has no data-only layers '::')")
+        elif key in ("upperdir", "workdir", "logfile"):
+            if not value:
+                raise MountError(f"{key} needs a directory")
+            setattr(config, key, unescape(value))
+        elif key in ("userxattr", "debug", "allow_other", "default_permissions") and not has_value:
+            setattr(config, key, True)
+        elif key in ("noallow_other", "nodefault_permissions") and not has_value:
+            setattr(config, key[2:], False)
+        elif key in _KERNEL_DEFAULTS:
+            if value not in _KERNEL_DEFAULTS[key]:
+                raise MountError(f"{key}={value} is not supported (pylayerfs implements {key}={_KERNEL_DEFAULTS[key][0]})")
+        elif key in _FUSE_MOUNT_FLAGS and not has_value:
+            config.fuse_flags.append(key)
+        elif key in _IGNORED or key.startswith("x-") or key in ("fsname", "subtype", "context"):
+            pass
+        else:
+            raise MountError(f"unknown mount option '{opt}'")
+    return config
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _directory(kind: str, path: str) -> str:
+    real = os.path.realpath(path)
+    if not os.path.exists(real):
+        raise MountError(f"{kind} '{path}' does not exist")
+    if not os.path.isdir(real):
+        raise MountError(f"{kind} '{path}' is not a directory")
+    return real
+
+
+def check(config: MountConfig, mountpoint: str) -> str:
+    """Validate ``config`` against the filesystem; return the mountpoint's real path.
+
+    Directories are replaced by their real paths, so that the daemon does not
+    depend on the working directory it was started from.
+    """
+    if not config.lowerdirs:
+        raise MountError("missing lowerdir= (at least one lower directory is needed)")
+    if len(config.lowerdirs) > MAX_LOWERS:
+        raise MountError(f"too many lower directories: {len(config.lowerdirs)} (the limit is {MAX_LOWERS})")
+    if (config.upperdir is None) != (config.workdir is None):
+        raise MountError("upperdir and workdir go together: give both or neither")
+    config.lowerdirs = [_directory("lowerdir", d) for d in config.lowerdirs]
+    layers = list(config.lowerdirs)
+    if config.upperdir is not None and config.workdir is not None:
+        config.upperdir = _directory("upperdir", config.upperdir)
+        config.workdir = _directory("workdir", config.workdir)
+        if os.stat(config.upperdir).st_dev != os.stat(config.workdir).st_dev:
+            raise MountError("workdir and upperdir must be on the same filesystem")
+        if _is_within(config.workdir, config.upperdir) or _is_within(config.upperdir, config.workdir):
+            raise MountError("workdir and upperdir must be separate subtrees (neither inside the other)")
+        layers += [config.upperdir, config.workdir]
+        _check_not_in_use(config.upperdir, config.workdir)
+    mnt = _directory("mountpoint", mountpoint)
+    for layer in layers:
+        if _is_within(mnt, layer):
+            raise MountError(f"mountpoint '{mountpoint}' is inside the layer '{layer}'")
+    return mnt
+
+
+def _check_not_in_use(upperdir: str, workdir: str) -> None:
+    """Refuse an upperdir/workdir that a kernel overlay mount is using (pylayerfs mounts hold a lock)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return
+    for line in lines:
+        _, _, post = line.partition(" - ")
+        fields = post.split()
+        if len(fields) < 3 or fields[0] != "overlay":
+            continue
+        for opt in _split_options(fields[2]):
+            key, _, value = opt.partition("=")
+            if key in ("upperdir", "workdir") and os.path.realpath(value) in (upperdir, workdir):
+                raise MountError(f"{key} '{value}' is in use by a mounted overlay")

@@ -1,0 +1,82 @@
+"""Merged directory listing (the kernel's ``readdir.c``).
+
+The union of the names of every layer in the directory's merge, upper first,
+then each lower layer top-down; a name is listed once, from the top-most layer
+that has it; whiteouts and the names they hide are left out. Each entry carries
+the type and inode number that ``lstat`` of it reports, and ``.`` and ``..``
+come first, in the root too.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from pylayerfs.layers import join, split
+from pylayerfs.lookup import Node
+from pylayerfs.markers import is_whiteout
+
+if TYPE_CHECKING:
+    from pylayerfs.overlay import Overlay
+
+Entry = tuple[str, int, int]  # name, st_mode type bits, st_ino
+
+
+def merged_entries(ov: Overlay, path: str) -> list[Entry]:
+    node = ov.lookup.lookup(path)
+    if not node.is_dir:
+        raise NotADirectoryError(20, os.strerror(20), path)
+    parent = ov.lookup.lookup(split(path)[0]) if path else node
+    entries: list[Entry] = [
+        (".", stat.S_IFDIR, ov.inodes.of_node(node)),
+        ("..", stat.S_IFDIR, ov.inodes.of_node(parent)),
+    ]
+    for name, child in _merged(ov, node):
+        entries.append((name, stat.S_IFMT(child.st.st_mode), ov.inodes.of_node(child)))
+    return entries
+
+
+def merged_names(ov: Overlay, node: Node) -> Iterator[str]:
+    """The visible names of directory ``node`` (no ``.``/``..``), for emptiness checks."""
+    for name, _ in _merged(ov, node, resolve=False):
+        yield name
+
+
+def _merged(ov: Overlay, node: Node, resolve: bool = True) -> Iterator[tuple[str, Node]]:
+    seen: set[str] = set()
+    if node.upper_fd >= 0:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.upper_fd)
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    seen.add(entry.name)
+                    if _maybe_whiteout(entry) and is_whiteout(entry.stat(follow_symlinks=False)):
+                        continue
+                    if not resolve:
+                        yield entry.name, node
+                        continue
+                    child = ov.lookup.child(node, entry.name)
+                    if child is not None:
+                        yield entry.name, child
+        finally:
+            os.close(fd)
+    for layer, _ in node.lower.hits:
+        listing = layer.listing(node.path)
+        for name in listing.entries:
+            if name in seen:
+                continue
+            seen.add(name)
+            if not resolve:
+                yield name, node
+                continue
+            lower = ov.lookup.lower_stack(join(node.path, name))
+            if lower.hits:
+                yield name, Node(join(node.path, name), None, lower)
+        seen.update(listing.whiteouts)
+
+
+def _maybe_whiteout(entry: os.DirEntry[str]) -> bool:
+    """Only a character device can be a whiteout; ``d_type`` rules most entries out without a stat."""
+    return not (entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False) or entry.is_symlink())
