@@ -211,10 +211,15 @@ def rename(ov: Overlay, old: str, new: str, flags: int = 0) -> None:
         raise _error(errno.EEXIST, new)
     if dst is None and exchange:
         raise _error(errno.ENOENT, new)
+    if dst is not None and not exchange:  # the VFS checks types first, overlay then refuses to move
+        if src.is_dir and not dst.is_dir:
+            raise _error(errno.ENOTDIR, new)
+        if not src.is_dir and dst.is_dir:
+            raise _error(errno.EISDIR, new)
     if src.is_dir and src.lower.hits or exchange and dst is not None and dst.is_dir and dst.lower.hits:
         raise _error(errno.EXDEV, old)  # no redirect_dir: lower and merged directories do not move
-    if dst is not None and not exchange:
-        _check_replace(ov, src, dst, new)
+    if dst is not None and not exchange and dst.is_dir and has_visible_entries(ov, dst):
+        raise _error(errno.ENOTEMPTY, new)
 
     ov.copy_up(old)
     if exchange:
@@ -236,16 +241,6 @@ def rename(ov: Overlay, old: str, new: str, flags: int = 0) -> None:
     for path in (old, new):
         ov.lookup.invalidate(path)
         ov.files.forget(path)
-
-
-def _check_replace(ov: Overlay, src: Node, dst: Node, new: str) -> None:
-    """POSIX rules for renaming over an existing name."""
-    if src.is_dir and not dst.is_dir:
-        raise _error(errno.ENOTDIR, new)
-    if not src.is_dir and dst.is_dir:
-        raise _error(errno.EISDIR, new)
-    if dst.is_dir and has_visible_entries(ov, dst):
-        raise _error(errno.ENOTEMPTY, new)
 
 
 def _move(ov: Overlay, old_parent: Node, old_name: str, new_parent: Node, new_name: str, is_dir: bool) -> None:

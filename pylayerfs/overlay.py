@@ -68,6 +68,9 @@ class Overlay:
         self.files = OpenFiles()
 
     def close(self) -> None:
+        """Close every fd the overlay holds (idempotent)."""
+        if self.files is None:
+            return
         self.files.close_all()
         self.lookup.invalidate_all()
         for layer in [self.upper, *self.lowers]:
@@ -75,6 +78,7 @@ class Overlay:
                 layer.close()
         if self.workdir is not None:
             self.workdir.close()
+        self.files = None  # type: ignore[assignment]
 
     # -- helpers shared by the operation modules ---------------------------------
 
