@@ -12,7 +12,7 @@ The upper-layer rules they follow:
 * Renaming a lower or merged directory is refused with EXDEV (no
   ``redirect_dir``): ``mv`` then copies. Anything else is copied up and renamed
   in the upper layer, with a whiteout left at the old name if a lower layer
-  holds it, and a moved directory marked opaque where it lands on a lower name.
+  holds it; a directory moved into a merged directory is marked opaque.
 """
 
 from __future__ import annotations
@@ -229,11 +229,13 @@ def rename(ov: Overlay, old: str, new: str, flags: int = 0) -> None:
     old_parent = ov.lookup.lookup(split(old)[0])  # refreshed: copying up one parent may move the other's node
     src = ov.lookup.lookup(old)
 
-    if src.is_dir and ov.lookup.lower_positive(new_parent, new_name):
+    # A pure-upper directory moving into a merged directory is marked opaque, as the kernel does.
+    if src.is_dir and not src.opaque and new_parent.is_merged:
         ov.markers.set_opaque(old_parent.upper_fd, old_name)
     if exchange:
         assert dst is not None
-        if dst.is_dir and ov.lookup.lower_positive(old_parent, old_name):
+        dst = ov.lookup.lookup(new)
+        if dst.is_dir and not dst.opaque and old_parent.is_merged:
             ov.markers.set_opaque(new_parent.upper_fd, new_name)
         realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name, realfs.RENAME_EXCHANGE)
     else:

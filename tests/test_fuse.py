@@ -1,0 +1,238 @@
+"""Through a real FUSE mount: the CLI, the semantics as programs see them, and the safety promises."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.mounts import PYLAYERFS, options, pylayerfs_mount, run_pylayerfs
+from tests.trees import WHITEOUT, build, tree_hash, view
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture
+def stack(tmp_path):
+    lowers = [
+        build(str(tmp_path / "l1"), {"d/a": "top a", "f": "top f", "gone": WHITEOUT}),
+        build(str(tmp_path / "l2"), {"d/a": "low a", "d/b": "low b", "gone": "hidden", "big": "x" * 100000}),
+    ]
+    upper, work, mnt = (str(tmp_path / n) for n in ("u", "w", "m"))
+    for d in (upper, work, mnt):
+        os.makedirs(d)
+    hashes = [tree_hash(d) for d in lowers]
+    yield lowers, upper, work, mnt
+    assert [tree_hash(d) for d in lowers] == hashes, "a lower layer was modified"
+
+
+def test_mount_shows_merged_view_and_umount_stops_daemon(stack):
+    lowers, upper, work, mnt = stack
+    with pylayerfs_mount(mnt, lowers, upper, work):
+        assert sorted(os.listdir(mnt)) == ["big", "d", "f"]
+        assert sorted(os.listdir(f"{mnt}/d")) == ["a", "b"]
+        assert open(f"{mnt}/d/a").read() == "top a"
+        daemons = subprocess.run(["pgrep", "-f", f"pylayerfs mount .*{mnt}"], capture_output=True, text=True)
+        assert daemons.stdout.split(), "the daemon runs in the background"
+    time.sleep(0.5)
+    assert not subprocess.run(["pgrep", "-f", f"pylayerfs mount .*{mnt}"], capture_output=True).stdout
+
+
+def test_writes_copy_up_and_removals_leave_whiteouts(stack):
+    lowers, upper, work, mnt = stack
+    with pylayerfs_mount(mnt, lowers, upper, work):
+        with open(f"{mnt}/d/a", "a") as f:
+            f.write("+")
+        os.unlink(f"{mnt}/f")
+        os.mkdir(f"{mnt}/new")
+        with open(f"{mnt}/new/file", "w") as f:
+            f.write("hello")
+        assert open(f"{mnt}/d/a").read() == "top a+"
+        assert sorted(os.listdir(mnt)) == ["big", "d", "new"]
+        os.rename(f"{mnt}/d/b", f"{mnt}/d/c")
+        with pytest.raises(OSError) as exc:
+            os.rename(f"{mnt}/d", f"{mnt}/e")
+        assert exc.value.errno == errno.EXDEV
+        with pytest.raises(PermissionError):
+            os.mknod(f"{mnt}/wh", stat.S_IFCHR, 0)
+    st = os.lstat(f"{upper}/f")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert open(f"{upper}/d/a").read() == "top a+"
+
+
+def test_readdir_inodes_match_lstat(stack):
+    lowers, upper, work, mnt = stack
+    with pylayerfs_mount(mnt, lowers, upper, work):
+        open(f"{mnt}/d/up", "w").close()
+        for d in (mnt, f"{mnt}/d"):
+            for entry in os.scandir(d):
+                st = os.lstat(entry.path)
+                assert entry.inode() == st.st_ino
+        inos = [os.lstat(os.path.join(d, n)).st_ino for d in (mnt, f"{mnt}/d") for n in os.listdir(d)]
+        assert len(inos) == len(set(inos)), "st_ino must be unique within the mount"
+        assert {".", ".."} <= set(subprocess.run(["ls", "-a", mnt], capture_output=True, text=True).stdout.split())
+
+
+def test_read_only_mount(stack):
+    lowers, _, _, mnt = stack
+    with pylayerfs_mount(mnt, lowers):
+        assert open(f"{mnt}/f").read() == "top f"
+        for call in (lambda: open(f"{mnt}/f", "a"), lambda: os.mkdir(f"{mnt}/x"), lambda: os.unlink(f"{mnt}/f")):
+            with pytest.raises(OSError) as exc:
+                call()
+            assert exc.value.errno == errno.EROFS
+
+
+def test_symlink_in_lower_layer_cannot_escape(tmp_path):
+    host = build(str(tmp_path / "host"), {"secret": "host data"})
+    lowers = [build(str(tmp_path / "l1"), {"a/mine": "x"}), build(str(tmp_path / "l2"), {"a": ("symlink", host)})]
+    mnt, upper, work = str(tmp_path / "m"), str(tmp_path / "u"), str(tmp_path / "w")
+    os.makedirs(upper)
+    os.makedirs(work)
+    with pylayerfs_mount(mnt, lowers, upper, work):
+        assert os.listdir(f"{mnt}/a") == ["mine"]
+        with pytest.raises(FileNotFoundError):
+            os.stat(f"{mnt}/a/secret")
+        with open(f"{mnt}/a/secret", "w") as f:  # a new file of the merged directory: it goes to upper
+            f.write("mine")
+    assert open(f"{upper}/a/secret").read() == "mine"
+    assert os.listdir(host) == ["secret"] and open(f"{host}/secret").read() == "host data"
+
+
+def test_remount_keeps_every_change(stack):
+    lowers, upper, work, mnt = stack
+    with pylayerfs_mount(mnt, lowers, upper, work):
+        os.unlink(f"{mnt}/f")
+        open(f"{mnt}/f2", "w").close()
+        os.rename(f"{mnt}/d/a", f"{mnt}/d/a2")
+        os.link(f"{mnt}/big", f"{mnt}/big2")
+        os.symlink("target", f"{mnt}/gone")  # over a lower whiteout
+        os.unlink(f"{mnt}/d/b")
+        os.rmdir(f"{mnt}/d") if not os.listdir(f"{mnt}/d") else None
+        before = view(mnt, with_ino=True)
+    with pylayerfs_mount(mnt, lowers, upper, work):
+        assert view(mnt, with_ino=True) == before
+
+
+def test_concurrent_appenders_copy_up_once(stack):
+    lowers, upper, work, mnt = stack
+    with pylayerfs_mount(mnt, lowers, upper, work):
+        fds = [os.open(f"{mnt}/f", os.O_WRONLY | os.O_APPEND) for _ in range(2)]
+
+        def append(fd, tag):
+            for i in range(200):
+                os.write(fd, f"{tag}{i};".encode())
+
+        threads = [threading.Thread(target=append, args=(fd, tag)) for fd, tag in zip(fds, "AB")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for fd in fds:
+            os.close(fd)
+        data = open(f"{mnt}/f").read()
+    assert data.startswith("top f")
+    parts = data[len("top f") :].rstrip(";").split(";")
+    assert sorted(parts) == sorted([f"A{i}" for i in range(200)] + [f"B{i}" for i in range(200)])
+
+
+def test_sigkill_during_copy_up_never_shows_a_partial_file(tmp_path):
+    lower = str(tmp_path / "l")
+    os.makedirs(lower)
+    with open(f"{lower}/huge", "wb") as f:
+        for _ in range(256):
+            f.write(os.urandom(1 << 20))  # 256 MiB of real data (no holes)
+    lower_hash = tree_hash(lower)
+    upper, work, mnt = str(tmp_path / "u"), str(tmp_path / "w"), str(tmp_path / "m")
+    for d in (upper, work, mnt):
+        os.makedirs(d)
+    daemon = subprocess.Popen([*PYLAYERFS, "mount", "-f", "-o", options([lower], upper, work), mnt])
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        writer = subprocess.Popen(["sh", "-c", f"echo x >> {mnt}/huge"], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not os.listdir(f"{work}/work") and time.monotonic() < deadline:
+            time.sleep(0.001)  # wait until the copy-up is under way in the workdir
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=10)
+        writer.wait(timeout=10)
+    finally:
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+    assert not os.path.exists(f"{upper}/huge") or os.path.getsize(f"{upper}/huge") >= 256 << 20
+    with pylayerfs_mount(mnt, [lower], upper, work):
+        size = os.path.getsize(f"{mnt}/huge")
+        assert size in (256 << 20, (256 << 20) + 2)
+        assert os.listdir(f"{work}/work") == [], "stale workdir contents are cleaned at mount"
+    assert tree_hash(lower) == lower_hash
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        ("lowerdir=/nonexistent", "does not exist"),
+        ("lowerdir={l},bogus=1", "unknown mount option"),
+        ("lowerdir={l},upperdir={u}", "go together"),
+        ("lowerdir={l},upperdir={u},workdir={u}/w", "separate subtrees"),
+        ("lowerdir={l},upperdir={u},workdir=/dev/shm", "same filesystem"),
+        ("lowerdir={l},redirect_dir=on", "not supported"),
+    ],
+)
+def test_bad_mount_requests_fail_with_one_line(tmp_path, opts, message):
+    lower, upper, mnt = str(tmp_path / "l"), str(tmp_path / "u"), str(tmp_path / "m")
+    for d in (lower, upper, f"{upper}/w", mnt):
+        os.makedirs(d)
+    result = run_pylayerfs("mount", "-o", opts.format(l=lower, u=upper), mnt, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not os.path.ismount(mnt) and os.listdir(upper) == ["w"]
+
+
+def test_mountpoint_inside_a_layer_and_upper_in_use_are_refused(stack):
+    lowers, upper, work, mnt = stack
+    inside = f"{lowers[0]}/d"
+    result = run_pylayerfs("mount", "-o", options(lowers, None, None), inside, check=False)
+    assert result.returncode != 0 and "inside the layer" in result.stderr
+    with pylayerfs_mount(mnt, lowers, upper, work):
+        other = mnt + "2"
+        os.makedirs(other)
+        result = run_pylayerfs("mount", "-o", options(lowers, upper, work), other, check=False)
+        assert result.returncode != 0 and "in use" in result.stderr
+        assert not os.path.ismount(other)
+
+
+def test_mount_helper_syntax(stack):
+    """``mount -t fuse.pylayerfs`` runs ``pylayerfs SOURCE MOUNTPOINT -o OPTIONS`` with generic options."""
+    lowers, upper, work, mnt = stack
+    result = subprocess.run(
+        ["mount", "-t", "fuse.pylayerfs", "overlay", mnt, "-o", "rw,noatime,nodev," + options(lowers, upper, work)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    try:
+        assert result.returncode == 0, result.stderr
+        assert sorted(os.listdir(mnt)) == ["big", "d", "f"]
+    finally:
+        run_pylayerfs("umount", mnt, check=False)
+
+
+def test_adapter_answers_eio_on_a_bug(caplog):
+    from pylayerfs.fuse_adapter import FuseOperations
+
+    class Broken:
+        def getattr(self, path, fh):
+            raise KeyError("bug")
+
+    ops = FuseOperations(Broken())  # type: ignore[arg-type]
+    with pytest.raises(OSError) as exc:
+        ops.getattr("/x")
+    assert exc.value.errno == errno.EIO
+    assert "KeyError" in caplog.text

@@ -1,0 +1,153 @@
+"""Kernel overlayfs is the oracle: the same operations on ``mount -t overlay`` and on pylayerfs.
+
+Every operation's result (or errno), the merged view afterwards, and the upper
+directory's on-disk form must match. Then each upper is mounted by the other
+implementation (interop, both ways) and by the same one again (persistence).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Callable
+
+import pytest
+
+from pylayerfs import realfs
+from tests.mounts import kernel_mount, pylayerfs_mount
+from tests.trees import WHITEOUT, build, disk_form, tree_hash, view
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse]
+
+LOWERS = [
+    {  # top lower
+        "d/a": "top a",
+        "d/sub/x": "x",
+        "f": "top f",
+        "gone": WHITEOUT,
+        "o": ("opaque",),
+        "o/kept": "kept",
+        "ln": ("symlink", "f"),
+        "p": ("fifo",),
+        "merged/m1": "1",
+    },
+    {  # bottom lower
+        "d/a": "low a",
+        "d/b": "low b",
+        "gone": "hidden",
+        "o/hidden": "hidden by opaque",
+        "merged/m2": "2",
+        "merged/deep/m3": "3",
+        "only": "only in bottom",
+        "emptyd/w": "w",
+        "h1": "hard",
+    },
+]
+
+
+def _append(p: str, data: str = "+") -> None:
+    with open(p, "a") as f:
+        f.write(data)
+
+
+def _touch_w(p: str) -> None:
+    os.close(os.open(p, os.O_WRONLY))
+
+
+def _create(p: str, data: str = "new") -> None:
+    with open(p, "w") as f:
+        f.write(data)
+
+
+# (description, operation on the mountpoint root)
+OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
+    ("append to lower file", lambda m: _append(f"{m}/d/a")),
+    ("open for write without writing", lambda m: _touch_w(f"{m}/d/b")),
+    ("O_TRUNC on lower file", lambda m: os.close(os.open(f"{m}/only", os.O_WRONLY | os.O_TRUNC))),
+    ("truncate", lambda m: os.truncate(f"{m}/merged/m2", 1)),
+    ("chmod", lambda m: os.chmod(f"{m}/merged/m1", 0o600)),
+    ("chown", lambda m: os.chown(f"{m}/merged/deep/m3", 1000, 1001)),
+    ("utime", lambda m: os.utime(f"{m}/f", (1, 2))),
+    ("setxattr", lambda m: os.setxattr(f"{m}/d/sub/x", "user.tag", b"v")),
+    ("removexattr missing", lambda m: os.removexattr(f"{m}/o/kept", "user.nope")),
+    ("private xattr escaped", lambda m: os.setxattr(f"{m}/h1", "trusted.overlay.mine", b"1")),
+    ("private xattr read", lambda m: os.getxattr(f"{m}/o", "trusted.overlay.opaque")),
+    ("list xattrs of opaque dir", lambda m: sorted(os.listxattr(f"{m}/o"))),
+    ("unlink lower file", lambda m: os.unlink(f"{m}/only")),
+    ("unlink missing", lambda m: os.unlink(f"{m}/gone")),
+    ("rmdir non-empty merged", lambda m: os.rmdir(f"{m}/merged")),
+    ("unlink dir", lambda m: os.unlink(f"{m}/d")),
+    ("rmdir file", lambda m: os.rmdir(f"{m}/f")),
+    ("empty a lower dir", lambda m: os.unlink(f"{m}/emptyd/w")),
+    ("rmdir emptied lower dir", lambda m: os.rmdir(f"{m}/emptyd")),
+    ("mkdir over whiteout", lambda m: os.mkdir(f"{m}/emptyd")),
+    ("file in opaque new dir", lambda m: _create(f"{m}/emptyd/n")),
+    ("create over lower whiteout", lambda m: _create(f"{m}/gone")),
+    ("symlink over whiteout", lambda m: (os.unlink(f"{m}/f"), os.symlink("d/a", f"{m}/f"))),
+    ("rename lower file", lambda m: os.rename(f"{m}/d/b", f"{m}/d/b2")),
+    ("rename over existing", lambda m: os.rename(f"{m}/merged/m1", f"{m}/d/a")),
+    ("rename lower dir", lambda m: os.rename(f"{m}/d/sub", f"{m}/sub2")),
+    ("rename merged dir", lambda m: os.rename(f"{m}/merged", f"{m}/merged2")),
+    ("mkdir new", lambda m: os.mkdir(f"{m}/newdir")),
+    ("file in new dir", lambda m: _create(f"{m}/newdir/x")),
+    ("rename file over dir", lambda m: os.rename(f"{m}/h1", f"{m}/newdir")),
+    ("rename dir over file", lambda m: os.rename(f"{m}/newdir", f"{m}/h1")),
+    ("rename dir over non-empty", lambda m: os.rename(f"{m}/newdir", f"{m}/d")),
+    ("hard link lower file", lambda m: os.link(f"{m}/h1", f"{m}/h2")),
+    ("mknod whiteout", lambda m: os.mknod(f"{m}/wh", stat.S_IFCHR, 0)),
+    ("mkfifo", lambda m: os.mkfifo(f"{m}/fifo2")),
+    ("open lower fifo for write", lambda m: os.close(os.open(f"{m}/p", os.O_RDWR | os.O_NONBLOCK))),
+    ("noreplace", lambda m: realfs.renameat2(-100, f"{m}/d/a", -100, f"{m}/f", realfs.RENAME_NOREPLACE)),
+    ("exchange", lambda m: realfs.renameat2(-100, f"{m}/d/a", -100, f"{m}/gone", realfs.RENAME_EXCHANGE)),
+    ("rename whiteout flag", lambda m: realfs.renameat2(-100, f"{m}/h2", -100, f"{m}/h3", realfs.RENAME_WHITEOUT)),
+    ("move upper dir to lower-held name", lambda m: (os.mkdir(f"{m}/nd"), os.rename(f"{m}/nd", f"{m}/emptyd2"))),
+    ("remove merged dir content", lambda m: [os.unlink(f"{m}/merged/{n}") for n in ("m1", "m2")]),
+]
+
+
+def run(mnt: str) -> list[object]:
+    results: list[object] = []
+    for _, op in OPERATIONS:
+        try:
+            value = op(mnt)
+            results.append(value if isinstance(value, (list, bytes)) else "ok")
+        except OSError as exc:
+            results.append(os.strerror(exc.errno or 0))
+    return results
+
+
+def _fresh(tmp_path, name):
+    lowers = [build(str(tmp_path / name / f"l{i}"), spec) for i, spec in enumerate(LOWERS)]
+    upper, work, mnt = (str(tmp_path / name / d) for d in ("u", "w", "m"))
+    for d in (upper, work, mnt):
+        os.makedirs(d)
+    return lowers, upper, work, mnt
+
+
+def test_same_operations_same_results_same_disk(tmp_path):
+    k_lowers, k_upper, k_work, k_mnt = _fresh(tmp_path, "kernel")
+    p_lowers, p_upper, p_work, p_mnt = _fresh(tmp_path, "pylayerfs")
+    lower_hashes = [tree_hash(d) for d in p_lowers]
+    with kernel_mount(k_mnt, k_lowers, k_upper, k_work):
+        k_results = run(k_mnt)
+        k_view = view(k_mnt)
+    with pylayerfs_mount(p_mnt, p_lowers, p_upper, p_work):
+        p_results = run(p_mnt)
+        p_view = view(p_mnt)
+    table = [(d, k, p) for (d, _), k, p in zip(OPERATIONS, k_results, p_results) if k != p]
+    assert table == [], "operations that differ from the kernel (what, kernel, pylayerfs)"
+    assert p_view == k_view
+    assert disk_form(p_upper) == disk_form(k_upper)
+    assert [tree_hash(d) for d in p_lowers] == lower_hashes
+
+    # persistence: the same implementation again
+    with pylayerfs_mount(p_mnt, p_lowers, p_upper, p_work):
+        assert view(p_mnt) == p_view
+    # interop: each upper under the other implementation (same lowers content, other copies)
+    with kernel_mount(k_mnt, k_lowers, p_upper, p_work):
+        assert view(k_mnt) == p_view, "kernel overlayfs reads pylayerfs's upper differently"
+    shutil.rmtree(p_work)
+    os.makedirs(p_work)
+    with pylayerfs_mount(p_mnt, p_lowers, k_upper, k_work):
+        assert view(p_mnt) == k_view, "pylayerfs reads the kernel's upper differently"
