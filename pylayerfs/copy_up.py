@@ -14,6 +14,7 @@ recorded in the ``pylayerfs.origin`` xattr.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -51,7 +52,7 @@ def copy_up(ov: Overlay, path: str, *, with_data: bool = True) -> Node:
 
 def _copy_up_one(ov: Overlay, parent: Node, node: Node, name: str, with_data: bool) -> None:
     layer, st = node.lower.hits[0]
-    work = ov.workdir
+    work = ov.writable(node.path)[1]
     tmp = work.temp_name()
     realfs.trace("copy_up", f"{layer.root}/{node.path}", to=tmp)
     try:
@@ -65,10 +66,8 @@ def _copy_up_one(ov: Overlay, parent: Node, node: Node, name: str, with_data: bo
         parent_st = os.stat(parent.upper_fd)
         realfs.renameat2(work.fd, tmp, parent.upper_fd, name, realfs.RENAME_NOREPLACE)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             work.remove(tmp)
-        except OSError:
-            pass
         raise
     restore_times(parent.upper_fd, parent_st)
 

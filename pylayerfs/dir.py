@@ -216,7 +216,7 @@ def rename(ov: Overlay, old: str, new: str, flags: int = 0) -> None:
             raise _error(errno.ENOTDIR, new)
         if not src.is_dir and dst.is_dir:
             raise _error(errno.EISDIR, new)
-    if src.is_dir and src.lower.hits or exchange and dst is not None and dst.is_dir and dst.lower.hits:
+    if (src.is_dir and src.lower.hits) or (exchange and dst is not None and dst.is_dir and dst.lower.hits):
         raise _error(errno.EXDEV, old)  # no redirect_dir: lower and merged directories do not move
     if dst is not None and not exchange and dst.is_dir and has_visible_entries(ov, dst):
         raise _error(errno.ENOTEMPTY, new)

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
-import mfusepy as fuse  # noqa: E402  (the library choice above must come first)
+import mfusepy as fuse
 
-from pylayerfs.overlay import Caller, Overlay  # noqa: E402
+from pylayerfs.overlay import Caller, Overlay
 
 log = logging.getLogger("pylayerfs.fuse")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -211,7 +211,9 @@ class _FUSE(fuse.FUSE):  # type: ignore[misc]
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return int(
-            self.operations.rename(old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags)
+            self.operations.rename(
+                old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
+            )
             or 0
         )
 

@@ -26,12 +26,12 @@ overlay changes that directory (:meth:`Lookup.invalidate`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from dataclasses import dataclass
 
-from pylayerfs import realfs
 from pylayerfs.layers import Layer, LowerLayer, join, split
 from pylayerfs.markers import OPAQUE_YES, Markers, is_whiteout
 
@@ -184,10 +184,8 @@ class Lookup:
         path = join(parent.path, name)
         upper_st = None
         if parent.upper_fd >= 0:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 upper_st = os.stat(name, dir_fd=parent.upper_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                pass
             if upper_st is not None and is_whiteout(upper_st):
                 return None
         lower = self.lower_stack(path) if parent.lower.is_dir else NO_LOWER

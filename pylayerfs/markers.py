@@ -19,6 +19,7 @@ kernel's format, so that an upper directory written by pylayerfs mounts under
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -90,10 +91,8 @@ class Markers:
         Best effort: where the xattr cannot be stored (``user.`` xattrs on a
         symlink), the object reports its upper inode number, as the kernel does.
         """
-        try:
+        with contextlib.suppress(OSError):
             set_(dirfd, name, self.origin, str(ino).encode())
-        except OSError:
-            pass
 
 
 def get(dirfd: int, name: str | None, attr: str) -> bytes | None:

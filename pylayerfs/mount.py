@@ -9,6 +9,7 @@ once the mount can be used, or fails with the daemon's one-line reason.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -146,10 +147,8 @@ def mount_background(config: MountConfig, mountpoint: str, source: str) -> None:
 
 
 def _write_quietly(fd: int, data: bytes) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.write(fd, data)
-    except OSError:
-        pass
 
 
 def _wait_ready(read_fd: int, pid: int, mountpoint: str) -> None:
@@ -174,10 +173,8 @@ def _wait_ready(read_fd: int, pid: int, mountpoint: str) -> None:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def umount(mountpoint: str, *, lazy: bool = False) -> None:
@@ -195,6 +192,8 @@ def umount(mountpoint: str, *, lazy: bool = False) -> None:
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
     if fusermount is None:
         raise MountError("fusermount3 is not installed (apt-get install fuse3)")
-    result = subprocess.run([fusermount, "-u", *(["-z"] if lazy else []), real], capture_output=True, text=True)
+    result = subprocess.run(
+        [fusermount, "-u", *(["-z"] if lazy else []), real], check=False, capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise MountError(f"cannot unmount '{mountpoint}': {result.stderr.strip()}")

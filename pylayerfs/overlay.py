@@ -148,7 +148,9 @@ class Overlay:
         if times is None:
             times = (now, now)
         current = (node.st.st_atime_ns, node.st.st_mtime_ns)
-        ns = tuple(now if t == UTIME_NOW else cur if t == UTIME_OMIT else t for t, cur in zip(times, current))
+        ns = tuple(
+            now if t == UTIME_NOW else cur if t == UTIME_OMIT else t for t, cur in zip(times, current, strict=False)
+        )
         with self._upper_object(path) as (fd, name):
             os.utime(name, ns=(ns[0], ns[1]), dir_fd=fd, follow_symlinks=False)
 

@@ -115,7 +115,9 @@ def parse_options(options: list[str]) -> MountConfig:
             setattr(config, key[2:], False)
         elif key in _KERNEL_DEFAULTS:
             if value not in _KERNEL_DEFAULTS[key]:
-                raise MountError(f"{key}={value} is not supported (pylayerfs implements {key}={_KERNEL_DEFAULTS[key][0]})")
+                raise MountError(
+                    f"{key}={value} is not supported (pylayerfs implements {key}={_KERNEL_DEFAULTS[key][0]})"
+                )
         elif key in _FUSE_MOUNT_FLAGS and not has_value:
             config.fuse_flags.append(key)
         elif key in _IGNORED or key.startswith("x-") or key in ("fsname", "subtype", "context"):

@@ -10,6 +10,7 @@ a partial object.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -30,10 +31,8 @@ class Workdir:
     def _prepare(self) -> int:
         """Create ``work/`` if needed and empty it; return an fd on it."""
         mode = 0 if os.geteuid() == 0 else 0o700
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(WORK_DIR, mode, dir_fd=self._root_fd)
-        except FileExistsError:
-            pass
         fd = realfs.openat2(self._root_fd, WORK_DIR, os.O_RDONLY | os.O_DIRECTORY)
         for name in os.listdir(fd):
             _remove(fd, name)

@@ -69,5 +69,3 @@ def removexattr(ov: Overlay, path: str, attr: str) -> None:
         ref, follow = _ref(dirfd, name)
         realfs.trace("removexattr", ref, name=attr)
         os.removexattr(ref, _on_disk(ov.markers, attr), follow_symlinks=follow)
-
-

@@ -129,7 +129,7 @@ def test_concurrent_appenders_copy_up_once(stack):
             for i in range(200):
                 os.write(fd, f"{tag}{i};".encode())
 
-        threads = [threading.Thread(target=append, args=(fd, tag)) for fd, tag in zip(fds, "AB")]
+        threads = [threading.Thread(target=append, args=(fd, tag)) for fd, tag in zip(fds, "AB", strict=False)]
         for t in threads:
             t.start()
         for t in threads:
@@ -236,3 +236,11 @@ def test_adapter_answers_eio_on_a_bug(caplog):
         ops.getattr("/x")
     assert exc.value.errno == errno.EIO
     assert "KeyError" in caplog.text
+
+
+def test_demo_runs_on_real_layers(tmp_path):
+    result = run_pylayerfs("demo", "--dir", str(tmp_path / "demo"))
+    assert "whiteout (char 0/0)" in result.stdout
+    assert "/cache/fresh" in result.stdout and "/cache/a.tmp        file" in result.stdout  # lower shows it
+    assert "welcome to the app\\ntuned" in result.stdout
+    assert not os.path.ismount(tmp_path / "demo/merged")

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 from pylayerfs.markers import TRUSTED_PREFIX, make_whiteout
 
 WHITEOUT = ("whiteout",)
 # A spec maps a relative path to: str/bytes (file content), None (directory),
 # ("symlink", target), ("whiteout",), ("opaque",) (an opaque directory), ("fifo",).
-Spec = Mapping[str, Union[str, bytes, None, tuple[str, ...]]]
+Spec = Mapping[str, str | bytes | tuple[str, ...] | None]
 
 
 def build(root: str, spec: Spec, prefix: str = TRUSTED_PREFIX) -> str:
@@ -83,10 +84,8 @@ def disk_form(upper: str, prefix: str = TRUSTED_PREFIX) -> dict[str, Any]:
             if stat.S_ISCHR(st.st_mode):
                 entry.append(("rdev", st.st_rdev))
             if stat.S_ISDIR(st.st_mode):
-                try:
+                with contextlib.suppress(OSError):
                     entry.append(("opaque", os.getxattr(full, prefix + "opaque")))
-                except OSError:
-                    pass
             if stat.S_ISREG(st.st_mode):
                 with open(full, "rb") as f:
                     entry.append(hashlib.sha256(f.read()).hexdigest()[:16])
