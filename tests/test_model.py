@@ -32,7 +32,7 @@ layer_spec = st.dictionaries(st.sampled_from(PATHS), layer_entry, max_size=6)
 
 def _consistent(spec):
     """Drop entries whose parent in the same layer is not a directory (a layer is a real tree)."""
-    out = {}
+    out: dict[str, object] = {}
     for path in sorted(spec, key=lambda p: p.count("/")):
         parts = path.split("/")
         ancestors = ["/".join(parts[:i]) for i in range(1, len(parts))]
@@ -46,7 +46,9 @@ def _consistent(spec):
 
 def flatten(layers):
     """The merged view of lower layers (top first): path -> content (bytes) or DIR."""
-    view, hidden, stop = {}, set(), set()
+    view: dict[str, bytes | None] = {}
+    hidden: set[str] = set()
+    stop: set[str] = set()
     for layer in layers:
         for path in sorted(layer, key=lambda p: p.count("/")):
             value = layer[path]
@@ -147,7 +149,7 @@ class OverlayMachine(RuleBasedStateMachine):
     def same_view(self):
         if not hasattr(self, "ov"):
             return
-        seen = {}
+        seen: dict[str, bytes | None] = {}
         todo = [""]
         while todo:
             d = todo.pop()
