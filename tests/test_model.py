@@ -56,13 +56,15 @@ def flatten(layers):
             ancestors = ["/".join(parts[:i]) for i in range(1, len(parts))]
             if any(a in hidden or a in stop or (a in view and view[a] is not DIR) for a in ancestors):
                 continue
-            if path in hidden or (path in view and (view[path] is not DIR or value not in (DIR, ("opaque",)))):
+            if path in hidden or (path in view and view[path] is not DIR):
+                continue
+            if path in view and value not in (DIR, ("opaque",)):
+                stop.add(path)  # a whiteout or a non-directory below a directory ends its merge
                 continue
             if any(a not in view for a in ancestors):
                 continue
             if value == WHITEOUT:
-                if path not in view:
-                    hidden.add(path)
+                hidden.add(path)
             elif value in (DIR, ("opaque",)):
                 view.setdefault(path, DIR)
             elif path not in view:
