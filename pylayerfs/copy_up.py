@@ -69,10 +69,10 @@ def _copy_up_one(ov: Overlay, parent: Node, node: Node, name: str, with_data: bo
         with contextlib.suppress(OSError):
             work.remove(tmp)
         raise
-    restore_times(parent.upper_fd, parent_st)
+    _restore_times(parent.upper_fd, parent_st)
 
 
-def restore_times(dirfd: int, st: os.stat_result) -> None:
+def _restore_times(dirfd: int, st: os.stat_result) -> None:
     """Put back a directory's atime/mtime after an internal change (copy-up, whiteout cleanup)."""
     os.utime(realfs.fd_path(dirfd), ns=(st.st_atime_ns, st.st_mtime_ns))
 

@@ -27,6 +27,7 @@ from pylayerfs.file import OpenFile
 from pylayerfs.layers import split
 from pylayerfs.lookup import Node
 from pylayerfs.markers import is_whiteout, make_whiteout
+from pylayerfs.readdir import merged_names
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -77,7 +78,6 @@ def _create_object(
             work.remove(tmp)
         else:
             realfs.renameat2(work.fd, tmp, parent.upper_fd, name)
-    ov.lookup.invalidate(path)
     ov.files.forget(path)
 
 
@@ -185,8 +185,6 @@ def _remove_upper_dir(ov: Overlay, parent: Node, name: str) -> None:
 
 
 def has_visible_entries(ov: Overlay, node: Node) -> bool:
-    from pylayerfs.readdir import merged_names
-
     return any(True for _ in merged_names(ov, node))
 
 
@@ -241,7 +239,8 @@ def rename(ov: Overlay, old: str, new: str, flags: int = 0) -> None:
     else:
         _move(ov, old_parent, old_name, new_parent, new_name, src.is_dir)
     for path in (old, new):
-        ov.lookup.invalidate(path)
+        if src.is_dir or (dst is not None and dst.is_dir):
+            ov.lookup.invalidate(path)
         ov.files.forget(path)
 
 

@@ -82,11 +82,6 @@ class Node:
         """A directory with a part in more than one layer."""
         return len(self.lower.hits) + (self.upper is not None) > 1
 
-    @property
-    def top_layer(self) -> Layer | None:
-        """The lower layer whose object the view shows, or None when it is the upper one."""
-        return None if self.upper is not None else self.lower.hits[0][0]
-
 
 class Lookup:
     """Resolves merged paths over one stack of layers."""
@@ -172,12 +167,6 @@ class Lookup:
         if node is None:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         return node
-
-    def lookup_or_none(self, path: str) -> Node | None:
-        try:
-            return self.lookup(path)
-        except FileNotFoundError:
-            return None
 
     def child(self, parent: Node, name: str) -> Node | None:
         """Look ``name`` up in the directory ``parent`` (None: no such name in the merged view)."""

@@ -63,9 +63,8 @@ class Markers:
         return name.startswith(self.prefix) and not name.startswith(self.escaped_prefix)
 
     # -- reading -------------------------------------------------------------
-    # Objects are named by an open directory fd and, for an entry in it, a name:
-    # a directory's own xattrs are read through ``/proc/self/fd/N`` (which works
-    # for O_PATH fds too), an entry's with ``l*xattr`` on ``/proc/self/fd/N/name``.
+    # Objects are named by an open directory fd and, for an entry in it, a name
+    # (see realfs.xattr_ref).
 
     def opaque_value(self, dirfd: int) -> bytes | None:
         """The opaque xattr of the directory ``dirfd`` (None when unset)."""
@@ -97,10 +96,9 @@ class Markers:
 
 def get(dirfd: int, name: str | None, attr: str) -> bytes | None:
     """One xattr of the directory ``dirfd`` or of its entry ``name``; None when it is unset."""
+    path, follow = realfs.xattr_ref(dirfd, name)
     try:
-        if name is None:
-            return os.getxattr(realfs.fd_path(dirfd), attr)
-        return os.getxattr(realfs.fd_path(dirfd, name), attr, follow_symlinks=False)
+        return os.getxattr(path, attr, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno == errno.ENODATA or realfs.is_enotsup(exc):
             return None
@@ -108,11 +106,9 @@ def get(dirfd: int, name: str | None, attr: str) -> bytes | None:
 
 
 def set_(dirfd: int, name: str | None, attr: str, value: bytes) -> None:
-    realfs.trace("setxattr", realfs.fd_path(dirfd, name or ""), name=attr)
-    if name is None:
-        os.setxattr(realfs.fd_path(dirfd), attr, value)
-    else:
-        os.setxattr(realfs.fd_path(dirfd, name), attr, value, follow_symlinks=False)
+    path, follow = realfs.xattr_ref(dirfd, name)
+    realfs.trace("setxattr", path, name=attr)
+    os.setxattr(path, attr, value, follow_symlinks=follow)
 
 
 def is_whiteout(st: os.stat_result) -> bool:

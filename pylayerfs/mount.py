@@ -24,7 +24,7 @@ import sys
 import time
 
 from pylayerfs.overlay import Overlay
-from pylayerfs.params import MountConfig, MountError
+from pylayerfs.params import MountConfig, MountError, mountinfo
 
 log = logging.getLogger("pylayerfs")
 READY = b"ready\n"
@@ -34,21 +34,7 @@ START_TIMEOUT = 30.0
 def is_mountpoint(path: str) -> bool:
     """Is ``path`` the mountpoint of a pylayerfs mount right now?"""
     real = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if _unoctal(fields[4]) == real and fields[sep + 1] == "fuse.pylayerfs":
-                    return True
-    except (OSError, ValueError):
-        pass
-    return False
-
-
-def _unoctal(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    return any(e.mountpoint == real and e.fstype == "fuse.pylayerfs" for e in mountinfo())
 
 
 def _lock(path: str, what: str) -> int:

@@ -46,6 +46,11 @@ class Caller:
         return cls(os.geteuid(), os.getegid())
 
 
+def _requested_time(t: int, current: int, now: int) -> int:
+    """libfuse passes UTIME_NOW / UTIME_OMIT as the nanoseconds of a zero second."""
+    return now if t == UTIME_NOW else current if t == UTIME_OMIT else t
+
+
 def erofs(path: str) -> OSError:
     return OSError(errno.EROFS, os.strerror(errno.EROFS), path)
 
@@ -92,14 +97,20 @@ class Overlay:
         self.writable(path)
         return copy_up(self, path, with_data=with_data)
 
+    def top_layer(self, node: Node) -> Layer:
+        """The layer whose object the merged view shows for ``node``."""
+        if node.upper is not None:
+            assert self.upper is not None
+            return self.upper
+        return node.lower.hits[0][0]
+
     @contextlib.contextmanager
     def real(self, node: Node) -> Iterator[tuple[int, str | None]]:
         """``(dirfd, name)`` naming the top real object of ``node`` (name None: the directory itself)."""
         if node.upper_fd >= 0:
             yield node.upper_fd, None
             return
-        layer = self.upper if node.upper is not None else node.lower.hits[0][0]
-        assert layer is not None
+        layer = self.top_layer(node)
         if not node.path:
             yield layer.fd, None
             return
@@ -147,12 +158,10 @@ class Overlay:
         now = time.time_ns()
         if times is None:
             times = (now, now)
-        current = (node.st.st_atime_ns, node.st.st_mtime_ns)
-        ns = tuple(
-            now if t == UTIME_NOW else cur if t == UTIME_OMIT else t for t, cur in zip(times, current, strict=False)
-        )
+        atime = _requested_time(times[0], node.st.st_atime_ns, now)
+        mtime = _requested_time(times[1], node.st.st_mtime_ns, now)
         with self._upper_object(path) as (fd, name):
-            os.utime(name, ns=(ns[0], ns[1]), dir_fd=fd, follow_symlinks=False)
+            os.utime(name, ns=(atime, mtime), dir_fd=fd, follow_symlinks=False)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         if fh is not None:
@@ -195,9 +204,7 @@ class Overlay:
         if wants_write and not special:  # FIFOs, sockets and devices are never copied up
             node = self.copy_up(path, with_data=not flags & os.O_TRUNC)
         ino = self.inodes.of_node(node)
-        layer = self.upper if node.upper is not None else node.lower.hits[0][0]
-        assert layer is not None
-        fd = layer.open(path, real_flags)
+        fd = self.top_layer(node).open(path, real_flags)
         on_lower = node.upper is None and stat.S_ISREG(node.st.st_mode)
         return self.files.add(OpenFile(fd, path, ino, on_lower))
 

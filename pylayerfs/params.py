@@ -9,6 +9,7 @@ checks run before anything is mounted or written.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 MAX_LOWERS = 500  # the kernel's OVL_MAX_STACK
@@ -53,21 +54,28 @@ class MountConfig:
         return self.upperdir is None or "ro" in self.fuse_flags
 
 
-def split_escaped(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` except where a backslash escapes it; backslashes escape any character."""
-    parts, cur, escaped = [], [], False
+def split_escaped(text: str, sep: str, *, keep_escapes: bool = False) -> list[str]:
+    """Split on ``sep`` except where a backslash escapes it; backslashes escape any character.
+
+    ``keep_escapes`` leaves the backslashes in the parts, for a second split of each part.
+    """
+    parts: list[str] = []
+    cur: list[str] = []
+    escaped = False
     for ch in text:
         if escaped:
             cur.append(ch)
             escaped = False
         elif ch == "\\":
             escaped = True
+            if keep_escapes:
+                cur.append(ch)
         elif ch == sep:
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
-    if escaped:
+    if escaped and not keep_escapes:
         cur.append("\\")
     parts.append("".join(cur))
     return parts
@@ -79,21 +87,7 @@ def unescape(text: str) -> str:
 
 def _split_options(options: str) -> list[str]:
     """Split an option string on unescaped commas, keeping escapes for the values to undo."""
-    parts, cur, escaped = [], [], False
-    for ch in options:
-        if escaped:
-            cur.append(ch)
-            escaped = False
-        elif ch == "\\":
-            cur.append(ch)
-            escaped = True
-        elif ch == ",":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p for p in parts if p]
+    return [p for p in split_escaped(options, ",", keep_escapes=True) if p]
 
 
 def parse_options(options: list[str]) -> MountConfig:
@@ -170,19 +164,39 @@ def check(config: MountConfig, mountpoint: str) -> str:
     return mnt
 
 
+@dataclass(frozen=True, slots=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    super_options: str
+
+
+def mountinfo() -> list[MountEntry]:
+    """The mounts this process sees (``/proc/self/mountinfo``); empty if it cannot be read."""
+    entries = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                post = fields[fields.index("-") + 1 :]
+                if len(post) >= 3:
+                    entries.append(MountEntry(_unoctal(fields[4]), post[0], post[2]))
+    except (OSError, ValueError):
+        pass
+    return entries
+
+
+def _unoctal(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as ``\\ooo``."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
 def _check_not_in_use(upperdir: str, workdir: str) -> None:
     """Refuse an upperdir/workdir that a kernel overlay mount is using (pylayerfs mounts hold a lock)."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except OSError:
-        return
-    for line in lines:
-        _, _, post = line.partition(" - ")
-        fields = post.split()
-        if len(fields) < 3 or fields[0] != "overlay":
+    for entry in mountinfo():
+        if entry.fstype != "overlay":
             continue
-        for opt in _split_options(fields[2]):
+        for opt in _split_options(entry.super_options):
             key, _, value = opt.partition("=")
-            if key in ("upperdir", "workdir") and os.path.realpath(value) in (upperdir, workdir):
+            if key in ("upperdir", "workdir") and os.path.realpath(unescape(value)) in (upperdir, workdir):
                 raise MountError(f"{key} '{value}' is in use by a mounted overlay")

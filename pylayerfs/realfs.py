@@ -26,7 +26,6 @@ import platform
 log = logging.getLogger("pylayerfs.realfs")
 
 # <linux/openat2.h>
-RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
@@ -82,6 +81,15 @@ def trace(call: str, path: str, **args: object) -> None:
 def fd_path(fd: int, name: str = "") -> str:
     """A path that reaches ``name`` inside the directory ``fd`` without walking any layer path."""
     return f"/proc/self/fd/{fd}/{name}" if name else f"/proc/self/fd/{fd}"
+
+
+def xattr_ref(dirfd: int, name: str | None) -> tuple[str, bool]:
+    """A path for the ``*xattr`` calls on directory ``dirfd`` (name None) or its entry ``name``.
+
+    Also says whether to follow it: ``/proc/self/fd/N`` itself is followed to the
+    directory (this works for O_PATH fds too); an entry is never followed.
+    """
+    return (fd_path(dirfd), True) if name is None else (fd_path(dirfd, name), False)
 
 
 def is_enotsup(exc: OSError) -> bool:

@@ -33,28 +33,23 @@ def _shown(markers: Markers, name: str) -> str | None:
     return None if markers.is_private(name) else name
 
 
-def _ref(dirfd: int, name: str | None) -> tuple[str, bool]:
-    """A path for the ``*xattr`` calls, and whether to follow it (only ``/proc/self/fd/N`` itself)."""
-    return (realfs.fd_path(dirfd), True) if name is None else (realfs.fd_path(dirfd, name), False)
-
-
 def listxattr(ov: Overlay, path: str) -> list[str]:
     with ov.real(ov.lookup.lookup(path)) as (dirfd, name):
-        ref, follow = _ref(dirfd, name)
+        ref, follow = realfs.xattr_ref(dirfd, name)
         names = os.listxattr(ref, follow_symlinks=follow)
     return [shown for n in names if (shown := _shown(ov.markers, n)) is not None]
 
 
 def getxattr(ov: Overlay, path: str, attr: str) -> bytes:
     with ov.real(ov.lookup.lookup(path)) as (dirfd, name):
-        ref, follow = _ref(dirfd, name)
+        ref, follow = realfs.xattr_ref(dirfd, name)
         return os.getxattr(ref, _on_disk(ov.markers, attr), follow_symlinks=follow)
 
 
 def setxattr(ov: Overlay, path: str, attr: str, value: bytes, flags: int = 0) -> None:
     node = ov.copy_up(path)
     with ov.real(node) as (dirfd, name):
-        ref, follow = _ref(dirfd, name)
+        ref, follow = realfs.xattr_ref(dirfd, name)
         realfs.trace("setxattr", ref, name=attr)
         os.setxattr(ref, _on_disk(ov.markers, attr), value, flags, follow_symlinks=follow)
 
@@ -62,10 +57,10 @@ def setxattr(ov: Overlay, path: str, attr: str, value: bytes, flags: int = 0) ->
 def removexattr(ov: Overlay, path: str, attr: str) -> None:
     node = ov.lookup.lookup(path)
     with ov.real(node) as (dirfd, name):  # ENODATA before any copy-up, as the kernel answers
-        ref, follow = _ref(dirfd, name)
+        ref, follow = realfs.xattr_ref(dirfd, name)
         os.getxattr(ref, _on_disk(ov.markers, attr), follow_symlinks=follow)
     node = ov.copy_up(path)
     with ov.real(node) as (dirfd, name):
-        ref, follow = _ref(dirfd, name)
+        ref, follow = realfs.xattr_ref(dirfd, name)
         realfs.trace("removexattr", ref, name=attr)
         os.removexattr(ref, _on_disk(ov.markers, attr), follow_symlinks=follow)

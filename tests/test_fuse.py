@@ -244,3 +244,14 @@ def test_demo_runs_on_real_layers(tmp_path):
     assert "/cache/fresh" in result.stdout and "/cache/a.tmp        file" in result.stdout  # lower shows it
     assert "welcome to the app\\ntuned" in result.stdout
     assert not os.path.ismount(tmp_path / "demo/merged")
+
+
+def test_mountpoint_with_space_and_non_ascii_name(stack):
+    """mountinfo escapes the space as \\040: mount, refuse a second mount, and unmount must all see it."""
+    lowers, _, _, mnt = stack
+    odd = os.path.join(mnt, "sp ace é")
+    os.makedirs(odd)
+    with pylayerfs_mount(odd, lowers):
+        result = run_pylayerfs("mount", "-o", options(lowers, None, None), odd, check=False)
+        assert result.returncode != 0 and "already a pylayerfs mountpoint" in result.stderr
+    assert not os.path.ismount(odd)
