@@ -10,14 +10,15 @@ import sys
 import time
 from collections.abc import Iterator
 
+from pylayerfs.params import mountinfo
+
 PYLAYERFS = [sys.executable, "-m", "pylayerfs"]
 TIMEOUT = 30
 
 
 def _mounted(path: str) -> bool:
     real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
+    return any(entry.mountpoint == real for entry in mountinfo())
 
 
 def force_unmount(path: str) -> None:
