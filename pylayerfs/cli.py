@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pylayerfs import __version__
 from pylayerfs.params import MountError, check, parse_options
 
-COMMANDS = ("mount", "umount", "demo")
+COMMANDS = ("mount", "umount", "demo", "check")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -46,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="show lookup, whiteouts, opaque directories and copy-up on real layers")
     demo.add_argument("--dir", help="where to build the demo layers (default: a new temporary directory)")
+
+    from pylayerfs.testing.command import add_arguments
+
+    check = sub.add_parser(
+        "check",
+        help="property-test overlay implementations: random operations, shrunk to a minimal divergence",
+        description="Run random operation sequences on random lower layers against each implementation and "
+        "compare with the model of overlay semantics (or with another implementation); print each divergence, "
+        "shrunk, with a shell script that reproduces it. Exit status 1 when any implementation diverges.",
+    )
+    add_arguments(check)
     return parser
 
 
@@ -61,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "mount":
             return _mount(args)
+        if args.command == "check":
+            from pylayerfs.testing.command import run
+
+            return run(args)
         if args.command == "umount":
             from pylayerfs.mount import umount
 

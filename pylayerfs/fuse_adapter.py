@@ -9,11 +9,15 @@ EIO, and the daemon goes on.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import itertools
 import logging
 import os
+import queue
+import stat
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,6 +31,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Lowers never change and the upper changes only through the mount: the kernel may cache freely.
 CACHE_TIMEOUT = 86400.0
+# The longest a request waits for the kernel to take an invalidation (see _Invalidator).
+INVALIDATE_WAIT = 1.0
 
 
 def _answers_eio(method: F) -> F:
@@ -55,7 +61,42 @@ def _caller() -> Caller:
     return Caller(uid, gid)
 
 
+class _Invalidator:
+    """Makes the kernel drop what it caches of a path, from a helper thread.
+
+    Sent from the request handler itself, the notification could deadlock: the
+    kernel may wait for a page that a read queued behind this very request
+    holds locked. The handler waits for the helper at most INVALIDATE_WAIT.
+    """
+
+    def __init__(self) -> None:
+        self._requests: queue.Queue[tuple[int, bytes, threading.Event]] = queue.Queue()
+        self._invalidate_path = fuse._libfuse.fuse_invalidate_path
+        self._invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        threading.Thread(target=self._serve, name="pylayerfs-invalidate", daemon=True).start()
+
+    def invalidate(self, path: str) -> None:
+        done = threading.Event()
+        self._requests.put((fuse._libfuse.fuse_get_context().contents.fuse, os.fsencode(path), done))
+        done.wait(INVALIDATE_WAIT)
+
+    def _serve(self) -> None:
+        while True:
+            session, path, done = self._requests.get()
+            self._invalidate_path(session, path)
+            done.set()
+
+
 class FuseOperations(fuse.Operations):  # type: ignore[misc]
+    """The kernel caches attributes, entries and pages for as long as CACHE_TIMEOUT.
+
+    Except for hard links: libfuse's path API gives every name its own kernel
+    inode, so what is written through one name would not show through the
+    others. Files with more than one link get their attributes uncached and
+    their pages dropped at open (close-to-open coherence), and ``link``
+    invalidates the source name, whose link count it changed.
+    """
+
     use_ns = True
 
     def __init__(self, overlay: Overlay, on_ready: Callable[[], None] | None = None) -> None:
@@ -63,19 +104,36 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
         self._on_ready = on_ready
         self._dirs: dict[int, str] = {}  # open directory handle -> path (readdir gets no path)
         self._next_dir = itertools.count(1)
+        self._config: Any = None
+        self._invalidator: _Invalidator | None = None
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         if config is not None:
             config.nullpath_ok = 1  # open files stay usable after their name is gone (hard_remove)
+            self._config = config  # libfuse's own settings: read again for every reply
+        self._invalidator = _Invalidator()
         if self._on_ready is not None:
             self._on_ready()
+
+    def _cache(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """Set how long the kernel may keep these attributes (libfuse reads it for the reply to come)."""
+        if self._config is not None:
+            linked = stat.S_ISREG(attrs["st_mode"]) and attrs["st_nlink"] > 1
+            self._config.attr_timeout = 0.0 if linked else CACHE_TIMEOUT
+        return attrs
+
+    def _keep_pages(self, path: str, fh: int) -> int:
+        """Keep the kernel's cached pages at open, unless another name may have written them."""
+        if self._config is not None:
+            self._config.kernel_cache = int(self.ov.getattr(_rel(path), fh)["st_nlink"] <= 1)
+        return fh
 
     def destroy(self, path: str) -> None:
         self.ov.close()
 
     @_answers_eio
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
-        return self.ov.getattr(_rel(path), fh)
+        return self._cache(self.ov.getattr(_rel(path), fh))
 
     @_answers_eio
     def readlink(self, path: str) -> str:
@@ -105,11 +163,11 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
 
     @_answers_eio
     def open(self, path: str, flags: int) -> int:
-        return self.ov.open(_rel(path), flags)
+        return self._keep_pages(path, self.ov.open(_rel(path), flags))
 
     @_answers_eio
     def create(self, path: str, mode: int, flags: int) -> int:
-        return self.ov.create(_rel(path), mode, flags, _caller())
+        return self._keep_pages(path, self.ov.create(_rel(path), mode, flags, _caller()))
 
     @_answers_eio
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
@@ -170,6 +228,8 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
     @_answers_eio
     def link(self, target: str, source: str) -> int:
         self.ov.link(_rel(source), _rel(target))
+        if self._invalidator is not None:
+            self._invalidator.invalidate(source)
         return 0
 
     @_answers_eio

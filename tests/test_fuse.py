@@ -79,6 +79,23 @@ def test_readdir_inodes_match_lstat(stack):
         assert {".", ".."} <= set(subprocess.run(["ls", "-a", mnt], capture_output=True, text=True).stdout.split())
 
 
+def test_hard_links_stay_coherent_through_the_kernel_caches(stack):
+    """libfuse gives each name its own kernel inode; what one name changes must show through the other."""
+    lowers, upper, work, mnt = stack
+    with pylayerfs_mount(mnt, lowers, upper, work):
+        os.stat(f"{mnt}/f")  # the kernel now caches f's attributes, with one link
+        os.link(f"{mnt}/f", f"{mnt}/g")
+        assert os.stat(f"{mnt}/f").st_nlink == 2
+        with open(f"{mnt}/g", "a") as f:
+            f.write(" and more")
+        assert os.stat(f"{mnt}/f").st_size == len("top f and more")
+        assert open(f"{mnt}/f").read() == "top f and more"
+        os.chmod(f"{mnt}/f", 0o600)
+        assert stat.S_IMODE(os.stat(f"{mnt}/g").st_mode) == 0o600
+        os.unlink(f"{mnt}/g")
+        assert os.stat(f"{mnt}/f").st_nlink == 1
+
+
 def test_read_only_mount(stack):
     lowers, _, _, mnt = stack
     with pylayerfs_mount(mnt, lowers):

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pylayerfs.markers import TRUSTED_PREFIX, make_whiteout
+from pylayerfs.testing.lowers import digest
 
 WHITEOUT = ("whiteout",)
 # A spec maps a relative path to: str/bytes (file content), None (directory),
@@ -95,19 +96,4 @@ def disk_form(upper: str, prefix: str = TRUSTED_PREFIX) -> dict[str, Any]:
 
 def tree_hash(root: str) -> str:
     """A hash of everything below ``root`` (names, types, modes, owners, times, contents, xattrs)."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
-            h.update(f"{os.path.relpath(full, root)}|{st.st_mode}|{st.st_uid}|{st.st_gid}|{st.st_rdev}".encode())
-            h.update(f"|{st.st_mtime_ns}|{st.st_size}".encode())
-            if stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    h.update(f.read())
-            elif stat.S_ISLNK(st.st_mode):
-                h.update(os.readlink(full).encode())
-            for n in sorted(os.listxattr(full, follow_symlinks=False)):
-                h.update(n.encode() + os.getxattr(full, n, follow_symlinks=False))
-    return h.hexdigest()
+    return digest(root)

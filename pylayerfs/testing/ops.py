@@ -1,0 +1,545 @@
+"""The operations the checker runs, and how it reads a tree back.
+
+Every operation is a small frozen dataclass with a one-line text form
+(``rename a b/c exchange``) and a ``run`` method that performs it on a
+:class:`FileSystem` and returns its outcome as a string: ``ok``, ``ok: VALUE``
+or the errno's name (``ENOENT``). The same code runs against a mount
+(:class:`OsFileSystem`), the in-process engine and the reference model.
+
+This module imports nothing but the standard library: a reproduction script
+embeds it verbatim and runs ``python3 ops.py MERGED`` with the operations on
+standard input, so a person sees exactly what the checker did.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import math
+import os
+import shlex
+import stat
+import sys
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol
+
+RENAME_FLAGS = {"": 0, "noreplace": 1, "exchange": 2}  # RENAME_NOREPLACE, RENAME_EXCHANGE
+# How Open opens: the open(2) flags behind each mode letter (shell: > >> set -C ...).
+OPEN_MODES = {
+    "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+    "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+    "r+": os.O_WRONLY,
+    "t": os.O_WRONLY | os.O_TRUNC,
+}
+OPEN_EXTRA = os.O_NONBLOCK | os.O_NOCTTY  # a FIFO must not block the checker
+CREATE_MODE = 0o666  # what open(O_CREAT) and mkfifo ask for; the umask takes its bits away
+DIR_MODE = 0o777
+UMASK = 0o022
+PINNED_BEFORE = 1_500_000_000  # seconds: a time earlier than this was set on purpose, later is "new"
+NEW = -1
+
+
+class FileSystem(Protocol):
+    """What an operation needs of a filesystem: os-style calls on paths relative to its root.
+
+    Calls follow symlinks in the final component exactly where the os call
+    does (``lstat``, ``readlink``, ``unlink``, ``rename``, ``link`` do not).
+    """
+
+    def lstat(self, path: str) -> os.stat_result: ...
+    def stat(self, path: str) -> os.stat_result: ...
+    def listdir(self, path: str) -> list[str]: ...
+    def readlink(self, path: str) -> str: ...
+    def open(self, path: str, flags: int, mode: int = CREATE_MODE) -> int: ...
+    def read(self, fd: int) -> bytes: ...
+    def write(self, fd: int, data: bytes) -> None: ...
+    def close(self, fd: int) -> None: ...
+    def truncate(self, path: str, length: int) -> None: ...
+    def mkdir(self, path: str, mode: int = DIR_MODE) -> None: ...
+    def mkfifo(self, path: str, mode: int = CREATE_MODE) -> None: ...
+    def rmdir(self, path: str) -> None: ...
+    def unlink(self, path: str) -> None: ...
+    def symlink(self, target: str, path: str) -> None: ...
+    def link(self, old: str, new: str) -> None: ...
+    def rename(self, old: str, new: str, flags: int = 0) -> None: ...
+    def chmod(self, path: str, mode: int) -> None: ...
+    def chown(self, path: str, uid: int, gid: int) -> None: ...
+    def utime(self, path: str, mtime_ns: int) -> None: ...
+    def setxattr(self, path: str, name: str, value: bytes) -> None: ...
+    def removexattr(self, path: str, name: str) -> None: ...
+    def listxattr(self, path: str) -> list[str]: ...
+    def getxattr(self, path: str, name: str) -> bytes: ...
+
+
+class OsFileSystem:
+    """A mounted tree, through the real system calls."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._renameat2 = libc.renameat2
+
+    def _p(self, path: str) -> str:
+        return os.path.join(self.root, path) if path else self.root
+
+    def lstat(self, path: str) -> os.stat_result:
+        return os.lstat(self._p(path))
+
+    def stat(self, path: str) -> os.stat_result:
+        return os.stat(self._p(path))
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(self._p(path))
+
+    def readlink(self, path: str) -> str:
+        return os.readlink(self._p(path))
+
+    def open(self, path: str, flags: int, mode: int = CREATE_MODE) -> int:
+        return os.open(self._p(path), flags, mode)
+
+    def read(self, fd: int) -> bytes:
+        return os.read(fd, 1 << 16)
+
+    def write(self, fd: int, data: bytes) -> None:
+        os.write(fd, data)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def truncate(self, path: str, length: int) -> None:
+        os.truncate(self._p(path), length)
+
+    def mkdir(self, path: str, mode: int = DIR_MODE) -> None:
+        os.mkdir(self._p(path), mode)
+
+    def mkfifo(self, path: str, mode: int = CREATE_MODE) -> None:
+        os.mkfifo(self._p(path), mode)
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(self._p(path))
+
+    def unlink(self, path: str) -> None:
+        os.unlink(self._p(path))
+
+    def symlink(self, target: str, path: str) -> None:
+        os.symlink(target, self._p(path))
+
+    def link(self, old: str, new: str) -> None:
+        os.link(self._p(old), self._p(new), follow_symlinks=False)
+
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        if not flags:
+            os.rename(self._p(old), self._p(new))
+            return
+        at_fdcwd = -100
+        if self._renameat2(at_fdcwd, os.fsencode(self._p(old)), at_fdcwd, os.fsencode(self._p(new)), flags) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), old)
+
+    def chmod(self, path: str, mode: int) -> None:
+        os.chmod(self._p(path), mode)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        os.chown(self._p(path), uid, gid)
+
+    def utime(self, path: str, mtime_ns: int) -> None:
+        os.utime(self._p(path), ns=(mtime_ns, mtime_ns))
+
+    def setxattr(self, path: str, name: str, value: bytes) -> None:
+        os.setxattr(self._p(path), name, value)
+
+    def removexattr(self, path: str, name: str) -> None:
+        os.removexattr(self._p(path), name)
+
+    def listxattr(self, path: str) -> list[str]:
+        return os.listxattr(self._p(path), follow_symlinks=False)
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        return os.getxattr(self._p(path), name, follow_symlinks=False)
+
+
+def outcome(fn: Any, *args: Any) -> str:
+    """``ok``, ``ok: VALUE`` or the errno's name."""
+    try:
+        value = fn(*args)
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, f"errno {exc.errno}")
+    return "ok" if value is None else f"ok: {value}"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation; subclasses name their verb and operation family."""
+
+    verb: ClassVar[str]
+    family: ClassVar[str]
+
+    def run(self, fs: FileSystem) -> str:
+        return outcome(self.apply, fs)
+
+    def apply(self, fs: FileSystem) -> object:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        args = [getattr(self, f.name) for f in fields(self)]
+        return " ".join([self.verb] + [shlex.quote(a.decode() if isinstance(a, bytes) else str(a)) for a in args])
+
+
+@dataclass(frozen=True)
+class Open(Op):
+    """open(2) for writing with one of OPEN_MODES, write ``data`` (maybe nothing), close."""
+
+    verb = "open"
+    family = "write"
+    path: str
+    mode: str
+    data: bytes
+
+    def apply(self, fs: FileSystem) -> None:
+        fd = fs.open(self.path, OPEN_MODES[self.mode] | OPEN_EXTRA)
+        try:
+            if self.data:
+                fs.write(fd, self.data)
+        finally:
+            fs.close(fd)
+
+
+@dataclass(frozen=True)
+class Truncate(Op):
+    verb = "truncate"
+    family = "write"
+    path: str
+    length: int
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.truncate(self.path, self.length)
+
+
+@dataclass(frozen=True)
+class Unlink(Op):
+    verb = "unlink"
+    family = "remove"
+    path: str
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.unlink(self.path)
+
+
+@dataclass(frozen=True)
+class Rmdir(Op):
+    verb = "rmdir"
+    family = "remove"
+    path: str
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.rmdir(self.path)
+
+
+@dataclass(frozen=True)
+class Mkdir(Op):
+    verb = "mkdir"
+    family = "mkdir"
+    path: str
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.mkdir(self.path)
+
+
+@dataclass(frozen=True)
+class Rename(Op):
+    verb = "rename"
+    family = "rename"
+    old: str
+    new: str
+    flags: str = ""
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.rename(self.old, self.new, RENAME_FLAGS[self.flags])
+
+    def __str__(self) -> str:
+        return super().__str__().removesuffix(" ''")
+
+
+@dataclass(frozen=True)
+class Link(Op):
+    verb = "link"
+    family = "link"
+    old: str
+    new: str
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.link(self.old, self.new)
+
+
+@dataclass(frozen=True)
+class Symlink(Op):
+    verb = "symlink"
+    family = "link"
+    target: str
+    path: str
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.symlink(self.target, self.path)
+
+
+@dataclass(frozen=True)
+class Mkfifo(Op):
+    verb = "mkfifo"
+    family = "link"
+    path: str
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.mkfifo(self.path)
+
+
+@dataclass(frozen=True)
+class Chmod(Op):
+    verb = "chmod"
+    family = "meta"
+    path: str
+    mode: int
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.chmod(self.path, self.mode)
+
+    def __str__(self) -> str:
+        return f"chmod {shlex.quote(self.path)} {self.mode:o}"
+
+
+@dataclass(frozen=True)
+class Chown(Op):
+    verb = "chown"
+    family = "meta"
+    path: str
+    uid: int
+    gid: int
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.chown(self.path, self.uid, self.gid)
+
+
+@dataclass(frozen=True)
+class Utime(Op):
+    verb = "utime"
+    family = "meta"
+    path: str
+    mtime: int  # seconds; set as both atime and mtime
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.utime(self.path, self.mtime * 10**9)
+
+
+@dataclass(frozen=True)
+class SetXattr(Op):
+    verb = "setxattr"
+    family = "xattr"
+    path: str
+    name: str
+    value: bytes
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.setxattr(self.path, self.name, self.value)
+
+
+@dataclass(frozen=True)
+class RemoveXattr(Op):
+    verb = "removexattr"
+    family = "xattr"
+    path: str
+    name: str
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.removexattr(self.path, self.name)
+
+
+@dataclass(frozen=True)
+class Stat(Op):
+    """lstat(2): the type, permission bits and (for files) the size."""
+
+    verb = "stat"
+    family = "read"
+    path: str
+
+    def apply(self, fs: FileSystem) -> str:
+        st = fs.lstat(self.path)
+        size = f" {st.st_size}" if stat.S_ISREG(st.st_mode) else ""
+        return f"{kind(st.st_mode)} {stat.S_IMODE(st.st_mode):o}{size}"
+
+
+@dataclass(frozen=True)
+class Readdir(Op):
+    verb = "readdir"
+    family = "read"
+    path: str
+
+    def apply(self, fs: FileSystem) -> str:
+        return " ".join(sorted(fs.listdir(self.path))) or "(empty)"
+
+
+@dataclass(frozen=True)
+class Readlink(Op):
+    verb = "readlink"
+    family = "read"
+    path: str
+
+    def apply(self, fs: FileSystem) -> str:
+        return fs.readlink(self.path)
+
+
+@dataclass(frozen=True)
+class Read(Op):
+    verb = "read"
+    family = "read"
+    path: str
+
+    def apply(self, fs: FileSystem) -> str:
+        fd = fs.open(self.path, os.O_RDONLY | OPEN_EXTRA)
+        try:
+            return repr(fs.read(fd))
+        finally:
+            fs.close(fd)
+
+
+@dataclass(frozen=True)
+class ReadAcrossCopyUp(Op):
+    """Open a file read-only, append to it through a second open (a copy-up), read the first fd.
+
+    Since Linux 4.19 a read-only fd opened before the copy-up reads the copied-up data.
+    """
+
+    verb = "read-across-copy-up"
+    family = "read"
+    path: str
+
+    def apply(self, fs: FileSystem) -> str:
+        if not stat.S_ISREG(fs.stat(self.path).st_mode):
+            return "not a regular file"
+        reader = fs.open(self.path, os.O_RDONLY | OPEN_EXTRA)
+        try:
+            writer = fs.open(self.path, os.O_WRONLY | os.O_APPEND | OPEN_EXTRA)
+            fs.write(writer, b"+")
+            fs.close(writer)
+            return repr(fs.read(reader))
+        finally:
+            fs.close(reader)
+
+
+OPS: dict[str, type[Op]] = {
+    cls.verb: cls
+    for cls in (
+        *(Open, Truncate, Unlink, Rmdir, Mkdir, Rename, Link, Symlink, Mkfifo, Chmod, Chown, Utime, SetXattr),
+        *(RemoveXattr, Stat, Readdir, Readlink, Read, ReadAcrossCopyUp),
+    )
+}
+FAMILIES = sorted({cls.family for cls in OPS.values()})
+
+
+def parse(line: str) -> Op:
+    """The operation a line of text names (the inverse of ``str(op)``)."""
+    verb, *words = shlex.split(line)
+    cls = OPS[verb]
+    args: list[object] = []
+    for f, word in zip(fields(cls), words, strict=False):
+        if f.type == "bytes":
+            args.append(word.encode())
+        elif f.type == "int":
+            args.append(int(word, 8) if cls is Chmod else int(word))
+        else:
+            args.append(word)
+    return cls(*args)
+
+
+def kind(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink")):
+        if test(mode):
+            return name
+    return "fifo" if stat.S_ISFIFO(mode) else "other"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a user sees of one path.
+
+    ``mtime`` is in seconds when it was set on purpose (by the layers or utime), NEW when the system
+    set it, None when any time will do (the model's answer for a time the system sets; st_mtime NaN)."""
+
+    kind: str
+    mode: int | None = None
+    owner: str | None = None
+    nlink: int | None = None
+    content: bytes | None = None
+    target: str | None = None
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+    mtime: int | None = None
+
+    def __str__(self) -> str:
+        words = [self.kind]
+        if self.mode is not None:
+            words.append(f"{self.mode:o}")
+        for name in ("owner", "nlink", "content", "target"):
+            value = getattr(self, name)
+            if value is not None:
+                words.append(f"{name}={value!r}" if name in ("content", "target") else f"{name}={value}")
+        words += [f"{n}={v!r}" for n, v in self.xattrs]
+        if self.mtime is not None:
+            words.append("mtime=new" if self.mtime == NEW else f"mtime={self.mtime}")
+        return " ".join(words)
+
+
+def entry(fs: FileSystem, path: str, st: os.stat_result) -> Entry:
+    k = kind(st.st_mode)
+    if k == "symlink":
+        return Entry(k, owner=f"{st.st_uid}:{st.st_gid}", nlink=st.st_nlink, target=fs.readlink(path))
+    mtime = None if math.isnan(st.st_mtime) else int(st.st_mtime) if st.st_mtime < PINNED_BEFORE else NEW
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+    if k in ("file", "dir"):
+        names = sorted(n for n in fs.listxattr(path) if n.startswith("user."))
+        xattrs = tuple((n, fs.getxattr(path, n)) for n in names)
+    content = None
+    if k == "file":
+        fd = fs.open(path, os.O_RDONLY | OPEN_EXTRA)
+        try:
+            content = fs.read(fd)
+        finally:
+            fs.close(fd)
+    nlink = None if k == "dir" else st.st_nlink  # a merged directory's link count is not meaningful
+    return Entry(k, stat.S_IMODE(st.st_mode), f"{st.st_uid}:{st.st_gid}", nlink, content, None, xattrs, mtime)
+
+
+def snapshot(fs: FileSystem) -> tuple[dict[str, Entry], dict[str, int]]:
+    """Every path below the root with what a user sees of it, and its inode number."""
+    entries: dict[str, Entry] = {}
+    inodes: dict[str, int] = {}
+    todo = [""]
+    while todo:
+        parent = todo.pop()
+        for name in sorted(fs.listdir(parent)):
+            path = f"{parent}/{name}" if parent else name
+            try:
+                st = fs.lstat(path)
+                entries[path] = entry(fs, path, st)
+            except OSError as exc:  # listed but not readable: an inconsistency worth showing, not a crash
+                entries[path] = Entry(f"listed, but {errno.errorcode.get(exc.errno or 0, exc)}")
+                continue
+            inodes[path] = st.st_ino
+            if stat.S_ISDIR(st.st_mode):
+                todo.append(path)
+    return dict(sorted(entries.items())), inodes
+
+
+def main(argv: list[str]) -> int:
+    """``python3 ops.py MERGED < OPERATIONS``: run each line, print its outcome, then the tree."""
+    os.umask(UMASK)
+    fs = OsFileSystem(argv[1])
+    for n, line in enumerate((line for line in sys.stdin if line.strip()), start=1):
+        print(f"step {n}: {line.strip()} -> {parse(line).run(fs)}")
+    entries, _ = snapshot(fs)
+    print("tree:")
+    for path, e in entries.items():
+        print(f"  {path}: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

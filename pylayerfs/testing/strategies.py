@@ -1,0 +1,79 @@
+"""Hypothesis strategies: operations on the shared names, and whole scenarios (lowers + operations)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+
+from pylayerfs.testing import ops
+from pylayerfs.testing.lowers import FILE_MODES, OWNERS, PATHS, SYMLINK_TARGETS, XATTR, Node, layers
+
+UTIMES = (1_000_000_000, 1_234_567_890)
+XATTR_NAMES = ("user.a", XATTR)
+
+
+def _families(src: st.SearchStrategy[str], dst: st.SearchStrategy[str]) -> dict[str, list[st.SearchStrategy[ops.Op]]]:
+    return {
+        "write": [
+            st.builds(ops.Open, dst, st.sampled_from(list(ops.OPEN_MODES)), st.sampled_from([b"", b"x", b"yy"])),
+            st.builds(ops.Truncate, src, st.sampled_from([0, 1, 3])),
+        ],
+        "remove": [st.builds(ops.Unlink, src), st.builds(ops.Rmdir, src)],
+        "mkdir": [st.builds(ops.Mkdir, dst)],
+        "rename": [st.builds(ops.Rename, src, dst, st.sampled_from(list(ops.RENAME_FLAGS)))],
+        "link": [
+            st.builds(ops.Link, src, dst),
+            st.builds(ops.Symlink, st.sampled_from(SYMLINK_TARGETS), dst),
+            st.builds(ops.Mkfifo, dst),
+        ],
+        "meta": [
+            st.builds(ops.Chmod, src, st.sampled_from(FILE_MODES)),
+            st.builds(ops.Chown, src, st.sampled_from(OWNERS), st.sampled_from(OWNERS)),
+            st.builds(ops.Utime, src, st.sampled_from(UTIMES)),
+        ],
+        "xattr": [
+            st.builds(ops.SetXattr, src, st.sampled_from(XATTR_NAMES), st.sampled_from([b"1", b"22"])),
+            st.builds(ops.RemoveXattr, src, st.sampled_from(XATTR_NAMES)),
+        ],
+        "read": [st.builds(cls, src) for cls in (ops.Stat, ops.Readdir, ops.Readlink, ops.Read, ops.ReadAcrossCopyUp)],
+    }
+
+
+def operations(
+    families: Iterable[str] = ops.FAMILIES, existing: Sequence[str] = (), fresh: Sequence[str] = ()
+) -> st.SearchStrategy[ops.Op]:
+    """One operation from the given families (see :data:`pylayerfs.testing.ops.FAMILIES`).
+
+    Paths come from the shared names, from ``existing`` (what the tree has
+    now: what an operation works on) and from ``fresh`` (free names in an
+    existing directory: what it creates, links or renames to).
+    """
+    names = st.sampled_from(PATHS)
+    src = st.one_of(st.sampled_from(sorted(existing)), names) if existing else names
+    dst = st.one_of([st.sampled_from(sorted(p)) for p in (fresh, existing) if p] + [names])
+    table = _families(src, dst)
+    unknown = set(families) - table.keys()
+    if unknown:
+        raise ValueError(f"unknown operation families: {', '.join(sorted(unknown))} (known: {', '.join(table)})")
+    return st.one_of([s for name in table if name in families for s in table[name]])
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Starting lower layers (top first) and the operations to run on the merged view."""
+
+    lowers: list[dict[str, Node]]
+    ops: list[ops.Op]
+
+
+def scenarios(
+    families: Iterable[str] = ops.FAMILIES, max_layers: int = 3, max_steps: int = 12
+) -> st.SearchStrategy[Scenario]:
+    """Whole scenarios decided up front (operations on the shared names only).
+
+    The checker itself draws each operation after the previous one, so that
+    half of them name paths that exist at that moment.
+    """
+    return st.builds(Scenario, layers(max_layers), st.lists(operations(families), min_size=1, max_size=max_steps))

@@ -1,0 +1,137 @@
+"""The conformance checker (``pylayerfs check``, :mod:`pylayerfs.testing`).
+
+A checker that cannot fail is worthless: deliberately broken variants of the
+engine must each be caught and shrunk to a few operations. Then the real
+implementations must pass: the engine and the FUSE mount against the model,
+and the mount against the kernel's overlayfs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+from hypothesis import settings
+
+from pylayerfs import copy_up, dir, readdir
+from pylayerfs.markers import is_whiteout
+from pylayerfs.overlay import Overlay
+from pylayerfs.testing import EngineTarget, ModelTarget, Options, OverlayMachine, Report, check, report, target
+
+ENGINE, MODEL = EngineTarget(), ModelTarget()
+
+
+def _chmod_0644(st: os.stat_result, workfd: int, tmp: str) -> None:
+    os.chown(tmp, st.st_uid, st.st_gid, dir_fd=workfd, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(tmp, 0o644, dir_fd=workfd)
+
+
+def _unlink_without_whiteout(ov: Overlay, path: str) -> None:
+    ov.writable(path)
+    parent, name = ov.upper_parent(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=parent.upper_fd)
+
+
+def _upper_entries_only(ov: Overlay, node: object) -> bool:
+    fd = getattr(node, "upper_fd", -1)
+    if fd < 0:
+        return False
+    return any(not is_whiteout(os.stat(n, dir_fd=fd, follow_symlinks=False)) for n in os.listdir(fd))
+
+
+MUTATIONS: dict[str, tuple[object, str, Callable[..., object]]] = {
+    "copy-up drops the mode": (copy_up, "_copy_owner_and_mode", _chmod_0644),
+    "copy-up drops xattrs": (copy_up, "_copy_xattrs", lambda ov, src, dst: None),
+    "readdir shows whiteouts": (readdir, "is_whiteout", lambda st: False),
+    "unlink forgets the whiteout": (dir, "unlink", _unlink_without_whiteout),
+    "rmdir ignores lower entries": (dir, "has_visible_entries", _upper_entries_only),
+}
+
+
+@pytest.mark.root  # whiteouts in the generated lowers are character devices
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_checker_catches_a_broken_engine(mutation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    module, name, broken = MUTATIONS[mutation]
+    monkeypatch.setattr(module, name, broken)
+    result = check(ENGINE, MODEL, Options(examples=300, seed=1))
+    assert result.divergence is not None, f"'{mutation}' went unnoticed"
+    assert result.scenario is not None
+    assert len(result.divergence.steps) <= 3, report.text(result)
+    assert sum(len(layer) for layer in result.scenario.lowers) <= 4, report.text(result)
+
+
+@pytest.mark.root
+def test_engine_passes_against_the_model() -> None:
+    result = check(ENGINE, MODEL, Options(examples=150, seed=7))
+    assert result.passed, report.text(result)
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("reference", ["model", "kernel"])
+def test_pylayerfs_mount_passes(reference: str) -> None:
+    result = check(target("pylayerfs"), target(reference), Options(examples=40, seed=11))
+    assert result.passed, report.text(result)
+
+
+@pytest.mark.root
+def test_same_seed_same_scenarios(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dir, "unlink", _unlink_without_whiteout)
+    runs = [check(ENGINE, MODEL, Options(examples=50, seed=3, shrink=False)) for _ in range(2)]
+    texts = [re.sub(r"\d+\.\d s", "", report.text(r)) for r in runs]
+    assert texts[0] == texts[1]
+
+
+def _found(mutation: str, monkeypatch: pytest.MonkeyPatch) -> Report:
+    module, name, broken = MUTATIONS[mutation]
+    monkeypatch.setattr(module, name, broken)
+    return check(ENGINE, MODEL, Options(examples=300, seed=1))
+
+
+@pytest.mark.root
+@pytest.mark.timeout(300)
+def test_reproduction_script_runs_on_the_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]) -> None:
+    """The script of a divergence builds the lowers, mounts, and prints the outcome the model expects."""
+    result = _found("unlink forgets the whiteout", monkeypatch)
+    assert result.divergence is not None
+    script = os.path.join(tmp_path, "repro.sh")
+    with open(script, "w") as f:
+        f.write(report.reproduction(result))
+    run = subprocess.run(["sh", script], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    printed = re.findall(r"^step \d+: .* -> (.*)$", run.stdout, re.M)
+    assert printed == [s.expected for s in result.divergence.steps]
+    assert "after unmount and mount again:" in run.stdout
+
+
+@pytest.mark.root
+def test_json_report_and_exit_status() -> None:
+    def check_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "pylayerfs", "check", "--format", "json", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+
+    ok = check_cli("--impl", "engine", "--examples", "10", "--seed", "5", "--ops", "write,remove")
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert data["seed"] == 5 and data["results"][0]["passed"] and data["results"][0]["families"] == ["write", "remove"]
+    bad = check_cli("--impl", "nonsense")
+    assert bad.returncode == 1 and bad.stderr.startswith("pylayerfs check: unknown implementation") and not bad.stdout
+    assert "Traceback" not in bad.stderr
+
+
+class EngineMachine(OverlayMachine):
+    """The state machine as a user would use it in a pytest suite."""
+
+
+EngineMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=10, deadline=None)
+TestEngineMachine = pytest.mark.root(EngineMachine.TestCase)
