@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="realistic: whiteouts only where they hide something, as runtimes write them; "
         "any: also whiteouts that hide nothing (default: realistic)",
     )
+    parser.add_argument(
+        "--skip",
+        default="",
+        metavar="CHECK,...",
+        help="checks not to make, to look past a known divergence: inode, lowers, persistence, interop",
+    )
     parser.add_argument("--no-shrink", action="store_true", help="report the first divergence as found")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--dir", help="where scenarios build their layers (default: the temporary directory)")
@@ -62,6 +68,7 @@ class UsageError(Exception):
 
 
 def _options(args: argparse.Namespace) -> Options:
+    from pylayerfs.testing.run import OPTIONAL_CHECKS
     from pylayerfs.testing.search import Options
 
     families = tuple(f for f in args.ops.split(",") if f)
@@ -70,6 +77,10 @@ def _options(args: argparse.Namespace) -> Options:
         raise UsageError(
             f"--ops: unknown families {', '.join(unknown) or '(none given)'} (known: {', '.join(FAMILIES)})"
         )
+    skip = tuple(c for c in args.skip.split(",") if c)
+    if set(skip) - set(OPTIONAL_CHECKS):
+        raise UsageError(f"--skip: unknown checks {', '.join(sorted(set(skip) - set(OPTIONAL_CHECKS)))} "
+                         f"(known: {', '.join(OPTIONAL_CHECKS)})")  # fmt: skip
     for name in ("examples", "layers", "steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
@@ -84,6 +95,7 @@ def _options(args: argparse.Namespace) -> Options:
         max_steps=args.steps,
         realistic=args.lowers == "realistic",
         shrink=not args.no_shrink,
+        skip=skip,
         base=args.dir,
     )
 

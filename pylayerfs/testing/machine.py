@@ -9,18 +9,19 @@ by default) to the implementations to compare, and expose its ``TestCase``::
     TestMyFs = MyFsMachine.TestCase
 
 Hypothesis then starts from random lower layers, applies random operations
-(one rule per step), compares after each one and checks the lowers,
-persistence and interop at teardown.
+(drawn from ``families``, aimed at the paths the tree holds), compares after
+each one, and checks the lowers, persistence and interop at teardown.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from pylayerfs.testing.lowers import Node, layers
-from pylayerfs.testing.ops import FAMILIES, Op
+from pylayerfs.testing.ops import FAMILIES
 from pylayerfs.testing.run import Run
 from pylayerfs.testing.strategies import operations
 from pylayerfs.testing.targets import EngineTarget, ModelTarget, Target
@@ -40,11 +41,10 @@ class OverlayMachine(RuleBasedStateMachine):
     def start(self, lowers: list[dict[str, Node]]) -> None:
         self.run = Run(lowers, self.subject, self.reference, self.base)
 
-    @rule(op=operations())
-    def step(self, op: Op) -> None:
+    @rule(data=st.data())
+    def step(self, data: st.DataObject) -> None:
         assert self.run is not None
-        if op.family in self.families:
-            self.run.step(op)
+        self.run.step(data.draw(operations(self.families, self.run.paths, self.run.fresh)))
 
     def teardown(self) -> None:
         if self.run is not None:

@@ -187,6 +187,16 @@ class Op:
 
 
 @dataclass(frozen=True)
+class _OnPath(Op):
+    """An operation that is the FileSystem call of its verb, on one path."""
+
+    path: str
+
+    def apply(self, fs: FileSystem) -> object:
+        return getattr(fs, self.verb)(self.path)
+
+
+@dataclass(frozen=True)
 class Open(Op):
     """open(2) for writing with one of OPEN_MODES, write ``data`` (maybe nothing), close."""
 
@@ -216,34 +226,19 @@ class Truncate(Op):
         fs.truncate(self.path, self.length)
 
 
-@dataclass(frozen=True)
-class Unlink(Op):
+class Unlink(_OnPath):
     verb = "unlink"
     family = "remove"
-    path: str
-
-    def apply(self, fs: FileSystem) -> None:
-        fs.unlink(self.path)
 
 
-@dataclass(frozen=True)
-class Rmdir(Op):
+class Rmdir(_OnPath):
     verb = "rmdir"
     family = "remove"
-    path: str
-
-    def apply(self, fs: FileSystem) -> None:
-        fs.rmdir(self.path)
 
 
-@dataclass(frozen=True)
-class Mkdir(Op):
+class Mkdir(_OnPath):
     verb = "mkdir"
     family = "mkdir"
-    path: str
-
-    def apply(self, fs: FileSystem) -> None:
-        fs.mkdir(self.path)
 
 
 @dataclass(frozen=True)
@@ -283,14 +278,9 @@ class Symlink(Op):
         fs.symlink(self.target, self.path)
 
 
-@dataclass(frozen=True)
-class Mkfifo(Op):
+class Mkfifo(_OnPath):
     verb = "mkfifo"
     family = "link"
-    path: str
-
-    def apply(self, fs: FileSystem) -> None:
-        fs.mkfifo(self.path)
 
 
 @dataclass(frozen=True)
@@ -377,14 +367,9 @@ class Readdir(Op):
         return " ".join(sorted(fs.listdir(self.path))) or "(empty)"
 
 
-@dataclass(frozen=True)
-class Readlink(Op):
+class Readlink(_OnPath):
     verb = "readlink"
     family = "read"
-    path: str
-
-    def apply(self, fs: FileSystem) -> str:
-        return fs.readlink(self.path)
 
 
 @dataclass(frozen=True)
@@ -534,10 +519,10 @@ def main(argv: list[str]) -> int:
     fs = OsFileSystem(argv[1])
     for n, line in enumerate((line for line in sys.stdin if line.strip()), start=1):
         print(f"step {n}: {line.strip()} -> {parse(line).run(fs)}")
-    entries, _ = snapshot(fs)
+    entries, inodes = snapshot(fs)
     print("tree:")
     for path, e in entries.items():
-        print(f"  {path}: {e}")
+        print(f"  {path}: {e} ino={inodes.get(path)}")
     return 0
 
 

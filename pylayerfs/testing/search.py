@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis import strategies as st
@@ -26,6 +26,7 @@ class Options:
     max_layers: int = 3
     max_steps: int = 12
     realistic: bool = True  # lowers only as a runtime writes them (see lowers.realistic)
+    skip: Sequence[str] = ()  # checks not to make (run.OPTIONAL_CHECKS)
     shrink: bool = True
     base: str | None = None  # where scenarios build their directories
 
@@ -42,7 +43,6 @@ class Report:
     divergence: Divergence | None = None
     scenario: Scenario | None = None
     error: str | None = None  # the check could not run (a mount failed, ...)
-    shrink_steps: int = field(default=0)
 
     @property
     def passed(self) -> bool:
@@ -80,7 +80,7 @@ def check(subject: Target, reference: Target, options: Options) -> Report:
         report.examples_run += 1
         done: list[Op] = []
         try:
-            with Run(lowers, subject, reference, options.base) as run:
+            with Run(lowers, subject, reference, options.base, options.skip) as run:
                 for _ in range(data.draw(st.integers(1, options.max_steps), label="steps")):
                     done.append(data.draw(operations(options.families, run.paths, run.fresh)))
                     run.step(done[-1])
