@@ -116,13 +116,10 @@ class Run:
             self.close()
             raise
 
-    def _layout(self, tag: str, work: str = "work", merged: str = "merged") -> Layout:
+    def _start(self, target: Target, tag: str) -> _Side:
         d = os.path.join(self.base, tag)
         lowers = tuple(os.path.join(d, f"l{i}") for i in range(len(self.lowers)))
-        return Layout(lowers, os.path.join(d, "upper"), os.path.join(d, work), os.path.join(d, merged))
-
-    def _start(self, target: Target, tag: str) -> _Side:
-        layout = self._layout(tag)
+        layout = Layout(lowers, *(os.path.join(d, name) for name in ("upper", "work", "merged")))
         if target.on_disk:
             for i, (layer, root) in enumerate(zip(self.lowers, layout.lowers, strict=True)):
                 build(root, layer, i)
@@ -136,7 +133,7 @@ class Run:
     def _fail(self, check: str, message: str, details: Sequence[str] = ()) -> Divergence:
         return Divergence(check, message, self.steps, details)
 
-    def _compare(self, when: str) -> tuple[Tree, dict[str, int]]:
+    def _compare(self, when: str) -> None:
         expected, expected_inodes = snapshot(self.reference.fs)
         actual, inodes = snapshot(self.subject.fs)
         self.paths = list(expected)
@@ -146,7 +143,7 @@ class Run:
         if diff:
             raise self._fail("tree", f"the merged tree differs {when}", diff)
         if "inode" in self.skip:
-            return actual, inodes
+            return
         if links(expected_inodes) != links(inodes):
             details = [f"expected hard links {links(expected_inodes)}", f"actual hard links {links(inodes)}"]
             raise self._fail("inode", f"paths share inode numbers differently {when}", details)
@@ -155,7 +152,6 @@ class Run:
                 before = self._identity.setdefault(expected_inodes[path], ino)
                 if before != ino:
                     raise self._fail("inode", f"st_ino of {path} changed from {before} to {ino} {when}")
-        return actual, inodes
 
     def step(self, op: Op) -> None:
         n = len(self.steps) + 1
@@ -165,7 +161,8 @@ class Run:
         except TargetError:
             raise
         except Exception as exc:
-            actual = f"raised {type(exc).__name__}: {exc}"
+            self.steps.append(Step(str(op), expected, f"raised {type(exc).__name__}: {exc}"))
+            raise self._fail("crash", f"step {n} ({op}) raised {type(exc).__name__}: {exc}") from exc
         self.steps.append(Step(str(op), expected, actual))
         if expected != actual:
             raise self._fail("result", f"step {n} ({op}) gave {actual}, expected {expected}")
