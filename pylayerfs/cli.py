@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pylayerfs import __version__
 from pylayerfs.params import MountError, check, parse_options
 
-COMMANDS = ("mount", "umount", "demo", "check")
+IMAGE_COMMANDS = ("build", "history", "images", "tag", "rmi", "inspect", "import", "base")
+COMMANDS = ("mount", "umount", "demo", "check", *IMAGE_COMMANDS)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -27,6 +29,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pylayerfs", description="Docker-style layered filesystems, from first principles.")
     parser.add_argument("--version", action="version", version=f"pylayerfs {__version__}")
+    parser.add_argument("--root", help="the image store (default: $PYLAYERFS_ROOT, /var/lib/pylayerfs as root, "
+                                       "else $XDG_DATA_HOME/pylayerfs)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     mount = sub.add_parser(
@@ -57,7 +61,82 @@ def _parser() -> argparse.ArgumentParser:
         "shrunk, with a shell script that reproduces it. Exit status 1 when any implementation diverges.",
     )
     add_arguments(check)
+    _image_parsers(sub)
     return parser
+
+
+def _image_parsers(sub: Any) -> None:
+    build = sub.add_parser("build", help="build an image from a Dockerfile, step by step, as the classic builder")
+    build.add_argument("context")
+    build.add_argument("-f", "--file", help="the Dockerfile (default: CONTEXT/Dockerfile)")
+    build.add_argument("-t", "--tag", action="append", default=[], help="name:tag (repeatable)")
+    build.add_argument("--no-cache", action="store_true", help="do not reuse steps of earlier builds")
+    build.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
+    build.add_argument("--storage-driver", choices=("fuse", "overlay"), default="fuse",
+                       help="mount step roots with pylayerfs (fuse, default) or the kernel's overlayfs")  # fmt: skip
+
+    history = sub.add_parser("history", help="an image's history entries, newest first, as docker history")
+    history.add_argument("image")
+    history.add_argument("--no-trunc", action="store_true")
+    history.add_argument("--format", choices=("table", "json"), default="table")
+
+    images = sub.add_parser("images", help="list images, as docker images")
+    images.add_argument("-a", "--all", action="store_true", help="also the intermediate images of builds")
+
+    tag = sub.add_parser("tag", help="give an image a name:tag")
+    tag.add_argument("source")
+    tag.add_argument("target")
+
+    rmi = sub.add_parser("rmi", help="untag and remove images (never a layer something still uses)")
+    rmi.add_argument("images", nargs="+")
+    rmi.add_argument("-f", "--force", action="store_true")
+
+    inspect = sub.add_parser("inspect", help="an image's configuration and layer directories, as JSON")
+    inspect.add_argument("images", nargs="+")
+
+    imp = sub.add_parser("import", help="make a one-layer image of a root filesystem tarball (tar or tar.gz)")
+    imp.add_argument("archive")
+    imp.add_argument("reference", metavar="name[:tag]")
+
+    base = sub.add_parser("base", help="make a small base image with /bin/sh from a static busybox")
+    base.add_argument("reference", metavar="name[:tag]")
+    base.add_argument("--busybox", default="/bin/busybox", help="a statically linked busybox (apt-get install "
+                                                                 "busybox-static)")  # fmt: skip
+
+
+def _image_command(args: argparse.Namespace) -> int:
+    from pylayerfs import archive, imagecmds
+    from pylayerfs.builder.build import Builder, BuildError, BuildOptions
+    from pylayerfs.store import Store, StoreError
+
+    try:
+        store = Store(args.root)
+        if args.command == "build":
+            build_args = dict(a.partition("=")[::2] for a in args.build_arg)
+            options = BuildOptions(args.context, args.file, args.tag, args.no_cache, build_args, args.storage_driver)
+            Builder(store, options).build()
+        elif args.command == "history":
+            print(imagecmds.history(store, args.image, args.no_trunc, args.format == "json"))
+        elif args.command == "images":
+            print(imagecmds.images(store, args.all))
+        elif args.command == "tag":
+            imagecmds.tag(store, args.source, args.target)
+        elif args.command == "rmi":
+            print("\n".join(imagecmds.rmi(store, args.images, args.force)))
+        elif args.command == "inspect":
+            print(imagecmds.inspect(store, args.images))
+        elif args.command == "import":
+            print(imagecmds.import_rootfs(store, args.archive, args.reference).id)
+        else:
+            print(imagecmds.make_base(store, args.reference, args.busybox).id)
+    except BuildError as exc:
+        sys.stdout.flush()
+        print(exc, file=sys.stderr)
+        return exc.code
+    except (StoreError, archive.ArchiveError, OSError) as exc:
+        print(f"pylayerfs {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
 
 
 def _mount_fuse_argv(argv: Sequence[str]) -> list[str]:
@@ -76,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pylayerfs.testing.command import run
 
             return run(args)
+        if args.command in IMAGE_COMMANDS:
+            return _image_command(args)
         if args.command == "umount":
             from pylayerfs.mount import umount
 

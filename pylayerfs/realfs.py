@@ -54,8 +54,32 @@ def _raise_errno(what: str, path: str) -> None:
     raise OSError(err, os.strerror(err), f"{what} {path}")
 
 
+# The flags open(2) knows. openat2 refuses any other bit with EINVAL, and the kernel's FUSE passes
+# some of its own in an open request (__FMODE_EXEC, 0x20, when a program is executed).
+_OPEN_FLAGS = (
+    os.O_ACCMODE
+    | os.O_CREAT
+    | os.O_EXCL
+    | os.O_NOCTTY
+    | os.O_TRUNC
+    | os.O_APPEND
+    | os.O_NONBLOCK
+    | os.O_DSYNC
+    | os.O_SYNC
+    | os.O_DIRECT
+    | os.O_LARGEFILE
+    | os.O_DIRECTORY
+    | os.O_NOFOLLOW
+    | os.O_NOATIME
+    | os.O_CLOEXEC
+    | os.O_PATH
+    | os.O_TMPFILE
+)
+
+
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
     """Open ``path`` below ``dirfd`` without following any symlink or leaving ``dirfd``."""
+    flags &= _OPEN_FLAGS
     how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, _RESOLVE)
     fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:

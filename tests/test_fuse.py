@@ -96,6 +96,20 @@ def test_hard_links_stay_coherent_through_the_kernel_caches(stack):
         assert os.stat(f"{mnt}/f").st_nlink == 1
 
 
+def test_programs_run_from_a_lower_layer(tmp_path):
+    """exec(2) opens with the kernel's own __FMODE_EXEC flag; openat2 must not see it (it refuses unknown bits)."""
+    lower = tmp_path / "l"
+    lower.mkdir()
+    program = lower / "true"
+    program.write_bytes(open("/bin/true", "rb").read())
+    program.chmod(0o755)
+    upper, work, mnt = (str(tmp_path / n) for n in ("u", "w", "m"))
+    for d in (upper, work):
+        os.makedirs(d)
+    with pylayerfs_mount(mnt, [str(lower)], upper, work):
+        assert subprocess.run([f"{mnt}/true"], timeout=30).returncode == 0
+
+
 def test_read_only_mount(stack):
     lowers, _, _, mnt = stack
     with pylayerfs_mount(mnt, lowers):

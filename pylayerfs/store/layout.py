@@ -1,0 +1,102 @@
+"""Where everything lives in the store: moby's overlay2 layout, path arithmetic and nothing else.
+
+<root>/
+  overlay2/
+    l/<LINKID> -> ../<cache-id>/diff       short names for mount options
+    <cache-id>/                            one layer (or a container's read-write layer)
+      diff/                                its contents: the upper directory while it is built
+      link                                 its LINKID (26 characters of base32, no newline)
+      lower                                l/<LINKID>:... of the layers below, top first
+      work/                                the workdir of a mount that writes into diff/
+      committed                            written into a layer when a child is made of it
+  image/overlay2/
+    imagedb/content/sha256/<image-id>      the image config JSON; its sha256 is the image ID
+    imagedb/metadata/sha256/<image-id>/    parent, lastUpdated, builtLocally
+    layerdb/sha256/<chain-id>/             diff, size, cache-id, parent (one value each, no newline)
+    layerdb/mounts/<container-id>/         mount-id, init-id, parent (containers)
+    repositories.json                      {"Repositories":{name:{name:tag: image id}}}
+  tmp/                                     staging: an entry appears in place by rename(2)
+  lock                                     flock(2) held by every writer
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+
+LINK_DIR = "l"
+DIFF_DIR = "diff"
+WORK_DIR = "work"
+LINK_FILE = "link"
+LOWER_FILE = "lower"
+COMMITTED_FILE = "committed"
+SHA256 = "sha256"
+
+
+class StoreError(Exception):
+    """A request the store cannot satisfy; the message is one line for the user."""
+
+
+class Layout:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.overlay2 = os.path.join(self.root, "overlay2")
+        self.links = os.path.join(self.overlay2, LINK_DIR)
+        self.image = os.path.join(self.root, "image", "overlay2")
+        self.content = os.path.join(self.image, "imagedb", "content", SHA256)
+        self.metadata = os.path.join(self.image, "imagedb", "metadata", SHA256)
+        self.layerdb = os.path.join(self.image, "layerdb", SHA256)
+        self.mounts = os.path.join(self.image, "layerdb", "mounts")
+        self.repositories = os.path.join(self.image, "repositories.json")
+        self.tmp = os.path.join(self.root, "tmp")
+
+    def create(self) -> None:
+        os.makedirs(self.root, 0o711, exist_ok=True)
+        for d in (self.links, self.content, self.metadata, self.layerdb, self.mounts, self.tmp):
+            os.makedirs(d, 0o700, exist_ok=True)
+        os.chmod(self.overlay2, 0o710)
+
+    def layer(self, cache_id: str, *parts: str) -> str:
+        return os.path.join(self.overlay2, cache_id, *parts)
+
+    def chain(self, chain_id: str, *parts: str) -> str:
+        return os.path.join(self.layerdb, hex_of(chain_id), *parts)
+
+    def config(self, image_id: str) -> str:
+        return os.path.join(self.content, hex_of(image_id))
+
+    def image_metadata(self, image_id: str, *parts: str) -> str:
+        return os.path.join(self.metadata, hex_of(image_id), *parts)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise writers of the store (a crashed writer's lock goes with its process)."""
+        self.create()
+        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def hex_of(digest: str) -> str:
+    return digest.removeprefix(SHA256 + ":")
+
+
+def read_value(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def write_value(path: str, value: str | bytes, mode: int = 0o644) -> None:
+    """Write a small file atomically: a temporary name in the same directory, then rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(value.encode() if isinstance(value, str) else value)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
