@@ -19,7 +19,7 @@ from pylayerfs import archive
 from pylayerfs.builder import imageconfig as cfg
 from pylayerfs.sizes import human_duration, human_size
 from pylayerfs.store import Store, StoreError
-from pylayerfs.store.images import Image, format_time
+from pylayerfs.store.images import Image, format_time, parse_time
 from pylayerfs.store.layout import LOWER_FILE, hex_of
 from pylayerfs.table import ellipsis, render
 
@@ -27,10 +27,10 @@ CREATED_BY_WIDTH = 45  # docker history cuts CREATED BY to 44 runes and an ellip
 NONE = "<none>"
 
 
-def _since(when: datetime.datetime) -> str:
+def _since(when: datetime.datetime, now: datetime.datetime | None = None) -> str:
     if when <= datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC):
         return "N/A"
-    return human_duration((datetime.datetime.now(datetime.UTC) - when).total_seconds()) + " ago"
+    return human_duration(((now or datetime.datetime.now(datetime.UTC)) - when).total_seconds()) + " ago"
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def history_rows(store: Store, image: Image) -> list[HistoryRow]:
             size = sizes[layer] if layer < len(sizes) else 0
             layer += 1
         created = entry.get("created")
-        rows.append(HistoryRow("<missing>", image.created if created is None else _parse(created),
+        rows.append(HistoryRow("<missing>", image.created if created is None else parse_time(created),
                                entry.get("created_by", ""), size, entry.get("comment", "")))  # fmt: skip
     rows.reverse()
     current: str | None = image.id
@@ -65,13 +65,9 @@ def history_rows(store: Store, image: Image) -> list[HistoryRow]:
     return rows
 
 
-def _parse(text: str) -> datetime.datetime:
-    from pylayerfs.store.images import parse_time
-
-    return parse_time(text)
-
-
-def history(store: Store, ref: str, no_trunc: bool = False, as_json: bool = False) -> str:
+def history(
+    store: Store, ref: str, no_trunc: bool = False, as_json: bool = False, now: datetime.datetime | None = None
+) -> str:
     rows = history_rows(store, store.resolve(ref))
     if as_json:
         return "\n".join(
@@ -83,7 +79,7 @@ def history(store: Store, ref: str, no_trunc: bool = False, as_json: bool = Fals
     for r in rows:
         ident = r.id if no_trunc or r.id == "<missing>" else hex_of(r.id)[:12]
         created_by = r.created_by if no_trunc else ellipsis(r.created_by.replace("\t", " "), CREATED_BY_WIDTH)
-        table.append([ident, _since(r.created), created_by, human_size(r.size), r.comment])
+        table.append([ident, _since(r.created, now), created_by, human_size(r.size), r.comment])
     return render(["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"], table)
 
 

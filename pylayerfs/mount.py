@@ -115,6 +115,8 @@ def mount_background(config: MountConfig, mountpoint: str, source: str) -> None:
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_fd)
+        os.closerange(3, write_fd)  # hold nothing of the caller's: its pipes, its locks
+        os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
         os.setsid()
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1) if config.debug and not config.logfile else (0, 1, 2):

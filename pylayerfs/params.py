@@ -200,3 +200,10 @@ def _check_not_in_use(upperdir: str, workdir: str) -> None:
             key, _, value = opt.partition("=")
             if key in ("upperdir", "workdir") and os.path.realpath(unescape(value)) in (upperdir, workdir):
                 raise MountError(f"{key} '{value}' is in use by a mounted overlay")
+
+
+def mounts_below(path: str) -> list[str]:
+    """Mountpoints at or below ``path``, deepest first."""
+    prefix = os.path.realpath(path)
+    found = [e.mountpoint for e in mountinfo() if e.mountpoint == prefix or e.mountpoint.startswith(prefix + "/")]
+    return sorted(found, key=len, reverse=True)

@@ -95,6 +95,13 @@ def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: i
         _raise_errno("renameat2", f"{oldname} -> {newname}")
 
 
+def detach(mountpoint: str) -> None:
+    """Unmount lazily (MNT_DETACH): gone from the namespace now, released when no longer busy."""
+    trace("umount2", mountpoint, flags="MNT_DETACH")
+    if _libc.umount2(os.fsencode(mountpoint), 2) != 0:
+        _raise_errno("umount2", mountpoint)
+
+
 def trace(call: str, path: str, **args: object) -> None:
     """Log one call on a real layer directory (the ``debug`` mount option shows these)."""
     if log.isEnabledFor(logging.DEBUG):

@@ -14,11 +14,11 @@ import os
 import subprocess
 from collections.abc import Iterator, Sequence
 
+from pylayerfs import realfs
 from pylayerfs.mount import mount_background
-from pylayerfs.params import MountError, check, mountinfo, parse_options
+from pylayerfs.params import MountError, check, mounts_below, parse_options
 
 DRIVERS = ("fuse", "overlay")
-MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -58,8 +58,9 @@ def mounted(
 def unmount(path: str) -> None:
     """Unmount ``path`` (lazily if it is busy), reap the FUSE daemon, remove the directory."""
     real = os.path.realpath(path)
-    if any(entry.mountpoint == real for entry in mountinfo()) and _libc.umount2(os.fsencode(real), 0) != 0:
-        _libc.umount2(os.fsencode(real), MNT_DETACH)
+    if mounts_below(real) and _libc.umount2(os.fsencode(real), 0) != 0:
+        with contextlib.suppress(OSError):
+            realfs.detach(real)
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] > 0:  # the daemon we forked exits once unmounted
             pass

@@ -18,7 +18,6 @@ import ctypes.util
 import os
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -160,7 +159,7 @@ def call(rootfs: str, work: Callable[[], None], cwd: str = "/") -> None:
             _enter(rootfs, cwd, "pylayerfs")
             work()
         except BaseException as exc:  # reported to the parent, which raises it
-            message = str(exc) if isinstance(exc, (OSError, SandboxError)) else traceback.format_exc()
+            message = str(exc) or type(exc).__name__
             os.write(write, message.encode(errors="replace")[:65536])
             status = 1
         finally:

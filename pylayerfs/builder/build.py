@@ -117,7 +117,7 @@ class Builder:
         path = self.options.dockerfile or os.path.join(self.options.context, "Dockerfile")
         try:
             with open(path, encoding="utf-8") as f:
-                dockerfile = parse(f.read(), os.path.relpath(path))
+                dockerfile = parse(f.read(), path)
         except OSError as exc:
             raise BuildError(f"cannot read the Dockerfile: {path}: {exc.strerror}") from exc
         except UnicodeDecodeError as exc:

@@ -71,6 +71,7 @@ def _extract(parent: int, name: str, dest: str) -> bool:
     try:
         if not archive.is_archive(fd):
             return False
+        os.lseek(fd, 0, os.SEEK_SET)
         _make_dirs(dest)
         with os.fdopen(os.dup(fd), "rb") as f, archive.open_archive(f, name) as tar:
             archive.extract(tar, dest)

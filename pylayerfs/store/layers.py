@@ -17,7 +17,8 @@ import secrets
 import shutil
 from dataclasses import dataclass
 
-from pylayerfs import archive
+from pylayerfs import archive, realfs
+from pylayerfs.params import mounts_below
 from pylayerfs.sizes import layer_size
 from pylayerfs.store.layout import (
     COMMITTED_FILE,
@@ -161,11 +162,16 @@ class LayerStore:
         shutil.rmtree(d, ignore_errors=True)
 
     def collect_garbage(self, in_use: set[str]) -> list[str]:
-        """Remove what an interrupted writer left: unregistered layer directories and staging entries."""
+        """Remove what an interrupted writer left: unregistered layer directories and staging entries.
+
+        A mount left behind inside one of them (a builder killed during RUN) is detached first.
+        """
         registered = {layer.cache_id for layer in self.all()} | in_use
         removed = []
         for name in os.listdir(self.layout.overlay2):
             if name != LINK_DIR and name not in registered:
+                for mountpoint in mounts_below(self.layout.layer(name)):
+                    realfs.detach(mountpoint)
                 self.remove_dir(name)
                 removed.append(name)
         for name in os.listdir(self.layout.layerdb):
