@@ -27,7 +27,15 @@ from pylayerfs.store import Store
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 GOLDEN = Path(__file__).parent / "golden"
 APP = '#!/bin/sh\necho "hello, layers!!"\n'  # 33 bytes, as the blog's app.sh
-DOCKERFILE_1 = '# syntax=docker/dockerfile:1\nFROM alpine\n\nCOPY app.sh ./app.sh\n\nRUN chmod +x app.sh\n\nENTRYPOINT ["./app.sh"]\n'
+DOCKERFILE_1 = """# syntax=docker/dockerfile:1
+FROM alpine
+
+COPY app.sh ./app.sh
+
+RUN chmod +x app.sh
+
+ENTRYPOINT ["./app.sh"]
+"""
 DOCKERFILE_2 = "# syntax=docker/dockerfile:1\n\nFROM alpine\n\nCOPY app.sh ./app.sh\n"
 
 
