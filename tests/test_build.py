@@ -68,6 +68,13 @@ def context(tmp_path: Path) -> Path:
     return ctx
 
 
+def context_with(ctx: Path, dockerfile: str) -> Path:
+    """A build context holding only a Dockerfile."""
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(dockerfile)
+    return ctx
+
+
 class Ids:
     """Replace 12-hex image IDs by IMAGE-<n> (same width), in order of appearance."""
 
@@ -123,11 +130,10 @@ def test_changing_a_copied_file_invalidates_from_that_step_on(store, context):
 
 
 def test_run_sees_the_image_environment_workdir_and_user(store, tmp_path):
-    ctx = tmp_path / "c2"
-    ctx.mkdir()
-    (ctx / "Dockerfile").write_text(
+    ctx = context_with(
+        tmp_path / "c2",
         'FROM alpine\nARG GREETING=hi\nENV WHO=world\nWORKDIR /srv/app\nRUN echo "$GREETING $WHO $(pwd)" > out\n'
-        'USER nobody\nRUN id -u > /tmp/uid\nCMD ["cat", "out"]\n'
+        'USER nobody\nRUN id -u > /tmp/uid\nCMD ["cat", "out"]\n',
     )
     out = pylayerfs(store, "build", "--build-arg", "GREETING=hello", "-t", "env-test", str(ctx))
     assert "Step 5/8 : RUN echo" in out.stdout
@@ -151,9 +157,7 @@ def test_run_sees_the_image_environment_workdir_and_user(store, tmp_path):
 
 
 def test_failing_run_keeps_earlier_layers_and_exits_with_its_code(store, tmp_path):
-    ctx = tmp_path / "c3"
-    ctx.mkdir()
-    (ctx / "Dockerfile").write_text("FROM alpine\nRUN echo kept > /kept\nRUN echo partial > /partial; exit 3\n")
+    ctx = context_with(tmp_path / "c3", "FROM alpine\nRUN echo kept > /kept\nRUN echo partial > /partial; exit 3\n")
     result = pylayerfs(store, "build", str(ctx), check=False)
     assert result.returncode == 3
     assert result.stderr == "The command '/bin/sh -c echo partial > /partial; exit 3' returned a non-zero code: 3\n"
@@ -204,9 +208,7 @@ def test_copy_add_dockerignore_chown_and_the_image_root(store, tmp_path):
 def test_bad_dockerfiles_change_nothing(store, tmp_path, dockerfile, message):
     from pylayerfs.testing.lowers import digest
 
-    ctx = tmp_path / "bad"
-    ctx.mkdir()
-    (ctx / "Dockerfile").write_text(dockerfile)
+    ctx = context_with(tmp_path / "bad", dockerfile)
     before = digest(str(store))
     result = pylayerfs(store, "build", str(ctx), check=False)
     assert result.returncode == 1 and result.stdout == ""
@@ -226,8 +228,6 @@ def test_kernel_overlay_driver_builds_the_same_layers(store, context):
     def listing(ref: str) -> list[list[str]]:
         out = []
         for layer in s.layers_of(s.resolve(ref)):
-            with open(os.devnull, "wb"):
-                pass
             diff = s.layers.diff_dir(layer.cache_id)
             out.append(sorted(f"{rel}:{oct(st.st_mode)}:{st.st_size}" for rel, st in archive.walk(diff)))
         return out
@@ -236,9 +236,7 @@ def test_kernel_overlay_driver_builds_the_same_layers(store, context):
 
 
 def test_interrupted_build_is_cleaned_up_by_the_next(store, tmp_path):
-    ctx = tmp_path / "c5"
-    ctx.mkdir()
-    (ctx / "Dockerfile").write_text("FROM alpine\nRUN echo before > /b\nRUN touch /started; sleep 60\n")
+    ctx = context_with(tmp_path / "c5", "FROM alpine\nRUN echo before > /b\nRUN touch /started; sleep 60\n")
     env = {**os.environ, "PYLAYERFS_ROOT": str(store)}
     proc = subprocess.Popen([sys.executable, "-m", "pylayerfs", "build", str(ctx)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)  # fmt: skip
@@ -304,3 +302,21 @@ def test_import_rmi_tag_and_inspect(store, tmp_path):
     conflict = pylayerfs(store, "rmi", s.resolve("alpine").short_id, check=False)
     assert conflict.returncode == 0  # alpine has no children here: removing by ID untags and deletes
     assert pylayerfs(store, "images").stdout.splitlines()[1:] == []
+
+
+def test_multi_stage_build_copies_from_an_earlier_stage(store, tmp_path):
+    ctx = context_with(
+        tmp_path / "ms",
+        "ARG BASE=alpine\nFROM ${BASE} AS builder\n"
+        "RUN mkdir -p /out && echo built > /out/artifact && ln -s artifact /out/link\n"
+        "FROM scratch\nCOPY --from=builder /out /app/\nCOPY --from=0 /out/artifact /single\n",
+    )
+    out = pylayerfs(store, "build", "-t", "multi", str(ctx)).stdout
+    assert "Step 1/6 : ARG BASE=alpine" in out and "Step 2/6 : FROM ${BASE} AS builder" in out
+    s = Store(str(store))
+    image = s.resolve("multi")
+    assert len(image.diff_ids) == 2, "the final stage holds only what it copied"
+    app, single = (s.layers.diff_dir(layer.cache_id) for layer in reversed(s.layers_of(image)))
+    assert open(os.path.join(app, "app/artifact")).read() == "built\n"
+    assert os.readlink(os.path.join(app, "app/link")) == "artifact"
+    assert open(os.path.join(single, "single")).read() == "built\n"

@@ -71,15 +71,19 @@ class Layout:
         return os.path.join(self.metadata, hex_of(image_id), *parts)
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Serialise writers of the store (a crashed writer's lock goes with its process)."""
+    def flock(self, name: str, operation: int) -> Iterator[None]:
+        """Hold ``flock(2)`` on the root's file ``name`` (a crashed holder's lock goes with its process)."""
         self.create()
-        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.join(self.root, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, operation)
             yield
         finally:
             os.close(fd)
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Serialise writers of the store."""
+        return self.flock("lock", fcntl.LOCK_EX)
 
 
 def hex_of(digest: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
 
 from pylayerfs.store.images import Image, ImageStore
 from pylayerfs.store.layers import Layer, LayerStore
@@ -13,6 +12,7 @@ from pylayerfs.store.layout import Layout, StoreError, hex_of
 from pylayerfs.store.references import References
 
 ENV_ROOT = "PYLAYERFS_ROOT"
+BUSY = "busy"
 
 
 def default_root() -> str:
@@ -41,28 +41,17 @@ class Store:
         """Exclusive: for the short moments that register layers, images and tags."""
         return self.layout.locked()
 
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
+    def busy(self) -> contextlib.AbstractContextManager[None]:
         """Shared, for as long as a build or a container has unregistered directories in the store."""
-        fd = os.open(os.path.join(self.root, "busy"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
+        return self.layout.flock(BUSY, fcntl.LOCK_SH)
 
     def collect_garbage(self, in_use: frozenset[str] = frozenset()) -> list[str]:
         """Remove what interrupted writers left, unless a build or container is at work right now."""
-        fd = os.open(os.path.join(self.root, "busy"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return []
-            with self.locked():
+            with self.layout.flock(BUSY, fcntl.LOCK_EX | fcntl.LOCK_NB), self.locked():
                 return self.layers.collect_garbage(set(in_use))
-        finally:
-            os.close(fd)
+        except BlockingIOError:
+            return []
 
     # -- images by name --------------------------------------------------------------------
 
