@@ -16,7 +16,8 @@ from pylayerfs import __version__
 from pylayerfs.params import MountError, check, parse_options
 
 IMAGE_COMMANDS = ("build", "history", "images", "tag", "rmi", "inspect", "import", "base")
-COMMANDS = ("mount", "umount", "demo", "check", *IMAGE_COMMANDS)
+CONTAINER_COMMANDS = ("create", "run", "start", "stop", "rm", "exec", "ps", "logs", "diff", "commit", "system")
+COMMANDS = ("mount", "umount", "demo", "check", *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -48,8 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint")
     umount.add_argument("-l", "--lazy", action="store_true", help="detach now, clean up when no longer busy")
 
-    demo = sub.add_parser("demo", help="show lookup, whiteouts, opaque directories and copy-up on real layers")
-    demo.add_argument("--dir", help="where to build the demo layers (default: a new temporary directory)")
+    demo = sub.add_parser("demo", help="retell the blog post 'Docker Image Layers' on real layers")
+    demo.add_argument("--dir", help="where to put the demo's store (default: a new temporary directory)")
+    demo.add_argument("--step", action="store_true", help="pause between sections")
+    demo.add_argument("--keep", action="store_true", help="keep the store for exploring afterwards")
+    demo.add_argument("--overlay", action="store_true",
+                      help="instead: three layers, one mount: lookup, whiteouts, opaque directories, copy-up")  # fmt: skip
 
     from pylayerfs.testing.command import add_arguments
 
@@ -62,7 +67,119 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_arguments(check)
     _image_parsers(sub)
+    _container_parsers(sub)
     return parser
+
+
+def _container_parsers(sub: Any) -> None:
+    for name, text in (("create", "create a container: a thin writable layer over an image"),
+                       ("run", "create a container and run its command")):  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        if name == "run":
+            p.add_argument("-d", "--detach", action="store_true", help="run in the background")
+            p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+        p.add_argument("--name")
+        p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("-w", "--workdir")
+        p.add_argument("--storage-driver", choices=("fuse", "overlay"), default="fuse")
+        p.add_argument("image")
+        p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND")
+    start = sub.add_parser("start", help="start stopped containers (in the background)")
+    start.add_argument("containers", nargs="+")
+    stop = sub.add_parser("stop", help="stop running containers (SIGTERM, then SIGKILL)")
+    stop.add_argument("-t", "--time", type=float, default=10.0, help="seconds before SIGKILL (10)")
+    stop.add_argument("containers", nargs="+")
+    rm = sub.add_parser("rm", help="remove containers and their writable layers")
+    rm.add_argument("-f", "--force", action="store_true", help="stop a running container first")
+    rm.add_argument("containers", nargs="+")
+    exec_ = sub.add_parser("exec", help="run a command in a running container")
+    exec_.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+    exec_.add_argument("-u", "--user")
+    exec_.add_argument("-w", "--workdir")
+    exec_.add_argument("container")
+    exec_.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND")
+    ps = sub.add_parser("ps", help="list containers, as docker ps")
+    ps.add_argument("-a", "--all", action="store_true", help="also stopped containers")
+    ps.add_argument("-s", "--size", action="store_true", help="the size and the virtual size")
+    ps.add_argument("-q", "--quiet", action="store_true", help="only IDs")
+    ps.add_argument("--format", choices=("table", "json"), default="table")
+    logs = sub.add_parser("logs", help="a container's output")
+    logs.add_argument("container")
+    diff = sub.add_parser("diff", help="what a container added (A), changed (C) and deleted (D)")
+    diff.add_argument("container")
+    commit = sub.add_parser("commit", help="make an image of a container's writable layer")
+    commit.add_argument("-m", "--message", default="")
+    commit.add_argument("-a", "--author", default="")
+    commit.add_argument("-c", "--change", action="append", default=[], help="a Dockerfile instruction (ENV, CMD...)")
+    commit.add_argument("container")
+    commit.add_argument("reference", nargs="?", metavar="name[:tag]")
+    system = sub.add_parser("system", help="store-wide commands")
+    system_sub = system.add_subparsers(dest="system_command", required=True, parser_class=_Parser)
+    df = system_sub.add_parser("df", help="disk usage of images and containers, as docker system df")
+    df.add_argument("-v", "--verbose", action="store_true")
+
+
+def _container_command(args: argparse.Namespace) -> int:
+    from pylayerfs import containercmds
+    from pylayerfs.container.runtime import Runtime, StartError
+    from pylayerfs.sandbox import SandboxError
+    from pylayerfs.store import Store, StoreError
+
+    try:
+        runtime = Runtime(Store(args.root), getattr(args, "storage_driver", "fuse"))
+        find = runtime.containers.find
+        if args.command in ("create", "run"):
+            container = runtime.create(args.image, args.command_args, args.name, args.env, args.workdir)
+            if args.command == "create" or args.detach:
+                if args.command == "run":
+                    runtime.start_detached(container)
+                print(container.ID)
+                return 0
+            try:
+                return runtime.run_attached(container)
+            finally:
+                if args.rm:
+                    runtime.remove(runtime.containers.load(container.ID), force=True)
+        if args.command in ("start", "stop", "rm"):
+            for ref in args.containers:
+                container = find(ref)
+                if args.command == "start":
+                    runtime.start_detached(container)
+                elif args.command == "stop":
+                    runtime.stop(container, args.time)
+                else:
+                    runtime.remove(container, args.force)
+                print(ref)
+            return 0
+        if args.command == "exec":
+            if not args.command_args:
+                raise StoreError("exec needs a command")
+            return runtime.exec(find(args.container), args.command_args, args.env, args.user, args.workdir)
+        if args.command == "ps":
+            text = containercmds.ps(runtime, args.all, args.size, args.quiet, args.format == "json")
+        elif args.command == "logs":
+            sys.stdout.buffer.write(runtime.logs(find(args.container)))
+            return 0
+        elif args.command == "diff":
+            from pylayerfs.container.changes import changes
+
+            container = find(args.container)
+            text = "\n".join(changes(runtime.upper(container), runtime.lowers(container)))
+        elif args.command == "commit":
+            image = containercmds.commit(runtime, find(args.container), args.reference, args.message, args.author,
+                                         args.change)  # fmt: skip
+            text = image.id
+        else:
+            text = containercmds.system_df(runtime, args.verbose)
+        if text:
+            print(text)
+    except StartError as exc:
+        print(f"pylayerfs: {exc}", file=sys.stderr)
+        return exc.code
+    except (StoreError, SandboxError, MountError, OSError) as exc:
+        print(f"pylayerfs {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
 
 
 def _image_parsers(sub: Any) -> None:
@@ -157,14 +274,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(args)
         if args.command in IMAGE_COMMANDS:
             return _image_command(args)
+        if args.command in CONTAINER_COMMANDS:
+            return _container_command(args)
         if args.command == "umount":
             from pylayerfs.mount import umount
 
             umount(args.mountpoint, lazy=args.lazy)
             return 0
-        from pylayerfs.demo import run_demo
+        if args.overlay:
+            from pylayerfs.demo import run_demo
 
-        return run_demo(args.dir)
+            return run_demo(args.dir)
+        from pylayerfs.blogdemo import run_demo as retell
+
+        return retell(args.dir, args.step, args.keep)
     except MountError as exc:
         print(f"pylayerfs: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -45,6 +45,12 @@ class SandboxError(Exception):
     pass
 
 
+class CommandNotFound(SandboxError):
+    """The command is not in the image (Docker answers exit status 127)."""
+
+    exit_code = 127
+
+
 def _check(result: int, what: str) -> None:
     if result != 0:
         err = ctypes.get_errno()
@@ -120,8 +126,8 @@ def _entries(path: str) -> list[list[str]]:
         return []
 
 
-def run(process: Process, stdout: int | None = None) -> int:
-    """Run ``process`` to the end; its output goes to ``stdout`` (default: ours). Returns its status."""
+def start(process: Process, stdout: int | None = None) -> subprocess.Popen[bytes]:
+    """Start ``process``; its output (stdout and stderr) goes to ``stdout``, default ours."""
 
     def child() -> None:
         _enter(process.rootfs, process.cwd, process.hostname)
@@ -132,7 +138,7 @@ def run(process: Process, stdout: int | None = None) -> int:
             os.setuid(uid)
 
     try:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             list(process.argv),
             env=process.env,
             preexec_fn=child,  # noqa: PLW1509 - pylayerfs starts no threads before this
@@ -142,10 +148,15 @@ def run(process: Process, stdout: int | None = None) -> int:
     except subprocess.SubprocessError as exc:
         raise SandboxError(str(exc)) from exc
     except FileNotFoundError as exc:
-        raise SandboxError(f"{process.argv[0]}: no such file or directory in the image") from exc
+        raise CommandNotFound(f'exec: "{process.argv[0]}": executable file not found in $PATH') from exc
     except PermissionError as exc:
-        raise SandboxError(f"{process.argv[0]}: permission denied") from exc
-    return proc.wait()
+        raise CommandNotFound(f'exec: "{process.argv[0]}": permission denied') from exc
+
+
+def run(process: Process) -> int:
+    """Run ``process`` to the end, its output on ours; returns its exit status (a signal as 128+n)."""
+    code = start(process).wait()
+    return 128 - code if code < 0 else code
 
 
 def call(rootfs: str, work: Callable[[], None], cwd: str = "/") -> None:

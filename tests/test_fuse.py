@@ -270,7 +270,7 @@ def test_adapter_answers_eio_on_a_bug(caplog):
 
 
 def test_demo_runs_on_real_layers(tmp_path):
-    result = run_pylayerfs("demo", "--dir", str(tmp_path / "demo"))
+    result = run_pylayerfs("demo", "--overlay", "--dir", str(tmp_path / "demo"))
     assert "whiteout (char 0/0)" in result.stdout
     assert "/cache/fresh" in result.stdout and "/cache/a.tmp        file" in result.stdout  # lower shows it
     assert "welcome to the app\\ntuned" in result.stdout

@@ -21,7 +21,7 @@ import hashlib
 import os
 import posixpath
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -58,7 +58,7 @@ class BuildOptions:
 
 
 @dataclass
-class _Stage:
+class Stage:
     name: str | None
     image: Image | None = None
     run: dict[str, Any] = field(default_factory=dict)
@@ -86,7 +86,7 @@ class Builder:
         self.options = options
         self.out = out
         self.busted = options.no_cache
-        self.stages: list[_Stage] = []
+        self.stages: list[Stage] = []
         self.global_args: dict[str, str] = {}
         self.consumed: set[str] = set()
 
@@ -179,7 +179,7 @@ class Builder:
     def _run(self, dockerfile: Dockerfile, context: Context) -> Image:
         self._say(f"Sending build context to Docker daemon {human_size(context.transfer_size(), 4):>8}")
         total = len(dockerfile.instructions)
-        stage: _Stage | None = None
+        stage: Stage | None = None
         for n, ins in enumerate(dockerfile.instructions, start=1):
             self._say(f"Step {n}/{total} : {ins.source}")
             try:
@@ -205,9 +205,9 @@ class Builder:
             if value is not None:
                 self.global_args[key] = value
 
-    def _from(self, ins: Instruction, escape: str) -> _Stage:
+    def _from(self, ins: Instruction, escape: str) -> Stage:
         words = split_words(expand(ins.args, self.global_args, escape))
-        stage = _Stage(words[2].lower() if len(words) == 3 else None)
+        stage = Stage(words[2].lower() if len(words) == 3 else None)
         base = next((s for s in self.stages if s.name == words[0].lower()), None) if words[0] != "scratch" else None
         image = base.image if base is not None else None if words[0] == "scratch" else self.store.resolve(words[0])
         if image is not None:
@@ -221,7 +221,7 @@ class Builder:
         self.stages.append(stage)
         return stage
 
-    def _dispatch(self, stage: _Stage, ins: Instruction, escape: str, context: Context) -> None:
+    def _dispatch(self, stage: Stage, ins: Instruction, escape: str, context: Context) -> None:
         if ins.keyword == "RUN":
             self._run_step(stage, ins)
         elif ins.keyword in ("COPY", "ADD"):
@@ -235,54 +235,10 @@ class Builder:
                 stage, cmd, lambda root: sandbox.call(root, lambda: None, cwd=workdir), container=True
             )
         else:
-            text = getattr(self, f"_{ins.keyword.lower()}")(stage, ins, expand(ins.args, stage.variables(), escape))
-            self._metadata_step(stage, text)
+            step = CONFIG_STEPS.get(ins.keyword, self._arg)
+            self._metadata_step(stage, step(stage, ins, expand(ins.args, stage.variables(), escape)))
 
-    # Configuration steps: each changes stage.run and returns its history text (the args come expanded).
-
-    def _env(self, stage: _Stage, ins: Instruction, args: str) -> str:
-        pairs = key_values(args, "ENV")
-        env = [e for e in stage.run.get("Env") or [] if e.partition("=")[0] not in dict(pairs)]
-        stage.run["Env"] = env + [f"{k}={v}" for k, v in pairs]
-        return "ENV " + " ".join(f"{k}={v}" for k, v in pairs)
-
-    def _label(self, stage: _Stage, ins: Instruction, args: str) -> str:
-        pairs = key_values(args, "LABEL")
-        stage.run["Labels"] = {**(stage.run.get("Labels") or {}), **dict(pairs)}
-        return "LABEL " + " ".join(f"{k}={v}" for k, v in pairs)
-
-    def _cmd(self, stage: _Stage, ins: Instruction, args: str) -> str:
-        stage.run["Cmd"] = command = ins.exec_form if ins.exec_form is not None else [*stage.shell, ins.args]
-        stage.cmd_set = True
-        return f"CMD {cfg.go_quoted(command)}"
-
-    def _entrypoint(self, stage: _Stage, ins: Instruction, args: str) -> str:
-        stage.run["Entrypoint"] = command = ins.exec_form if ins.exec_form is not None else [*stage.shell, ins.args]
-        if not stage.cmd_set:
-            stage.run["Cmd"] = None  # an inherited CMD does not survive a new ENTRYPOINT
-        return f"ENTRYPOINT {cfg.go_quoted(command)}"
-
-    def _expose(self, stage: _Stage, ins: Instruction, args: str) -> str:
-        ports = split_words(args)
-        exposed: dict[str, dict[str, str]] = {p if "/" in p else f"{p}/tcp": {} for p in ports}
-        stage.run["ExposedPorts"] = {**(stage.run.get("ExposedPorts") or {}), **exposed}
-        return "EXPOSE " + " ".join(ports)
-
-    def _user(self, stage: _Stage, ins: Instruction, args: str) -> str:
-        stage.run["User"] = args.strip()
-        return f"USER {stage.run['User']}"
-
-    def _volume(self, stage: _Stage, ins: Instruction, args: str) -> str:
-        paths = ins.exec_form or split_words(args)
-        stage.run["Volumes"] = {**(stage.run.get("Volumes") or {}), **{p: {} for p in paths}}
-        return f"VOLUME {cfg.go_list(paths)}"
-
-    def _shell(self, stage: _Stage, ins: Instruction, args: str) -> str:
-        assert ins.exec_form is not None
-        stage.run["Shell"] = ins.exec_form
-        return f"SHELL {cfg.go_list(ins.exec_form)}"
-
-    def _arg(self, stage: _Stage, ins: Instruction, args: str) -> str:
+    def _arg(self, stage: Stage, ins: Instruction, args: str) -> str:
         texts = []
         for key, default in _arg_pairs(ins.args):
             self.consumed.add(key)
@@ -292,7 +248,7 @@ class Builder:
             texts.append(key if default is None else f"{key}={default}")
         return "ARG " + " ".join(texts)
 
-    def _metadata_step(self, stage: _Stage, text: str) -> None:
+    def _metadata_step(self, stage: Stage, text: str) -> None:
         """A step that only changes the configuration: an empty layer and a ``#(nop)`` history entry."""
         cmd = cfg.nop(stage.shell, text)
         if self._probe(stage, cmd):
@@ -302,7 +258,7 @@ class Builder:
         self._say(f"Removing intermediate container {container[:12]}")
         self._commit(stage, cmd, None, container)
 
-    def _run_step(self, stage: _Stage, ins: Instruction) -> None:
+    def _run_step(self, stage: Stage, ins: Instruction) -> None:
         command = ins.exec_form if ins.exec_form is not None else [*stage.shell, ins.args]
         args = {k: v for k, v in stage.args.items() if k not in stage.env}
         cmd = cfg.with_args(command, args)
@@ -326,7 +282,7 @@ class Builder:
                                   "the destination must be a directory and end with a /")  # fmt: skip
         return words[:-1], words[-1]
 
-    def _copy(self, stage: _Stage, ins: Instruction, escape: str, context: Context) -> None:
+    def _copy(self, stage: Stage, ins: Instruction, escape: str, context: Context) -> None:
         patterns, dest = self._copy_words(ins, stage.variables(), escape)
         workdir = stage.run.get("WorkingDir") or "/"
         target = posixpath.join(workdir, dest) + ("/" if dest.endswith(("/", "/.")) or dest == "." else "")
@@ -368,7 +324,7 @@ class Builder:
 
     # -- steps that change files ------------------------------------------------------------
 
-    def _filesystem_step(self, stage: _Stage, cmd: list[str], work: Any, *, container: bool) -> None:
+    def _filesystem_step(self, stage: Stage, cmd: list[str], work: Any, *, container: bool) -> None:
         """Mount the stage's layers with a fresh upper, do ``work(root)``, keep the upper as the new layer."""
         if self._probe(stage, cmd):
             return
@@ -412,7 +368,7 @@ class Builder:
         finally:
             layers.remove_dir(init)
 
-    def _probe(self, stage: _Stage, cmd: list[str]) -> bool:
+    def _probe(self, stage: Stage, cmd: list[str]) -> bool:
         """Reuse a locally built child of the current image made by the same step, if the cache allows."""
         if self.busted:
             return False
@@ -433,7 +389,7 @@ class Builder:
         self._adopt(stage, best)
         return True
 
-    def _commit(self, stage: _Stage, cmd: list[str], layer: Layer | None, container: str) -> None:
+    def _commit(self, stage: Stage, cmd: list[str], layer: Layer | None, container: str) -> None:
         created = format_time(datetime.datetime.now(datetime.UTC))
         entry: dict[str, Any] = {"created": created, "created_by": " ".join(cmd)}
         if layer is None:
@@ -447,12 +403,78 @@ class Builder:
             image = self.store.images.put(config, stage.image.id if stage.image else None)
         self._adopt(stage, image)
 
-    def _adopt(self, stage: _Stage, image: Image) -> None:
+    def _adopt(self, stage: Stage, image: Image) -> None:
         stage.image = image
         stage.run = image.run_config
         stage.history = image.history
         stage.diff_ids = image.diff_ids
         self._say(f" ---> {image.short_id}")
+
+
+# Configuration steps (and `commit -c` changes): each changes stage.run and returns its history text.
+# The arguments come with variables expanded.
+
+
+def config_env(stage: Stage, ins: Instruction, args: str) -> str:
+    pairs = key_values(args, "ENV")
+    env = [e for e in stage.run.get("Env") or [] if e.partition("=")[0] not in dict(pairs)]
+    stage.run["Env"] = env + [f"{k}={v}" for k, v in pairs]
+    return "ENV " + " ".join(f"{k}={v}" for k, v in pairs)
+
+
+def config_label(stage: Stage, ins: Instruction, args: str) -> str:
+    pairs = key_values(args, "LABEL")
+    stage.run["Labels"] = {**(stage.run.get("Labels") or {}), **dict(pairs)}
+    return "LABEL " + " ".join(f"{k}={v}" for k, v in pairs)
+
+
+def config_cmd(stage: Stage, ins: Instruction, args: str) -> str:
+    stage.run["Cmd"] = command = ins.exec_form if ins.exec_form is not None else [*stage.shell, ins.args]
+    stage.cmd_set = True
+    return f"CMD {cfg.go_quoted(command)}"
+
+
+def config_entrypoint(stage: Stage, ins: Instruction, args: str) -> str:
+    stage.run["Entrypoint"] = command = ins.exec_form if ins.exec_form is not None else [*stage.shell, ins.args]
+    if not stage.cmd_set:
+        stage.run["Cmd"] = None  # an inherited CMD does not survive a new ENTRYPOINT
+    return f"ENTRYPOINT {cfg.go_quoted(command)}"
+
+
+def config_expose(stage: Stage, ins: Instruction, args: str) -> str:
+    ports = split_words(args)
+    exposed: dict[str, dict[str, str]] = {p if "/" in p else f"{p}/tcp": {} for p in ports}
+    stage.run["ExposedPorts"] = {**(stage.run.get("ExposedPorts") or {}), **exposed}
+    return "EXPOSE " + " ".join(ports)
+
+
+def config_user(stage: Stage, ins: Instruction, args: str) -> str:
+    stage.run["User"] = args.strip()
+    return f"USER {stage.run['User']}"
+
+
+def config_volume(stage: Stage, ins: Instruction, args: str) -> str:
+    paths = ins.exec_form or split_words(args)
+    stage.run["Volumes"] = {**(stage.run.get("Volumes") or {}), **{p: {} for p in paths}}
+    return f"VOLUME {cfg.go_list(paths)}"
+
+
+def config_shell(stage: Stage, ins: Instruction, args: str) -> str:
+    assert ins.exec_form is not None
+    stage.run["Shell"] = ins.exec_form
+    return f"SHELL {cfg.go_list(ins.exec_form)}"
+
+
+CONFIG_STEPS: dict[str, Callable[[Stage, Instruction, str], str]] = {
+    "ENV": config_env,
+    "LABEL": config_label,
+    "CMD": config_cmd,
+    "ENTRYPOINT": config_entrypoint,
+    "EXPOSE": config_expose,
+    "USER": config_user,
+    "VOLUME": config_volume,
+    "SHELL": config_shell,
+}
 
 
 def _arg_pairs(text: str) -> list[tuple[str, str | None]]:

@@ -99,9 +99,12 @@ class LayerStore:
 
     # -- writing (with the store locked) --------------------------------------------------
 
-    def new_dir(self, parent: str | None, suffix: str = "") -> str:
-        """A fresh ``overlay2/<cache-id>`` over the layer ``parent`` (a ChainID), for writing into."""
-        cache_id = random_id() + suffix
+    def new_dir(self, parent: str | None, cache_id: str | None = None, above: str | None = None) -> str:
+        """A fresh ``overlay2/<cache-id>`` over the layer ``parent`` (a ChainID), for writing into.
+
+        ``above`` names a directory (a container's init layer) between it and ``parent``.
+        """
+        cache_id = cache_id or random_id()
         d = self.layout.layer(cache_id)
         os.makedirs(os.path.join(d, DIFF_DIR), 0o755)
         os.chmod(d, 0o710)
@@ -109,7 +112,7 @@ class LayerStore:
         link = base64.b32encode(secrets.token_bytes(20)).decode()[:LINK_ID_LENGTH]
         write_value(os.path.join(d, LINK_FILE), link)
         os.symlink(f"../{cache_id}/{DIFF_DIR}", os.path.join(self.layout.links, link))
-        below = self.lower_cache_ids(parent)
+        below = ([above] if above else []) + self.lower_cache_ids(parent)
         if below:
             links = [read_value(self.layout.layer(c, LINK_FILE)) for c in below]
             write_value(os.path.join(d, LOWER_FILE), ":".join(f"{LINK_DIR}/{x}" for x in links))
@@ -161,12 +164,22 @@ class LayerStore:
             pass
         shutil.rmtree(d, ignore_errors=True)
 
+    def container_dirs(self) -> set[str]:
+        """The layer directories containers use (``layerdb/mounts/<id>/{mount-id,init-id}``)."""
+        found = set()
+        for container in os.listdir(self.layout.mounts):
+            for name in ("mount-id", "init-id"):
+                path = os.path.join(self.layout.mounts, container, name)
+                if os.path.exists(path):
+                    found.add(read_value(path))
+        return found
+
     def collect_garbage(self, in_use: set[str]) -> list[str]:
         """Remove what an interrupted writer left: unregistered layer directories and staging entries.
 
         A mount left behind inside one of them (a builder killed during RUN) is detached first.
         """
-        registered = {layer.cache_id for layer in self.all()} | in_use
+        registered = {layer.cache_id for layer in self.all()} | in_use | self.container_dirs()
         removed = []
         for name in os.listdir(self.layout.overlay2):
             if name != LINK_DIR and name not in registered:

@@ -1,0 +1,1 @@
+"""Containers: an image's layers with a thin writable layer on top, and a process running in them."""

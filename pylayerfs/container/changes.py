@@ -1,0 +1,67 @@
+"""``docker diff``: what a container changed, read from its read-write layer.
+
+Derived from the upper directory, as a copy-on-write filesystem has it:
+
+* a whiteout is ``D`` (deleted);
+* an entry with nothing below it in the image (the init layer and the image's
+  layers, merged) is ``A`` (added); one that shadows something below is ``C``
+  (changed: copied up, or replaced);
+* an opaque directory is ``C`` and every name below it that it hides and did not
+  re-create is ``D``;
+* every directory above a change is ``C``, the root never listed.
+
+Lines are sorted by path (Docker's order among siblings is its map's: unspecified).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from pylayerfs.markers import OPAQUE_YES, TRUSTED_PREFIX, is_whiteout
+from pylayerfs.overlay import Overlay
+
+
+def changes(upper: str, lowers: list[str]) -> list[str]:
+    """``A /path``, ``C /path``, ``D /path`` lines for the upper directory over ``lowers`` (top first)."""
+    below = Overlay(lowers)
+    found: dict[str, str] = {}
+    try:
+        for dirpath, dirnames, filenames in os.walk(upper):
+            rel_dir = os.path.relpath(dirpath, upper)
+            rel_dir = "" if rel_dir == "." else rel_dir
+            for name in sorted(dirnames + filenames):
+                rel = f"{rel_dir}/{name}" if rel_dir else name
+                st = os.lstat(os.path.join(upper, rel))
+                if is_whiteout(st):
+                    if _exists(below, rel):
+                        found[rel] = "D"
+                    continue
+                found[rel] = "C" if _exists(below, rel) else "A"
+                if stat.S_ISDIR(st.st_mode) and _opaque(os.path.join(upper, rel)) and found[rel] == "C":
+                    present = set(os.listdir(os.path.join(upper, rel)))
+                    for hidden in below.readdir(rel):
+                        if hidden[0] not in (".", "..") and hidden[0] not in present:
+                            found[f"{rel}/{hidden[0]}"] = "D"
+    finally:
+        below.close()
+    for rel in list(found):  # the directories above a change are changed
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            found.setdefault("/".join(parts[:i]), "C")
+    return [f"{kind} /{rel}" for rel, kind in sorted(found.items())]
+
+
+def _exists(overlay: Overlay, rel: str) -> bool:
+    try:
+        overlay.getattr(rel)
+    except OSError:
+        return False
+    return True
+
+
+def _opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, TRUSTED_PREFIX + "opaque", follow_symlinks=False) == OPAQUE_YES
+    except OSError:
+        return False

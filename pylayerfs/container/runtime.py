@@ -1,0 +1,285 @@
+"""Running containers: the thin writable layer, its mount, and the process that lives in it.
+
+A container has two layer directories, as in Docker: ``overlay2/<mount-id>-init``
+(the mountpoints a process needs) and ``overlay2/<mount-id>`` (its read-write
+layer, whose ``lower`` lists the init layer and the image's layers). While it
+runs, a *monitor* process holds the mount (pylayerfs or the kernel's overlay)
+on ``overlay2/<mount-id>/merged``, runs the command there, writes its output
+to the log and its exit status to the record, then unmounts. ``run`` without
+``-d`` is its own monitor, in the foreground.
+
+A container whose monitor died (a reboot, ``kill -9``) is found by
+:func:`reconcile`: its process is killed, its mount detached, and it is
+reported Exited (255), with its layer intact to be started again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import IO
+
+from pylayerfs import realfs, rootfs, sandbox
+from pylayerfs.builder import imageconfig as cfg
+from pylayerfs.container.records import Container, ContainerStore, State
+from pylayerfs.params import mounts_below
+from pylayerfs.store import Store, StoreError
+from pylayerfs.store.images import format_time
+from pylayerfs.store.layers import random_id
+from pylayerfs.store.layout import DIFF_DIR, WORK_DIR, write_value
+
+EXIT_DIED = 255  # what a container whose monitor died reports
+STOP_TIMEOUT = 10.0
+READY = b"ready\n"
+
+
+class StartError(StoreError):
+    """The command could not be started; ``code`` is the exit status to report (127: not found)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def now() -> str:
+    return format_time(datetime.datetime.now(datetime.UTC))
+
+
+class Runtime:
+    def __init__(self, store: Store, driver: str = "fuse") -> None:
+        self.store = store
+        self.containers = ContainerStore(store)
+        self.driver = driver
+
+    # -- creating and removing -----------------------------------------------------------
+
+    def create(
+        self, image_ref: str, command: list[str], name: str | None = None, env: list[str] | None = None,
+        workdir: str | None = None,
+    ) -> Container:  # fmt: skip
+        image = self.store.resolve(image_ref)
+        config = image.run_config
+        if env:
+            keys = {e.partition("=")[0] for e in env}
+            config["Env"] = [e for e in config.get("Env") or [] if e.partition("=")[0] not in keys] + env
+        if workdir:
+            config["WorkingDir"] = workdir
+        if command:
+            config["Cmd"] = command
+        argv = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+        if not argv:
+            raise StoreError("no command specified")
+        if name is not None:
+            self.containers.check_name(name)
+        container_id, mount_id = random_id(), random_id()
+        container = Container(
+            ID=container_id, Created=now(), Path=argv[0], Args=argv[1:], Config=config, Image=image.id,
+            ImageName=image_ref, Name="/" + (name or self.containers.new_name()), MountID=mount_id,
+            Driver=self.driver,
+        )  # fmt: skip
+        top = image.top_layer
+        layers = self.store.layers
+        with self.store.locked():
+            init = layers.new_dir(top, f"{mount_id}-init")
+            sandbox.make_init_layer(layers.diff_dir(init))
+            layers.new_dir(top, mount_id, above=init)
+            mounts = os.path.join(self.store.layout.mounts, container_id)
+            os.makedirs(mounts, 0o700)
+            write_value(os.path.join(mounts, "mount-id"), mount_id)
+            write_value(os.path.join(mounts, "init-id"), init)
+            if top is not None:
+                write_value(os.path.join(mounts, "parent"), top)
+            self.containers.save(container)
+        return container
+
+    def remove(self, container: Container, force: bool = False) -> None:
+        container = self.reconcile(container)
+        if container.State.Running:
+            if not force:
+                raise StoreError(f"You cannot remove a running container {container.ID}. Stop the container before "
+                                 "attempting removal or force remove")  # fmt: skip
+            self.stop(container, timeout=0)
+        for mountpoint in mounts_below(self.store.layout.layer(container.MountID)):
+            realfs.detach(mountpoint)
+        with self.store.locked():
+            self.store.layers.remove_dir(container.MountID)
+            self.store.layers.remove_dir(f"{container.MountID}-init")
+            self.containers.remove(container)
+
+    # -- the mount -------------------------------------------------------------------------
+
+    def merged(self, container: Container) -> str:
+        return self.store.layout.layer(container.MountID, "merged")
+
+    def upper(self, container: Container) -> str:
+        return self.store.layout.layer(container.MountID, DIFF_DIR)
+
+    def lowers(self, container: Container) -> list[str]:
+        image = self.store.images.get(container.Image)
+        return [self.store.layers.diff_dir(f"{container.MountID}-init"), *self.store.layers.lower_dirs(image.top_layer)]
+
+    @contextlib.contextmanager
+    def _mounted(self, container: Container) -> Iterator[str]:
+        work = self.store.layout.layer(container.MountID, WORK_DIR)
+        with rootfs.mounted(self.lowers(container), self.upper(container), work, self.merged(container),
+                            container.Driver) as root:  # fmt: skip
+            yield root
+
+    def _process(self, container: Container, root: str, argv: list[str], env: list[str], user: str | None,
+                 workdir: str | None) -> sandbox.Process:  # fmt: skip
+        config = container.Config
+        variables = dict(e.partition("=")[::2] for e in [*(config.get("Env") or []), *env])
+        variables.setdefault("PATH", cfg.DEFAULT_PATH.partition("=")[2])
+        variables.setdefault("HOSTNAME", container.short_id)
+        cwd = workdir or config.get("WorkingDir") or "/"
+        return sandbox.Process(root, argv, variables, cwd, user if user is not None else config.get("User") or "",
+                               container.short_id)  # fmt: skip
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run_attached(self, container: Container) -> int:
+        """Run in the foreground (``run`` without ``-d``): output here and in the log; the command's status."""
+        try:
+            return self._monitor(container, echo=sys.stdout.buffer)
+        except sandbox.CommandNotFound as exc:
+            raise StartError(str(exc), exc.exit_code) from exc
+
+    def start_detached(self, container: Container) -> None:
+        """Start a monitor in the background; return once the command runs (or failed to start)."""
+        container = self.reconcile(container)
+        if container.State.Running:
+            return
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the monitor: its own session, none of the caller's fds
+            os.close(read_fd)
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            code = 1
+            try:
+                code = self._monitor(container, ready_fd=write_fd)
+            except BaseException as exc:  # reported through the pipe
+                failure = exc.exit_code if isinstance(exc, sandbox.CommandNotFound) else 1
+                with contextlib.suppress(OSError):
+                    os.write(write_fd, f"error {failure}: {exc}\n".encode())
+            os._exit(code)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as f:
+            message = f.readline()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if message != READY:
+            status, _, text = message.decode(errors="replace").removeprefix("error ").partition(": ")
+            if not text:
+                raise StartError("the container's monitor exited before the command started")
+            raise StartError(text.strip(), int(status) if status.isdigit() else 1)
+
+    def _monitor(self, container: Container, ready_fd: int | None = None, echo: IO[bytes] | None = None) -> int:
+        """Mount, run the command, log its output, record its exit, unmount. Returns its status."""
+        code = 0
+        try:
+            with self._mounted(container) as root:
+                process = self._process(container, root, container.command, [], None, None)
+                try:
+                    proc = sandbox.start(process, stdout=subprocess.PIPE)
+                except sandbox.CommandNotFound as exc:
+                    self._record(container, State("created", ExitCode=exc.exit_code))
+                    raise
+                self._record(container, State("running", True, proc.pid, os.getpid(), 0, now()))
+                if ready_fd is not None:
+                    os.write(ready_fd, READY)
+                    os.close(ready_fd)
+                    ready_fd = None
+                assert proc.stdout is not None
+                self._pump(container, proc.stdout, echo)
+                status = proc.wait()
+                code = 128 - status if status < 0 else status
+        finally:
+            if ready_fd is not None:
+                os.close(ready_fd)
+        latest = self.containers.load(container.ID)
+        self._record(container, State("exited", False, 0, 0, code, latest.State.StartedAt, now()))
+        return code
+
+    def _pump(self, container: Container, stream: IO[bytes], echo: IO[bytes] | None) -> None:
+        """Copy the container's output to its log (docker's json-file lines) and, attached, to our stdout."""
+        with open(self.containers.log_path(container), "a") as log:
+            while chunk := stream.readline():
+                if echo is not None:
+                    echo.write(chunk)
+                    echo.flush()
+                entry = {"log": chunk.decode(errors="replace"), "stream": "stdout", "time": now()}
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+
+    def _record(self, container: Container, state: State) -> None:
+        container.State = state
+        with self.store.locked():
+            self.containers.save(container)
+
+    def exec(self, container: Container, argv: list[str], env: list[str], user: str | None,
+             workdir: str | None) -> int:  # fmt: skip
+        container = self.reconcile(container)
+        if not container.State.Running:
+            raise StoreError(f"Container {container.ID} is not running")
+        return sandbox.run(self._process(container, self.merged(container), argv, env, user, workdir))
+
+    def stop(self, container: Container, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns once the monitor has recorded the exit."""
+        container = self.reconcile(container)
+        if not container.State.Running:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, STOP_TIMEOUT)):
+            if wait <= 0 and sig == signal.SIGTERM:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(container.State.Pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if not self.reconcile(self.containers.load(container.ID)).State.Running:
+                    return
+                time.sleep(0.05)
+        raise StoreError(f"cannot stop container {container.short_id}")
+
+    def logs(self, container: Container) -> bytes:
+        try:
+            with open(self.containers.log_path(container)) as f:
+                return "".join(json.loads(line)["log"] for line in f if line.strip()).encode()
+        except FileNotFoundError:
+            return b""
+
+    # -- surviving restarts -----------------------------------------------------------------------
+
+    def reconcile(self, container: Container) -> Container:
+        """A running container whose monitor is gone is Exited (255): its process killed, its mount detached."""
+        state = container.State
+        if not state.Running or _alive(state.MonitorPid):
+            return container
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(state.Pid, signal.SIGKILL)
+        for mountpoint in mounts_below(self.store.layout.layer(container.MountID)):
+            with contextlib.suppress(OSError):
+                realfs.detach(mountpoint)
+        self._record(container, State("exited", False, 0, 0, EXIT_DIED, state.StartedAt, now()))
+        return container
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live pylayerfs process (not a zombie, not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "Z":
+                return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"pylayerfs" in f.read()
+    except (OSError, IndexError):
+        return False
