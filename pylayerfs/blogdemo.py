@@ -189,7 +189,7 @@ def _retell(demo: Demo) -> None:
     demo.shell(f"ls {upper}", listing)
     found = [n for n in layers if os.path.exists(os.path.join(overlay2, n, "diff", "file.txt"))]
     demo.shell("ls overlay2/*/diff/file.txt  # in the image layers", "(none)" if not found else "\n".join(found))
-    demo.shell(f"size of the upper directory ({upper})", f"{layer_size(upper)}B")
+    print(f"\n   The container's size is its upper directory's: {layer_size(upper)}B.")
 
     demo.section(
         "Commit: the container layer becomes an image layer",

@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="where to put the demo's store (default: a new temporary directory)")
     demo.add_argument("--step", action="store_true", help="pause between sections")
     demo.add_argument("--keep", action="store_true", help="keep the store for exploring afterwards")
-    demo.add_argument("--overlay", action="store_true",
-                      help="instead: three layers, one mount: lookup, whiteouts, opaque directories, copy-up")  # fmt: skip
+    overlay_help = "instead: three layers, one mount: lookup, whiteouts, opaque directories, copy-up"
+    demo.add_argument("--overlay", action="store_true", help=overlay_help)
 
     from pylayerfs.testing.command import add_arguments
 
