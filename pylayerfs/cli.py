@@ -8,6 +8,7 @@ OPTIONS``. Every error is one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -263,8 +264,15 @@ def _mount_fuse_argv(argv: Sequence[str]) -> list[str]:
     return list(argv)
 
 
+NEEDS_ROOT = ("build", "run", "create", "start", "exec", "base", "import")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(_mount_fuse_argv(sys.argv[1:] if argv is None else argv))
+    if args.command in NEEDS_ROOT and os.geteuid() != 0:
+        print(f"pylayerfs {args.command}: needs root (it mounts layers, makes device nodes and enters namespaces)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
     try:
         if args.command == "mount":
             return _mount(args)

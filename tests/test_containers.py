@@ -196,3 +196,13 @@ def test_demo_retells_the_blog(tmp_path):
     assert "A /file.txt" in out and "file.txt  (12 bytes)" in out
     assert mounts_below(str(tmp_path)) == []
     assert GOLDEN.exists()
+
+
+def test_commands_that_mount_say_they_need_root(monkeypatch, capsys):
+    from pylayerfs import cli
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    for command in (["run", "alpine"], ["build", "."], ["exec", "c", "true"]):
+        assert cli.main(command) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"pylayerfs {command[0]}: needs root") and err.count("\n") == 1
