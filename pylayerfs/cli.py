@@ -18,7 +18,7 @@ from pylayerfs.params import MountError, check, parse_options
 
 IMAGE_COMMANDS = ("build", "history", "images", "tag", "rmi", "inspect", "import", "base")
 CONTAINER_COMMANDS = ("create", "run", "start", "stop", "rm", "exec", "ps", "logs", "diff", "commit", "system")
-COMMANDS = ("mount", "umount", "demo", "check", *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
+COMMANDS = ("mount", "umount", "demo", "check", "bench", *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
         "shrunk, with a shell script that reproduces it. Exit status 1 when any implementation diverges.",
     )
     add_arguments(check)
+    from pylayerfs.bench.command import add_arguments as bench_arguments
+
+    bench_arguments(
+        sub.add_parser("bench", help="measure pylayerfs, the kernel's overlayfs and fuse-overlayfs side by side")
+    )
     _image_parsers(sub)
     _container_parsers(sub)
     return parser
@@ -280,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pylayerfs.testing.command import run
 
             return run(args)
+        if args.command == "bench":
+            from pylayerfs.bench.command import run as bench
+
+            return bench(args)
         if args.command in IMAGE_COMMANDS:
             return _image_command(args)
         if args.command in CONTAINER_COMMANDS:

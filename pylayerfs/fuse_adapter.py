@@ -88,7 +88,7 @@ class _Invalidator:
 
 
 class FuseOperations(fuse.Operations):  # type: ignore[misc]
-    """The kernel caches attributes, entries and pages for as long as CACHE_TIMEOUT.
+    """The kernel caches attributes, entries and pages for as long as ``timeout`` (a day by default).
 
     Except for hard links: libfuse's path API gives every name its own kernel
     inode, so what is written through one name would not show through the
@@ -99,8 +99,11 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
 
     use_ns = True
 
-    def __init__(self, overlay: Overlay, on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, overlay: Overlay, on_ready: Callable[[], None] | None = None, timeout: float = CACHE_TIMEOUT
+    ) -> None:
         self.ov = overlay
+        self.timeout = timeout
         self._on_ready = on_ready
         self._dirs: dict[int, str] = {}  # open directory handle -> path (readdir gets no path)
         self._next_dir = itertools.count(1)
@@ -119,7 +122,7 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
         """Set how long the kernel may keep these attributes (libfuse reads it for the reply to come)."""
         if self._config is not None:
             linked = stat.S_ISREG(attrs["st_mode"]) and attrs["st_nlink"] > 1
-            self._config.attr_timeout = 0.0 if linked else CACHE_TIMEOUT
+            self._config.attr_timeout = 0.0 if linked else self.timeout
         return attrs
 
     def _keep_pages(self, path: str, fh: int) -> int:
@@ -285,10 +288,11 @@ def serve(
     fsname: str,
     fuse_options: dict[str, Any],
     on_ready: Callable[[], None] | None = None,
+    timeout: float = CACHE_TIMEOUT,
 ) -> None:
     """Mount and serve requests until unmounted (single-threaded, in the foreground)."""
     _FUSE(
-        FuseOperations(overlay, on_ready),
+        FuseOperations(overlay, on_ready, timeout),
         mountpoint,
         foreground=True,
         nothreads=True,
@@ -297,8 +301,8 @@ def serve(
         use_ino=True,
         hard_remove=True,
         kernel_cache=True,
-        attr_timeout=CACHE_TIMEOUT,
-        entry_timeout=CACHE_TIMEOUT,
-        negative_timeout=CACHE_TIMEOUT,
+        attr_timeout=timeout,
+        entry_timeout=timeout,
+        negative_timeout=timeout,
         **fuse_options,
     )

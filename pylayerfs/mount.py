@@ -100,7 +100,8 @@ def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | Non
             os.write(ready_fd, READY)
 
     try:
-        fuse_adapter.serve(overlay, mountpoint, fsname=source, fuse_options=fuse_options(config), on_ready=ready)
+        fuse_adapter.serve(overlay, mountpoint, fsname=source, fuse_options=fuse_options(config), on_ready=ready,
+                           timeout=config.timeout)  # fmt: skip
     except RuntimeError as exc:
         raise MountError(f"FUSE could not mount '{mountpoint}' (libfuse said: {exc})") from exc
     finally:

@@ -48,6 +48,7 @@ class MountConfig:
     debug: bool = False
     logfile: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
+    timeout: float = 86400.0  # how long the kernel may cache entries and attributes (fuse-overlayfs's timeout=)
 
     @property
     def read_only(self) -> bool:
@@ -103,6 +104,13 @@ def parse_options(options: list[str]) -> MountConfig:
             if not value:
                 raise MountError(f"{key} needs a directory")
             setattr(config, key, unescape(value))
+        elif key == "timeout":
+            try:
+                config.timeout = float(value)
+            except ValueError:
+                raise MountError(f"timeout needs a number of seconds, not '{value}'") from None
+            if config.timeout < 0:
+                raise MountError("timeout cannot be negative")
         elif key in ("userxattr", "debug", "allow_other", "default_permissions") and not has_value:
             setattr(config, key, True)
         elif key in ("noallow_other", "nodefault_permissions") and not has_value:

@@ -1,0 +1,1 @@
+"""``pylayerfs bench``: pylayerfs, the kernel's overlayfs and fuse-overlayfs side by side, on this machine."""

@@ -1,0 +1,83 @@
+"""``pylayerfs bench``: the command line of the benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+from pylayerfs import rootfs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a small data set and one round (seconds, not minutes)")
+    parser.add_argument("--rounds", type=int, help="rounds of every workload (default 5; 1 with --quick)")
+    parser.add_argument("--impl", action="append", choices=("pylayerfs", "fuse-overlayfs", "kernel", "native"),
+                        help="implementations to measure (default: all available)")  # fmt: skip
+    parser.add_argument("--no-builder", action="store_true", help="leave out B1 (the builder and ps -s)")
+    parser.add_argument("--dir", help="where to put the data set (default: a new tmpfs, or a temporary directory)")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+
+
+@contextlib.contextmanager
+def _workspace(directory: str | None) -> Iterator[str]:
+    """A tmpfs (as root), so that the layer under test is measured, not the disk."""
+    root = directory or tempfile.mkdtemp(prefix="pylayerfs-bench-")
+    os.makedirs(root, exist_ok=True)
+    mounted = False
+    if directory is None and os.geteuid() == 0:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16G", "tmpfs", root], check=False).returncode == 0
+    try:
+        yield root
+    finally:
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            for mountpoint in reversed(sorted(_mounts(path))):
+                rootfs.unmount(mountpoint)
+        if mounted:
+            subprocess.run(["umount", "-l", root], check=False)
+        if directory is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _mounts(path: str) -> list[str]:
+    from pylayerfs.params import mounts_below
+
+    return mounts_below(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pylayerfs.bench import data
+    from pylayerfs.bench.builder import builder
+    from pylayerfs.bench.run import IMPLEMENTATIONS, BenchError, as_json, available, report
+    from pylayerfs.bench.run import run as run_workloads
+
+    sizes = data.QUICK if args.quick else data.FULL
+    rounds = args.rounds or (1 if args.quick else 5)
+    if rounds < 1:
+        print("pylayerfs bench: --rounds must be at least 1", file=sys.stderr)
+        return 1
+
+    def progress(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    try:
+        impls = available(args.impl or list(IMPLEMENTATIONS))
+        with _workspace(args.dir) as root:
+            progress(f"making the data set in {root}")
+            data.make(root, sizes)
+            results = run_workloads(root, sizes, rounds, impls, progress)
+            if not args.no_builder and "pylayerfs" in impls:
+                progress("B1: the builder's cache and ps -s")
+                results.extra["B1"] = builder(root, sizes)
+    except (BenchError, RuntimeError, OSError) as exc:
+        print(f"pylayerfs bench: {exc}", file=sys.stderr)
+        return 1
+    print(as_json(results) if args.format == "json" else report(results))
+    return 0
