@@ -151,10 +151,9 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
         return fh
 
     @_answers_eio
-    def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int], int]]:
-        # libfuse asks at offset 0 (opendir, rewinddir) and keeps the list: a snapshot per open directory.
-        entries = self.ov.readdir(self._dirs[fh])
-        return [(name, {"st_mode": mode, "st_ino": ino}, 0) for name, mode, ino in entries]
+    def readdir(self, path: str | None, fh: int) -> list[tuple[str, int, int]]:
+        """``(name, type bits, st_ino)`` (libfuse asks at offset 0 and keeps the list: a snapshot per opendir)."""
+        return self.ov.readdir(self._dirs[fh])
 
     def releasedir(self, path: str | None, fh: int) -> int:
         self._dirs.pop(fh, None)
@@ -270,7 +269,21 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
 
 
 class _FUSE(fuse.FUSE):  # type: ignore[misc]
-    """mfusepy drops the flags of rename(2) on libfuse 3; pass RENAME_NOREPLACE/EXCHANGE on."""
+    """mfusepy with two callbacks of our own.
+
+    * rename: mfusepy drops the flags of rename(2) on libfuse 3; pass RENAME_NOREPLACE/EXCHANGE on.
+    * readdir: fill libfuse's buffer straight from ``(name, type, ino)`` tuples (no dict per entry).
+    """
+
+    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+        entries = self.operations.readdir(None, fip.contents.fh)
+        st = fuse.c_stat()
+        for name, mode, ino in entries:
+            st.st_mode = mode
+            st.st_ino = ino
+            if filler(buf, name.encode(self.encoding, self.errors), st, 0, 0) != 0:
+                break
+        return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return int(

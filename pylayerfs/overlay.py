@@ -71,6 +71,7 @@ class Overlay:
         layer_fds = ([self.upper.fd] if self.upper else []) + [layer.fd for layer in self.lowers]
         self.inodes = InodeNumbers(layer_fds)
         self.files = OpenFiles()
+        self.listings = readdir.Listings()
 
     def close(self) -> None:
         """Close every fd the overlay holds (idempotent)."""
@@ -225,33 +226,44 @@ class Overlay:
 
     # -- namespace, listing and xattrs (see the modules) ------------------------
 
+    # Every change of a name drops the cached listings of its directory and below it (see readdir).
+
     def create(self, path: str, mode: int, flags: int, caller: Caller) -> int:
+        self.listings.forget(path)
         return dir_ops.create(self, path, mode, flags, caller)
 
     def mknod(self, path: str, mode: int, rdev: int, caller: Caller) -> None:
+        self.listings.forget(path)
         dir_ops.mknod(self, path, mode, rdev, caller)
 
     def mkdir(self, path: str, mode: int, caller: Caller) -> None:
+        self.listings.forget(path)
         dir_ops.mkdir(self, path, mode, caller)
 
     def symlink(self, path: str, target: str, caller: Caller) -> None:
+        self.listings.forget(path)
         dir_ops.symlink(self, path, target, caller)
 
     def link(self, old: str, new: str) -> None:
+        self.listings.forget(new)
         dir_ops.link(self, old, new)
 
     def unlink(self, path: str) -> None:
+        self.listings.forget(path)
         dir_ops.unlink(self, path)
 
     def rmdir(self, path: str) -> None:
+        self.listings.forget(path)
         dir_ops.rmdir(self, path)
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
+        self.listings.forget(old)
+        self.listings.forget(new)
         dir_ops.rename(self, old, new, flags)
 
     def readdir(self, path: str) -> list[tuple[str, int, int]]:
         """``(name, st_mode type bits, st_ino)`` of every entry, ``.`` and ``..`` first."""
-        return readdir.merged_entries(self, path)
+        return self.listings.get(path, lambda: readdir.merged_entries(self, path))
 
     def listxattr(self, path: str) -> list[str]:
         return xattrs.listxattr(self, path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from pylayerfs.layers import join, split
@@ -22,6 +22,38 @@ if TYPE_CHECKING:
     from pylayerfs.overlay import Overlay
 
 Entry = tuple[str, int, int]  # name, st_mode type bits, st_ino
+MAX_CACHED_ENTRIES = 1 << 20
+
+
+class Listings:
+    """Merged listings, kept until a name changes in (or above) their directory.
+
+    Lowers never change while mounted and the upper changes only through the
+    overlay, whose namespace operations call :meth:`forget` with the path they
+    change: the parent's listing and every listing below the path go. Entries
+    carry only the name, the type and the inode number, which copy-up keeps.
+    """
+
+    def __init__(self) -> None:
+        self._by_dir: dict[str, list[Entry]] = {}
+        self._size = 0
+
+    def get(self, path: str, make: Callable[[], list[Entry]]) -> list[Entry]:
+        entries = self._by_dir.get(path)
+        if entries is None:
+            entries = make()
+            if self._size + len(entries) > MAX_CACHED_ENTRIES:
+                self._by_dir.clear()
+                self._size = 0
+            self._by_dir[path] = entries
+            self._size += len(entries)
+        return entries
+
+    def forget(self, path: str) -> None:
+        parent = split(path)[0]
+        prefix = path + "/"
+        for key in [k for k in self._by_dir if k in (parent, path) or k.startswith(prefix)]:
+            self._size -= len(self._by_dir.pop(key))
 
 
 def merged_entries(ov: Overlay, path: str) -> list[Entry]:

@@ -79,6 +79,10 @@ def mounted(impl: str, lowers: list[str], scratch: str, timeout: float | None = 
     upper, work, merged = (os.path.join(scratch, n) for n in ("upper", "work", "merged"))
     for d in (upper, work, merged):
         os.makedirs(d)
+    cwd = None
+    if len(":".join(lowers)) > 2048:  # the kernel takes one page of options: name the layers from a cwd
+        cwd = os.path.commonpath(lowers)
+        lowers = [os.path.relpath(lower, cwd) for lower in lowers]
     opts = rootfs.options(lowers, upper, work)
     if timeout is not None:
         opts += f",timeout={timeout:g}"
@@ -87,7 +91,7 @@ def mounted(impl: str, lowers: list[str], scratch: str, timeout: float | None = 
         "fuse-overlayfs": ["fuse-overlayfs", "-o", opts, merged],
         "kernel": ["mount", "-t", "overlay", "overlay", "-o", opts, merged],
     }[impl]
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=cwd)
     if result.returncode != 0:
         raise BenchError(f"{impl} did not mount: {result.stderr.strip()}")
     try:
