@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from pylayerfs.layers import join, split
+from pylayerfs.layers import split
 from pylayerfs.lookup import Node
 from pylayerfs.markers import is_whiteout
 
@@ -65,18 +65,23 @@ def merged_entries(ov: Overlay, path: str) -> list[Entry]:
         (".", stat.S_IFDIR, ov.inodes.of_node(node)),
         ("..", stat.S_IFDIR, ov.inodes.of_node(parent)),
     ]
-    for name, child in _merged(ov, node):
-        entries.append((name, stat.S_IFMT(child.st.st_mode), ov.inodes.of_node(child)))
+    entries.extend(_merged(ov, node, resolve=True))
     return entries
 
 
 def merged_names(ov: Overlay, node: Node) -> Iterator[str]:
     """The visible names of directory ``node`` (no ``.``/``..``), for emptiness checks."""
-    for name, _ in _merged(ov, node, resolve=False):
+    for name, _, _ in _merged(ov, node, resolve=False):
         yield name
 
 
-def _merged(ov: Overlay, node: Node, resolve: bool = True) -> Iterator[tuple[str, Node]]:
+def _merged(ov: Overlay, node: Node, resolve: bool) -> Iterator[Entry]:
+    """``(name, type bits, st_ino)`` of each visible entry (without ``resolve``: the name and zeros).
+
+    A name that only lower layers hold is the object of the top-most layer listing it (the
+    others are below it, whited out, or hidden behind an opaque directory): its listing's stat
+    gives its type and inode number without a lookup.
+    """
     seen: set[str] = set()
     if node.upper_fd >= 0:
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.upper_fd)
@@ -87,25 +92,19 @@ def _merged(ov: Overlay, node: Node, resolve: bool = True) -> Iterator[tuple[str
                     if _maybe_whiteout(entry) and is_whiteout(entry.stat(follow_symlinks=False)):
                         continue
                     if not resolve:
-                        yield entry.name, node
+                        yield entry.name, 0, 0
                         continue
                     child = ov.lookup.child(node, entry.name)
                     if child is not None:
-                        yield entry.name, child
+                        yield entry.name, stat.S_IFMT(child.st.st_mode), ov.inodes.of_node(child)
         finally:
             os.close(fd)
     for layer, _ in node.lower.hits:
         listing = layer.listing(node.path)
-        for name in listing.entries:
-            if name in seen:
-                continue
-            seen.add(name)
-            if not resolve:
-                yield name, node
-                continue
-            lower = ov.lookup.lower_stack(join(node.path, name))
-            if lower.hits:
-                yield name, Node(join(node.path, name), None, lower)
+        for name, st in listing.entries.items():
+            if name not in seen:
+                seen.add(name)
+                yield (name, stat.S_IFMT(st.st_mode), ov.inodes.of_real(st)) if resolve else (name, 0, 0)
         seen.update(listing.whiteouts)
 
 
