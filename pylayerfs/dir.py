@@ -50,25 +50,33 @@ def _upper_stat(parent: Node, name: str) -> os.stat_result | None:
 
 
 def _create_object(
-    ov: Overlay, path: str, make: Callable[[int, str], None], owner: Caller | None, is_dir: bool = False
+    ov: Overlay,
+    path: str,
+    make: Callable[[int, str], None],
+    owner: Caller | None,
+    is_dir: bool = False,
+    special_bits: bool = True,
 ) -> None:
     """Create ``path`` with ``make(dirfd, name)``, over a whiteout if there is one.
 
     The new object is given to ``owner`` (the caller; None for a hard link, which keeps its owner).
+    ``special_bits=False`` says the new object has no set-user/group-ID bit for chown to clear.
     """
     work = ov.writable(path)[1]
     parent, name = ov.upper_parent(path)
-    if ov.lookup.child(parent, name) is not None:
+    existing = _upper_stat(parent, name)
+    if (existing is not None and not is_whiteout(existing)) or (
+        existing is None and ov.lookup.lower_positive(parent, name)
+    ):
         raise _error(errno.EEXIST, path)
     parent_st = os.stat(parent.upper_fd)
-    existing = _upper_stat(parent, name)
     dirfd, tmp = (parent.upper_fd, name) if existing is None else (work.fd, work.temp_name())
     make(dirfd, tmp)
     if owner is not None:
         gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else owner.gid  # setgid dirs pass on their group
-        made = os.stat(tmp, dir_fd=dirfd, follow_symlinks=False)
+        made = os.stat(tmp, dir_fd=dirfd, follow_symlinks=False) if special_bits or is_dir else None
         os.chown(tmp, owner.uid, gid, dir_fd=dirfd, follow_symlinks=False)
-        if made.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(made.st_mode):
+        if made and made.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(made.st_mode):
             os.chmod(tmp, stat.S_IMODE(made.st_mode), dir_fd=dirfd)  # chown cleared them
     if existing is not None:  # over a whiteout: built in the workdir, now swapped in
         assert is_whiteout(existing)
@@ -82,14 +90,21 @@ def _create_object(
 
 
 def create(ov: Overlay, path: str, mode: int, flags: int, caller: Caller) -> int:
-    def make(fd: int, name: str) -> None:
-        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, stat.S_IMODE(mode), dir_fd=fd))
+    """Create and open ``path``; the fd that made the file is the one the handle keeps."""
+    opened: list[int] = []
+    open_flags = realfs.open_flags(flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
-    _create_object(ov, path, make, caller)
-    node = ov.lookup.lookup(path)
-    upper = ov.writable(path)[0]
-    fd = upper.open(path, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)) | os.O_NOFOLLOW)
-    return ov.files.add(OpenFile(fd, path, ov.inodes.of_node(node), on_lower=False))
+    def make(fd: int, name: str) -> None:
+        opened.append(os.open(name, open_flags, stat.S_IMODE(mode), dir_fd=fd))
+
+    try:
+        _create_object(ov, path, make, caller, special_bits=bool(mode & (stat.S_ISUID | stat.S_ISGID)))
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+    fd = opened[0]
+    return ov.files.add(OpenFile(fd, path, ov.inodes.of_real(os.fstat(fd)), on_lower=False))
 
 
 def mknod(ov: Overlay, path: str, mode: int, rdev: int, caller: Caller) -> None:

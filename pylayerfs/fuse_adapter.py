@@ -31,6 +31,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Lowers never change and the upper changes only through the mount: the kernel may cache freely.
 CACHE_TIMEOUT = 86400.0
+_STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_rdev", "st_blocks", "st_blksize")
 # The longest a request waits for the kernel to take an invalidation (see _Invalidator).
 INVALIDATE_WAIT = 1.0
 
@@ -273,7 +274,26 @@ class _FUSE(fuse.FUSE):  # type: ignore[misc]
 
     * rename: mfusepy drops the flags of rename(2) on libfuse 3; pass RENAME_NOREPLACE/EXCHANGE on.
     * readdir: fill libfuse's buffer straight from ``(name, type, ino)`` tuples (no dict per entry).
+    * getattr and create, the hottest callbacks of a metadata workload: mfusepy fills ``struct stat``
+      through a generic loop and inspects ``create``'s signature on every call (tens of microseconds).
     """
+
+    def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        fh = fip.contents.fh if fip else None
+        attrs = self.operations.getattr(None if path is None else path.decode(self.encoding, self.errors), fh)
+        ctypes.memset(buf, 0, ctypes.sizeof(fuse.c_stat))
+        st = buf.contents
+        for key in _STAT_FIELDS:
+            setattr(st, key, attrs[key])
+        for key in ("st_atime", "st_mtime", "st_ctime"):
+            spec = getattr(st, key + "spec")
+            spec.tv_sec, spec.tv_nsec = divmod(attrs[key], 1_000_000_000)
+        return 0
+
+    def create(self, path: bytes, mode: int, fip: Any) -> int:
+        fi = fip.contents
+        fi.fh = self.operations.create(path.decode(self.encoding, self.errors), mode, fi.flags)
+        return 0
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         entries = self.operations.readdir(None, fip.contents.fh)

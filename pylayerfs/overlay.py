@@ -115,6 +115,12 @@ class Overlay:
         if not node.path:
             yield layer.fd, None
             return
+        if node.upper is not None:  # in an upper directory: its cached node holds an fd on it
+            parent_path, name = split(node.path)
+            parent = self.lookup.lookup(parent_path)
+            if parent.upper_fd >= 0:
+                yield parent.upper_fd, name
+                return
         with layer.parent(node.path) as (fd, name):
             yield fd, name
 

@@ -77,6 +77,11 @@ _OPEN_FLAGS = (
 )
 
 
+def open_flags(flags: int) -> int:
+    """``flags`` without the bits open(2) does not know (the kernel's own, from a FUSE request)."""
+    return flags & _OPEN_FLAGS
+
+
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
     """Open ``path`` below ``dirfd`` without following any symlink or leaving ``dirfd``."""
     flags &= _OPEN_FLAGS
