@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
 @pytest.mark.timeout(600)
 def test_quick_bench_runs_every_workload(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pylayerfs", "bench", "--quick", "--format", "json",
-                             "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    argv = [sys.executable, "-m", "pylayerfs", "bench", "--quick", "--format", "json", "--dir", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     workloads = report["workloads"]
