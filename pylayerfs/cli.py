@@ -18,7 +18,7 @@ from pylayerfs.params import MountError, check, parse_options
 
 IMAGE_COMMANDS = ("build", "history", "images", "tag", "rmi", "inspect", "import", "base")
 CONTAINER_COMMANDS = ("create", "run", "start", "stop", "rm", "exec", "ps", "logs", "diff", "commit", "system")
-COMMANDS = ("mount", "umount", "demo", "check", "bench", *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
+COMMANDS = ("mount", "umount", "demo", "check", "bench", "explain", *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _image_parsers(sub)
     _container_parsers(sub)
+    explain = sub.add_parser("explain", help="why a path shows what it shows: the lookup walked layer by layer")
+    explain.add_argument("target", metavar="PATH|IMAGE:/path|CONTAINER:/path")
+    explain.add_argument("--format", choices=("text", "json"), default="text")
     return parser
 
 
@@ -123,6 +126,30 @@ def _container_parsers(sub: Any) -> None:
     system_sub = system.add_subparsers(dest="system_command", required=True, parser_class=_Parser)
     df = system_sub.add_parser("df", help="disk usage of images and containers, as docker system df")
     df.add_argument("-v", "--verbose", action="store_true")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from pylayerfs import explain
+    from pylayerfs.store import Store, StoreError
+
+    try:
+        name, sep, path = args.target.partition(":")
+        if sep and path.startswith("/") and not os.path.exists(args.target):
+            from pylayerfs.container.runtime import Runtime
+
+            runtime = Runtime(Store(args.root))
+            try:
+                layers = explain.container_layers(runtime, runtime.containers.find(name))
+            except StoreError:
+                layers = explain.image_layers(runtime.store, name)
+        else:
+            layers, path = explain.mount_layers(args.target)
+        result = explain.explain(layers, path)
+    except (explain.ExplainError, StoreError, MountError, OSError) as exc:
+        print(f"pylayerfs explain: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(explain.as_json(result) if args.format == "json" else explain.render(result))
+    return 0
 
 
 def _container_command(args: argparse.Namespace) -> int:
@@ -289,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pylayerfs.bench.command import run as bench
 
             return bench(args)
+        if args.command == "explain":
+            return _explain(args)
         if args.command in IMAGE_COMMANDS:
             return _image_command(args)
         if args.command in CONTAINER_COMMANDS:

@@ -206,3 +206,13 @@ def test_commands_that_mount_say_they_need_root(monkeypatch, capsys):
         assert cli.main(command) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"pylayerfs {command[0]}: needs root") and err.count("\n") == 1
+
+
+def test_explain_an_image_and_a_container_path(store):
+    out = pylayerfs(store, "explain", "app:/data/kept").stdout
+    assert "made by: /bin/sh -c mkdir -p /data/old" in out and "is a file from layer 2" in out
+    pylayerfs(store, "run", "-d", "--name", "ex", "app")
+    pylayerfs(store, "exec", "ex", "sh", "-c", "rm /data/kept")
+    data = json.loads(pylayerfs(store, "explain", "--format", "json", "ex:/data/kept").stdout)
+    assert data["layers"][0]["label"] == "the container layer (upper)" and data["layers"][0]["holds"] == "whiteout"
+    assert data["source"] is None
