@@ -18,7 +18,7 @@ from pylayerfs.params import MountError, check, parse_options
 
 IMAGE_COMMANDS = ("build", "history", "images", "tag", "rmi", "inspect", "import", "base")
 CONTAINER_COMMANDS = ("create", "run", "start", "stop", "rm", "exec", "ps", "logs", "diff", "commit", "system")
-COMMANDS = ("mount", "umount", "demo", "check", "bench", "explain", *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
+COMMANDS = ("mount", "umount", "demo", "check", "bench", "explain", "layers", *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="why a path shows what it shows: the lookup walked layer by layer")
     explain.add_argument("target", metavar="PATH|IMAGE:/path|CONTAINER:/path")
     explain.add_argument("--format", choices=("text", "json"), default="text")
+    layers = sub.add_parser("layers", help="an image's layers: what each added, modified, removed; the waste (dive)")
+    layers.add_argument("image")
+    layers.add_argument("-v", "--files", action="store_true", help="list every file each layer changes")
+    layers.add_argument("--format", choices=("text", "json"), default="text")
+    layers.add_argument("--ci", action="store_true", help="check dive's rules; exit 1 when one fails")
+    layers.add_argument("--lowest-efficiency", type=float, default=0.9)
+    layers.add_argument("--highest-wasted-bytes", type=int)
+    layers.add_argument("--highest-user-wasted-percent", type=float, default=0.1)
     return parser
 
 
@@ -126,6 +134,24 @@ def _container_parsers(sub: Any) -> None:
     system_sub = system.add_subparsers(dest="system_command", required=True, parser_class=_Parser)
     df = system_sub.add_parser("df", help="disk usage of images and containers, as docker system df")
     df.add_argument("-v", "--verbose", action="store_true")
+
+
+def _layers(args: argparse.Namespace) -> int:
+    from pylayerfs import analysis
+    from pylayerfs.store import Store, StoreError
+
+    try:
+        reports, image = analysis.analyse(Store(args.root), args.image)
+    except (StoreError, OSError) as exc:
+        print(f"pylayerfs layers: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.ci:
+        ok, text = analysis.ci(image, args.lowest_efficiency, args.highest_wasted_bytes,
+                               args.highest_user_wasted_percent)  # fmt: skip
+        print(text)
+        return 0 if ok else EXIT_ERROR
+    print(analysis.as_json(reports, image) if args.format == "json" else analysis.render(reports, image, args.files))
+    return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -318,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "layers":
+            return _layers(args)
         if args.command in IMAGE_COMMANDS:
             return _image_command(args)
         if args.command in CONTAINER_COMMANDS:

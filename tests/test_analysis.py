@@ -1,0 +1,36 @@
+"""``pylayerfs layers``: sizes, changes and waste on an image with a known duplicate and deletion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pylayerfs.store import Store
+from tests.test_build import context_with, pylayerfs
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
+
+def test_layers_report_changes_and_waste(tmp_path):
+    store = tmp_path / "store"
+    pylayerfs(store, "base", "alpine")
+    ctx = context_with(tmp_path / "ctx", "FROM alpine\nRUN head -c 1000 /dev/zero > /big && mkdir /d && "
+                       "echo 123 > /d/f\nRUN echo more >> /big\nRUN rm /big && rm -r /d\n")  # fmt: skip
+    pylayerfs(store, "build", "-t", "waste", str(ctx))
+    data = json.loads(pylayerfs(store, "layers", "--format", "json", "waste").stdout)
+    layers = data["layer"]
+    assert [layer["sizeBytes"] for layer in layers[1:]] == [1004, 1005, 0]
+    changes = [{(c["change"], c["path"]) for c in layer["fileList"]} for layer in layers[1:]]
+    assert changes[0] == {("added", "big"), ("added", "d"), ("added", "d/f")}
+    assert changes[1] == {("modified", "big")}
+    assert changes[2] == {("removed", "big"), ("removed", "d"), ("removed", "d/f")}
+    image = data["image"]
+    base = Store(str(store)).size(Store(str(store)).resolve("alpine"))
+    assert image["sizeBytes"] == base + 2009
+    assert image["inefficientBytes"] == 1000 + 1005  # dive: every copy of /big (seen in 3 layers)
+    assert image["unseenBytes"] == 2009, "nothing of the three layers is visible in the image"
+    assert image["fileReference"][0] == {"count": 3, "sizeBytes": 2005, "file": "/big"}
+    failing = pylayerfs(store, "layers", "--ci", "waste", check=False)
+    assert failing.returncode == 1 and "FAIL: highestUserWastedPercent" in failing.stdout
+    assert pylayerfs(store, "layers", "--ci", "alpine").stdout.endswith("[Failed:0]\n")
