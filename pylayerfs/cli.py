@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,8 @@ from pylayerfs.params import MountError, check, parse_options
 
 IMAGE_COMMANDS = ("build", "history", "images", "tag", "rmi", "inspect", "import", "base")
 CONTAINER_COMMANDS = ("create", "run", "start", "stop", "rm", "exec", "ps", "logs", "diff", "commit", "system")
-COMMANDS = ("mount", "umount", "demo", "check", "bench", "explain", "layers", *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
+TEACHING_COMMANDS = ("explain", "layers", "diagram")
+COMMANDS = ("mount", "umount", "demo", "check", "bench", *TEACHING_COMMANDS, *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -85,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     layers.add_argument("--lowest-efficiency", type=float, default=0.9)
     layers.add_argument("--highest-wasted-bytes", type=int)
     layers.add_argument("--highest-user-wasted-percent", type=float, default=0.1)
+    diagram = sub.add_parser("diagram", help="draw an image's or a container's layer stack (SVG, PNG, or text)")
+    diagram.add_argument("target", metavar="IMAGE|CONTAINER")
+    diagram.add_argument("-o", "--output", help="FILE.svg or FILE.png (default: text on stdout)")
     return parser
 
 
@@ -134,6 +139,35 @@ def _container_parsers(sub: Any) -> None:
     system_sub = system.add_subparsers(dest="system_command", required=True, parser_class=_Parser)
     df = system_sub.add_parser("df", help="disk usage of images and containers, as docker system df")
     df.add_argument("-v", "--verbose", action="store_true")
+
+
+def _diagram(args: argparse.Namespace) -> int:
+    from pylayerfs import diagram
+    from pylayerfs.container.runtime import Runtime
+    from pylayerfs.store import Store, StoreError
+
+    try:
+        runtime = Runtime(Store(args.root))
+        try:
+            container = runtime.containers.find(args.target)
+            title = f"container {container.name} of {container.ImageName}"
+            boxes = diagram.container_boxes(runtime, container)
+        except StoreError:
+            title = f"image {args.target}"
+            boxes = diagram.image_boxes(runtime.store, args.target)
+        if not args.output:
+            print(diagram.text(title, boxes))
+            return 0
+        svg_path = args.output if args.output.endswith(".svg") else args.output + ".svg"
+        with open(svg_path, "w") as f:
+            f.write(diagram.svg(title, boxes))
+        if args.output.endswith(".png"):
+            diagram.to_png(svg_path, args.output)
+            os.unlink(svg_path)
+    except (StoreError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"pylayerfs diagram: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
 
 
 def _layers(args: argparse.Namespace) -> int:
@@ -346,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _explain(args)
         if args.command == "layers":
             return _layers(args)
+        if args.command == "diagram":
+            return _diagram(args)
         if args.command in IMAGE_COMMANDS:
             return _image_command(args)
         if args.command in CONTAINER_COMMANDS:

@@ -34,3 +34,31 @@ def test_layers_report_changes_and_waste(tmp_path):
     failing = pylayerfs(store, "layers", "--ci", "waste", check=False)
     assert failing.returncode == 1 and "FAIL: highestUserWastedPercent" in failing.stdout
     assert pylayerfs(store, "layers", "--ci", "alpine").stdout.endswith("[Failed:0]\n")
+
+
+def test_diagram_is_valid_svg_with_one_box_per_layer(tmp_path):
+    import shutil
+    import subprocess
+    import xml.etree.ElementTree as ET
+
+    store = tmp_path / "store"
+    pylayerfs(store, "base", "alpine")
+    ctx = context_with(tmp_path / "ctx", 'FROM alpine\nRUN echo 12345678901 > /eleven\nCMD ["sleep", "600"]\n')
+    pylayerfs(store, "build", "-t", "pic", str(ctx))
+    pylayerfs(store, "run", "-d", "--name", "c", "pic")
+    try:
+        pylayerfs(store, "diagram", "c", "-o", str(tmp_path / "c.svg"))
+        root = ET.parse(tmp_path / "c.svg").getroot()
+        ns = {"svg": "http://www.w3.org/2000/svg"}
+        boxes = root.findall("svg:g", ns)
+        assert len(boxes) == 1 + 4, "the container layer, then the four history entries"
+        texts = ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
+        assert "container layer (read-write)" in texts and "12B" in texts and "<missing>" in texts
+        assert any(t.startswith("size 0B (virtual ") for t in texts)
+        if shutil.which("rsvg-convert"):
+            subprocess.run(["rsvg-convert", "-o", str(tmp_path / "c.png"), str(tmp_path / "c.svg")], check=True)
+            assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        text = pylayerfs(store, "diagram", "pic").stdout
+        assert text.startswith("image pic\n+") and text.count("| <missing>") == 1
+    finally:
+        pylayerfs(store, "rm", "-f", "c")
