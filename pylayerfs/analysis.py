@@ -122,9 +122,9 @@ def _opaque(path: str) -> bool:
 
 
 def render(reports: list[LayerReport], image: ImageReport, files: bool = False) -> str:
-    lines = ["Layer  Size      Command"]
+    lines = ["Layer  Size      Command"]  # numbered from 1 at the bottom, as explain and diagram do
     for r in reports:
-        lines.append(f"{r.index:<5}  {human_size(r.sizeBytes):<8}  {r.command}")
+        lines.append(f"{r.index + 1:<5}  {human_size(r.sizeBytes):<8}  {r.command}")
         changes = {kind: [c for c in r.fileList if c.change == kind] for kind in ("added", "modified", "removed")}
         lines.append(f"       {len(changes['added'])} added, {len(changes['modified'])} modified, "
                      f"{len(changes['removed'])} removed")  # fmt: skip

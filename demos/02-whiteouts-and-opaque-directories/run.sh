@@ -1,0 +1,17 @@
+#!/bin/sh
+# Deleting a lower file leaves a whiteout; replacing a lower directory makes it opaque.
+. "$(dirname "$0")/../lib.sh"
+mkdir -p "$D/lower/cache" "$D/upper" "$D/work" "$D/merged"
+echo stale > "$D/lower/cache/a.tmp"
+echo keep > "$D/lower/hostname"
+pl mount -o "lowerdir=$D/lower,upperdir=$D/upper,workdir=$D/work" "$D/merged"
+run rm "$D/merged/hostname"
+run rm -rf "$D/merged/cache"
+run mkdir "$D/merged/cache"
+run ls -A "$D/merged" "$D/merged/cache"
+say "stat -c '%F %t:%T' upper/hostname   # a character device 0/0: a whiteout"
+stat -c '%F %t:%T' "$D/upper/hostname"
+say "getfattr -n trusted.overlay.opaque upper/cache"
+python3 -c "import os,sys; print('trusted.overlay.opaque =', os.getxattr(sys.argv[1], 'trusted.overlay.opaque').decode())" "$D/upper/cache"
+pl explain "$D/merged/hostname"
+pl umount "$D/merged"
