@@ -16,9 +16,11 @@ lower layers hold that no one can see in the image (overwritten or deleted).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -171,3 +173,21 @@ def ci(
     lines.append(f"Result:{'PASS' if ok else 'FAIL'} [Total:{len(rules)}] [Passed:{sum(not f for _, f in rules)}] "
                  f"[Failed:{sum(f for _, f in rules)}]")  # fmt: skip
     return ok, "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command line's handler (cli.py parses the arguments)."""
+    from pylayerfs.store import Store, StoreError
+
+    try:
+        reports, image = analyse(Store(args.root), args.image)
+    except (StoreError, OSError) as exc:
+        print(f"pylayerfs layers: {exc}", file=sys.stderr)
+        return 1
+    if args.ci:
+        ok, text = ci(image, args.lowest_efficiency, args.highest_wasted_bytes,
+                               args.highest_user_wasted_percent)  # fmt: skip
+        print(text)
+        return 0 if ok else 1
+    print(as_json(reports, image) if args.format == "json" else render(reports, image, args.files))
+    return 0

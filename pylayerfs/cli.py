@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -141,140 +140,6 @@ def _container_parsers(sub: Any) -> None:
     df.add_argument("-v", "--verbose", action="store_true")
 
 
-def _diagram(args: argparse.Namespace) -> int:
-    from pylayerfs import diagram
-    from pylayerfs.container.runtime import Runtime
-    from pylayerfs.store import Store, StoreError
-
-    try:
-        runtime = Runtime(Store(args.root))
-        try:
-            container = runtime.containers.find(args.target)
-            title = f"container {container.name} of {container.ImageName}"
-            boxes = diagram.container_boxes(runtime, container)
-        except StoreError:
-            title = f"image {args.target}"
-            boxes = diagram.image_boxes(runtime.store, args.target)
-        if not args.output:
-            print(diagram.text(title, boxes))
-            return 0
-        svg_path = args.output if args.output.endswith(".svg") else args.output + ".svg"
-        with open(svg_path, "w") as f:
-            f.write(diagram.svg(title, boxes))
-        if args.output.endswith(".png"):
-            diagram.to_png(svg_path, args.output)
-            os.unlink(svg_path)
-    except (StoreError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-        print(f"pylayerfs diagram: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
-
-
-def _layers(args: argparse.Namespace) -> int:
-    from pylayerfs import analysis
-    from pylayerfs.store import Store, StoreError
-
-    try:
-        reports, image = analysis.analyse(Store(args.root), args.image)
-    except (StoreError, OSError) as exc:
-        print(f"pylayerfs layers: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    if args.ci:
-        ok, text = analysis.ci(image, args.lowest_efficiency, args.highest_wasted_bytes,
-                               args.highest_user_wasted_percent)  # fmt: skip
-        print(text)
-        return 0 if ok else EXIT_ERROR
-    print(analysis.as_json(reports, image) if args.format == "json" else analysis.render(reports, image, args.files))
-    return 0
-
-
-def _explain(args: argparse.Namespace) -> int:
-    from pylayerfs import explain
-    from pylayerfs.store import Store, StoreError
-
-    try:
-        name, sep, path = args.target.partition(":")
-        if sep and path.startswith("/") and not os.path.exists(args.target):
-            from pylayerfs.container.runtime import Runtime
-
-            runtime = Runtime(Store(args.root))
-            try:
-                layers = explain.container_layers(runtime, runtime.containers.find(name))
-            except StoreError:
-                layers = explain.image_layers(runtime.store, name)
-        else:
-            layers, path = explain.mount_layers(args.target)
-        result = explain.explain(layers, path)
-    except (explain.ExplainError, StoreError, MountError, OSError) as exc:
-        print(f"pylayerfs explain: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    print(explain.as_json(result) if args.format == "json" else explain.render(result))
-    return 0
-
-
-def _container_command(args: argparse.Namespace) -> int:
-    from pylayerfs import containercmds
-    from pylayerfs.container.runtime import Runtime, StartError
-    from pylayerfs.sandbox import SandboxError
-    from pylayerfs.store import Store, StoreError
-
-    try:
-        runtime = Runtime(Store(args.root), getattr(args, "storage_driver", "fuse"))
-        find = runtime.containers.find
-        if args.command in ("create", "run"):
-            container = runtime.create(args.image, args.command_args, args.name, args.env, args.workdir)
-            if args.command == "create" or args.detach:
-                if args.command == "run":
-                    runtime.start_detached(container)
-                print(container.ID)
-                return 0
-            try:
-                return runtime.run_attached(container)
-            finally:
-                if args.rm:
-                    runtime.remove(runtime.containers.load(container.ID), force=True)
-        if args.command in ("start", "stop", "rm"):
-            for ref in args.containers:
-                container = find(ref)
-                if args.command == "start":
-                    runtime.start_detached(container)
-                elif args.command == "stop":
-                    runtime.stop(container, args.time)
-                else:
-                    runtime.remove(container, args.force)
-                print(ref)
-            return 0
-        if args.command == "exec":
-            if not args.command_args:
-                raise StoreError("exec needs a command")
-            return runtime.exec(find(args.container), args.command_args, args.env, args.user, args.workdir)
-        if args.command == "ps":
-            text = containercmds.ps(runtime, args.all, args.size, args.quiet, args.format == "json")
-        elif args.command == "logs":
-            sys.stdout.buffer.write(runtime.logs(find(args.container)))
-            return 0
-        elif args.command == "diff":
-            from pylayerfs.container.changes import changes
-
-            container = find(args.container)
-            text = "\n".join(changes(runtime.upper(container), runtime.lowers(container)))
-        elif args.command == "commit":
-            image = containercmds.commit(runtime, find(args.container), args.reference, args.message, args.author,
-                                         args.change)  # fmt: skip
-            text = image.id
-        else:
-            text = containercmds.system_df(runtime, args.verbose)
-        if text:
-            print(text)
-    except StartError as exc:
-        print(f"pylayerfs: {exc}", file=sys.stderr)
-        return exc.code
-    except (StoreError, SandboxError, MountError, OSError) as exc:
-        print(f"pylayerfs {args.command}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
-
-
 def _image_parsers(sub: Any) -> None:
     build = sub.add_parser("build", help="build an image from a Dockerfile, step by step, as the classic builder")
     build.add_argument("context")
@@ -314,41 +179,6 @@ def _image_parsers(sub: Any) -> None:
                                                                  "busybox-static)")  # fmt: skip
 
 
-def _image_command(args: argparse.Namespace) -> int:
-    from pylayerfs import archive, imagecmds
-    from pylayerfs.builder.build import Builder, BuildError, BuildOptions
-    from pylayerfs.store import Store, StoreError
-
-    try:
-        store = Store(args.root)
-        if args.command == "build":
-            build_args = dict(a.partition("=")[::2] for a in args.build_arg)
-            options = BuildOptions(args.context, args.file, args.tag, args.no_cache, build_args, args.storage_driver)
-            Builder(store, options).build()
-        elif args.command == "history":
-            print(imagecmds.history(store, args.image, args.no_trunc, args.format == "json"))
-        elif args.command == "images":
-            print(imagecmds.images(store, args.all))
-        elif args.command == "tag":
-            imagecmds.tag(store, args.source, args.target)
-        elif args.command == "rmi":
-            print("\n".join(imagecmds.rmi(store, args.images, args.force)))
-        elif args.command == "inspect":
-            print(imagecmds.inspect(store, args.images))
-        elif args.command == "import":
-            print(imagecmds.import_rootfs(store, args.archive, args.reference).id)
-        else:
-            print(imagecmds.make_base(store, args.reference, args.busybox).id)
-    except BuildError as exc:
-        sys.stdout.flush()
-        print(exc, file=sys.stderr)
-        return exc.code
-    except (StoreError, archive.ArchiveError, OSError) as exc:
-        print(f"pylayerfs {args.command}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
-
-
 def _mount_fuse_argv(argv: Sequence[str]) -> list[str]:
     """``SOURCE MOUNTPOINT -o OPTS`` (as mount.fuse runs us) -> ``mount MOUNTPOINT -o OPTS --source SOURCE``."""
     if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
@@ -377,15 +207,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return bench(args)
         if args.command == "explain":
-            return _explain(args)
+            from pylayerfs import explain
+
+            return explain.run(args)
         if args.command == "layers":
-            return _layers(args)
+            from pylayerfs import analysis
+
+            return analysis.run(args)
         if args.command == "diagram":
-            return _diagram(args)
+            from pylayerfs import diagram
+
+            return diagram.run(args)
         if args.command in IMAGE_COMMANDS:
-            return _image_command(args)
+            from pylayerfs import imagecmds
+
+            return imagecmds.run(args)
         if args.command in CONTAINER_COMMANDS:
-            return _container_command(args)
+            from pylayerfs import containercmds
+
+            return containercmds.run(args)
         if args.command == "umount":
             from pylayerfs.mount import umount
 

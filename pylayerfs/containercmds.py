@@ -10,8 +10,10 @@ Sizes are read from the directories on disk, never from a mount:
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import sys
 import tempfile
 from typing import Any
 
@@ -21,6 +23,7 @@ from pylayerfs.builder.build import CONFIG_STEPS, Stage
 from pylayerfs.builder.dockerfile import DockerfileError, parse
 from pylayerfs.container.records import Container
 from pylayerfs.container.runtime import Runtime
+from pylayerfs.params import MountError
 from pylayerfs.sizes import human_duration, human_size, layer_size
 from pylayerfs.store import StoreError
 from pylayerfs.store.images import Image, format_time, parse_time
@@ -201,3 +204,66 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
         "", "Local Volumes space usage:", "", render(["VOLUME NAME", "LINKS", "SIZE"], []),
         "", "Build cache usage: 0B", *sharing,
     ])  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command line's handler (cli.py parses the arguments)."""
+    from pylayerfs.container.runtime import Runtime, StartError
+    from pylayerfs.sandbox import SandboxError
+    from pylayerfs.store import Store, StoreError
+
+    try:
+        runtime = Runtime(Store(args.root), getattr(args, "storage_driver", "fuse"))
+        find = runtime.containers.find
+        if args.command in ("create", "run"):
+            container = runtime.create(args.image, args.command_args, args.name, args.env, args.workdir)
+            if args.command == "create" or args.detach:
+                if args.command == "run":
+                    runtime.start_detached(container)
+                print(container.ID)
+                return 0
+            try:
+                return runtime.run_attached(container)
+            finally:
+                if args.rm:
+                    runtime.remove(runtime.containers.load(container.ID), force=True)
+        if args.command in ("start", "stop", "rm"):
+            for ref in args.containers:
+                container = find(ref)
+                if args.command == "start":
+                    runtime.start_detached(container)
+                elif args.command == "stop":
+                    runtime.stop(container, args.time)
+                else:
+                    runtime.remove(container, args.force)
+                print(ref)
+            return 0
+        if args.command == "exec":
+            if not args.command_args:
+                raise StoreError("exec needs a command")
+            return runtime.exec(find(args.container), args.command_args, args.env, args.user, args.workdir)
+        if args.command == "ps":
+            text = ps(runtime, args.all, args.size, args.quiet, args.format == "json")
+        elif args.command == "logs":
+            sys.stdout.buffer.write(runtime.logs(find(args.container)))
+            return 0
+        elif args.command == "diff":
+            from pylayerfs.container.changes import changes
+
+            container = find(args.container)
+            text = "\n".join(changes(runtime.upper(container), runtime.lowers(container)))
+        elif args.command == "commit":
+            image = commit(runtime, find(args.container), args.reference, args.message, args.author,
+                                         args.change)  # fmt: skip
+            text = image.id
+        else:
+            text = system_df(runtime, args.verbose)
+        if text:
+            print(text)
+    except StartError as exc:
+        print(f"pylayerfs: {exc}", file=sys.stderr)
+        return exc.code
+    except (StoreError, SandboxError, MountError, OSError) as exc:
+        print(f"pylayerfs {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -8,8 +8,11 @@ be drawn as text for a terminal.
 
 from __future__ import annotations
 
+import argparse
+import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
@@ -102,3 +105,32 @@ def to_png(svg_path: str, png_path: str) -> None:
             subprocess.run(argv, check=True, capture_output=True)
             return
     raise RuntimeError("no SVG renderer found (apt-get install librsvg2-bin or imagemagick)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command line's handler (cli.py parses the arguments)."""
+    from pylayerfs.container.runtime import Runtime
+    from pylayerfs.store import Store, StoreError
+
+    try:
+        runtime = Runtime(Store(args.root))
+        try:
+            container = runtime.containers.find(args.target)
+            title = f"container {container.name} of {container.ImageName}"
+            boxes = container_boxes(runtime, container)
+        except StoreError:
+            title = f"image {args.target}"
+            boxes = image_boxes(runtime.store, args.target)
+        if not args.output:
+            print(text(title, boxes))
+            return 0
+        svg_path = args.output if args.output.endswith(".svg") else args.output + ".svg"
+        with open(svg_path, "w") as f:
+            f.write(svg(title, boxes))
+        if args.output.endswith(".png"):
+            to_png(svg_path, args.output)
+            os.unlink(svg_path)
+    except (StoreError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"pylayerfs diagram: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -13,14 +13,16 @@ overlay (pylayerfs's or the kernel's, read from the mount's options).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pylayerfs.markers import OPAQUE_YES, TRUSTED_PREFIX, is_whiteout
-from pylayerfs.params import mountinfo, parse_options, split_escaped
+from pylayerfs.params import MountError, mountinfo, parse_options, split_escaped
 
 
 class ExplainError(Exception):
@@ -240,3 +242,27 @@ def _daemon_options(mountpoint: str) -> str | None:
         if "mount" in args and "-o" in args[:-1] and os.path.realpath(args[-1]) == mountpoint:
             return args[args.index("-o") + 1]
     return None
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command line's handler (cli.py parses the arguments)."""
+    from pylayerfs.store import Store, StoreError
+
+    try:
+        name, sep, path = args.target.partition(":")
+        if sep and path.startswith("/") and not os.path.exists(args.target):
+            from pylayerfs.container.runtime import Runtime
+
+            runtime = Runtime(Store(args.root))
+            try:
+                layers = container_layers(runtime, runtime.containers.find(name))
+            except StoreError:
+                layers = image_layers(runtime.store, name)
+        else:
+            layers, path = mount_layers(args.target)
+        result = explain(layers, path)
+    except (ExplainError, StoreError, MountError, OSError) as exc:
+        print(f"pylayerfs explain: {exc}", file=sys.stderr)
+        return 1
+    print(as_json(result) if args.format == "json" else render(result))
+    return 0

@@ -7,11 +7,13 @@ ends, ``Untagged:``/``Deleted:`` lines.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import stat
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,3 +285,39 @@ def make_base(store: Store, ref: str, busybox: str = "/bin/busybox") -> Image:
         except BaseException:
             store.layers.remove_dir(cache_id)
             raise
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command line's handler (cli.py parses the arguments)."""
+    from pylayerfs import archive
+    from pylayerfs.builder.build import Builder, BuildError, BuildOptions
+    from pylayerfs.store import Store, StoreError
+
+    try:
+        store = Store(args.root)
+        if args.command == "build":
+            build_args = dict(a.partition("=")[::2] for a in args.build_arg)
+            options = BuildOptions(args.context, args.file, args.tag, args.no_cache, build_args, args.storage_driver)
+            Builder(store, options).build()
+        elif args.command == "history":
+            print(history(store, args.image, args.no_trunc, args.format == "json"))
+        elif args.command == "images":
+            print(images(store, args.all))
+        elif args.command == "tag":
+            tag(store, args.source, args.target)
+        elif args.command == "rmi":
+            print("\n".join(rmi(store, args.images, args.force)))
+        elif args.command == "inspect":
+            print(inspect(store, args.images))
+        elif args.command == "import":
+            print(import_rootfs(store, args.archive, args.reference).id)
+        else:
+            print(make_base(store, args.reference, args.busybox).id)
+    except BuildError as exc:
+        sys.stdout.flush()
+        print(exc, file=sys.stderr)
+        return exc.code
+    except (StoreError, archive.ArchiveError, OSError) as exc:
+        print(f"pylayerfs {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
