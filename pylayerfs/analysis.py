@@ -184,6 +184,11 @@ def run(args: argparse.Namespace) -> int:
     except (StoreError, OSError) as exc:
         print(f"pylayerfs layers: {exc}", file=sys.stderr)
         return 1
+    if args.format == "tree":
+        from pylayerfs import diagram
+
+        print(diagram.text(f"image {args.image}", diagram.image_boxes(Store(args.root), args.image)))
+        return 0
     if args.ci:
         ok, text = ci(image, args.lowest_efficiency, args.highest_wasted_bytes,
                                args.highest_user_wasted_percent)  # fmt: skip

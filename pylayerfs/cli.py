@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     layers = sub.add_parser("layers", help="an image's layers: what each added, modified, removed; the waste (dive)")
     layers.add_argument("image")
     layers.add_argument("-v", "--files", action="store_true", help="list every file each layer changes")
-    layers.add_argument("--format", choices=("text", "json"), default="text")
+    layers.add_argument("--format", choices=("text", "json", "tree"), default="text")
     layers.add_argument("--ci", action="store_true", help="check dive's rules; exit 1 when one fails")
     layers.add_argument("--lowest-efficiency", type=float, default=0.9)
     layers.add_argument("--highest-wasted-bytes", type=int)
@@ -153,7 +153,8 @@ def _image_parsers(sub: Any) -> None:
     history = sub.add_parser("history", help="an image's history entries, newest first, as docker history")
     history.add_argument("image")
     history.add_argument("--no-trunc", action="store_true")
-    history.add_argument("--format", choices=("table", "json"), default="table")
+    history.add_argument("--format", choices=("table", "json", "tree"), default="table",
+                         help="tree: the stack drawn as boxes, as pylayerfs diagram")  # fmt: skip
 
     images = sub.add_parser("images", help="list images, as docker images")
     images.add_argument("-a", "--all", action="store_true", help="also the intermediate images of builds")

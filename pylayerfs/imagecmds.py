@@ -299,6 +299,10 @@ def run(args: argparse.Namespace) -> int:
             build_args = dict(a.partition("=")[::2] for a in args.build_arg)
             options = BuildOptions(args.context, args.file, args.tag, args.no_cache, build_args, args.storage_driver)
             Builder(store, options).build()
+        elif args.command == "history" and args.format == "tree":
+            from pylayerfs import diagram
+
+            print(diagram.text(f"image {args.image}", diagram.image_boxes(store, args.image)))
         elif args.command == "history":
             print(history(store, args.image, args.no_trunc, args.format == "json"))
         elif args.command == "images":

@@ -60,5 +60,6 @@ def test_diagram_is_valid_svg_with_one_box_per_layer(tmp_path):
             assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         text = pylayerfs(store, "diagram", "pic").stdout
         assert text.startswith("image pic\n+") and text.count("| <missing>") == 1
+        assert pylayerfs(store, "history", "--format", "tree", "pic").stdout == text
     finally:
         pylayerfs(store, "rm", "-f", "c")
