@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pylayerfs.archive import walk
-from pylayerfs.markers import OPAQUE_YES, TRUSTED_PREFIX, is_whiteout
+from pylayerfs.markers import OPAQUE_YES, TRUSTED_PREFIX, is_metacopy_file, is_whiteout
 from pylayerfs.sizes import human_size
 
 DIR = -1
@@ -87,6 +87,9 @@ def analyse(store: Any, ref: str) -> tuple[list[LayerReport], ImageReport]:
                 if rel not in view:
                     report.fileList.append(Change(rel, "added", 0))
                 view[rel] = DIR
+            elif is_metacopy_file(os.path.join(diff, rel), st):  # metadata only: the bytes below stay in view
+                report.fileList.append(Change(rel, "modified", 0))
+                _account(rel, st.st_size, cumulative, smallest, counts)  # dive reads the tar, which has the data
             else:
                 size = st.st_size
                 report.fileList.append(Change(rel, "modified" if rel in view else "added", size))

@@ -9,6 +9,9 @@ that tar the way moby's overlay2 driver does (go-archive, ``ConvertWrite``):
   USTAR headers, PAX records only where a field does not fit, and only
   ``security.capability`` of the xattrs;
 * the second name of a hard-linked file is a link entry to the first;
+* a metacopy file (``metacopy=on``) holds no data: its entry carries the data
+  of the file below it, read through the layers under the layer (``lowers``),
+  so a layer's tar and DiffID do not depend on how the layer is stored;
 * a whiteout (char device 0/0) is an empty regular file ``.wh.<name>`` (mode
   0600, its owner and mtime); an opaque directory is followed by an empty
   ``<dir>/.wh..wh..opq`` (the directory's mode and owner, mtime 0);
@@ -30,12 +33,12 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pylayerfs import realfs
-from pylayerfs.markers import OPAQUE_YES, TRUSTED_PREFIX, is_whiteout, make_whiteout
+from pylayerfs.markers import OPAQUE_YES, TRUSTED_PREFIX, is_metacopy_file, is_whiteout, make_whiteout
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -45,6 +48,10 @@ BLOCK = 512
 TRAILER = b"\0" * 1024
 CAPABILITY = "security.capability"
 OPAQUE_XATTR = TRUSTED_PREFIX + "opaque"
+
+
+if TYPE_CHECKING:
+    from pylayerfs.overlay import Overlay
 
 
 class ArchiveError(Exception):
@@ -73,8 +80,16 @@ def tar_info(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
     return info
 
 
-def write_layer(diff: str, out: BinaryIO) -> int:
-    """Write the tar of the layer directory ``diff`` to ``out``; returns the number of bytes."""
+def write_layer(diff: str, out: BinaryIO, lowers: Sequence[str] = ()) -> int:
+    """Write the tar of the layer directory ``diff`` (over the layers ``lowers``, top first) to ``out``.
+
+    Returns the number of bytes.
+    """
+    with _DataBelow(lowers) as below:
+        return _write_layer(diff, out, below)
+
+
+def _write_layer(diff: str, out: BinaryIO, below: _DataBelow) -> int:
     written = 0
     links: dict[tuple[int, int], str] = {}
     for rel, st in walk(diff):
@@ -96,7 +111,7 @@ def write_layer(diff: str, out: BinaryIO) -> int:
             links.setdefault((st.st_dev, st.st_ino), rel)
             info = tar_info(rel, st, tarfile.REGTYPE)
             info.size = st.st_size
-            data = open(full, "rb")  # noqa: SIM115 - closed below, after streaming
+            data = below.open(rel) if is_metacopy_file(full, st) else open(full, "rb")  # noqa: SIM115 - closed by _emit
         else:
             kind = {stat.S_IFCHR: tarfile.CHRTYPE, stat.S_IFBLK: tarfile.BLKTYPE}.get(stat.S_IFMT(st.st_mode))
             info = tar_info(rel, st, kind or tarfile.FIFOTYPE)
@@ -112,6 +127,36 @@ def write_layer(diff: str, out: BinaryIO) -> int:
             written += _emit(out, marker, None)
     out.write(TRAILER)
     return written + len(TRAILER)
+
+
+class _DataBelow:
+    """The data of metacopy files: read through a read-only overlay of the layers below."""
+
+    def __init__(self, lowers: Sequence[str]) -> None:
+        self.lowers = list(lowers)
+        self.overlay: Overlay | None = None
+
+    def __enter__(self) -> _DataBelow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.overlay is not None:
+            self.overlay.close()
+
+    def open(self, rel: str) -> BinaryIO:
+        if not self.lowers:
+            raise ArchiveError(f"{rel} is a metacopy file and no layer below holds its data")
+        if self.overlay is None:
+            from pylayerfs.overlay import Overlay
+
+            self.overlay = Overlay(self.lowers, metacopy=True)
+        try:
+            fh = self.overlay.open(rel, os.O_RDONLY)
+        except OSError as exc:
+            raise ArchiveError(f"{rel} is a metacopy file and its data cannot be read below: {exc.strerror}") from exc
+        data = os.fdopen(os.dup(fh), "rb")
+        self.overlay.release(fh)
+        return data
 
 
 def _emit(out: BinaryIO, info: tarfile.TarInfo, data: BinaryIO | None) -> int:
@@ -163,10 +208,10 @@ class _Digest(io.RawIOBase):
         return len(b)
 
 
-def diff_id(diff: str) -> str:
-    """``sha256:<hex>`` of the layer tar of ``diff``."""
+def diff_id(diff: str, lowers: Sequence[str] = ()) -> str:
+    """``sha256:<hex>`` of the layer tar of ``diff`` (over ``lowers``)."""
     sink = _Digest()
-    write_layer(diff, sink)  # type: ignore[arg-type]
+    write_layer(diff, sink, lowers)  # type: ignore[arg-type]
     return "sha256:" + sink.hash.hexdigest()
 
 

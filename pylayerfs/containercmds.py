@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import tempfile
 from typing import Any
@@ -47,7 +48,8 @@ def status(container: Container, now: datetime.datetime) -> str:
 
 def container_size(runtime: Runtime, container: Container) -> tuple[int, int]:
     """(size, virtual size): the read-write layer, and that plus the image."""
-    size = layer_size(runtime.upper(container))
+    with runtime.read_write_layer(container) as (upper, _):
+        size = layer_size(upper)
     return size, size + runtime.store.size(runtime.store.images.get(container.Image))
 
 
@@ -100,8 +102,8 @@ def commit(runtime: Runtime, container: Container, ref: str | None, message: str
         with store.locked():
             cache_id = store.layers.new_dir(image.top_layer)
         try:
-            with tempfile.TemporaryFile(dir=store.layout.tmp) as tar:
-                archive.write_layer(runtime.upper(container), tar)
+            with tempfile.TemporaryFile(dir=store.layout.tmp) as tar, runtime.read_write_layer(container) as rw:
+                archive.write_layer(rw[0], tar, rw[1])
                 tar.seek(0)
                 with archive.open_archive(tar, "the container layer") as stream:
                     archive.extract(stream, store.layers.diff_dir(cache_id))
@@ -135,8 +137,49 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def diff(runtime: Runtime, container: Container) -> str:
+    """``docker diff``: A, C and D lines for what the container changed."""
+    from pylayerfs.container.changes import changes
+
+    with runtime.read_write_layer(container) as (upper, lowers):
+        return "\n".join(changes(upper, lowers))
+
+
+def storage_drivers(runtime: Runtime, containers: list[Container]) -> str:
+    """What each storage driver's directories hold on disk in this root, measured (``directory.Size``).
+
+    Every driver keeps each layer's diff in ``overlay2/<cache-id>/diff`` (it is the layer: its DiffID hashes
+    it). fuse and overlay mount those diffs, a container adding only its changes; vfs also keeps a full tree
+    per layer and two per container in ``vfs/dir``. When vfs was not used here, its row is an estimate.
+    """
+    store = runtime.store
+    layers = store.layers.all()
+    overlay2 = sum(layer_size(store.layers.diff_dir(d)) for d in _dirs(store.layout.overlay2) if d != "l")
+    vfs_dirs = _dirs(store.layout.vfs_dir())
+    in_vfs = [c for c in containers if c.Driver == "vfs"]
+    if vfs_dirs:
+        vfs = human_size(sum(layer_size(store.layout.vfs_dir(d)) for d in vfs_dirs), 4)
+    else:  # every layer's tree is the layers below it and itself; a container copies its image's tree twice
+        below = {la.chain_id: sum(x.size for x in store.layers.stack(la.chain_id)) for la in layers}
+        trees = [2 * store.size(store.images.get(c.Image)) + container_size(runtime, c)[0] for c in containers]
+        vfs = f"~{human_size(sum(below.values()) + sum(trees), 4)}"
+    rows = [
+        ["overlay2", "fuse, overlay", str(len(layers)), str(len(containers) - len(in_vfs)), human_size(overlay2, 4),
+         "each layer's files once; a container only what it changed"],
+        ["vfs/dir", "vfs", str(sum(la.cache_id in vfs_dirs for la in layers)), str(len(in_vfs)), vfs,
+         "every layer a full copy of the files below it; a container two (init, read-write)"],
+    ]  # fmt: skip
+    return "Storage drivers on disk:\n" + render(
+        ["DIRECTORY", "DRIVERS", "LAYERS", "CONTAINERS", "SIZE", "WHAT IS STORED"], rows
+    )
+
+
+def _dirs(path: str) -> list[str]:
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
 def system_df(runtime: Runtime, verbose: bool = False) -> str:
-    """``docker system df``, then what the same images and containers would take without sharing."""
+    """``docker system df``, then what each storage driver's directories take on disk."""
     store = runtime.store
     now = datetime.datetime.now(datetime.UTC)
     containers = [runtime.reconcile(c) for c in runtime.containers.all()]
@@ -150,7 +193,7 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
             refs[layer.chain_id] = refs.get(layer.chain_id, 0) + 1
     distinct = {layer.chain_id: layer.size for layers in layers_of.values() for layer in layers}
     users = {image.id: sum(c.Image == image.id for c in containers) for image in images}
-    rw = {c.ID: layer_size(runtime.upper(c)) for c in containers}
+    rw = {c.ID: container_size(runtime, c)[0] for c in containers}
     image_rows = []
     reclaimable_images = 0
     for image in images:
@@ -180,15 +223,7 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
         ["Local Volumes", "0", "0", "0B", "0B"],
         ["Build Cache", "0", "0", "0B", "0B"],
     ])  # fmt: skip
-    chains = {layer.chain_id: sum(la.size for la in store.layers.stack(layer.chain_id))
-              for layers in layers_of.values() for layer in layers}  # fmt: skip
-    vfs = sum(chains.values()) + sum(container_size(runtime, c)[1] for c in containers)
-    sharing = [
-        "",
-        f"On disk: {human_size(images_size + containers_size, 4)}: {_count(len(distinct), 'layer')} stored once, "
-        f"{_count(len(containers), 'container layer')} on top",
-        f"With the vfs driver: {human_size(vfs, 4)}: every layer and every container a full copy of the files below it",
-    ]
+    sharing = ["", storage_drivers(runtime, containers)]
     if not verbose:
         return "\n".join([summary, *sharing])
     container_rows = [[c.short_id, c.ImageName, json.dumps(ellipsis(" ".join(c.command), COMMAND_WIDTH)), "0",
@@ -248,10 +283,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.buffer.write(runtime.logs(find(args.container)))
             return 0
         elif args.command == "diff":
-            from pylayerfs.container.changes import changes
-
-            container = find(args.container)
-            text = "\n".join(changes(runtime.upper(container), runtime.lowers(container)))
+            text = diff(runtime, find(args.container))
         elif args.command == "commit":
             image = commit(runtime, find(args.container), args.reference, args.message, args.author,
                                          args.change)  # fmt: skip

@@ -7,6 +7,13 @@ included), non-private xattrs and times, and only then renamed into place, so
 it appears complete or not at all. A directory is copied without its contents.
 The parent's times are restored afterwards: copy-up leaves no visible trace.
 
+With ``metacopy=on``, a copy-up for a metadata change (chmod, chown, utimes,
+xattrs) of a regular file copies no data: the upper file is sparse, of the
+same size, marked ``metacopy``, and reads go on to the lower file. Any other
+copy-up of it (an open for write, a truncate, a rename, a link) copies the
+data in: a new file built in the workdir from the lower data and the upper
+metadata replaces the metacopy file by rename.
+
 Objects whose lower inode can be reported after copy-up (directories, and files
 with a single link, as the kernel decides) keep their inode number: it is
 recorded in the ``pylayerfs.origin`` xattr.
@@ -30,19 +37,23 @@ if TYPE_CHECKING:
 _CHUNK = 1 << 30
 
 
-def copy_up(ov: Overlay, path: str, *, with_data: bool = True) -> Node:
-    """Give ``path`` an upper object (if it has none) and return the fresh node.
+def copy_up(ov: Overlay, path: str, *, with_data: bool = True, meta_only: bool = False) -> Node:
+    """Give ``path`` an upper object with its data (if it has none) and return the fresh node.
 
     ``with_data=False`` is for an ``O_TRUNC`` open: the copy is created empty.
+    ``meta_only``: the caller changes metadata only, so with ``metacopy=on`` a file's data may stay below.
     """
     node = ov.lookup.lookup(path)
-    if node.upper is not None:
+    if node.upper is not None and (meta_only or not node.metacopy):
         return node
     parent_path, name = split(path)
     parent = copy_up(ov, parent_path)
-    _copy_up_one(ov, parent, node, name, with_data)
+    metacopy = meta_only and ov.metacopy and stat.S_ISREG(node.st.st_mode)
+    _copy_up_one(ov, parent, node, name, with_data and not metacopy, metacopy)
     if node.is_dir:
         ov.lookup.invalidate(path)
+    elif metacopy:
+        ov.files.metadata_copied_up(path)
     elif stat.S_ISREG(node.st.st_mode):
         assert ov.upper is not None
         upper = ov.upper
@@ -50,21 +61,36 @@ def copy_up(ov: Overlay, path: str, *, with_data: bool = True) -> Node:
     return ov.lookup.lookup(path)
 
 
-def _copy_up_one(ov: Overlay, parent: Node, node: Node, name: str, with_data: bool) -> None:
-    layer, st = node.lower.hits[0]
+def _copy_up_one(ov: Overlay, parent: Node, node: Node, name: str, with_data: bool, metacopy: bool) -> None:
+    """Build the upper object in the workdir, then rename it into place.
+
+    Data come from the top lower object (below a metacopy file: the file holding them); metadata from
+    the top lower object too, except for the data copy-up of a metacopy file,
+    whose metadata are its own (and which the new file replaces).
+    """
+    layer, lower_st = node.lower.hits[0]
+    replacing = node.upper is not None
+    st = node.upper if node.upper is not None else lower_st
+    data_layer = node.data[0] if node.data is not None else layer
     work = ov.writable(node.path)[1]
     tmp = work.temp_name()
-    realfs.trace("copy_up", f"{layer.root}/{node.path}", to=tmp)
+    realfs.trace("copy_up", f"{data_layer.root}/{node.path}", to=tmp, metacopy=metacopy)
     try:
-        with layer.parent(node.path) as (src_dirfd, src_name):
-            _create_copy(st, work.fd, tmp, with_data, src_dirfd, src_name)
-            _copy_owner_and_mode(st, work.fd, tmp)
-            _copy_xattrs(ov, realfs.fd_path(src_dirfd, src_name), realfs.fd_path(work.fd, tmp))
-        if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
-            ov.markers.set_origin(work.fd, tmp, ov.inodes.of_real(st))
+        with data_layer.parent(node.path) as (src_dirfd, src_name):
+            _create_copy(st, work.fd, tmp, with_data, metacopy, src_dirfd, src_name)
+        _copy_owner_and_mode(st, work.fd, tmp)
+        with contextlib.nullcontext((parent.upper_fd, name)) if replacing else layer.parent(node.path) as meta:
+            _copy_xattrs(ov, realfs.fd_path(*meta), realfs.fd_path(work.fd, tmp))
+        origin = node.origin
+        if not replacing and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
+            origin = ov.inodes.of_real(st)
+        if origin is not None:
+            ov.markers.set_origin(work.fd, tmp, origin)
+        if metacopy:
+            ov.markers.set_metacopy(work.fd, tmp)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work.fd, follow_symlinks=False)
         parent_st = os.stat(parent.upper_fd)
-        realfs.renameat2(work.fd, tmp, parent.upper_fd, name, realfs.RENAME_NOREPLACE)
+        realfs.renameat2(work.fd, tmp, parent.upper_fd, name, 0 if replacing else realfs.RENAME_NOREPLACE)
     except BaseException:
         with contextlib.suppress(OSError):
             work.remove(tmp)
@@ -82,6 +108,7 @@ def _create_copy(
     workfd: int,
     tmp: str,
     with_data: bool,
+    metacopy: bool,
     src_dirfd: int,
     src_name: str,
 ) -> None:
@@ -95,6 +122,8 @@ def _create_copy(
                     copy_data(src, dst, st.st_size)
                 finally:
                     os.close(src)
+            elif metacopy:
+                os.ftruncate(dst, st.st_size)  # all hole: the size is metadata, the data stays below
         finally:
             os.close(dst)
     elif stat.S_ISDIR(mode):

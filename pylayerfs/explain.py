@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pylayerfs.markers import OPAQUE_YES, TRUSTED_PREFIX, is_whiteout
+from pylayerfs.markers import OPAQUE_YES, TRUSTED_PREFIX, is_metacopy_file, is_whiteout
 from pylayerfs.params import MountError, mountinfo, parse_options, split_escaped
 
 
@@ -76,6 +76,8 @@ def _holds(layer: Layer, rel: str) -> tuple[str, os.stat_result | None]:
         except OSError:
             opaque = False
         return ("opaque directory" if opaque else "directory"), st
+    if is_metacopy_file(path, st):
+        return "metacopy file", st
     kinds = ((stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"), (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "device"))
     return next((name for test, name in kinds if test(st.st_mode)), "special file"), st
 
@@ -115,6 +117,7 @@ def explain(layers: list[Layer], path: str) -> Explanation:
     source: str | None = None
     merging: list[Layer] = []
     decided = False
+    metadata: Layer | None = None  # the metacopy file above, while the lookup looks for its data
     for layer, asked in zip(layers, consulted, strict=True):
         holds, _ = _holds(layer, rel)
         if not asked or decided:
@@ -140,6 +143,16 @@ def explain(layers: list[Layer], path: str) -> Explanation:
         elif merging:
             rule = "a non-directory below a directory: the merge stops here, it is hidden"
             decided = True
+        elif holds == "metacopy file" and metadata is None:
+            metadata = layer
+            rule = "a metacopy file (metacopy=on): its mode, owner, times and xattrs are shown; the data is below"
+            result = f"/{rel} is a file whose metadata are {layer.label}'s, but no layer below holds its data"
+        elif metadata is not None:
+            rule = f"holds the data of the metacopy file in {metadata.label}: reads return these bytes"
+            source = layer.label
+            result = (f"/{rel} is a file with {metadata.label}'s metadata and {layer.label}'s data "
+                      f"({os.path.join(layer.root, rel)})")  # fmt: skip
+            decided = holds != "metacopy file"
         else:
             rule = f"the top-most object: the merged view shows this {holds}, and reads return these bytes"
             result = f"/{rel} is a {holds} from {layer.label} ({os.path.join(layer.root, rel)})"
@@ -201,6 +214,8 @@ def image_layers(store: Any, ref: str) -> list[Layer]:
 
 def container_layers(runtime: Any, container: Any) -> list[Layer]:
     image = runtime.store.images.get(container.Image)
+    if container.Driver == "vfs":  # no stack to walk: the container's own full copy is all there is
+        return [Layer("the container's full copy (vfs)", runtime.merged(container))]
     return [
         Layer("the container layer (upper)", runtime.upper(container)),
         Layer("the init layer", runtime.lowers(container)[0]),

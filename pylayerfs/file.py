@@ -20,6 +20,7 @@ class OpenFile:
     path: str
     ino: int
     on_lower: bool  # read-only handle on a lower file (switched to upper on copy-up)
+    metacopy: bool = False  # its metadata are an upper metacopy file's, not the lower file's
 
 
 class OpenFiles:
@@ -49,7 +50,12 @@ class OpenFiles:
             new_fd = reopen()
             os.dup2(new_fd, of.fd, inheritable=False)  # the handle (the fd number) stays the same
             os.close(new_fd)
-            of.on_lower = False
+            of.on_lower = of.metacopy = False
+
+    def metadata_copied_up(self, path: str) -> None:
+        """``path`` has an upper metacopy file: handles still read the lower data but show its metadata."""
+        for of in self._lower_by_path.get(path, []):
+            of.metacopy = True
 
     def forget(self, path: str) -> None:
         """The name ``path`` now refers to another object: stop tracking handles opened on it."""

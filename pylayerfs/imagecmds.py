@@ -297,7 +297,10 @@ def run(args: argparse.Namespace) -> int:
         store = Store(args.root)
         if args.command == "build":
             build_args = dict(a.partition("=")[::2] for a in args.build_arg)
-            options = BuildOptions(args.context, args.file, args.tag, args.no_cache, build_args, args.storage_driver)
+            if args.metacopy and args.storage_driver == "vfs":
+                raise StoreError("--metacopy needs an overlay storage driver (fuse or overlay), not vfs")
+            options = BuildOptions(args.context, args.file, args.tag, args.no_cache, build_args, args.storage_driver,
+                                   args.metacopy)  # fmt: skip
             Builder(store, options).build()
         elif args.command == "history" and args.format == "tree":
             from pylayerfs import diagram

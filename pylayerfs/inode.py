@@ -47,7 +47,10 @@ def attributes(node: Node, ino: int) -> dict[str, Any]:
     """The merged object's ``struct stat`` (times in nanoseconds)."""
     st = node.st
     nlink = 1 if node.is_merged and stat.S_ISDIR(st.st_mode) else st.st_nlink
-    return stat_dict(st, ino, nlink)
+    attrs = stat_dict(st, ino, nlink)
+    if node.data is not None:  # the blocks holding the data are the lower file's, as the kernel reports
+        attrs["st_blocks"] = node.data[1].st_blocks
+    return attrs
 
 
 def stat_dict(st: os.stat_result, ino: int, nlink: int) -> dict[str, Any]:

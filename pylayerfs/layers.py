@@ -122,3 +122,8 @@ class LowerLayer(Layer):
             os.close(fd)
         self._listings[path] = listing
         return listing
+
+    def is_metacopy(self, path: str) -> bool:
+        """Is the regular file ``path`` a metadata-only copy (its data in a layer below)?"""
+        with self.parent(path) as (fd, name):
+            return self._markers.is_metacopy(fd, name)

@@ -8,7 +8,9 @@ found in this layer                    effect
 =====================================  ======================================
 a whiteout                             the name is hidden; stop
 a non-directory                        it is the object (if nothing above
-                                       was found); stop
+                                       was found); stop; an upper file
+                                       marked metacopy takes its data from
+                                       the lower file below it
 a directory marked opaque              it joins the merge; stop
 a directory                            it joins the merge; go on down
 nothing                                go on down
@@ -48,6 +50,9 @@ class LowerStack:
     """
 
     hits: tuple[LowerHit, ...] = ()
+    # A metacopy file on top: hits then go down to the file holding the data (the last one). It has none: orphan.
+    metacopy: bool = False
+    orphan: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -67,6 +72,7 @@ class Node:
     upper_fd: int = -1  # O_PATH fd of the upper directory, for cached directory nodes
     opaque: bool = False  # the upper directory is marked opaque
     origin: int | None = None  # inode number the upper object had before copy-up
+    metacopy: bool = False  # the upper file holds metadata only: the data is the lower file's (lower.hits[0])
 
     @property
     def st(self) -> os.stat_result:
@@ -78,6 +84,13 @@ class Node:
         return stat.S_ISDIR(self.st.st_mode)
 
     @property
+    def data(self) -> LowerHit | None:
+        """Where a metacopy file's data is (the layer and the stat of the file holding it); else None."""
+        if self.metacopy or (self.upper is None and self.lower.metacopy):
+            return self.lower.hits[-1]
+        return None
+
+    @property
     def is_merged(self) -> bool:
         """A directory with a part in more than one layer."""
         return len(self.lower.hits) + (self.upper is not None) > 1
@@ -86,10 +99,11 @@ class Node:
 class Lookup:
     """Resolves merged paths over one stack of layers."""
 
-    def __init__(self, upper: Layer | None, lowers: list[LowerLayer], markers: Markers) -> None:
+    def __init__(self, upper: Layer | None, lowers: list[LowerLayer], markers: Markers, metacopy: bool = False) -> None:
         self.upper = upper
         self.lowers = lowers
         self.markers = markers
+        self.metacopy = metacopy
         self._lower_stacks: dict[str, LowerStack] = {}
         self._dirs: dict[str, Node] = {}
 
@@ -120,6 +134,7 @@ class Lookup:
     def _lower_child(parent: LowerStack, parent_path: str, name: str) -> LowerStack:
         hits: list[LowerHit] = []
         path = join(parent_path, name)
+        metacopy = False
         for layer, _ in parent.hits:
             listing = layer.listing(parent_path)
             if name in listing.whiteouts:
@@ -127,14 +142,20 @@ class Lookup:
             st = listing.entries.get(name)
             if st is None:
                 continue
+            if metacopy and not stat.S_ISREG(st.st_mode):
+                break  # a metacopy file's data can only be a regular file
             if not stat.S_ISDIR(st.st_mode):
-                if not hits:
-                    hits.append((layer, st))
-                break
+                if hits and not metacopy:
+                    break  # a non-directory below a directory: hidden
+                hits.append((layer, st))
+                if stat.S_ISREG(st.st_mode) and st.st_size and layer.is_metacopy(path):
+                    metacopy = True
+                    continue  # the data is further down
+                return LowerStack(tuple(hits), len(hits) > 1)
             hits.append((layer, st))
             if layer.listing(path).opaque:
                 break
-        return LowerStack(tuple(hits))
+        return LowerStack(tuple(hits), metacopy, orphan=metacopy)
 
     # -- the merged view -------------------------------------------------------
 
@@ -182,8 +203,14 @@ class Lookup:
             if not lower.hits:
                 return None
             node = Node(path, None, lower)
+            if lower.metacopy:
+                self._check_metacopy(node)
         elif not stat.S_ISDIR(upper_st.st_mode):
             origin = self.markers.origin_of(parent.upper_fd, name)
+            if self._is_metacopy(parent, name, upper_st, lower):
+                node = Node(path, upper_st, lower, origin=origin, metacopy=True)
+                self._check_metacopy(node)
+                return node
             return Node(path, upper_st, NO_LOWER, origin=origin)
         else:
             fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.upper_fd)
@@ -193,6 +220,19 @@ class Lookup:
         if node.is_dir:
             self._remember(node)
         return node
+
+    def _is_metacopy(self, parent: Node, name: str, upper_st: os.stat_result, lower: LowerStack) -> bool:
+        """Is the upper file ``name`` a metadata-only copy of the lower file below it?"""
+        if not (stat.S_ISREG(upper_st.st_mode) and upper_st.st_size and lower.hits):
+            return False
+        return stat.S_ISREG(lower.hits[0][1].st_mode) and self.markers.is_metacopy(parent.upper_fd, name)
+
+    def _check_metacopy(self, node: Node) -> None:
+        """As the kernel: without ``metacopy=on`` a metacopy file is refused (EPERM); one without data is EIO."""
+        if not self.metacopy:
+            raise OSError(errno.EPERM, "refusing to follow a metacopy file without metacopy=on", node.path)
+        if node.lower.orphan:
+            raise OSError(errno.EIO, "a metacopy file whose data is in no layer below", node.path)
 
     def lower_positive(self, parent: Node, name: str) -> bool:
         """Does a lower layer of the merge hold ``name``? (Then removing it needs a whiteout.)"""

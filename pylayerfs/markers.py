@@ -11,6 +11,9 @@ kernel's format, so that an upper directory written by pylayerfs mounts under
 * The kernel's other whiteout form, honoured in lower layers only: a zero-size
   regular file with ``trusted.overlay.whiteout`` inside a directory whose
   ``trusted.overlay.opaque`` is ``"x"`` (that directory still merges).
+* A **metacopy** file (the kernel's ``metacopy=on``) carries ``<prefix>metacopy``
+  (empty): a sparse upper file holding metadata only, its data still the lower
+  file's at the same path until the first open for write copies it up.
 * With the ``userxattr`` mount option, the prefix is ``user.overlay.``.
 * pylayerfs records the inode number a copied-up object had before copy-up in
   ``<prefix>pylayerfs.origin`` (the kernel's ``origin`` holds a file handle
@@ -50,6 +53,10 @@ class Markers:
         return self.prefix + "whiteout"
 
     @property
+    def metacopy(self) -> str:
+        return self.prefix + "metacopy"
+
+    @property
     def origin(self) -> str:
         return self.prefix + "pylayerfs.origin"
 
@@ -74,6 +81,10 @@ class Markers:
         """The kernel's xattr whiteout: a file carrying ``<prefix>whiteout``."""
         return get(dirfd, name, self.whiteout) is not None
 
+    def is_metacopy(self, dirfd: int, name: str) -> bool:
+        """A metadata-only copy: the upper file's data is still the lower file's."""
+        return get(dirfd, name, self.metacopy) is not None
+
     def origin_of(self, dirfd: int, name: str | None = None) -> int | None:
         """The recorded origin inode number of an upper object."""
         value = get(dirfd, name, self.origin)
@@ -83,6 +94,9 @@ class Markers:
 
     def set_opaque(self, dirfd: int, name: str | None = None) -> None:
         set_(dirfd, name, self.opaque, OPAQUE_YES)
+
+    def set_metacopy(self, dirfd: int, name: str) -> None:
+        set_(dirfd, name, self.metacopy, b"")
 
     def set_origin(self, dirfd: int, name: str, ino: int) -> None:
         """Record ``ino`` as the inode number of the copied-up object ``name``.
@@ -109,6 +123,17 @@ def set_(dirfd: int, name: str | None, attr: str, value: bytes) -> None:
     path, follow = realfs.xattr_ref(dirfd, name)
     realfs.trace("setxattr", path, name=attr)
     os.setxattr(path, attr, value, follow_symlinks=follow)
+
+
+def is_metacopy_file(path: str, st: os.stat_result, prefix: str = TRUSTED_PREFIX) -> bool:
+    """Is the file at ``path`` (``st`` its lstat) a metacopy file, holding metadata only?"""
+    if not (stat.S_ISREG(st.st_mode) and st.st_size):
+        return False
+    try:
+        os.getxattr(path, prefix + "metacopy", follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def is_whiteout(st: os.stat_result) -> bool:

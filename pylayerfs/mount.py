@@ -53,7 +53,8 @@ def build_overlay(config: MountConfig) -> tuple[Overlay, list[int]]:
     if config.upperdir is not None and config.workdir is not None:
         locks = [_lock(config.upperdir, "upperdir"), _lock(config.workdir, "workdir")]
     try:
-        overlay = Overlay(config.lowerdirs, config.upperdir, config.workdir, userxattr=config.userxattr)
+        overlay = Overlay(config.lowerdirs, config.upperdir, config.workdir, userxattr=config.userxattr,
+                          metacopy=config.metacopy)  # fmt: skip
     except OSError as exc:
         for fd in locks:
             os.close(fd)

@@ -59,7 +59,13 @@ class Overlay:
     """One mounted stack: an optional upper layer with its workdir, and lower layers top-first."""
 
     def __init__(
-        self, lowerdirs: list[str], upperdir: str | None = None, workdir: str | None = None, *, userxattr: bool = False
+        self,
+        lowerdirs: list[str],
+        upperdir: str | None = None,
+        workdir: str | None = None,
+        *,
+        userxattr: bool = False,
+        metacopy: bool = False,
     ) -> None:
         if (upperdir is None) != (workdir is None):
             raise ValueError("upperdir and workdir go together")
@@ -67,7 +73,8 @@ class Overlay:
         self.upper = Layer(0, upperdir) if upperdir is not None else None
         self.lowers = [LowerLayer(i, d, self.markers) for i, d in enumerate(lowerdirs, start=1)]
         self.workdir = Workdir(workdir) if workdir is not None else None
-        self.lookup = Lookup(self.upper, self.lowers, self.markers)
+        self.metacopy = metacopy
+        self.lookup = Lookup(self.upper, self.lowers, self.markers, metacopy)
         layer_fds = ([self.upper.fd] if self.upper else []) + [layer.fd for layer in self.lowers]
         self.inodes = InodeNumbers(layer_fds)
         self.files = OpenFiles()
@@ -94,9 +101,9 @@ class Overlay:
             raise erofs(path)
         return self.upper, self.workdir
 
-    def copy_up(self, path: str, *, with_data: bool = True) -> Node:
+    def copy_up(self, path: str, *, with_data: bool = True, meta_only: bool = False) -> Node:
         self.writable(path)
-        return copy_up(self, path, with_data=with_data)
+        return copy_up(self, path, with_data=with_data, meta_only=meta_only)
 
     def top_layer(self, node: Node) -> Layer:
         """The layer whose object the merged view shows for ``node``."""
@@ -135,7 +142,7 @@ class Overlay:
     # -- attributes ----------------------------------------------------------------
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        if fh is not None:
+        if fh is not None and not (self.files.get(fh).metacopy and path):
             of = self.files.get(fh)
             st = os.stat(of.fd)
             return stat_dict(st, of.ino, st.st_nlink)
@@ -186,8 +193,8 @@ class Overlay:
 
     @contextlib.contextmanager
     def _upper_object(self, path: str) -> Iterator[tuple[int, str]]:
-        """Copy ``path`` up and yield ``(parent fd, name)`` of its upper object, for ``*at`` calls."""
-        node = self.copy_up(path)
+        """Copy ``path`` up for a metadata change; yield ``(parent fd, name)`` of its upper object (``*at`` calls)."""
+        node = self.copy_up(path, meta_only=True)
         if node.upper_fd >= 0:  # a directory: use its own fd, its name may be ""
             yield node.upper_fd, "."
             return
@@ -211,9 +218,10 @@ class Overlay:
         if wants_write and not special:  # FIFOs, sockets and devices are never copied up
             node = self.copy_up(path, with_data=not flags & os.O_TRUNC)
         ino = self.inodes.of_node(node)
-        fd = self.top_layer(node).open(path, real_flags)
-        on_lower = node.upper is None and stat.S_ISREG(node.st.st_mode)
-        return self.files.add(OpenFile(fd, path, ino, on_lower))
+        data = node.data  # a metacopy file's data is in a layer below it
+        fd = (data[0] if data else self.top_layer(node)).open(path, real_flags)
+        on_lower = (node.upper is None or node.metacopy) and stat.S_ISREG(node.st.st_mode)
+        return self.files.add(OpenFile(fd, path, ino, on_lower, data is not None))
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         return os.pread(self.files.get(fh).fd, size, offset)

@@ -18,7 +18,6 @@ MAX_LOWERS = 500  # the kernel's OVL_MAX_STACK
 _KERNEL_DEFAULTS = {
     "redirect_dir": ("off", "nofollow"),
     "index": ("off",),
-    "metacopy": ("off",),
     "nfs_export": ("off",),
     "xino": ("off", "auto"),
     "uuid": ("on", "off", "auto", "null"),
@@ -48,6 +47,7 @@ class MountConfig:
     debug: bool = False
     logfile: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
+    metacopy: bool = False  # chmod, chown, utimes and xattrs copy a file's metadata only (the kernel's metacopy=on)
     timeout: float = 86400.0  # how long the kernel may cache entries and attributes (fuse-overlayfs's timeout=)
 
     @property
@@ -111,6 +111,10 @@ def parse_options(options: list[str]) -> MountConfig:
                 raise MountError(f"timeout needs a number of seconds, not '{value}'") from None
             if config.timeout < 0:
                 raise MountError("timeout cannot be negative")
+        elif key == "metacopy":
+            if value not in ("on", "off"):
+                raise MountError(f"metacopy needs on or off, not '{value}'")
+            config.metacopy = value == "on"
         elif key in ("userxattr", "debug", "allow_other", "default_permissions") and not has_value:
             setattr(config, key, True)
         elif key in ("noallow_other", "nodefault_permissions") and not has_value:
@@ -126,6 +130,8 @@ def parse_options(options: list[str]) -> MountConfig:
             pass
         else:
             raise MountError(f"unknown mount option '{opt}'")
+    if config.metacopy and config.userxattr:
+        raise MountError("metacopy=on conflicts with userxattr (as in the kernel)")
     return config
 
 

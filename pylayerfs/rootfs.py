@@ -22,23 +22,26 @@ DRIVERS = ("fuse", "overlay")
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def options(lowers: Sequence[str], upper: str | None, work: str | None) -> str:
+def options(lowers: Sequence[str], upper: str | None, work: str | None, metacopy: bool = False) -> str:
     paths = [*lowers, upper or "", work or ""]
     if any(c in p for p in paths for c in ",:"):
         raise MountError("layer paths with ',' or ':' cannot be mounted; choose another store root")
-    return f"lowerdir={':'.join(lowers)}" + (f",upperdir={upper},workdir={work}" if upper else "")
+    upper_options = f",upperdir={upper},workdir={work}" if upper else ""
+    return f"lowerdir={':'.join(lowers)}{upper_options}" + (",metacopy=on" if metacopy else "")
 
 
 @contextlib.contextmanager
 def mounted(
-    lowers: Sequence[str], upper: str | None, work: str | None, merged: str, driver: str = "fuse"
-) -> Iterator[str]:
+    lowers: Sequence[str], upper: str | None, work: str | None, merged: str, driver: str = "fuse",
+    metacopy: bool = False,
+) -> Iterator[str]:  # fmt: skip
     """Mount the stack on ``merged`` (created if needed) for the ``with`` block; always unmount.
 
-    Without ``upper`` the mount is read-only.
+    Without ``upper`` the mount is read-only. ``metacopy``: mount with ``metacopy=on`` (needed to read
+    layers that hold metacopy files, and making more of them).
     """
     os.makedirs(merged, 0o755, exist_ok=True)
-    opts = options(lowers, upper, work)
+    opts = options(lowers, upper, work, metacopy)
     if driver == "fuse":
         config = parse_options([opts])
         mount_background(config, check(config, merged), "pylayerfs")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -58,13 +59,30 @@ def _check(result: int, what: str) -> None:
 
 
 def make_init_layer(root: str) -> None:
-    """The mountpoints a process needs, in their own layer (below the one it writes into)."""
+    """The mountpoints a process needs, in their own layer (below the one it writes into).
+
+    In a tree that has them already (the vfs driver's copy, chrooted), they replace what is there,
+    as the init layer hides what is below it.
+    """
     for d in INIT_DIRS:
-        os.makedirs(os.path.join(root, d), 0o755, exist_ok=True)
+        path = os.path.join(root, d)
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            os.unlink(path)
+        os.makedirs(path, 0o755, exist_ok=True)
     for f in INIT_FILES:
+        _replace(os.path.join(root, f))
         with open(os.path.join(root, f), "w"):
             pass
+    _replace(os.path.join(root, "etc", "mtab"))
     os.symlink("/proc/mounts", os.path.join(root, "etc", "mtab"))
+
+
+def _replace(path: str) -> None:
+    """Make room for an init entry at ``path``."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
 
 
 @dataclass
@@ -159,15 +177,22 @@ def run(process: Process) -> int:
     return 128 - code if code < 0 else code
 
 
-def call(rootfs: str, work: Callable[[], None], cwd: str = "/") -> None:
-    """Run ``work`` in a child process inside ``rootfs``; re-raise its error here as SandboxError."""
+def call(rootfs: str, work: Callable[[], None], cwd: str = "/", *, mounts: bool = True) -> None:
+    """Run ``work`` in a child process inside ``rootfs``; re-raise its error here as SandboxError.
+
+    ``mounts=False``: only ``chroot``, no /proc or devices mounted (to work on the tree itself).
+    """
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         os.close(read)
         status = 0
         try:
-            _enter(rootfs, cwd, "pylayerfs")
+            if mounts:
+                _enter(rootfs, cwd, "pylayerfs")
+            else:
+                os.chroot(rootfs)
+                os.chdir(cwd)
             work()
         except BaseException as exc:  # reported to the parent, which raises it
             message = str(exc) or type(exc).__name__

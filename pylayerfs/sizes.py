@@ -2,7 +2,8 @@
 
 * :func:`layer_size` is moby's ``directory.Size``: the apparent size of every
   non-directory under a layer's ``diff`` (a symlink counts its target's length,
-  a whiteout 0), hard links counted once.
+  a whiteout 0), hard links counted once; a metacopy file (``metacopy=on``)
+  counts 0, since its data is stored in a layer below.
 * :func:`human_size` is go-units' ``HumanSizeWithPrecision``: decimal units with
   a lowercase ``kB``, ``%.3g`` by default (``9.29MB``, ``33B``); ``"%.*g"`` in
   Python prints exactly what Go does, ``1e+03kB`` included.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import os
 import stat
+
+from pylayerfs.markers import is_metacopy_file
 
 _UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
 
@@ -31,7 +34,8 @@ def layer_size(root: str) -> int:
                 if st.st_ino in seen:
                     continue
                 seen.add(st.st_ino)
-            total += st.st_size
+            if not is_metacopy_file(os.path.join(dirpath, name), st):
+                total += st.st_size
     return total
 
 

@@ -47,7 +47,7 @@ def getxattr(ov: Overlay, path: str, attr: str) -> bytes:
 
 
 def setxattr(ov: Overlay, path: str, attr: str, value: bytes, flags: int = 0) -> None:
-    node = ov.copy_up(path)
+    node = ov.copy_up(path, meta_only=True)
     with ov.real(node) as (dirfd, name):
         ref, follow = realfs.xattr_ref(dirfd, name)
         realfs.trace("setxattr", ref, name=attr)
@@ -59,7 +59,7 @@ def removexattr(ov: Overlay, path: str, attr: str) -> None:
     with ov.real(node) as (dirfd, name):  # ENODATA before any copy-up, as the kernel answers
         ref, follow = realfs.xattr_ref(dirfd, name)
         os.getxattr(ref, _on_disk(ov.markers, attr), follow_symlinks=follow)
-    node = ov.copy_up(path)
+    node = ov.copy_up(path, meta_only=True)
     with ov.real(node) as (dirfd, name):
         ref, follow = realfs.xattr_ref(dirfd, name)
         realfs.trace("removexattr", ref, name=attr)

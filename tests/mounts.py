@@ -62,10 +62,12 @@ def pylayerfs_mount(
 
 
 @contextlib.contextmanager
-def kernel_mount(mnt: str, lowers: list[str], upper: str | None = None, work: str | None = None) -> Iterator[str]:
+def kernel_mount(
+    mnt: str, lowers: list[str], upper: str | None = None, work: str | None = None, extra: str = ""
+) -> Iterator[str]:
     os.makedirs(mnt, exist_ok=True)
     subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", options(lowers, upper, work), mnt],
+        ["mount", "-t", "overlay", "overlay", "-o", options(lowers, upper, work, extra), mnt],
         check=True,
         capture_output=True,
         timeout=TIMEOUT,

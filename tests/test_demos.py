@@ -34,6 +34,13 @@ EXPECTED = {
         "1 modified",
         "| <missing>",
     ],
+    "07-storage-drivers": [
+        "overlay2    fuse, overlay   3         2            1.986MB",
+        "vfs/dir     vfs             3         2            13.9MB",
+        "/bin/sh -c chmod +x app.sh                      0B",
+        "/app.sh is a file with layer 3's metadata and layer 2's data",
+        "hello, layers!!",
+    ],
 }
 
 

@@ -90,6 +90,8 @@ def disk_form(upper: str, prefix: str = TRUSTED_PREFIX) -> dict[str, Any]:
             if stat.S_ISREG(st.st_mode):
                 with open(full, "rb") as f:
                     entry.append(hashlib.sha256(f.read()).hexdigest()[:16])
+                with contextlib.suppress(OSError):
+                    entry.append(("metacopy", os.getxattr(full, prefix + "metacopy")))
             out[os.path.relpath(full, upper)] = tuple(entry)
     return out
 

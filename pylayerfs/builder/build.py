@@ -20,12 +20,14 @@ import datetime
 import hashlib
 import os
 import posixpath
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from pylayerfs import rootfs, sandbox
+from pylayerfs import rootfs, sandbox, vfsdriver
 from pylayerfs.builder import imageconfig as cfg
 from pylayerfs.builder.context import Context, ContextError
 from pylayerfs.builder.copy import CopyJob, copy_into_root
@@ -55,6 +57,7 @@ class BuildOptions:
     no_cache: bool = False
     build_args: dict[str, str] = field(default_factory=dict)
     driver: str = "fuse"
+    metacopy: bool = False  # mount steps with metacopy=on: a chmod copies metadata only
 
 
 @dataclass
@@ -341,6 +344,8 @@ class Builder:
                 self._say(f"Removing intermediate container {container_id[:12]}")
             with self.store.locked():
                 layer = self.store.layers.register(cache_id, parent)
+            if layer is not None and self.options.driver == "vfs":
+                vfsdriver.layer_tree(self.store, layer.chain_id)  # vfs keeps every layer as a full tree
         except BaseException:
             self.store.layers.remove_dir(cache_id)
             raise
@@ -352,6 +357,10 @@ class Builder:
 
         Without ``upper`` the mount is read-only (a source for ``COPY --from``).
         """
+        if self.options.driver == "vfs":
+            with self._vfs_root(parent, upper) as root:
+                yield root
+            return
         layers = self.store.layers
         name = upper or random_id()
         init = f"{name}-init"
@@ -363,10 +372,28 @@ class Builder:
             diff = layers.diff_dir(upper) if upper else None
             work = self.store.layout.layer(upper, "work") if upper else None
             merged = self.store.layout.layer(init, "merged")
-            with rootfs.mounted(lowers, diff, work, merged, self.options.driver) as root:
+            metacopy = self.options.metacopy or layers.uses_metacopy(parent)
+            with rootfs.mounted(lowers, diff, work, merged, self.options.driver, metacopy) as root:
                 yield root
         finally:
             layers.remove_dir(init)
+
+    @contextlib.contextmanager
+    def _vfs_root(self, parent: str | None, upper: str | None) -> Iterator[str]:
+        """The vfs driver's root: a full copy to write in, whose naive diff becomes ``upper``'s diff.
+
+        Without ``upper``: the layer's own full tree, read as it is.
+        """
+        if upper is None:
+            with tempfile.TemporaryDirectory(dir=self.store.layout.tmp) as empty:
+                yield vfsdriver.layer_tree(self.store, parent) or empty
+            return
+        try:
+            yield vfsdriver.create(self.store, parent, upper)
+            vfsdriver.changes(self.store, upper, self.store.layers.diff_dir(upper))
+        finally:
+            for name in (upper, upper + vfsdriver.INIT):
+                shutil.rmtree(self.store.layout.vfs_dir(name), ignore_errors=True)
 
     def _probe(self, stage: Stage, cmd: list[str]) -> bool:
         """Reuse a locally built child of the current image made by the same step, if the cache allows."""

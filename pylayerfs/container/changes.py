@@ -24,7 +24,7 @@ from pylayerfs.overlay import Overlay
 
 def changes(upper: str, lowers: list[str]) -> list[str]:
     """``A /path``, ``C /path``, ``D /path`` lines for the upper directory over ``lowers`` (top first)."""
-    below = Overlay(lowers)
+    below = Overlay(lowers, metacopy=True)  # only read: metacopy files in the image are followed
     found: dict[str, str] = {}
     try:
         for dirpath, dirnames, filenames in os.walk(upper):

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from typing import IO
 
-from pylayerfs import realfs, rootfs, sandbox
+from pylayerfs import realfs, rootfs, sandbox, vfsdriver
 from pylayerfs.builder import imageconfig as cfg
 from pylayerfs.container.records import Container, ContainerStore, State
 from pylayerfs.params import mounts_below
@@ -86,10 +86,14 @@ class Runtime:
         )  # fmt: skip
         top = image.top_layer
         layers = self.store.layers
+        init = mount_id + vfsdriver.INIT
+        if self.driver == "vfs":
+            vfsdriver.create(self.store, top, mount_id)
         with self.store.locked():
-            init = layers.new_dir(top, f"{mount_id}-init")
-            sandbox.make_init_layer(layers.diff_dir(init))
-            layers.new_dir(top, mount_id, above=init)
+            if self.driver != "vfs":
+                layers.new_dir(top, init)
+                sandbox.make_init_layer(layers.diff_dir(init))
+                layers.new_dir(top, mount_id, above=init)
             mounts = os.path.join(self.store.layout.mounts, container_id)
             os.makedirs(mounts, 0o700)
             write_value(os.path.join(mounts, "mount-id"), mount_id)
@@ -116,6 +120,9 @@ class Runtime:
     # -- the mount -------------------------------------------------------------------------
 
     def merged(self, container: Container) -> str:
+        """Where the container's root is: its mount, or with vfs its own full tree."""
+        if container.Driver == "vfs":
+            return self.store.layout.vfs_dir(container.MountID)
         return self.store.layout.layer(container.MountID, "merged")
 
     def upper(self, container: Container) -> str:
@@ -126,10 +133,26 @@ class Runtime:
         return [self.store.layers.diff_dir(f"{container.MountID}-init"), *self.store.layers.lower_dirs(image.top_layer)]
 
     @contextlib.contextmanager
+    def read_write_layer(self, container: Container) -> Iterator[tuple[str, list[str]]]:
+        """The container's changes as an overlay upper directory, and the directories below it, top first.
+
+        With vfs: the naive diff of its tree against its init copy (made for the ``with`` block), over that copy.
+        """
+        if container.Driver == "vfs":
+            with vfsdriver.changes_dir(self.store, container.MountID) as upper:
+                yield upper, [self.store.layout.vfs_dir(container.MountID + vfsdriver.INIT)]
+        else:
+            yield self.upper(container), self.lowers(container)
+
+    @contextlib.contextmanager
     def _mounted(self, container: Container) -> Iterator[str]:
+        if container.Driver == "vfs":
+            yield self.merged(container)
+            return
         work = self.store.layout.layer(container.MountID, WORK_DIR)
+        metacopy = self.store.layers.uses_metacopy(self.store.images.get(container.Image).top_layer)
         with rootfs.mounted(self.lowers(container), self.upper(container), work, self.merged(container),
-                            container.Driver) as root:  # fmt: skip
+                            container.Driver, metacopy) as root:  # fmt: skip
             yield root
 
     def _process(self, container: Container, root: str, argv: list[str], env: list[str], user: str | None,

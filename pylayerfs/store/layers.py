@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 
 from pylayerfs import archive, realfs
+from pylayerfs.markers import is_metacopy_file
 from pylayerfs.params import mounts_below
 from pylayerfs.sizes import layer_size
 from pylayerfs.store.layout import (
@@ -26,6 +27,7 @@ from pylayerfs.store.layout import (
     LINK_DIR,
     LINK_FILE,
     LOWER_FILE,
+    METACOPY_FILE,
     WORK_DIR,
     Layout,
     StoreError,
@@ -123,6 +125,10 @@ class LayerStore:
         """The cache-ids of ``parent`` (a ChainID) and every layer below it, top first."""
         return [layer.cache_id for layer in self.stack(parent)]
 
+    def uses_metacopy(self, chain: str | None) -> bool:
+        """Does a layer of the stack hold metacopy files? (Then mounts of it need ``metacopy=on``.)"""
+        return any(os.path.exists(self.layout.layer(c, METACOPY_FILE)) for c in self.lower_cache_ids(chain))
+
     def lower_dirs(self, parent: str | None) -> list[str]:
         """The diff directories a mount over ``parent`` stacks, top first."""
         return [self.diff_dir(c) for c in self.lower_cache_ids(parent)]
@@ -130,7 +136,7 @@ class LayerStore:
     def register(self, cache_id: str, parent: str | None) -> Layer | None:
         """Make the built directory ``cache_id`` a layer over ``parent``; None if it holds nothing."""
         diff = self.diff_dir(cache_id)
-        diff_id = archive.diff_id(diff)
+        diff_id = archive.diff_id(diff, self.lower_dirs(parent))
         if diff_id == archive.EMPTY_LAYER_DIFF_ID:
             self.remove_dir(cache_id)
             return None
@@ -140,6 +146,8 @@ class LayerStore:
             return self.get(chain)
         staging = os.path.join(self.layout.tmp, f"layer-{random_id()}")
         os.mkdir(staging, 0o700)
+        if any(is_metacopy_file(os.path.join(diff, rel), st) for rel, st in archive.walk(diff)):
+            write_value(self.layout.layer(cache_id, METACOPY_FILE), "", 0o600)
         values = {"diff": diff_id, "size": str(layer_size(diff)), "cache-id": cache_id}
         if parent is not None:
             values["parent"] = parent
@@ -156,6 +164,7 @@ class LayerStore:
         shutil.rmtree(removing)
 
     def remove_dir(self, cache_id: str) -> None:
+        """Remove ``overlay2/<cache-id>`` and its short link, and the vfs driver's tree of that name."""
         d = self.layout.layer(cache_id)
         try:
             link = read_value(os.path.join(d, LINK_FILE))
@@ -163,6 +172,7 @@ class LayerStore:
         except OSError:
             pass
         shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(self.layout.vfs_dir(cache_id), ignore_errors=True)
 
     def container_dirs(self) -> set[str]:
         """The layer directories containers use (``layerdb/mounts/<id>/{mount-id,init-id}``)."""
@@ -181,7 +191,8 @@ class LayerStore:
         """
         registered = {layer.cache_id for layer in self.all()} | in_use | self.container_dirs()
         removed = []
-        for name in os.listdir(self.layout.overlay2):
+        vfs = os.listdir(self.layout.vfs) if os.path.isdir(self.layout.vfs) else []
+        for name in sorted(set(os.listdir(self.layout.overlay2)) | set(vfs)):
             if name != LINK_DIR and name not in registered:
                 for mountpoint in mounts_below(self.layout.layer(name)):
                     realfs.detach(mountpoint)

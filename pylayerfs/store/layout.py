@@ -9,12 +9,14 @@
       lower                                l/<LINKID>:... of the layers below, top first
       work/                                the workdir of a mount that writes into diff/
       committed                            written into a layer when a child is made of it
+      metacopy                             written into a layer that holds metacopy files
   image/overlay2/
     imagedb/content/sha256/<image-id>      the image config JSON; its sha256 is the image ID
     imagedb/metadata/sha256/<image-id>/    parent, lastUpdated, builtLocally
     layerdb/sha256/<chain-id>/             diff, size, cache-id, parent (one value each, no newline)
     layerdb/mounts/<container-id>/         mount-id, init-id, parent (containers)
     repositories.json                      {"Repositories":{name:{name:tag: image id}}}
+  vfs/dir/<cache-id>                       the vfs driver: a layer's whole tree (or a container's, <id>-init too)
   tmp/                                     staging: an entry appears in place by rename(2)
   lock                                     flock(2) held by every writer
 """
@@ -32,6 +34,7 @@ WORK_DIR = "work"
 LINK_FILE = "link"
 LOWER_FILE = "lower"
 COMMITTED_FILE = "committed"
+METACOPY_FILE = "metacopy"
 SHA256 = "sha256"
 
 
@@ -51,6 +54,7 @@ class Layout:
         self.mounts = os.path.join(self.image, "layerdb", "mounts")
         self.repositories = os.path.join(self.image, "repositories.json")
         self.tmp = os.path.join(self.root, "tmp")
+        self.vfs = os.path.join(self.root, "vfs", "dir")
 
     def create(self) -> None:
         os.makedirs(self.root, 0o711, exist_ok=True)
@@ -60,6 +64,9 @@ class Layout:
 
     def layer(self, cache_id: str, *parts: str) -> str:
         return os.path.join(self.overlay2, cache_id, *parts)
+
+    def vfs_dir(self, name: str = "") -> str:
+        return os.path.join(self.vfs, name) if name else self.vfs
 
     def chain(self, chain_id: str, *parts: str) -> str:
         return os.path.join(self.layerdb, hex_of(chain_id), *parts)

@@ -1,0 +1,255 @@
+"""Metadata-only copy-up (``metacopy=on``): in-process, then against the kernel's, both ways."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pylayerfs.overlay import Overlay
+from tests.mounts import kernel_mount, pylayerfs_mount
+from tests.trees import build, disk_form, tree_hash, view
+
+APP = b'#!/bin/sh\necho "hello, layers!!"\n'  # the blog's app.sh: 33 bytes
+METACOPY = "trusted.overlay.metacopy"
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> tuple[list[str], str, str]:
+    lowers = [build(str(tmp_path / "l0"), {"top": "top's"}), build(str(tmp_path / "l1"), {"app.sh": APP.decode()})]
+    for d in ("u", "w"):
+        (tmp_path / d).mkdir()
+    return lowers, str(tmp_path / "u"), str(tmp_path / "w")
+
+
+def overlay(stack: tuple[list[str], str, str], metacopy: bool = True) -> Overlay:
+    lowers, upper, work = stack
+    return Overlay(lowers, upper, work, metacopy=metacopy)
+
+
+def all_hole(path: Path | str) -> bool:
+    """No data stored: the file is one hole (st_blocks may still count an xattr block)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as exc:
+        return exc.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+    return False
+
+
+def read_all(ov: Overlay, path: str) -> bytes:
+    fh = ov.open(path, os.O_RDONLY)
+    try:
+        return ov.read(fh, 1 << 20, 0)
+    finally:
+        ov.release(fh)
+
+
+@pytest.mark.root  # trusted.* xattrs
+def test_chmod_copies_metadata_only_and_the_first_write_copies_the_data(stack):
+    ov = overlay(stack)
+    before = ov.open("app.sh", os.O_RDONLY)  # opened before any copy-up
+    ov.chmod("app.sh", 0o755)
+    upper = os.path.join(stack[1], "app.sh")
+    st = os.stat(upper)
+    assert (st.st_size, stat.S_IMODE(st.st_mode)) == (33, 0o755) and all_hole(upper)  # no data stored
+    assert os.getxattr(upper, METACOPY) == b""
+    assert read_all(ov, "app.sh") == APP
+    attrs = ov.getattr("app.sh")
+    assert stat.S_IMODE(attrs["st_mode"]) == 0o755 and attrs["st_blocks"] == os.stat(stack[0][1] + "/app.sh").st_blocks
+    assert stat.S_IMODE(ov.getattr("app.sh", before)["st_mode"]) == 0o755  # the handle shows the new metadata
+    ov.chown("app.sh", 1000, 1000)
+    ov.setxattr("app.sh", "user.note", b"kept")
+    assert METACOPY in os.listxattr(upper) and METACOPY not in ov.listxattr("app.sh")
+
+    fh = ov.open("app.sh", os.O_WRONLY | os.O_APPEND)
+    ov.write(fh, b"# more\n", 33)
+    ov.release(fh)
+    assert METACOPY not in os.listxattr(upper)
+    assert Path(upper).read_bytes() == APP + b"# more\n"
+    st = os.stat(upper)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode), os.getxattr(upper, "user.note")) == (1000, 0o755, b"kept")
+    assert ov.read(before, 100, 0) == APP + b"# more\n"  # switched to the upper copy, as after any copy-up
+    ov.release(before)
+    ov.close()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda ov: ov.rename("app.sh", "moved.sh"),
+        lambda ov: ov.link("app.sh", "moved.sh"),
+        lambda ov: ov.truncate("app.sh", 10),
+    ],
+    ids=["rename", "link", "truncate"],
+)
+def test_renaming_linking_or_truncating_a_metacopy_file_copies_its_data_first(stack, change):
+    """Without redirects a metacopy file must stay at its path: these copy its data up (no redirect_dir here)."""
+    ov = overlay(stack)
+    ov.chmod("app.sh", 0o700)
+    change(ov)
+    upper = os.path.join(stack[1], "moved.sh")
+    if not os.path.exists(upper):
+        upper = os.path.join(stack[1], "app.sh")
+    assert METACOPY not in os.listxattr(upper)
+    assert Path(upper).read_bytes() == APP[: os.stat(upper).st_size] and os.stat(upper).st_blocks > 0
+    ov.close()
+
+
+@pytest.mark.root
+def test_without_metacopy_on_a_metacopy_file_is_refused_and_one_without_data_is_eio(stack, tmp_path):
+    ov = overlay(stack)
+    ov.chmod("app.sh", 0o755)
+    ov.close()
+    with pytest.raises(OSError) as refused:
+        overlay(stack, metacopy=False).getattr("app.sh")
+    assert refused.value.errno == errno.EPERM  # as the kernel: "refusing to follow metacopy origin"
+
+    # the metacopy file as a lower layer over the data: followed; over nothing: EIO
+    lowers = [stack[1], *stack[0]]
+    assert read_all(Overlay(lowers, metacopy=True), "app.sh") == APP
+    assert stat.S_IMODE(Overlay(lowers, metacopy=True).getattr("app.sh")["st_mode"]) == 0o755
+    with pytest.raises(OSError) as orphan:
+        Overlay([stack[1]], metacopy=True).getattr("app.sh")
+    assert orphan.value.errno == errno.EIO
+
+
+def test_metacopy_and_userxattr_conflict_as_in_the_kernel():
+    from pylayerfs.params import MountError, parse_options
+
+    assert parse_options(["lowerdir=a,metacopy=on"]).metacopy
+    with pytest.raises(MountError, match="conflicts with userxattr"):
+        parse_options(["lowerdir=a,metacopy=on,userxattr"])
+
+
+# -- the kernel as the oracle -----------------------------------------------------------------
+
+LOWER = {"app.sh": APP.decode(), "d/f": "data", "d/g": "more data", "big": "x" * 100_000, "keep": "keep"}
+
+
+def _write(p: str) -> None:
+    with open(p, "a") as f:
+        f.write("!")
+
+
+OPERATIONS: list[Callable[[str], object]] = [
+    lambda m: os.chmod(f"{m}/app.sh", 0o755),
+    lambda m: os.chown(f"{m}/d/f", 1000, 1000),
+    lambda m: os.utime(f"{m}/big", (1, 1)),
+    lambda m: os.setxattr(f"{m}/d/g", "user.k", b"v"),
+    lambda m: Path(f"{m}/app.sh").read_bytes(),
+    lambda m: (os.stat(f"{m}/big").st_size, os.stat(f"{m}/big").st_blocks > 0),
+    lambda m: _write(f"{m}/d/g"),
+    lambda m: os.truncate(f"{m}/big", 50_000),
+]
+
+
+def _run(mnt: str) -> list[object]:
+    results: list[object] = []
+    for op in OPERATIONS:
+        try:
+            value = op(mnt)
+            results.append(value if isinstance(value, (bytes, tuple)) else "ok")
+        except OSError as exc:
+            results.append(os.strerror(exc.errno or 0))
+    return results
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_same_metacopy_uppers_as_the_kernel_and_interop_both_ways(tmp_path):
+    def fresh(name: str) -> tuple[list[str], str, str, str]:
+        lower = build(str(tmp_path / name / "l"), LOWER)
+        dirs = [str(tmp_path / name / d) for d in ("u", "w", "m")]
+        for d in dirs:
+            os.makedirs(d)
+        return [lower], *dirs  # type: ignore[return-value]
+
+    k_lowers, k_upper, k_work, k_mnt = fresh("kernel")
+    p_lowers, p_upper, p_work, p_mnt = fresh("pylayerfs")
+    lower_hash = tree_hash(p_lowers[0])
+    with kernel_mount(k_mnt, k_lowers, k_upper, k_work, "metacopy=on"):
+        k_results, k_view = _run(k_mnt), view(k_mnt)
+    with pylayerfs_mount(p_mnt, p_lowers, p_upper, p_work, "metacopy=on"):
+        p_results, p_view = _run(p_mnt), view(p_mnt)
+    assert p_results == k_results
+    assert p_view == k_view
+    assert disk_form(p_upper) == disk_form(k_upper)
+    assert ("metacopy", b"") in disk_form(p_upper)["app.sh"]  # chmod and chown left metacopy files
+    assert tree_hash(p_lowers[0]) == lower_hash
+
+    with kernel_mount(k_mnt, k_lowers, p_upper, p_work, "metacopy=on"):
+        assert view(k_mnt) == p_view, "the kernel reads pylayerfs's metacopy upper differently"
+    shutil.rmtree(p_work)
+    os.makedirs(p_work)
+    with pylayerfs_mount(p_mnt, p_lowers, k_upper, k_work, "metacopy=on"):
+        assert view(p_mnt) == k_view, "pylayerfs reads the kernel's metacopy upper differently"
+    shutil.rmtree(p_work)
+    os.makedirs(p_work)
+    with kernel_mount(k_mnt, k_lowers, p_upper, p_work), pytest.raises(PermissionError):
+        os.stat(f"{k_mnt}/app.sh")  # both refuse a metacopy file without metacopy=on
+    shutil.rmtree(p_work)
+    os.makedirs(p_work)
+    with pylayerfs_mount(p_mnt, p_lowers, p_upper, p_work), pytest.raises(PermissionError):
+        os.stat(f"{p_mnt}/app.sh")
+
+
+# -- the builder ------------------------------------------------------------------------------
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.parametrize("driver", ["fuse", "overlay"])
+def test_build_with_metacopy_makes_the_chmod_layer_0B_with_the_same_diff_id(tmp_path, driver):
+    from pylayerfs import analysis, archive, explain
+    from pylayerfs.store import Store
+    from tests.test_build import DOCKERFILE_1, pylayerfs
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "app.sh").write_bytes(APP)
+    (ctx / "Dockerfile").write_text(DOCKERFILE_1)
+    root = tmp_path / "store"
+    pylayerfs(root, "base", "alpine")
+    pylayerfs(root, "build", "--metacopy", "--storage-driver", driver, "-t", "meta", str(ctx))
+    history = pylayerfs(root, "history", "meta").stdout.splitlines()
+    assert "chmod +x app.sh" in history[2] and history[2].split()[-1] == "0B"
+    assert "COPY" in history[3] and history[3].split()[-1] == "33B"
+
+    store = Store(str(root))
+    image = store.resolve("meta")
+    chmod_layer = store.layers_of(image)[0]
+    diff = Path(store.layers.diff_dir(chmod_layer.cache_id))
+    assert all_hole(diff / "app.sh") and METACOPY in os.listxattr(diff / "app.sh")
+    with open(tmp_path / "layer.tar", "wb") as tar:  # the layer's tar carries the data, read from below
+        archive.write_layer(str(diff), tar, store.layers.lower_dirs(chmod_layer.parent))
+    with tarfile.open(tmp_path / "layer.tar") as t:
+        member = t.getmember("app.sh")
+        assert (member.mode, t.extractfile(member).read()) == (0o755, APP)  # type: ignore[union-attr]
+
+    # the same build without metacopy, in another store: the same layers (DiffIDs), stored differently
+    plain = tmp_path / "plain"
+    pylayerfs(plain, "base", "alpine")
+    pylayerfs(plain, "build", "-t", "plain", str(ctx))
+    plain_store = Store(str(plain))
+    assert plain_store.resolve("plain").diff_ids[1:] == image.diff_ids[1:]
+    assert [la.size for la in plain_store.layers_of(plain_store.resolve("plain"))][:2] == [33, 33]
+
+    # a container over it reads the data; docker diff, layers and explain see a metadata-only change
+    assert pylayerfs(root, "run", "--rm", "meta").stdout == "hello, layers!!\n"
+    reports, summary = analysis.analyse(store, "meta")
+    assert [(c.path, c.change, c.size) for c in reports[-1].fileList] == [("app.sh", "modified", 0)]
+    assert summary.unseenBytes == 0
+    found = explain.explain(explain.image_layers(store, "meta"), "/app.sh")
+    assert [f.holds for f in found.layers][:2] == ["metacopy file", "file"] and found.source == "layer 2"
+    # the vfs driver builds its full trees from these layers: metadata applied, data kept
+    pylayerfs(root, "run", "--rm", "--storage-driver", "vfs", "meta")
