@@ -82,8 +82,17 @@ class Markers:
         return get(dirfd, name, self.whiteout) is not None
 
     def is_metacopy(self, dirfd: int, name: str) -> bool:
-        """A metadata-only copy: the upper file's data is still the lower file's."""
-        return get(dirfd, name, self.metacopy) is not None
+        """A metadata-only copy: the upper file's data is still the lower file's.
+
+        One the kernel renamed carries a ``redirect`` to where its data is; pylayerfs follows no
+        redirects (it is ``redirect_dir=off``), so it refuses the file with EPERM, as the kernel
+        refuses redirects it may not follow, rather than read the data of the wrong file.
+        """
+        if get(dirfd, name, self.metacopy) is None:
+            return False
+        if get(dirfd, name, self.prefix + "redirect") is not None:
+            raise OSError(errno.EPERM, "a metacopy file with a redirect: pylayerfs follows no redirects", name)
+        return True
 
     def origin_of(self, dirfd: int, name: str | None = None) -> int | None:
         """The recorded origin inode number of an upper object."""

@@ -20,7 +20,13 @@ EXPECTED = {
         "trusted.overlay.opaque = y",
         "a whiteout in the upper layer deletes it",
     ],
-    "03-copy-up": ["total 0", "-rwxr-xr-x 1 root root 33"],
+    "03-copy-up": [
+        "total 0",
+        "-rwxr-xr-x 1 root root 33",
+        "33 bytes, 0 blocks, -rwxr-xr-x",
+        'trusted.overlay.metacopy=""',
+        'echo "hello, layers!!"',
+    ],
     "04-build-and-history": [
         "Successfully tagged bitphile/my-new-image:latest",
         " ---> Using cache",

@@ -253,3 +253,27 @@ def test_build_with_metacopy_makes_the_chmod_layer_0B_with_the_same_diff_id(tmp_
     assert [f.holds for f in found.layers][:2] == ["metacopy file", "file"] and found.source == "layer 2"
     # the vfs driver builds its full trees from these layers: metadata applied, data kept
     pylayerfs(root, "run", "--rm", "--storage-driver", "vfs", "meta")
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_a_metacopy_file_the_kernel_renamed_is_refused_not_read_from_the_wrong_file(tmp_path):
+    """The kernel (redirect_dir=on with metacopy) renames a lower file as metacopy plus a redirect.
+
+    pylayerfs follows no redirects, so it must refuse that file (EPERM), never show the data of the
+    file that now sits at the new name below. `pylayerfs check` found the wrong-data case.
+    """
+    lower = build(str(tmp_path / "l"), {"a": "", "b": "1"})
+    upper, work = tmp_path / "u", tmp_path / "w"
+    upper.mkdir()
+    work.mkdir()
+    with kernel_mount(str(tmp_path / "k"), [lower], str(upper), str(work), "metacopy=on") as mnt:
+        os.rename(f"{mnt}/b", f"{mnt}/a")
+        assert Path(f"{mnt}/a").read_text() == "1"
+    assert "trusted.overlay.redirect" in os.listxattr(upper / "a")
+    shutil.rmtree(work)
+    work.mkdir()
+    with pylayerfs_mount(str(tmp_path / "p"), [lower], str(upper), str(work), "metacopy=on") as mnt:
+        with pytest.raises(PermissionError):
+            Path(f"{mnt}/a").read_text()
+        assert not os.path.exists(f"{mnt}/b")
