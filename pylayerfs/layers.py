@@ -124,6 +124,10 @@ class LowerLayer(Layer):
         return listing
 
     def is_metacopy(self, path: str) -> bool:
-        """Is the regular file ``path`` a metadata-only copy (its data in a layer below)?"""
-        with self.parent(path) as (fd, name):
-            return self._markers.is_metacopy(fd, name)
+        """Is the regular file ``path`` a metadata-only copy (its data in a layer below)?
+
+        One ``getxattr`` through ``/proc/self/fd``: the lookup reached ``path`` through directories
+        this layer's listings found (no symlinks on the way, and lower layers do not change), and the
+        last component is not followed.
+        """
+        return self._markers.is_metacopy(self.fd, path)

@@ -130,8 +130,7 @@ class Lookup:
                 break
         return LowerStack(tuple(hits))
 
-    @staticmethod
-    def _lower_child(parent: LowerStack, parent_path: str, name: str) -> LowerStack:
+    def _lower_child(self, parent: LowerStack, parent_path: str, name: str) -> LowerStack:
         hits: list[LowerHit] = []
         path = join(parent_path, name)
         metacopy = False
@@ -148,7 +147,9 @@ class Lookup:
                 if hits and not metacopy:
                     break  # a non-directory below a directory: hidden
                 hits.append((layer, st))
-                if stat.S_ISREG(st.st_mode) and st.st_size and layer.is_metacopy(path):
+                # Lower metacopy files are looked for with metacopy=on only: a getxattr per lower file
+                # doubles the cost of a cold lookup. Without it they show as they are on disk.
+                if self.metacopy and stat.S_ISREG(st.st_mode) and st.st_size and layer.is_metacopy(path):
                     metacopy = True
                     continue  # the data is further down
                 return LowerStack(tuple(hits), len(hits) > 1)
