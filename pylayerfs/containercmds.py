@@ -18,7 +18,7 @@ import sys
 import tempfile
 from typing import Any
 
-from pylayerfs import archive
+from pylayerfs import archive, vfsdriver
 from pylayerfs.builder import imageconfig as cfg
 from pylayerfs.builder.build import CONFIG_STEPS, Stage
 from pylayerfs.builder.dockerfile import DockerfileError, parse
@@ -158,7 +158,7 @@ def storage_drivers(runtime: Runtime, containers: list[Container]) -> str:
     vfs_dirs = _dirs(store.layout.vfs_dir())
     in_vfs = [c for c in containers if c.Driver == "vfs"]
     if vfs_dirs:
-        vfs = human_size(sum(layer_size(store.layout.vfs_dir(d)) for d in vfs_dirs), 4)
+        vfs = human_size(vfsdriver.disk_usage(store), 4)
     else:  # every layer's tree is the layers below it and itself; a container copies its image's tree twice
         below = {la.chain_id: sum(x.size for x in store.layers.stack(la.chain_id)) for la in layers}
         trees = [2 * store.size(store.images.get(c.Image)) + container_size(runtime, c)[0] for c in containers]

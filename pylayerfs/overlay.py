@@ -142,8 +142,8 @@ class Overlay:
     # -- attributes ----------------------------------------------------------------
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        if fh is not None and not (self.files.get(fh).metacopy and path):
-            of = self.files.get(fh)
+        of = self.files.get(fh) if fh is not None else None
+        if of is not None and not (of.metacopy and path):  # a metacopy handle's metadata are the upper file's
             st = os.stat(of.fd)
             return stat_dict(st, of.ino, st.st_nlink)
         node = self.lookup.lookup(path)

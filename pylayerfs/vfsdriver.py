@@ -26,17 +26,20 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 
 from pylayerfs import sandbox
 from pylayerfs.copy_up import copy_data
-from pylayerfs.markers import OPAQUE_YES, Markers, is_whiteout, make_whiteout
+from pylayerfs.markers import OPAQUE_YES, Markers, is_metacopy_file, is_whiteout, make_whiteout
+from pylayerfs.realfs import fd_path
 from pylayerfs.sizes import layer_size
 from pylayerfs.store import Store
 from pylayerfs.store.layers import random_id
 
 INIT = "-init"
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MARKERS = Markers()
 
 
@@ -70,6 +73,24 @@ def create(store: Store, parent: str | None, name: str) -> str:
     with _staging(store, store.layout.vfs_dir(name)) as rw:
         copy_tree(store.layout.vfs_dir(name + INIT), rw)
     return store.layout.vfs_dir(name)
+
+
+@contextlib.contextmanager
+def step_root(store: Store, parent: str | None, upper: str | None) -> Iterator[str]:
+    """A build step's root: a full copy to write in, whose naive diff becomes ``overlay2/<upper>/diff``.
+
+    Without ``upper``: the layer's own full tree, to read (``COPY --from``).
+    """
+    if upper is None:
+        with tempfile.TemporaryDirectory(dir=store.layout.tmp) as empty:
+            yield layer_tree(store, parent) or empty
+        return
+    try:
+        yield create(store, parent, upper)
+        changes(store, upper, store.layers.diff_dir(upper))
+    finally:
+        for name in (upper, upper + INIT):
+            shutil.rmtree(store.layout.vfs_dir(name), ignore_errors=True)
 
 
 def changes(store: Store, name: str, out: str) -> None:
@@ -123,25 +144,13 @@ def apply_diff(diff: str, tree: str) -> None:
 
 
 @contextlib.contextmanager
-def _open(path: str, dirfd: int | None = None) -> Iterator[int]:
-    fd = os.open(path, _DIR, dir_fd=dirfd)
+def _open(path: str, dirfd: int | None = None, flags: int = _DIR) -> Iterator[int]:
+    """An fd on ``path`` (a directory by default), never through a symlink at its last component."""
+    fd = os.open(path, flags, 0o600, dir_fd=dirfd)  # the mode only for O_CREAT; metadata come after
     try:
         yield fd
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def _open_file(name: str, dirfd: int) -> Iterator[int]:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _metacopy(dirfd: int, name: str, st: os.stat_result) -> bool:
-    return stat.S_ISREG(st.st_mode) and st.st_size > 0 and _MARKERS.is_metacopy(dirfd, name)
 
 
 def _changed(before: os.stat_result, after: os.stat_result, old: str | None, new: str | None) -> bool:
@@ -232,8 +241,8 @@ class _Copier:
                 _remove(tree, name)
                 continue
             existing = _lstat(tree, name)
-            if existing is not None and stat.S_ISREG(existing.st_mode) and _metacopy(diff, name, st):
-                with _open_file(name, diff) as source, _open_file(name, tree) as target:
+            if existing is not None and stat.S_ISREG(existing.st_mode) and is_metacopy_file(fd_path(diff, name), st):
+                with _open(name, diff, _FILE) as source, _open(name, tree, _FILE) as target:
                     _set_meta(source, target, st)  # metadata only: the data in the tree stays
                 continue
             if not stat.S_ISDIR(st.st_mode):
@@ -256,30 +265,20 @@ class _Copier:
         if st.st_nlink > 1 and key in self.links:
             os.link(self.links[key], name, src_dir_fd=self.root, dst_dir_fd=dst, follow_symlinks=False)
             return
-        if stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
-            os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
-            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
-        else:
-            if stat.S_ISREG(st.st_mode):
-                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dst))
-            else:  # FIFO, socket, device
+        if stat.S_ISREG(st.st_mode):
+            create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            with _open(name, src, _FILE) as source, _open(name, dst, create) as target:
+                copy_data(source, target, st.st_size)
+                _set_meta(source, target, st)
+        else:  # a symlink, FIFO, socket or device: by name (ours, just made), never followed
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
+            else:
                 os.mknod(name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=dst)
-            flags = os.O_RDONLY if stat.S_ISREG(st.st_mode) else os.O_PATH
-            source = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src)
-            target = os.open(name, (os.O_WRONLY if stat.S_ISREG(st.st_mode) else os.O_PATH) | os.O_CLOEXEC,
-                             dir_fd=dst)  # fmt: skip
-            try:
-                if stat.S_ISREG(st.st_mode):
-                    copy_data(source, target, st.st_size)
-                    _set_meta(source, target, st)
-                else:  # no fd operations on an O_PATH fd: by name, which is ours and no link
-                    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst)
-                    os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst)
-                    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst)
-            finally:
-                os.close(source)
-                os.close(target)
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst)
+            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
         if st.st_nlink > 1:
             self.links[key] = rel + name
 

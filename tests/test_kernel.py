@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -121,12 +121,13 @@ OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
 ]
 
 
-def run(mnt: str) -> list[object]:
+def run(mnt: str, operations: Sequence[tuple[str, Callable[[str], object]]] = OPERATIONS) -> list[object]:
+    """Each operation's value (a listing, bytes or a tuple), "ok", or the strerror of its errno."""
     results: list[object] = []
-    for _, op in OPERATIONS:
+    for _, op in operations:
         try:
             value = op(mnt)
-            results.append(value if isinstance(value, (list, bytes)) else "ok")
+            results.append(value if isinstance(value, (list, bytes, tuple)) else "ok")
         except OSError as exc:
             results.append(os.strerror(exc.errno or 0))
     return results

@@ -14,6 +14,7 @@ import pytest
 
 from pylayerfs.overlay import Overlay
 from tests.mounts import kernel_mount, pylayerfs_mount
+from tests.test_kernel import run
 from tests.trees import build, disk_form, tree_hash, view
 
 APP = b'#!/bin/sh\necho "hello, layers!!"\n'  # the blog's app.sh: 33 bytes
@@ -141,27 +142,16 @@ def _write(p: str) -> None:
         f.write("!")
 
 
-OPERATIONS: list[Callable[[str], object]] = [
-    lambda m: os.chmod(f"{m}/app.sh", 0o755),
-    lambda m: os.chown(f"{m}/d/f", 1000, 1000),
-    lambda m: os.utime(f"{m}/big", (1, 1)),
-    lambda m: os.setxattr(f"{m}/d/g", "user.k", b"v"),
-    lambda m: Path(f"{m}/app.sh").read_bytes(),
-    lambda m: (os.stat(f"{m}/big").st_size, os.stat(f"{m}/big").st_blocks > 0),
-    lambda m: _write(f"{m}/d/g"),
-    lambda m: os.truncate(f"{m}/big", 50_000),
+OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
+    ("chmod", lambda m: os.chmod(f"{m}/app.sh", 0o755)),
+    ("chown", lambda m: os.chown(f"{m}/d/f", 1000, 1000)),
+    ("utimes", lambda m: os.utime(f"{m}/big", (1, 1))),
+    ("setxattr", lambda m: os.setxattr(f"{m}/d/g", "user.k", b"v")),
+    ("read a metacopy file", lambda m: Path(f"{m}/app.sh").read_bytes()),
+    ("its size and blocks", lambda m: (os.stat(f"{m}/big").st_size, os.stat(f"{m}/big").st_blocks > 0)),
+    ("append to a metacopy file", lambda m: _write(f"{m}/d/g")),
+    ("truncate a metacopy file", lambda m: os.truncate(f"{m}/big", 50_000)),
 ]
-
-
-def _run(mnt: str) -> list[object]:
-    results: list[object] = []
-    for op in OPERATIONS:
-        try:
-            value = op(mnt)
-            results.append(value if isinstance(value, (bytes, tuple)) else "ok")
-        except OSError as exc:
-            results.append(os.strerror(exc.errno or 0))
-    return results
 
 
 @pytest.mark.root
@@ -178,9 +168,9 @@ def test_same_metacopy_uppers_as_the_kernel_and_interop_both_ways(tmp_path):
     p_lowers, p_upper, p_work, p_mnt = fresh("pylayerfs")
     lower_hash = tree_hash(p_lowers[0])
     with kernel_mount(k_mnt, k_lowers, k_upper, k_work, "metacopy=on"):
-        k_results, k_view = _run(k_mnt), view(k_mnt)
+        k_results, k_view = run(k_mnt, OPERATIONS), view(k_mnt)
     with pylayerfs_mount(p_mnt, p_lowers, p_upper, p_work, "metacopy=on"):
-        p_results, p_view = _run(p_mnt), view(p_mnt)
+        p_results, p_view = run(p_mnt, OPERATIONS), view(p_mnt)
     assert p_results == k_results
     assert p_view == k_view
     assert disk_form(p_upper) == disk_form(k_upper)

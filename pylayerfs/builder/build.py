@@ -20,9 +20,7 @@ import datetime
 import hashlib
 import os
 import posixpath
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -358,7 +356,7 @@ class Builder:
         Without ``upper`` the mount is read-only (a source for ``COPY --from``).
         """
         if self.options.driver == "vfs":
-            with self._vfs_root(parent, upper) as root:
+            with vfsdriver.step_root(self.store, parent, upper) as root:
                 yield root
             return
         layers = self.store.layers
@@ -377,23 +375,6 @@ class Builder:
                 yield root
         finally:
             layers.remove_dir(init)
-
-    @contextlib.contextmanager
-    def _vfs_root(self, parent: str | None, upper: str | None) -> Iterator[str]:
-        """The vfs driver's root: a full copy to write in, whose naive diff becomes ``upper``'s diff.
-
-        Without ``upper``: the layer's own full tree, read as it is.
-        """
-        if upper is None:
-            with tempfile.TemporaryDirectory(dir=self.store.layout.tmp) as empty:
-                yield vfsdriver.layer_tree(self.store, parent) or empty
-            return
-        try:
-            yield vfsdriver.create(self.store, parent, upper)
-            vfsdriver.changes(self.store, upper, self.store.layers.diff_dir(upper))
-        finally:
-            for name in (upper, upper + vfsdriver.INIT):
-                shutil.rmtree(self.store.layout.vfs_dir(name), ignore_errors=True)
 
     def _probe(self, stage: Stage, cmd: list[str]) -> bool:
         """Reuse a locally built child of the current image made by the same step, if the cache allows."""

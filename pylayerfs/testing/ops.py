@@ -20,6 +20,7 @@ import os
 import shlex
 import stat
 import sys
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Protocol
 
@@ -169,7 +170,7 @@ def outcome(fn: Any, *args: Any) -> str:
 
 
 @dataclass(frozen=True)
-class Op:
+class Op(ABC):
     """One operation; subclasses name their verb and operation family."""
 
     verb: ClassVar[str]
@@ -178,8 +179,9 @@ class Op:
     def run(self, fs: FileSystem) -> str:
         return outcome(self.apply, fs)
 
+    @abstractmethod
     def apply(self, fs: FileSystem) -> object:
-        raise NotImplementedError
+        """Do the operation on ``fs``; what it returns is part of the outcome."""
 
     def __str__(self) -> str:
         args = [getattr(self, f.name) for f in fields(self)]
