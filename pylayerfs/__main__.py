@@ -1,5 +1,5 @@
 import sys
 
-from pylayerfs.cli import main
+from pylayerfs.cli.main import main
 
 sys.exit(main())

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from pylayerfs.params import mountinfo
+from pylayerfs.overlay.params import mountinfo
 
 PYLAYERFS = [sys.executable, "-m", "pylayerfs"]
 TIMEOUT = 30

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pylayerfs.store import Store
+from pylayerfs.image.store import Store
 from tests.test_build import context_with, pylayerfs
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pylayerfs.params import mounts_below
+from pylayerfs.overlay.params import mounts_below
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 

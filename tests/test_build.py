@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from pylayerfs import imagecmds, realfs
-from pylayerfs.params import mounts_below
-from pylayerfs.store import Store
+from pylayerfs.cli import images as imagecmds
+from pylayerfs.image.store import Store
+from pylayerfs.overlay import realfs
+from pylayerfs.overlay.params import mounts_below
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 GOLDEN = Path(__file__).parent / "golden"
@@ -218,7 +219,7 @@ def test_bad_dockerfiles_change_nothing(store, tmp_path, dockerfile, message):
 
 
 def test_kernel_overlay_driver_builds_the_same_layers(store, context):
-    from pylayerfs import archive
+    from pylayerfs.image import archive
 
     pylayerfs(store, "build", "-f", str(context / "Dockerfile.new-1"), "-t", "on-fuse", str(context))
     pylayerfs(store, "build", "--no-cache", "--storage-driver", "overlay", "-f", str(context / "Dockerfile.new-1"),

@@ -20,9 +20,10 @@ from collections.abc import Callable
 import pytest
 from hypothesis import settings
 
-from pylayerfs import copy_up, dir, readdir
-from pylayerfs.markers import is_whiteout
-from pylayerfs.overlay import Overlay
+from pylayerfs.overlay import copy_up, readdir
+from pylayerfs.overlay import namespace as dir
+from pylayerfs.overlay.filesystem import Overlay
+from pylayerfs.overlay.markers import is_whiteout
 from pylayerfs.testing import EngineTarget, ModelTarget, Options, OverlayMachine, Report, check, report, target
 
 ENGINE, MODEL = EngineTarget(), ModelTarget()

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from pylayerfs import realfs
+from pylayerfs.cli.containers import container_size
 from pylayerfs.container.runtime import Runtime
-from pylayerfs.containercmds import container_size
-from pylayerfs.params import mounts_below
-from pylayerfs.store import Store
+from pylayerfs.image.store import Store
+from pylayerfs.overlay import realfs
+from pylayerfs.overlay.params import mounts_below
 from tests.test_build import GOLDEN, golden, pylayerfs
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
@@ -64,7 +64,7 @@ def test_size_and_virtual_size_exact_to_the_byte(store):
 
 
 def _human(n: int) -> str:
-    from pylayerfs.sizes import human_size
+    from pylayerfs.image.sizes import human_size
 
     return human_size(n)
 
@@ -139,7 +139,7 @@ def test_system_df_shared_and_unique_sizes(store, tmp_path):
 
 
 def _h4(n: int) -> str:
-    from pylayerfs.sizes import human_size
+    from pylayerfs.image.sizes import human_size
 
     return human_size(n, 4)
 
@@ -199,7 +199,7 @@ def test_demo_retells_the_blog(tmp_path):
 
 
 def test_commands_that_mount_say_they_need_root(monkeypatch, capsys):
-    from pylayerfs import cli
+    from pylayerfs.cli import main as cli
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     for command in (["run", "alpine"], ["build", "."], ["exec", "c", "true"]):

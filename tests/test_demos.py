@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pylayerfs.params import mounts_below
+from pylayerfs.overlay.params import mounts_below
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 DEMOS = Path(__file__).parent.parent / "demos"

@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from pylayerfs import realfs
-from pylayerfs.overlay import Caller, Overlay
+from pylayerfs.overlay import realfs
+from pylayerfs.overlay.filesystem import Caller, Overlay
 from tests.trees import WHITEOUT, build, tree_hash
 
 ME = Caller.me()

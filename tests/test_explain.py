@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pylayerfs.explain import Layer, explain
+from pylayerfs.teaching.explain import Layer, explain
 from tests.mounts import kernel_mount, pylayerfs_mount, run_pylayerfs
 from tests.trees import WHITEOUT, build
 

@@ -256,7 +256,7 @@ def test_mount_helper_syntax(stack):
 
 
 def test_adapter_answers_eio_on_a_bug(caplog):
-    from pylayerfs.fuse_adapter import FuseOperations
+    from pylayerfs.fuse.adapter import FuseOperations
 
     class Broken:
         def getattr(self, path, fh):

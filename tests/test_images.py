@@ -14,16 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pylayerfs import archive
-from pylayerfs.builder.context import Context, ContextError, Ignore
-from pylayerfs.builder.dockerfile import DockerfileError, key_values, parse, split_words, substitute
-from pylayerfs.builder.imageconfig import go_quoted, run_config
-from pylayerfs.sizes import human_duration, human_size, layer_size
-from pylayerfs.store import Store, StoreError
-from pylayerfs.store.images import encode, format_time, parse_time
-from pylayerfs.store.layers import chain_id
-from pylayerfs.store.references import parse_reference
-from pylayerfs.table import render
+from pylayerfs.dockercli import render
+from pylayerfs.image import archive
+from pylayerfs.image.builder.context import Context, ContextError, Ignore
+from pylayerfs.image.builder.dockerfile import DockerfileError, key_values, parse, split_words, substitute
+from pylayerfs.image.builder.imageconfig import go_quoted, run_config
+from pylayerfs.image.sizes import human_duration, human_size, layer_size
+from pylayerfs.image.store import Store, StoreError
+from pylayerfs.image.store.images import encode, format_time, parse_time
+from pylayerfs.image.store.layers import chain_id
+from pylayerfs.image.store.references import parse_reference
 from tests.trees import WHITEOUT, build
 
 # -- the Dockerfile parser ------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_references_follow_docker_rules():
 
 
 def test_store_root_choice(monkeypatch, tmp_path):
-    from pylayerfs.store import default_root
+    from pylayerfs.image.store import default_root
 
     monkeypatch.setenv("PYLAYERFS_ROOT", str(tmp_path / "r"))
     assert default_root() == str(tmp_path / "r")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from pylayerfs import realfs
+from pylayerfs.overlay import realfs
 from tests.mounts import kernel_mount, pylayerfs_mount
 from tests.trees import WHITEOUT, Spec, build, disk_form, tree_hash, view
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pylayerfs.overlay import Overlay
+from pylayerfs.overlay.filesystem import Overlay
 from tests.mounts import kernel_mount, pylayerfs_mount
 from tests.test_kernel import run
 from tests.trees import build, disk_form, tree_hash, view
@@ -125,7 +125,7 @@ def test_without_metacopy_on_a_metacopy_file_is_refused_and_one_without_data_is_
 
 
 def test_metacopy_and_userxattr_conflict_as_in_the_kernel():
-    from pylayerfs.params import MountError, parse_options
+    from pylayerfs.overlay.params import MountError, parse_options
 
     assert parse_options(["lowerdir=a,metacopy=on"]).metacopy
     with pytest.raises(MountError, match="conflicts with userxattr"):
@@ -200,8 +200,10 @@ def test_same_metacopy_uppers_as_the_kernel_and_interop_both_ways(tmp_path):
 @pytest.mark.fuse
 @pytest.mark.parametrize("driver", ["fuse", "overlay"])
 def test_build_with_metacopy_makes_the_chmod_layer_0B_with_the_same_diff_id(tmp_path, driver):
-    from pylayerfs import analysis, archive, explain
-    from pylayerfs.store import Store
+    from pylayerfs.image import archive
+    from pylayerfs.image.store import Store
+    from pylayerfs.teaching import explain
+    from pylayerfs.teaching import layers as analysis
     from tests.test_build import DOCKERFILE_1, pylayerfs
 
     ctx = tmp_path / "ctx"

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pylayerfs import archive, rootfs, vfsdriver
 from pylayerfs.container.changes import changes
-from pylayerfs.markers import is_whiteout
-from pylayerfs.sizes import human_size, layer_size
-from pylayerfs.store import Store
+from pylayerfs.image import archive
+from pylayerfs.image.drivers import overlay as rootfs
+from pylayerfs.image.drivers import vfs as vfsdriver
+from pylayerfs.image.sizes import human_size, layer_size
+from pylayerfs.image.store import Store
+from pylayerfs.overlay.markers import is_whiteout
 from tests.test_build import pylayerfs
 
 

@@ -9,7 +9,7 @@ import stat
 from collections.abc import Mapping
 from typing import Any
 
-from pylayerfs.markers import TRUSTED_PREFIX, make_whiteout
+from pylayerfs.overlay.markers import TRUSTED_PREFIX, make_whiteout
 from pylayerfs.testing.lowers import digest
 
 WHITEOUT = ("whiteout",)

@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from pylayerfs import rootfs
+from pylayerfs.image.drivers import overlay as rootfs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def _workspace(directory: str | None) -> Iterator[str]:
 
 
 def _mounts(path: str) -> list[str]:
-    from pylayerfs.params import mounts_below
+    from pylayerfs.overlay.params import mounts_below
 
     return mounts_below(path)
 

@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pylayerfs import rootfs
 from pylayerfs.bench import data, workloads
 from pylayerfs.bench.data import Sizes
-from pylayerfs.sizes import human_size
+from pylayerfs.image.drivers import overlay as rootfs
+from pylayerfs.image.sizes import human_size
 
 IMPLEMENTATIONS = ("pylayerfs", "fuse-overlayfs", "kernel", "native")
 OVERLAYS = IMPLEMENTATIONS[:3]
@@ -103,7 +103,7 @@ def mounted(impl: str, lowers: list[str], scratch: str, timeout: float | None = 
 
 
 def _wait_gone(path: str) -> None:
-    from pylayerfs.params import mounts_below
+    from pylayerfs.overlay.params import mounts_below
 
     deadline = time.monotonic() + 10
     while mounts_below(path) and time.monotonic() < deadline:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import stat
 
-from pylayerfs.markers import OPAQUE_YES, TRUSTED_PREFIX, is_whiteout
-from pylayerfs.overlay import Overlay
+from pylayerfs.overlay.filesystem import Overlay
+from pylayerfs.overlay.markers import OPAQUE_YES, TRUSTED_PREFIX, is_whiteout
 
 
 def changes(upper: str, lowers: list[str]) -> list[str]:

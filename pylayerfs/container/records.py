@@ -16,8 +16,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pylayerfs.store import Store, StoreError
-from pylayerfs.store.layout import write_value
+from pylayerfs.image.store import Store, StoreError
+from pylayerfs.image.store.layout import write_value
 
 CONFIG_FILE = "config.v2.json"
 _ADJECTIVES = (

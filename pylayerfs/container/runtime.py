@@ -26,14 +26,17 @@ import time
 from collections.abc import Iterator
 from typing import IO
 
-from pylayerfs import realfs, rootfs, sandbox, vfsdriver
-from pylayerfs.builder import imageconfig as cfg
 from pylayerfs.container.records import Container, ContainerStore, State
-from pylayerfs.params import mounts_below
-from pylayerfs.store import Store, StoreError
-from pylayerfs.store.images import format_time
-from pylayerfs.store.layers import random_id
-from pylayerfs.store.layout import DIFF_DIR, WORK_DIR, write_value
+from pylayerfs.image import sandbox
+from pylayerfs.image.builder import imageconfig as cfg
+from pylayerfs.image.drivers import overlay as rootfs
+from pylayerfs.image.drivers import vfs as vfsdriver
+from pylayerfs.image.store import Store, StoreError
+from pylayerfs.image.store.images import format_time
+from pylayerfs.image.store.layers import random_id
+from pylayerfs.image.store.layout import DIFF_DIR, WORK_DIR, write_value
+from pylayerfs.overlay import realfs
+from pylayerfs.overlay.params import mounts_below
 
 EXIT_DIED = 255  # what a container whose monitor died reports
 STOP_TIMEOUT = 10.0

@@ -6,12 +6,12 @@ import os
 import stat
 from typing import Any
 
-from pylayerfs.overlay import Caller, Overlay
+from pylayerfs.overlay.filesystem import Caller, Overlay
 from pylayerfs.testing.vfs import Vfs
 
 
 class EngineFileSystem(Vfs):
-    """An :class:`~pylayerfs.overlay.Overlay` driven with the calls the FUSE adapter would make."""
+    """An :class:`~pylayerfs.overlay.filesystem.Overlay` driven with the calls the FUSE adapter would make."""
 
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from pylayerfs.markers import OPAQUE_YES, TRUSTED_PREFIX, make_whiteout
+from pylayerfs.overlay.markers import OPAQUE_YES, TRUSTED_PREFIX, make_whiteout
 from pylayerfs.testing.model import Model, Obj
 
 NAMES = ("a", "b", "c")

@@ -19,8 +19,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pylayerfs.overlay import Overlay
-from pylayerfs.params import mountinfo
+from pylayerfs.overlay.filesystem import Overlay
+from pylayerfs.overlay.params import mountinfo
 from pylayerfs.testing.engine import EngineFileSystem
 from pylayerfs.testing.lowers import Layer, flatten
 from pylayerfs.testing.ops import FileSystem, OsFileSystem

@@ -1,0 +1,302 @@
+"""The container commands' output: ``ps``, ``commit`` and ``system df``, as docker/cli prints them.
+
+Sizes are read from the directories on disk, never from a mount:
+
+* a container's **size** is its read-write layer alone (the upper directory,
+  ``directory.Size``), the init layer not counted;
+* its **virtual size** adds the image's size: the read-only layers it shares
+  with every other container of the image, counted again for each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+from typing import Any
+
+from pylayerfs.container.records import Container
+from pylayerfs.container.runtime import Runtime
+from pylayerfs.dockercli import ellipsis, render
+from pylayerfs.image import archive
+from pylayerfs.image.builder import imageconfig as cfg
+from pylayerfs.image.builder.build import CONFIG_STEPS, Stage
+from pylayerfs.image.builder.dockerfile import DockerfileError, parse
+from pylayerfs.image.drivers import vfs as vfsdriver
+from pylayerfs.image.sizes import human_duration, human_size, layer_size
+from pylayerfs.image.store import StoreError
+from pylayerfs.image.store.images import Image, format_time, parse_time
+from pylayerfs.overlay.params import MountError
+
+COMMAND_WIDTH = 20
+
+
+def _ago(when: str, now: datetime.datetime) -> str:
+    return human_duration((now - parse_time(when)).total_seconds())
+
+
+def status(container: Container, now: datetime.datetime) -> str:
+    state = container.State
+    if state.Running:
+        return f"Up {_ago(state.StartedAt, now)}"
+    if state.Status == "exited":
+        return f"Exited ({state.ExitCode}) {_ago(state.FinishedAt, now)} ago"
+    return "Created"
+
+
+def container_size(runtime: Runtime, container: Container) -> tuple[int, int]:
+    """(size, virtual size): the read-write layer, and that plus the image."""
+    with runtime.read_write_layer(container) as (upper, _):
+        size = layer_size(upper)
+    return size, size + runtime.store.size(runtime.store.images.get(container.Image))
+
+
+def _size_text(size: int, virtual: int) -> str:
+    return f"{human_size(size)} (virtual {human_size(virtual)})" if virtual > 0 else human_size(size)
+
+
+def ps(runtime: Runtime, show_all: bool = False, sizes: bool = False, quiet: bool = False,
+       as_json: bool = False) -> str:  # fmt: skip
+    now = datetime.datetime.now(datetime.UTC)
+    containers = [runtime.reconcile(c) for c in runtime.containers.all()]
+    containers = [c for c in containers if show_all or c.State.Running]
+    if quiet:
+        return "\n".join(c.short_id for c in containers)
+    rows = []
+    for c in containers:
+        row = {
+            "ID": c.short_id,
+            "Image": c.ImageName,
+            "Command": json.dumps(ellipsis(" ".join(c.command), COMMAND_WIDTH), ensure_ascii=False),
+            "CreatedSince": f"{_ago(c.Created, now)} ago",
+            "Status": status(c, now),
+            "Ports": "",
+            "Names": c.name,
+        }
+        if sizes:
+            row["Size"] = _size_text(*container_size(runtime, c))
+        rows.append(row)
+    if as_json:
+        return "\n".join(json.dumps(r) for r in rows)
+    header = ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"] + (["SIZE"] if sizes else [])
+    return render(header, [list(r.values()) for r in rows])
+
+
+def commit(runtime: Runtime, container: Container, ref: str | None, message: str = "", author: str = "",
+           changes: list[str] | None = None) -> Image:  # fmt: skip
+    """The container's read-write layer becomes a new image layer (as Docker: tar it, apply the tar)."""
+    store = runtime.store
+    image = store.images.get(container.Image)
+    stage = Stage(None, image, image.run_config, image.history, image.diff_ids)
+    for change in changes or []:
+        try:
+            ins = parse(f"FROM scratch\n{change}", "--change").instructions[1]
+        except DockerfileError as exc:
+            raise StoreError(f"invalid --change '{change}': {exc}") from exc
+        if ins.keyword not in CONFIG_STEPS:
+            raise StoreError(f"{ins.keyword} is not supported by commit --change")
+        CONFIG_STEPS[ins.keyword](stage, ins, ins.args)
+    with store.busy():
+        with store.locked():
+            cache_id = store.layers.new_dir(image.top_layer)
+        try:
+            with tempfile.TemporaryFile(dir=store.layout.tmp) as tar, runtime.read_write_layer(container) as rw:
+                archive.write_layer(rw[0], tar, rw[1])
+                tar.seek(0)
+                with archive.open_archive(tar, "the container layer") as stream:
+                    archive.extract(stream, store.layers.diff_dir(cache_id))
+            with store.locked():
+                layer = store.layers.register(cache_id, image.top_layer)
+        except BaseException:
+            store.layers.remove_dir(cache_id)
+            raise
+    created = format_time(datetime.datetime.now(datetime.UTC))
+    entry: dict[str, Any] = {"created": created, "created_by": " ".join(container.Config.get("Cmd") or [])}
+    for key, value in (("author", author), ("comment", message)):
+        if value:
+            entry[key] = value
+    if layer is None:
+        entry["empty_layer"] = True
+    run = {**stage.run, "Image": image.id}
+    config = cfg.image_config(run, container.Config, container.ID, created, [*image.history, entry],
+                              [*image.diff_ids, *([layer.diff_id] if layer else [])])  # fmt: skip
+    if author:
+        config["author"] = author
+    if message:
+        config["comment"] = message
+    with store.locked():
+        new = store.images.put(config, image.id)
+        if ref:
+            store.refs.tag(ref, new.id)
+    return new
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def diff(runtime: Runtime, container: Container) -> str:
+    """``docker diff``: A, C and D lines for what the container changed."""
+    from pylayerfs.container.changes import changes
+
+    with runtime.read_write_layer(container) as (upper, lowers):
+        return "\n".join(changes(upper, lowers))
+
+
+def storage_drivers(runtime: Runtime, containers: list[Container]) -> str:
+    """What each storage driver's directories hold on disk in this root, measured (``directory.Size``).
+
+    Every driver keeps each layer's diff in ``overlay2/<cache-id>/diff`` (it is the layer: its DiffID hashes
+    it). fuse and overlay mount those diffs, a container adding only its changes; vfs also keeps a full tree
+    per layer and two per container in ``vfs/dir``. When vfs was not used here, its row is an estimate.
+    """
+    store = runtime.store
+    layers = store.layers.all()
+    overlay2 = sum(layer_size(store.layers.diff_dir(d)) for d in _dirs(store.layout.overlay2) if d != "l")
+    vfs_dirs = _dirs(store.layout.vfs_dir())
+    in_vfs = [c for c in containers if c.Driver == "vfs"]
+    if vfs_dirs:
+        vfs = human_size(vfsdriver.disk_usage(store), 4)
+    else:  # every layer's tree is the layers below it and itself; a container copies its image's tree twice
+        below = {la.chain_id: sum(x.size for x in store.layers.stack(la.chain_id)) for la in layers}
+        trees = [2 * store.size(store.images.get(c.Image)) + container_size(runtime, c)[0] for c in containers]
+        vfs = f"~{human_size(sum(below.values()) + sum(trees), 4)}"
+    rows = [
+        ["overlay2", "fuse, overlay", str(len(layers)), str(len(containers) - len(in_vfs)), human_size(overlay2, 4),
+         "each layer's files once; a container only what it changed"],
+        ["vfs/dir", "vfs", str(sum(la.cache_id in vfs_dirs for la in layers)), str(len(in_vfs)), vfs,
+         "every layer a full copy of the files below it; a container two (init, read-write)"],
+    ]  # fmt: skip
+    return "Storage drivers on disk:\n" + render(
+        ["DIRECTORY", "DRIVERS", "LAYERS", "CONTAINERS", "SIZE", "WHAT IS STORED"], rows
+    )
+
+
+def _dirs(path: str) -> list[str]:
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def system_df(runtime: Runtime, verbose: bool = False) -> str:
+    """``docker system df``, then what each storage driver's directories take on disk."""
+    store = runtime.store
+    now = datetime.datetime.now(datetime.UTC)
+    containers = [runtime.reconcile(c) for c in runtime.containers.all()]
+    tags = store.refs.all()
+    images = [store.images.get(i) for i in store.images.ids()
+              if any(t == i for t in tags.values()) or not store.images.children(i)]  # fmt: skip
+    layers_of = {image.id: store.layers_of(image) for image in images}
+    refs: dict[str, int] = {}
+    for layers in layers_of.values():
+        for layer in layers:
+            refs[layer.chain_id] = refs.get(layer.chain_id, 0) + 1
+    distinct = {layer.chain_id: layer.size for layers in layers_of.values() for layer in layers}
+    users = {image.id: sum(c.Image == image.id for c in containers) for image in images}
+    rw = {c.ID: container_size(runtime, c)[0] for c in containers}
+    image_rows = []
+    reclaimable_images = 0
+    for image in images:
+        size = sum(layer.size for layer in layers_of[image.id])
+        shared = sum(layer.size for layer in layers_of[image.id] if refs[layer.chain_id] > 1)
+        if not users[image.id]:
+            reclaimable_images += size - shared
+        names = [ref for ref, target in tags.items() if target == image.id] or ["<none>:<none>"]
+        for name in names:
+            repo, _, tag = name.rpartition(":")
+            age = human_duration((now - image.created).total_seconds())
+            image_rows.append([repo, tag, image.short_id, f"{age} ago",
+                               human_size(size, 4), human_size(shared, 4), human_size(size - shared, 4),
+                               str(users[image.id])])  # fmt: skip
+    images_size = sum(distinct.values())
+    containers_size = sum(rw.values())
+    stopped = sum(rw[c.ID] for c in containers if not c.State.Running)
+
+    def reclaim(part: int, whole: int) -> str:
+        return f"{human_size(part, 4)} ({int(100 * part / whole) if whole else 0}%)"
+
+    summary = render(["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"], [
+        ["Images", str(len(images)), str(sum(1 for i in images if users[i.id])), human_size(images_size, 4),
+         reclaim(reclaimable_images, images_size)],
+        ["Containers", str(len(containers)), str(sum(c.State.Running for c in containers)),
+         human_size(containers_size, 4), reclaim(stopped, containers_size)],
+        ["Local Volumes", "0", "0", "0B", "0B"],
+        ["Build Cache", "0", "0", "0B", "0B"],
+    ])  # fmt: skip
+    sharing = ["", storage_drivers(runtime, containers)]
+    if not verbose:
+        return "\n".join([summary, *sharing])
+    container_rows = [[c.short_id, c.ImageName, json.dumps(ellipsis(" ".join(c.command), COMMAND_WIDTH)), "0",
+                       human_size(rw[c.ID], 4), f"{_ago(c.Created, now)} ago", status(c, now), c.name]
+                      for c in containers]  # fmt: skip
+    return "\n".join([
+        "Images space usage:", "",
+        render(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE", "SHARED SIZE", "UNIQUE SIZE", "CONTAINERS"],
+               image_rows),
+        "", "Containers space usage:", "",
+        render(["CONTAINER ID", "IMAGE", "COMMAND", "LOCAL VOLUMES", "SIZE", "CREATED", "STATUS", "NAMES"],
+               container_rows),
+        "", "Local Volumes space usage:", "", render(["VOLUME NAME", "LINKS", "SIZE"], []),
+        "", "Build cache usage: 0B", *sharing,
+    ])  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command line's handler (cli.py parses the arguments)."""
+    from pylayerfs.container.runtime import Runtime, StartError
+    from pylayerfs.image.sandbox import SandboxError
+    from pylayerfs.image.store import Store, StoreError
+
+    try:
+        runtime = Runtime(Store(args.root), getattr(args, "storage_driver", "fuse"))
+        find = runtime.containers.find
+        if args.command in ("create", "run"):
+            container = runtime.create(args.image, args.command_args, args.name, args.env, args.workdir)
+            if args.command == "create" or args.detach:
+                if args.command == "run":
+                    runtime.start_detached(container)
+                print(container.ID)
+                return 0
+            try:
+                return runtime.run_attached(container)
+            finally:
+                if args.rm:
+                    runtime.remove(runtime.containers.load(container.ID), force=True)
+        if args.command in ("start", "stop", "rm"):
+            for ref in args.containers:
+                container = find(ref)
+                if args.command == "start":
+                    runtime.start_detached(container)
+                elif args.command == "stop":
+                    runtime.stop(container, args.time)
+                else:
+                    runtime.remove(container, args.force)
+                print(ref)
+            return 0
+        if args.command == "exec":
+            if not args.command_args:
+                raise StoreError("exec needs a command")
+            return runtime.exec(find(args.container), args.command_args, args.env, args.user, args.workdir)
+        if args.command == "ps":
+            text = ps(runtime, args.all, args.size, args.quiet, args.format == "json")
+        elif args.command == "logs":
+            sys.stdout.buffer.write(runtime.logs(find(args.container)))
+            return 0
+        elif args.command == "diff":
+            text = diff(runtime, find(args.container))
+        elif args.command == "commit":
+            image = commit(runtime, find(args.container), args.reference, args.message, args.author,
+                                         args.change)  # fmt: skip
+            text = image.id
+        else:
+            text = system_df(runtime, args.verbose)
+        if text:
+            print(text)
+    except StartError as exc:
+        print(f"pylayerfs: {exc}", file=sys.stderr)
+        return exc.code
+    except (StoreError, SandboxError, MountError, OSError) as exc:
+        print(f"pylayerfs {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,132 @@
+"""Images: config JSON in ``imagedb/content``, named by its sha256; parent and origin in ``imagedb/metadata``."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from pylayerfs.image.store.layers import chain_id
+from pylayerfs.image.store.layout import Layout, StoreError, hex_of, read_value, write_value
+
+BUILT_LOCALLY = b"\x01"
+
+
+@dataclass(frozen=True)
+class Image:
+    id: str  # sha256:<hex>
+    raw: bytes
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        value = json.loads(self.raw)
+        assert isinstance(value, dict)
+        return value
+
+    @property
+    def short_id(self) -> str:
+        return hex_of(self.id)[:12]
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return list(self.config.get("rootfs", {}).get("diff_ids", []))
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.config.get("history", []))
+
+    @property
+    def created(self) -> datetime.datetime:
+        return parse_time(self.config["created"])
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        return dict(self.config.get("config") or {})
+
+    @property
+    def top_layer(self) -> str | None:
+        """The ChainID of the image's top layer (None for an image without layers)."""
+        top = None
+        for diff_id in self.diff_ids:
+            top = chain_id(top, diff_id)
+        return top
+
+
+def parse_time(text: str) -> datetime.datetime:
+    """RFC 3339 with nanoseconds (Go) -> an aware datetime."""
+    base, _, rest = text.rstrip("Z").partition(".")
+    fraction = rest[:6]
+    stamp = datetime.datetime.fromisoformat(base + (f".{fraction}" if fraction else ""))
+    return stamp.replace(tzinfo=datetime.UTC)
+
+
+def format_time(when: datetime.datetime) -> str:
+    """Go's time.RFC3339Nano in UTC: ``2026-11-29T04:13:00.123456789Z`` (trailing zeros trimmed)."""
+    when = when.astimezone(datetime.UTC)
+    fraction = f"{when.microsecond:06d}000".rstrip("0")
+    return when.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
+
+
+def encode(config: dict[str, Any]) -> bytes:
+    """Config bytes as Docker writes them: compact, top-level keys sorted, Go's HTML-safe escapes."""
+    text = json.dumps({k: config[k] for k in sorted(config)}, separators=(",", ":"), ensure_ascii=False)
+    for char, escaped in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e")):
+        text = text.replace(char, escaped)
+    return text.encode()
+
+
+class ImageStore:
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def get(self, image_id: str) -> Image:
+        try:
+            with open(self.layout.config(image_id), "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise StoreError(f"no such image: {image_id}") from exc
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        if digest != "sha256:" + hex_of(image_id):
+            raise StoreError(f"image {image_id} is damaged: its config hashes to {digest}")
+        return Image(digest, raw)
+
+    def ids(self) -> list[str]:
+        return ["sha256:" + name for name in sorted(os.listdir(self.layout.content)) if len(name) == 64]
+
+    def parent(self, image_id: str) -> str | None:
+        path = self.layout.image_metadata(image_id, "parent")
+        return read_value(path) if os.path.exists(path) else None
+
+    def children(self, image_id: str) -> list[str]:
+        return [i for i in self.ids() if self.parent(i) == image_id]
+
+    def built_locally(self, image_id: str) -> bool:
+        return os.path.exists(self.layout.image_metadata(image_id, "builtLocally"))
+
+    def put(self, config: dict[str, Any], parent: str | None) -> Image:
+        """Store an image config (with the store locked); the same config is the same image."""
+        raw = encode(config)
+        image = Image("sha256:" + hashlib.sha256(raw).hexdigest(), raw)
+        write_value(self.layout.config(image.id), raw, 0o600)
+        meta = self.layout.image_metadata(image.id)
+        os.makedirs(meta, 0o700, exist_ok=True)
+        write_value(os.path.join(meta, "builtLocally"), BUILT_LOCALLY)
+        if parent is not None:
+            write_value(os.path.join(meta, "parent"), parent)
+        return image
+
+    def touch(self, image_id: str, when: datetime.datetime) -> None:
+        meta = self.layout.image_metadata(image_id)
+        os.makedirs(meta, 0o700, exist_ok=True)
+        write_value(os.path.join(meta, "lastUpdated"), format_time(when))
+
+    def delete(self, image_id: str) -> None:
+        shutil.rmtree(self.layout.image_metadata(image_id), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.layout.config(image_id))

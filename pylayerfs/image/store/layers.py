@@ -1,0 +1,208 @@
+"""Layers: a diff directory under ``overlay2/<cache-id>``, registered in ``layerdb`` by its ChainID.
+
+A layer is built in place (a new ``overlay2/<cache-id>`` nobody refers to
+yet), then registered: its DiffID and size are computed, and its layerdb
+entry is written in ``tmp/`` and renamed into ``layerdb/sha256/<chain-id>``.
+Only then does it exist; a build that dies before leaves an unreferenced
+directory, which :meth:`LayerStore.collect_garbage` removes. A layer whose
+ChainID is already registered is not stored twice: the new copy is dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+
+from pylayerfs.image import archive
+from pylayerfs.image.sizes import layer_size
+from pylayerfs.image.store.layout import (
+    COMMITTED_FILE,
+    DIFF_DIR,
+    LINK_DIR,
+    LINK_FILE,
+    LOWER_FILE,
+    METACOPY_FILE,
+    WORK_DIR,
+    Layout,
+    StoreError,
+    hex_of,
+    read_value,
+    write_value,
+)
+from pylayerfs.overlay import realfs
+from pylayerfs.overlay.markers import is_metacopy_file
+from pylayerfs.overlay.params import mounts_below
+
+LINK_ID_LENGTH = 26
+
+
+@dataclass(frozen=True)
+class Layer:
+    chain_id: str
+    diff_id: str
+    cache_id: str
+    parent: str | None  # the ChainID of the layer below
+    size: int  # this layer's own bytes (layerdb "size")
+
+
+def chain_id(parent: str | None, diff_id: str) -> str:
+    """The OCI ChainID: ``sha256(parent_chain_id + " " + diff_id)``, prefixes included."""
+    if parent is None:
+        return diff_id
+    return "sha256:" + hashlib.sha256(f"{parent} {diff_id}".encode()).hexdigest()
+
+
+def random_id() -> str:
+    """64 hex characters, never an all-digit 12-character prefix (moby's stringid)."""
+    while True:
+        value = secrets.token_hex(32)
+        if not value[:12].isdigit():
+            return value
+
+
+class LayerStore:
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def get(self, chain: str) -> Layer:
+        d = self.layout.chain(chain)
+        try:
+            parent = read_value(os.path.join(d, "parent")) if os.path.exists(os.path.join(d, "parent")) else None
+            return Layer(
+                chain_id="sha256:" + hex_of(chain),
+                diff_id=read_value(os.path.join(d, "diff")),
+                cache_id=read_value(os.path.join(d, "cache-id")),
+                parent=parent,
+                size=int(read_value(os.path.join(d, "size"))),
+            )
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"layer {chain} is missing or damaged in {self.layout.root}") from exc
+
+    def exists(self, chain: str) -> bool:
+        return os.path.isdir(self.layout.chain(chain))
+
+    def all(self) -> list[Layer]:
+        return [self.get(name) for name in sorted(os.listdir(self.layout.layerdb)) if len(name) == 64]
+
+    def diff_dir(self, cache_id: str) -> str:
+        return self.layout.layer(cache_id, DIFF_DIR)
+
+    def stack(self, chain: str | None) -> list[Layer]:
+        """The layer and every layer below it, top first."""
+        out = []
+        while chain is not None:
+            layer = self.get(chain)
+            out.append(layer)
+            chain = layer.parent
+        return out
+
+    # -- writing (with the store locked) --------------------------------------------------
+
+    def new_dir(self, parent: str | None, cache_id: str | None = None, above: str | None = None) -> str:
+        """A fresh ``overlay2/<cache-id>`` over the layer ``parent`` (a ChainID), for writing into.
+
+        ``above`` names a directory (a container's init layer) between it and ``parent``.
+        """
+        cache_id = cache_id or random_id()
+        d = self.layout.layer(cache_id)
+        os.makedirs(os.path.join(d, DIFF_DIR), 0o755)
+        os.chmod(d, 0o710)
+        os.mkdir(os.path.join(d, WORK_DIR), 0o700)
+        link = base64.b32encode(secrets.token_bytes(20)).decode()[:LINK_ID_LENGTH]
+        write_value(os.path.join(d, LINK_FILE), link)
+        os.symlink(f"../{cache_id}/{DIFF_DIR}", os.path.join(self.layout.links, link))
+        below = ([above] if above else []) + self.lower_cache_ids(parent)
+        if below:
+            links = [read_value(self.layout.layer(c, LINK_FILE)) for c in below]
+            write_value(os.path.join(d, LOWER_FILE), ":".join(f"{LINK_DIR}/{x}" for x in links))
+            write_value(self.layout.layer(below[0], COMMITTED_FILE), "", 0o600)
+        return cache_id
+
+    def lower_cache_ids(self, parent: str | None) -> list[str]:
+        """The cache-ids of ``parent`` (a ChainID) and every layer below it, top first."""
+        return [layer.cache_id for layer in self.stack(parent)]
+
+    def uses_metacopy(self, chain: str | None) -> bool:
+        """Does a layer of the stack hold metacopy files? (Then mounts of it need ``metacopy=on``.)"""
+        return any(os.path.exists(self.layout.layer(c, METACOPY_FILE)) for c in self.lower_cache_ids(chain))
+
+    def lower_dirs(self, parent: str | None) -> list[str]:
+        """The diff directories a mount over ``parent`` stacks, top first."""
+        return [self.diff_dir(c) for c in self.lower_cache_ids(parent)]
+
+    def register(self, cache_id: str, parent: str | None) -> Layer | None:
+        """Make the built directory ``cache_id`` a layer over ``parent``; None if it holds nothing."""
+        diff = self.diff_dir(cache_id)
+        diff_id = archive.diff_id(diff, self.lower_dirs(parent))
+        if diff_id == archive.EMPTY_LAYER_DIFF_ID:
+            self.remove_dir(cache_id)
+            return None
+        chain = chain_id(parent, diff_id)
+        if self.exists(chain):
+            self.remove_dir(cache_id)
+            return self.get(chain)
+        staging = os.path.join(self.layout.tmp, f"layer-{random_id()}")
+        os.mkdir(staging, 0o700)
+        if any(is_metacopy_file(os.path.join(diff, rel), st) for rel, st in archive.walk(diff)):
+            write_value(self.layout.layer(cache_id, METACOPY_FILE), "", 0o600)
+        values = {"diff": diff_id, "size": str(layer_size(diff)), "cache-id": cache_id}
+        if parent is not None:
+            values["parent"] = parent
+        for name, value in values.items():
+            write_value(os.path.join(staging, name), value)
+        os.rename(staging, self.layout.chain(chain))
+        return self.get(chain)
+
+    def remove(self, layer: Layer) -> None:
+        """Forget a layer (its layerdb entry first, then its directory)."""
+        removing = f"{self.layout.chain(layer.chain_id)}-{random_id()[:8]}-removing"
+        os.rename(self.layout.chain(layer.chain_id), removing)
+        self.remove_dir(layer.cache_id)
+        shutil.rmtree(removing)
+
+    def remove_dir(self, cache_id: str) -> None:
+        """Remove ``overlay2/<cache-id>`` and its short link, and the vfs driver's tree of that name."""
+        d = self.layout.layer(cache_id)
+        try:
+            link = read_value(os.path.join(d, LINK_FILE))
+            os.unlink(os.path.join(self.layout.links, link))
+        except OSError:
+            pass
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(self.layout.vfs_dir(cache_id), ignore_errors=True)
+
+    def container_dirs(self) -> set[str]:
+        """The layer directories containers use (``layerdb/mounts/<id>/{mount-id,init-id}``)."""
+        found = set()
+        for container in os.listdir(self.layout.mounts):
+            for name in ("mount-id", "init-id"):
+                path = os.path.join(self.layout.mounts, container, name)
+                if os.path.exists(path):
+                    found.add(read_value(path))
+        return found
+
+    def collect_garbage(self, in_use: set[str]) -> list[str]:
+        """Remove what an interrupted writer left: unregistered layer directories and staging entries.
+
+        A mount left behind inside one of them (a builder killed during RUN) is detached first.
+        """
+        registered = {layer.cache_id for layer in self.all()} | in_use | self.container_dirs()
+        removed = []
+        vfs = os.listdir(self.layout.vfs) if os.path.isdir(self.layout.vfs) else []
+        for name in sorted(set(os.listdir(self.layout.overlay2)) | set(vfs)):
+            if name != LINK_DIR and name not in registered:
+                for mountpoint in mounts_below(self.layout.layer(name)):
+                    realfs.detach(mountpoint)
+                self.remove_dir(name)
+                removed.append(name)
+        for name in os.listdir(self.layout.layerdb):
+            if name.endswith("-removing"):
+                shutil.rmtree(os.path.join(self.layout.layerdb, name), ignore_errors=True)
+        for name in os.listdir(self.layout.tmp):
+            path = os.path.join(self.layout.tmp, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+        return removed

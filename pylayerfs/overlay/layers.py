@@ -1,0 +1,133 @@
+"""Layers: the real directories an overlay is stacked from.
+
+The kernel's ``struct ovl_layer``: index 0 is the upper layer (writable, may be
+absent), then the lower layers from the top-most to the bottom-most, exactly
+the order of ``lowerdir=top:...:bottom``.
+
+Lower layers are immutable while mounted (changing them is undefined in the
+kernel too), so each lower directory is listed once, with an ``lstat`` of every
+entry, and the listing is kept: a lookup in a stack of 100 layers is then 100
+dictionary probes, not 100 ``stat`` calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pylayerfs.overlay import realfs
+from pylayerfs.overlay.markers import OPAQUE_XWHITEOUTS, OPAQUE_YES, Markers, is_whiteout
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def split(path: str) -> tuple[str, str]:
+    """``"a/b/c"`` -> ``("a/b", "c")``; paths are relative to the layer root, ``""`` is the root."""
+    head, _, tail = path.rpartition("/")
+    return head, tail
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+class Layer:
+    """One layer directory, reached only through a directory fd opened at mount."""
+
+    def __init__(self, index: int, root: str) -> None:
+        self.index = index
+        self.root = root
+        self.fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.index} {self.root}>"
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def open(self, path: str, flags: int, mode: int = 0) -> int:
+        """Open ``path`` inside this layer without following symlinks on the way."""
+        return realfs.openat2(self.fd, path or ".", flags, mode)
+
+    def open_dir(self, path: str) -> int:
+        return self.open(path, _DIR_FLAGS)
+
+    @contextlib.contextmanager
+    def parent(self, path: str) -> Iterator[tuple[int, str]]:
+        """Yield ``(fd of the parent directory, last component)`` for ``*at`` calls."""
+        head, name = split(path)
+        fd = self.open(head, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def lstat(self, path: str) -> os.stat_result:
+        if not path:
+            return os.stat(self.fd)
+        with self.parent(path) as (fd, name):
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+
+@dataclass(slots=True)
+class Listing:
+    """One directory of a lower layer, as the lookup rules need it."""
+
+    entries: dict[str, os.stat_result] = field(default_factory=dict)
+    whiteouts: set[str] = field(default_factory=set)
+    opaque: bool = False
+
+
+class LowerLayer(Layer):
+    """A read-only layer whose directory listings are cached for the life of the mount."""
+
+    def __init__(self, index: int, root: str, markers: Markers) -> None:
+        super().__init__(index, root)
+        self._markers = markers
+        self._listings: dict[str, Listing] = {}
+
+    def listing(self, path: str) -> Listing:
+        """The entries of directory ``path``, whiteouts apart; cached."""
+        cached = self._listings.get(path)
+        if cached is not None:
+            return cached
+        listing = Listing()
+        try:
+            fd = self.open_dir(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            self._listings[path] = listing
+            return listing
+        try:
+            opaque = self._markers.opaque_value(fd)
+            listing.opaque = opaque == OPAQUE_YES
+            with os.scandir(fd) as it:
+                for entry in it:
+                    st = entry.stat(follow_symlinks=False)
+                    if is_whiteout(st) or (
+                        opaque == OPAQUE_XWHITEOUTS
+                        and stat.S_ISREG(st.st_mode)
+                        and st.st_size == 0
+                        and self._markers.is_xattr_whiteout(fd, entry.name)
+                    ):
+                        listing.whiteouts.add(entry.name)
+                    else:
+                        listing.entries[entry.name] = st
+        finally:
+            os.close(fd)
+        self._listings[path] = listing
+        return listing
+
+    def is_metacopy(self, path: str) -> bool:
+        """Is the regular file ``path`` a metadata-only copy (its data in a layer below)?
+
+        One ``getxattr`` through ``/proc/self/fd``: the lookup reached ``path`` through directories
+        this layer's listings found (no symlinks on the way, and lower layers do not change), and the
+        last component is not followed.
+        """
+        return self._markers.is_metacopy(self.fd, path)

@@ -1,0 +1,269 @@
+"""Lookup: resolving a merged path to the real objects behind it.
+
+The rules are the kernel's (``fs/overlayfs/namei.c``), applied top-down one
+path component at a time:
+
+=====================================  ======================================
+found in this layer                    effect
+=====================================  ======================================
+a whiteout                             the name is hidden; stop
+a non-directory                        it is the object (if nothing above
+                                       was found); stop; an upper file
+                                       marked metacopy takes its data from
+                                       the lower file below it
+a directory marked opaque              it joins the merge; stop
+a directory                            it joins the merge; go on down
+nothing                                go on down
+=====================================  ======================================
+
+A name is looked up in a lower layer only if the parent directory of that layer
+is part of the parent's merge, so a symlink or a file in a lower layer never
+leads the lookup into another directory.
+
+Two caches make this cheap: the *lower stack* of every path (the lower layers
+never change while mounted, so it is computed once), and the merged node of
+every directory looked up (with an fd on its upper directory), dropped when the
+overlay changes that directory (:meth:`Lookup.invalidate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from pylayerfs.overlay.layers import Layer, LowerLayer, join, split
+from pylayerfs.overlay.markers import OPAQUE_YES, Markers, is_whiteout
+
+LowerHit = tuple[LowerLayer, os.stat_result]
+_MAX_CACHED_DIRS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class LowerStack:
+    """What the lower layers hold at one path, top-first, ignoring the upper layer.
+
+    Empty when no lower layer has the name (or a whiteout hides it). Holds one
+    non-directory, or one or more directories that merge.
+    """
+
+    hits: tuple[LowerHit, ...] = ()
+    # A metacopy file on top: hits then go down to the file holding the data (the last one). It has none: orphan.
+    metacopy: bool = False
+    orphan: bool = False
+
+    @property
+    def is_dir(self) -> bool:
+        return bool(self.hits) and stat.S_ISDIR(self.hits[0][1].st_mode)
+
+
+NO_LOWER = LowerStack()
+
+
+@dataclass(slots=True)
+class Node:
+    """One object of the merged view: its upper part, its lower stack (the kernel's ``ovl_entry``)."""
+
+    path: str
+    upper: os.stat_result | None
+    lower: LowerStack
+    upper_fd: int = -1  # O_PATH fd of the upper directory, for cached directory nodes
+    opaque: bool = False  # the upper directory is marked opaque
+    origin: int | None = None  # inode number the upper object had before copy-up
+    metacopy: bool = False  # the upper file holds metadata only: the data is the lower file's (lower.hits[0])
+
+    @property
+    def st(self) -> os.stat_result:
+        """The stat of the top-most real object: what the merged view shows."""
+        return self.upper if self.upper is not None else self.lower.hits[0][1]
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+    @property
+    def data(self) -> LowerHit | None:
+        """Where a metacopy file's data is (the layer and the stat of the file holding it); else None."""
+        if self.metacopy or (self.upper is None and self.lower.metacopy):
+            return self.lower.hits[-1]
+        return None
+
+    @property
+    def is_merged(self) -> bool:
+        """A directory with a part in more than one layer."""
+        return len(self.lower.hits) + (self.upper is not None) > 1
+
+
+class Lookup:
+    """Resolves merged paths over one stack of layers."""
+
+    def __init__(self, upper: Layer | None, lowers: list[LowerLayer], markers: Markers, metacopy: bool = False) -> None:
+        self.upper = upper
+        self.lowers = lowers
+        self.markers = markers
+        self.metacopy = metacopy
+        self._lower_stacks: dict[str, LowerStack] = {}
+        self._dirs: dict[str, Node] = {}
+
+    # -- lower layers (immutable, cached forever) ------------------------------
+
+    def lower_stack(self, path: str) -> LowerStack:
+        cached = self._lower_stacks.get(path)
+        if cached is not None:
+            return cached
+        if not path:
+            result = self._root_lower_stack()
+        else:
+            parent_path, name = split(path)
+            parent = self.lower_stack(parent_path)
+            result = self._lower_child(parent, parent_path, name) if parent.is_dir else NO_LOWER
+        self._lower_stacks[path] = result
+        return result
+
+    def _root_lower_stack(self) -> LowerStack:
+        hits: list[LowerHit] = []
+        for layer in self.lowers:
+            hits.append((layer, layer.lstat("")))
+            if layer.listing("").opaque:
+                break
+        return LowerStack(tuple(hits))
+
+    def _lower_child(self, parent: LowerStack, parent_path: str, name: str) -> LowerStack:
+        hits: list[LowerHit] = []
+        path = join(parent_path, name)
+        metacopy = False
+        for layer, _ in parent.hits:
+            listing = layer.listing(parent_path)
+            if name in listing.whiteouts:
+                break
+            st = listing.entries.get(name)
+            if st is None:
+                continue
+            if metacopy and not stat.S_ISREG(st.st_mode):
+                break  # a metacopy file's data can only be a regular file
+            if not stat.S_ISDIR(st.st_mode):
+                if hits and not metacopy:
+                    break  # a non-directory below a directory: hidden
+                hits.append((layer, st))
+                # Lower metacopy files are looked for with metacopy=on only: a getxattr per lower file
+                # doubles the cost of a cold lookup. Without it they show as they are on disk.
+                if self.metacopy and stat.S_ISREG(st.st_mode) and st.st_size and layer.is_metacopy(path):
+                    metacopy = True
+                    continue  # the data is further down
+                return LowerStack(tuple(hits), len(hits) > 1)
+            hits.append((layer, st))
+            if layer.listing(path).opaque:
+                break
+        return LowerStack(tuple(hits), metacopy, orphan=metacopy)
+
+    # -- the merged view -------------------------------------------------------
+
+    def root(self) -> Node:
+        node = self._dirs.get("")
+        if node is None:
+            node = self._make_root()
+            self._dirs[""] = node
+        return node
+
+    def _make_root(self) -> Node:
+        if self.upper is None:
+            return Node("", None, self.lower_stack(""))
+        upper_st = self.upper.lstat("")
+        opaque = self._upper_opaque(self.upper.fd)
+        return Node("", upper_st, NO_LOWER if opaque else self.lower_stack(""), self.upper.fd, opaque)
+
+    def lookup(self, path: str) -> Node:
+        """The merged node at ``path``; raises ENOENT / ENOTDIR as a path walk would."""
+        node = self._dirs.get(path)
+        if node is not None:
+            return node
+        if not path:
+            return self.root()
+        parent_path, name = split(path)
+        parent = self.lookup(parent_path)
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+        node = self.child(parent, name)
+        if node is None:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        return node
+
+    def child(self, parent: Node, name: str) -> Node | None:
+        """Look ``name`` up in the directory ``parent`` (None: no such name in the merged view)."""
+        path = join(parent.path, name)
+        upper_st = None
+        if parent.upper_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                upper_st = os.stat(name, dir_fd=parent.upper_fd, follow_symlinks=False)
+            if upper_st is not None and is_whiteout(upper_st):
+                return None
+        lower = self.lower_stack(path) if parent.lower.is_dir else NO_LOWER
+        if upper_st is None:
+            if not lower.hits:
+                return None
+            node = Node(path, None, lower)
+            if lower.metacopy:
+                self._check_metacopy(node)
+        elif not stat.S_ISDIR(upper_st.st_mode):
+            origin = self.markers.origin_of(parent.upper_fd, name)
+            if self._is_metacopy(parent, name, upper_st, lower):
+                node = Node(path, upper_st, lower, origin=origin, metacopy=True)
+                self._check_metacopy(node)
+                return node
+            return Node(path, upper_st, NO_LOWER, origin=origin)
+        else:
+            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.upper_fd)
+            opaque = self._upper_opaque(fd)
+            origin = self.markers.origin_of(fd)
+            node = Node(path, upper_st, lower if lower.is_dir and not opaque else NO_LOWER, fd, opaque, origin)
+        if node.is_dir:
+            self._remember(node)
+        return node
+
+    def _is_metacopy(self, parent: Node, name: str, upper_st: os.stat_result, lower: LowerStack) -> bool:
+        """Is the upper file ``name`` a metadata-only copy of the lower file below it?"""
+        if not (stat.S_ISREG(upper_st.st_mode) and upper_st.st_size and lower.hits):
+            return False
+        return stat.S_ISREG(lower.hits[0][1].st_mode) and self.markers.is_metacopy(parent.upper_fd, name)
+
+    def _check_metacopy(self, node: Node) -> None:
+        """As the kernel: without ``metacopy=on`` a metacopy file is refused (EPERM); one without data is EIO."""
+        if not self.metacopy:
+            raise OSError(errno.EPERM, "refusing to follow a metacopy file without metacopy=on", node.path)
+        if node.lower.orphan:
+            raise OSError(errno.EIO, "a metacopy file whose data is in no layer below", node.path)
+
+    def lower_positive(self, parent: Node, name: str) -> bool:
+        """Does a lower layer of the merge hold ``name``? (Then removing it needs a whiteout.)"""
+        return parent.lower.is_dir and bool(self.lower_stack(join(parent.path, name)).hits)
+
+    def _upper_opaque(self, fd: int) -> bool:
+        return self.markers.opaque_value(fd) == OPAQUE_YES
+
+    # -- cache of directory nodes ------------------------------------------------
+
+    def _remember(self, node: Node) -> None:
+        if len(self._dirs) >= _MAX_CACHED_DIRS:
+            self.invalidate_all()
+        self._dirs[node.path] = node
+
+    def invalidate(self, path: str) -> None:
+        """Forget the directory at ``path`` and everything below it (after the overlay changed it)."""
+        if not path:
+            self.invalidate_all()
+            return
+        prefix = path + "/"
+        for key in [k for k in self._dirs if k == path or k.startswith(prefix)]:
+            self._close(self._dirs.pop(key))
+
+    def invalidate_all(self) -> None:
+        for node in self._dirs.values():
+            self._close(node)
+        self._dirs.clear()
+
+    def _close(self, node: Node) -> None:
+        if node.upper_fd >= 0 and (self.upper is None or node.upper_fd != self.upper.fd):
+            os.close(node.upper_fd)
+            node.upper_fd = -1

@@ -1,0 +1,156 @@
+"""The on-disk vocabulary of overlayfs: whiteouts, opaque directories, private xattrs.
+
+This module is the only place that knows how these markers are stored, in the
+kernel's format, so that an upper directory written by pylayerfs mounts under
+``mount -t overlay`` with the same view and the reverse:
+
+* A **whiteout** is a character device with device number 0/0. It hides the
+  name in every lower layer; the merged view never shows it.
+* An **opaque directory** carries ``trusted.overlay.opaque = "y"``: lower
+  directories of the same name are hidden, the merge stops there.
+* The kernel's other whiteout form, honoured in lower layers only: a zero-size
+  regular file with ``trusted.overlay.whiteout`` inside a directory whose
+  ``trusted.overlay.opaque`` is ``"x"`` (that directory still merges).
+* A **metacopy** file (the kernel's ``metacopy=on``) carries ``<prefix>metacopy``
+  (empty): a sparse upper file holding metadata only, its data still the lower
+  file's at the same path until the first open for write copies it up.
+* With the ``userxattr`` mount option, the prefix is ``user.overlay.``.
+* pylayerfs records the inode number a copied-up object had before copy-up in
+  ``<prefix>pylayerfs.origin`` (the kernel's ``origin`` holds a file handle
+  instead; the kernel ignores our name, we ignore its handle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from pylayerfs.overlay import realfs
+
+TRUSTED_PREFIX = "trusted.overlay."
+USER_PREFIX = "user.overlay."
+OPAQUE_YES = b"y"
+OPAQUE_XWHITEOUTS = b"x"
+WHITEOUT_MODE = stat.S_IFCHR  # permission bits 0000, as the kernel makes them
+WHITEOUT_RDEV = os.makedev(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Markers:
+    """The overlay xattr names for one mount (``trusted.`` or, with userxattr, ``user.``)."""
+
+    prefix: str = TRUSTED_PREFIX
+
+    @property
+    def opaque(self) -> str:
+        return self.prefix + "opaque"
+
+    @property
+    def whiteout(self) -> str:
+        return self.prefix + "whiteout"
+
+    @property
+    def metacopy(self) -> str:
+        return self.prefix + "metacopy"
+
+    @property
+    def origin(self) -> str:
+        return self.prefix + "pylayerfs.origin"
+
+    @property
+    def escaped_prefix(self) -> str:
+        """Where a user's own ``<prefix>X`` xattr is stored: ``<prefix>overlay.X`` (kernel >= 6.7)."""
+        return self.prefix + "overlay."
+
+    def is_private(self, name: str) -> bool:
+        """True for overlay's own xattrs (never listed, read or copied up)."""
+        return name.startswith(self.prefix) and not name.startswith(self.escaped_prefix)
+
+    # -- reading -------------------------------------------------------------
+    # Objects are named by an open directory fd and, for an entry in it, a name
+    # (see realfs.xattr_ref).
+
+    def opaque_value(self, dirfd: int) -> bytes | None:
+        """The opaque xattr of the directory ``dirfd`` (None when unset)."""
+        return get(dirfd, None, self.opaque)
+
+    def is_xattr_whiteout(self, dirfd: int, name: str) -> bool:
+        """The kernel's xattr whiteout: a file carrying ``<prefix>whiteout``."""
+        return get(dirfd, name, self.whiteout) is not None
+
+    def is_metacopy(self, dirfd: int, name: str) -> bool:
+        """A metadata-only copy: the upper file's data is still the lower file's.
+
+        One the kernel renamed carries a ``redirect`` to where its data is; pylayerfs follows no
+        redirects (it is ``redirect_dir=off``), so it refuses the file with EPERM, as the kernel
+        refuses redirects it may not follow, rather than read the data of the wrong file.
+        """
+        if get(dirfd, name, self.metacopy) is None:
+            return False
+        if get(dirfd, name, self.prefix + "redirect") is not None:
+            raise OSError(errno.EPERM, "a metacopy file with a redirect: pylayerfs follows no redirects", name)
+        return True
+
+    def origin_of(self, dirfd: int, name: str | None = None) -> int | None:
+        """The recorded origin inode number of an upper object."""
+        value = get(dirfd, name, self.origin)
+        return int(value) if value is not None and value.isdigit() else None
+
+    # -- writing (upper layer only) -----------------------------------------
+
+    def set_opaque(self, dirfd: int, name: str | None = None) -> None:
+        set_(dirfd, name, self.opaque, OPAQUE_YES)
+
+    def set_metacopy(self, dirfd: int, name: str) -> None:
+        set_(dirfd, name, self.metacopy, b"")
+
+    def set_origin(self, dirfd: int, name: str, ino: int) -> None:
+        """Record ``ino`` as the inode number of the copied-up object ``name``.
+
+        Best effort: where the xattr cannot be stored (``user.`` xattrs on a
+        symlink), the object reports its upper inode number, as the kernel does.
+        """
+        with contextlib.suppress(OSError):
+            set_(dirfd, name, self.origin, str(ino).encode())
+
+
+def get(dirfd: int, name: str | None, attr: str) -> bytes | None:
+    """One xattr of the directory ``dirfd`` or of its entry ``name``; None when it is unset."""
+    path, follow = realfs.xattr_ref(dirfd, name)
+    try:
+        return os.getxattr(path, attr, follow_symlinks=follow)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA or realfs.is_enotsup(exc):
+            return None
+        raise
+
+
+def set_(dirfd: int, name: str | None, attr: str, value: bytes) -> None:
+    path, follow = realfs.xattr_ref(dirfd, name)
+    realfs.trace("setxattr", path, name=attr)
+    os.setxattr(path, attr, value, follow_symlinks=follow)
+
+
+def is_metacopy_file(path: str, st: os.stat_result, prefix: str = TRUSTED_PREFIX) -> bool:
+    """Is the file at ``path`` (``st`` its lstat) a metacopy file, holding metadata only?"""
+    if not (stat.S_ISREG(st.st_mode) and st.st_size):
+        return False
+    try:
+        os.getxattr(path, prefix + "metacopy", follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    """A character device 0/0 is a whiteout."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == WHITEOUT_RDEV
+
+
+def make_whiteout(dirfd: int, name: str) -> None:
+    """Create a whiteout ``name`` in the directory ``dirfd``."""
+    realfs.trace("mknod", realfs.fd_path(dirfd, name), whiteout=True)
+    os.mknod(name, WHITEOUT_MODE, WHITEOUT_RDEV, dir_fd=dirfd)

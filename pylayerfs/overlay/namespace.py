@@ -1,0 +1,300 @@
+"""Namespace operations: create, mkdir, mknod, symlink, link, unlink, rmdir, rename (the kernel's ``dir.c``).
+
+The upper-layer rules they follow:
+
+* Creating anything first copies up the parent directory. Over a whiteout, the
+  new object is built in the workdir and renamed over the whiteout; a new
+  directory there is marked opaque, so the lower contents stay hidden.
+* Removing a name that a lower layer holds leaves a whiteout; removing a
+  pure-upper name leaves nothing. A merged directory can be removed only when
+  it shows no entry; its upper part (holding only whiteouts) is then swapped
+  for a whiteout and deleted in the workdir.
+* Renaming a lower or merged directory is refused with EXDEV (no
+  ``redirect_dir``): ``mv`` then copies. Anything else is copied up and renamed
+  in the upper layer, with a whiteout left at the old name if a lower layer
+  holds it; a directory moved into a merged directory is marked opaque.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from pylayerfs.overlay import realfs
+from pylayerfs.overlay.file import OpenFile
+from pylayerfs.overlay.layers import split
+from pylayerfs.overlay.lookup import Node
+from pylayerfs.overlay.markers import is_whiteout, make_whiteout
+from pylayerfs.overlay.readdir import merged_names
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pylayerfs.overlay.filesystem import Caller, Overlay
+
+
+def _error(code: int, path: str) -> OSError:
+    return OSError(code, os.strerror(code), path)
+
+
+def _upper_stat(parent: Node, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=parent.upper_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+# -- creating --------------------------------------------------------------------------
+
+
+def _create_object(
+    ov: Overlay,
+    path: str,
+    make: Callable[[int, str], None],
+    owner: Caller | None,
+    is_dir: bool = False,
+    special_bits: bool = True,
+) -> None:
+    """Create ``path`` with ``make(dirfd, name)``, over a whiteout if there is one.
+
+    The new object is given to ``owner`` (the caller; None for a hard link, which keeps its owner).
+    ``special_bits=False`` says the new object has no set-user/group-ID bit for chown to clear.
+    """
+    work = ov.writable(path)[1]
+    parent, name = ov.upper_parent(path)
+    existing = _upper_stat(parent, name)
+    if (existing is not None and not is_whiteout(existing)) or (
+        existing is None and ov.lookup.lower_positive(parent, name)
+    ):
+        raise _error(errno.EEXIST, path)
+    parent_st = os.stat(parent.upper_fd)
+    dirfd, tmp = (parent.upper_fd, name) if existing is None else (work.fd, work.temp_name())
+    make(dirfd, tmp)
+    if owner is not None:
+        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else owner.gid  # setgid dirs pass on their group
+        made = os.stat(tmp, dir_fd=dirfd, follow_symlinks=False) if special_bits or is_dir else None
+        os.chown(tmp, owner.uid, gid, dir_fd=dirfd, follow_symlinks=False)
+        if made and made.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(made.st_mode):
+            os.chmod(tmp, stat.S_IMODE(made.st_mode), dir_fd=dirfd)  # chown cleared them
+    if existing is not None:  # over a whiteout: built in the workdir, now swapped in
+        assert is_whiteout(existing)
+        if is_dir:
+            ov.markers.set_opaque(work.fd, tmp)
+            realfs.renameat2(work.fd, tmp, parent.upper_fd, name, realfs.RENAME_EXCHANGE)
+            work.remove(tmp)
+        else:
+            realfs.renameat2(work.fd, tmp, parent.upper_fd, name)
+    ov.files.forget(path)
+
+
+def create(ov: Overlay, path: str, mode: int, flags: int, caller: Caller) -> int:
+    """Create and open ``path``; the fd that made the file is the one the handle keeps."""
+    opened: list[int] = []
+    open_flags = realfs.open_flags(flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def make(fd: int, name: str) -> None:
+        opened.append(os.open(name, open_flags, stat.S_IMODE(mode), dir_fd=fd))
+
+    try:
+        _create_object(ov, path, make, caller, special_bits=bool(mode & (stat.S_ISUID | stat.S_ISGID)))
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+    fd = opened[0]
+    return ov.files.add(OpenFile(fd, path, ov.inodes.of_real(os.fstat(fd)), on_lower=False))
+
+
+def mknod(ov: Overlay, path: str, mode: int, rdev: int, caller: Caller) -> None:
+    if stat.S_ISCHR(mode) and rdev == 0:
+        raise _error(errno.EPERM, path)  # users cannot make whiteouts
+    _create_object(ov, path, lambda fd, name: os.mknod(name, mode, rdev, dir_fd=fd), caller)
+
+
+def mkdir(ov: Overlay, path: str, mode: int, caller: Caller) -> None:
+    def make(fd: int, name: str) -> None:
+        os.mkdir(name, stat.S_IMODE(mode), dir_fd=fd)
+        parent_st = os.stat(fd)
+        if parent_st.st_mode & stat.S_ISGID:
+            os.chmod(name, stat.S_IMODE(mode) | stat.S_ISGID, dir_fd=fd)
+
+    _create_object(ov, path, make, caller, is_dir=True)
+
+
+def symlink(ov: Overlay, path: str, target: str, caller: Caller) -> None:
+    _create_object(ov, path, lambda fd, name: os.symlink(target, name, dir_fd=fd), caller)
+
+
+def link(ov: Overlay, old: str, new: str) -> None:
+    src = ov.lookup.lookup(old)
+    if src.is_dir:
+        raise _error(errno.EPERM, old)
+    ov.copy_up(old)
+    old_parent_path, old_name = split(old)
+
+    def make(fd: int, name: str) -> None:
+        src_parent = ov.lookup.lookup(old_parent_path)
+        os.link(old_name, name, src_dir_fd=src_parent.upper_fd, dst_dir_fd=fd, follow_symlinks=False)
+
+    _create_object(ov, new, make, owner=None)
+
+
+# -- removing ----------------------------------------------------------------------------
+
+
+def _replace_with_whiteout(ov: Overlay, parent: Node, name: str, is_dir: bool) -> None:
+    """Atomically put a whiteout where ``name`` is (or just create it if the upper has nothing)."""
+    work = ov.writable(name)[1]
+    tmp = work.temp_name()
+    make_whiteout(work.fd, tmp)
+    if is_dir and _upper_stat(parent, name) is not None:
+        realfs.renameat2(work.fd, tmp, parent.upper_fd, name, realfs.RENAME_EXCHANGE)
+        work.remove(tmp)  # the old upper directory, holding only whiteouts
+    else:
+        realfs.renameat2(work.fd, tmp, parent.upper_fd, name)
+
+
+def unlink(ov: Overlay, path: str) -> None:
+    ov.writable(path)
+    node = ov.lookup.lookup(path)
+    if node.is_dir:
+        raise _error(errno.EISDIR, path)
+    parent, name = ov.upper_parent(path)
+    if ov.lookup.lower_positive(parent, name):
+        _replace_with_whiteout(ov, parent, name, is_dir=False)
+    else:
+        os.unlink(name, dir_fd=parent.upper_fd)
+    ov.files.forget(path)
+
+
+def rmdir(ov: Overlay, path: str) -> None:
+    ov.writable(path)
+    if not path:
+        raise _error(errno.EBUSY, path)
+    node = ov.lookup.lookup(path)
+    if not node.is_dir:
+        raise _error(errno.ENOTDIR, path)
+    if has_visible_entries(ov, node):
+        raise _error(errno.ENOTEMPTY, path)
+    parent, name = ov.upper_parent(path)
+    if ov.lookup.lower_positive(parent, name):
+        _replace_with_whiteout(ov, parent, name, is_dir=True)
+    else:
+        _remove_upper_dir(ov, parent, name)
+    ov.lookup.invalidate(path)
+
+
+def _remove_upper_dir(ov: Overlay, parent: Node, name: str) -> None:
+    """Remove a pure-upper directory; one left with stale whiteouts goes through the workdir."""
+    try:
+        os.rmdir(name, dir_fd=parent.upper_fd)
+    except OSError as exc:
+        if exc.errno != errno.ENOTEMPTY:
+            raise
+        work = ov.writable(name)[1]
+        tmp = work.temp_name()
+        realfs.renameat2(parent.upper_fd, name, work.fd, tmp)
+        work.remove(tmp)
+
+
+def has_visible_entries(ov: Overlay, node: Node) -> bool:
+    return any(True for _ in merged_names(ov, node))
+
+
+# -- renaming ----------------------------------------------------------------------------
+
+_RENAME_FLAGS = realfs.RENAME_NOREPLACE | realfs.RENAME_EXCHANGE
+
+
+def rename(ov: Overlay, old: str, new: str, flags: int = 0) -> None:
+    ov.writable(old)
+    if flags & ~_RENAME_FLAGS or flags == _RENAME_FLAGS:
+        raise _error(errno.EINVAL, old)  # RENAME_WHITEOUT is the overlay's own
+    exchange = bool(flags & realfs.RENAME_EXCHANGE)
+    src = ov.lookup.lookup(old)
+    new_parent_node = ov.lookup.lookup(split(new)[0])
+    if not new_parent_node.is_dir:
+        raise _error(errno.ENOTDIR, new)
+    dst = ov.lookup.child(new_parent_node, split(new)[1])
+    if old == new:
+        return
+    if dst is not None and flags & realfs.RENAME_NOREPLACE:
+        raise _error(errno.EEXIST, new)
+    if dst is None and exchange:
+        raise _error(errno.ENOENT, new)
+    if dst is not None and not exchange:  # the VFS checks types first, overlay then refuses to move
+        if src.is_dir and not dst.is_dir:
+            raise _error(errno.ENOTDIR, new)
+        if not src.is_dir and dst.is_dir:
+            raise _error(errno.EISDIR, new)
+    if (src.is_dir and src.lower.hits) or (exchange and dst is not None and dst.is_dir and dst.lower.hits):
+        raise _error(errno.EXDEV, old)  # no redirect_dir: lower and merged directories do not move
+    if dst is not None and not exchange and dst.is_dir and has_visible_entries(ov, dst):
+        raise _error(errno.ENOTEMPTY, new)
+
+    ov.copy_up(old)
+    if exchange:
+        ov.copy_up(new)
+    old_parent, old_name = ov.upper_parent(old)
+    new_parent, new_name = ov.upper_parent(new)
+    old_parent = ov.lookup.lookup(split(old)[0])  # refreshed: copying up one parent may move the other's node
+    src = ov.lookup.lookup(old)
+
+    # A pure-upper directory moving into a merged directory is marked opaque, as the kernel does.
+    if src.is_dir and not src.opaque and new_parent.is_merged:
+        ov.markers.set_opaque(old_parent.upper_fd, old_name)
+    if exchange:
+        assert dst is not None
+        dst = ov.lookup.lookup(new)
+        if dst.is_dir and not dst.opaque and old_parent.is_merged:
+            ov.markers.set_opaque(new_parent.upper_fd, new_name)
+        realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name, realfs.RENAME_EXCHANGE)
+    else:
+        _move(ov, old_parent, old_name, new_parent, new_name, src.is_dir)
+    for path in (old, new):
+        if src.is_dir or (dst is not None and dst.is_dir):
+            ov.lookup.invalidate(path)
+        ov.files.forget(path)
+
+
+def _move(ov: Overlay, old_parent: Node, old_name: str, new_parent: Node, new_name: str, is_dir: bool) -> None:
+    """Rename in the upper layer, leaving a whiteout at the old name where a lower layer holds it."""
+    whiteout = ov.lookup.lower_positive(old_parent, old_name)
+    target = _upper_stat(new_parent, new_name)
+    if target is not None and stat.S_ISDIR(target.st_mode):
+        _clear_dir(ov, new_parent, new_name)
+    if target is not None and is_dir and is_whiteout(target):
+        # A directory cannot replace a device: swap them, the whiteout lands at the old name.
+        realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name, realfs.RENAME_EXCHANGE)
+        if not whiteout:
+            os.unlink(old_name, dir_fd=old_parent.upper_fd)
+        return
+    if whiteout:
+        try:
+            realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name, realfs.RENAME_WHITEOUT)
+            return
+        except OSError as exc:  # the upper filesystem (or our privilege) has no RENAME_WHITEOUT
+            if exc.errno not in (errno.EINVAL, errno.EPERM):
+                raise
+    realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name)
+    if whiteout:
+        make_whiteout(old_parent.upper_fd, old_name)
+
+
+def _clear_dir(ov: Overlay, parent: Node, name: str) -> None:
+    """Empty an upper directory that holds only whiteouts, atomically (the kernel's ``ovl_clear_empty``)."""
+    work = ov.writable(name)[1]
+    tmp = work.temp_name()
+    os.mkdir(tmp, 0o700, dir_fd=work.fd)
+    fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent.upper_fd)
+    try:
+        st = os.stat(fd)
+        os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work.fd)
+        os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=work.fd)
+    finally:
+        os.close(fd)
+    ov.markers.set_opaque(work.fd, tmp)
+    realfs.renameat2(work.fd, tmp, parent.upper_fd, name, realfs.RENAME_EXCHANGE)
+    work.remove(tmp)

@@ -1,0 +1,132 @@
+"""The system calls pylayerfs makes on the real layer directories.
+
+This is pylayerfs's equivalent of the kernel's ``ovl_do_*`` wrappers: every
+call that opens, creates, renames or removes something inside a layer goes
+through here, so that
+
+* paths inside a layer are resolved with ``openat2(RESOLVE_BENEATH |
+  RESOLVE_NO_SYMLINKS)``: nothing a layer contains (symlinks, ``..``) can
+  make pylayerfs reach outside that layer's directory, and
+* the ``debug`` mount option can log every call ("see what overlay does to
+  the disk").
+
+``openat2`` and ``renameat2`` are not in Python's ``os`` module; they are
+called through libc with ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import platform
+
+log = logging.getLogger("pylayerfs.overlay.realfs")
+
+# <linux/openat2.h>
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+
+# <linux/fs.h>
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+
+# openat2 is syscall 437 on every architecture that has it (the unified table; alpha adds 110).
+_SYS_OPENAT2 = 547 if platform.machine() == "alpha" else 437
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.renameat2.restype = ctypes.c_int
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _raise_errno(what: str, path: str) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), f"{what} {path}")
+
+
+# The flags open(2) knows. openat2 refuses any other bit with EINVAL, and the kernel's FUSE passes
+# some of its own in an open request (__FMODE_EXEC, 0x20, when a program is executed).
+_OPEN_FLAGS = (
+    os.O_ACCMODE
+    | os.O_CREAT
+    | os.O_EXCL
+    | os.O_NOCTTY
+    | os.O_TRUNC
+    | os.O_APPEND
+    | os.O_NONBLOCK
+    | os.O_DSYNC
+    | os.O_SYNC
+    | os.O_DIRECT
+    | os.O_LARGEFILE
+    | os.O_DIRECTORY
+    | os.O_NOFOLLOW
+    | os.O_NOATIME
+    | os.O_CLOEXEC
+    | os.O_PATH
+    | os.O_TMPFILE
+)
+
+
+def open_flags(flags: int) -> int:
+    """``flags`` without the bits open(2) does not know (the kernel's own, from a FUSE request)."""
+    return flags & _OPEN_FLAGS
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
+    """Open ``path`` below ``dirfd`` without following any symlink or leaving ``dirfd``."""
+    flags &= _OPEN_FLAGS
+    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, _RESOLVE)
+    fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        _raise_errno("openat2", path)
+    trace("openat2", path, flags=oct(flags))
+    return int(fd)
+
+
+def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:
+    """``renameat2(2)``; ``flags`` takes RENAME_NOREPLACE, RENAME_EXCHANGE and RENAME_WHITEOUT."""
+    trace("renameat2", f"{oldname} -> {newname}", flags=flags)
+    if _libc.renameat2(olddirfd, os.fsencode(oldname), newdirfd, os.fsencode(newname), flags) != 0:
+        _raise_errno("renameat2", f"{oldname} -> {newname}")
+
+
+def detach(mountpoint: str) -> None:
+    """Unmount lazily (MNT_DETACH): gone from the namespace now, released when no longer busy."""
+    trace("umount2", mountpoint, flags="MNT_DETACH")
+    if _libc.umount2(os.fsencode(mountpoint), 2) != 0:
+        _raise_errno("umount2", mountpoint)
+
+
+def trace(call: str, path: str, **args: object) -> None:
+    """Log one call on a real layer directory (the ``debug`` mount option shows these)."""
+    if log.isEnabledFor(logging.DEBUG):
+        extra = " ".join(f"{k}={v}" for k, v in args.items())
+        log.debug("%s %s %s", call, path, extra)
+
+
+def fd_path(fd: int, name: str = "") -> str:
+    """A path that reaches ``name`` inside the directory ``fd`` without walking any layer path."""
+    return f"/proc/self/fd/{fd}/{name}" if name else f"/proc/self/fd/{fd}"
+
+
+def xattr_ref(dirfd: int, name: str | None) -> tuple[str, bool]:
+    """A path for the ``*xattr`` calls on directory ``dirfd`` (name None) or its entry ``name``.
+
+    Also says whether to follow it: ``/proc/self/fd/N`` itself is followed to the
+    directory (this works for O_PATH fds too); an entry is never followed.
+    """
+    return (fd_path(dirfd), True) if name is None else (fd_path(dirfd, name), False)
+
+
+def is_enotsup(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)

@@ -1,0 +1,58 @@
+"""The workdir: where copy-ups and whiteouts are built before they appear in the upper layer.
+
+As in the kernel, the mount owns ``WORKDIR/work``: it is created (mode 0 when
+running as root, as the kernel makes it) and emptied at every mount, so that
+whatever a killed daemon left half-built there never becomes visible. Objects
+are built under a temporary name (``#<pid>.<n>``) and then renamed into place:
+a rename inside one filesystem is atomic, so no observer and no crash ever sees
+a partial object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import stat
+
+from pylayerfs.overlay import realfs
+
+WORK_DIR = "work"
+
+
+class Workdir:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.fd = self._prepare()
+        self._names = itertools.count()
+
+    def _prepare(self) -> int:
+        """Create ``work/`` if needed and empty it; return an fd on it."""
+        mode = 0 if os.geteuid() == 0 else 0o700
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(WORK_DIR, mode, dir_fd=self._root_fd)
+        fd = realfs.openat2(self._root_fd, WORK_DIR, os.O_RDONLY | os.O_DIRECTORY)
+        for name in os.listdir(fd):
+            _remove(fd, name)
+        return fd
+
+    def temp_name(self) -> str:
+        return f"#{os.getpid():x}.{next(self._names):x}"
+
+    def remove(self, name: str) -> None:
+        """Remove ``name`` (a file, or a whole directory tree) from the workdir."""
+        _remove(self.fd, name)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._root_fd)
+
+
+def _remove(dirfd: int, name: str) -> None:
+    realfs.trace("cleanup", realfs.fd_path(dirfd, name))
+    if stat.S_ISDIR(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+        shutil.rmtree(name, dir_fd=dirfd)
+    else:
+        os.unlink(name, dir_fd=dirfd)
