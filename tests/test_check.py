@@ -21,7 +21,7 @@ import pytest
 from hypothesis import settings
 
 from pylayerfs.overlay import copy_up, readdir
-from pylayerfs.overlay import namespace as dir
+from pylayerfs.overlay import namespace
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.markers import is_whiteout
 from pylayerfs.testing import EngineTarget, ModelTarget, Options, OverlayMachine, Report, check, report, target
@@ -37,7 +37,7 @@ def _chmod_0644(st: os.stat_result, workfd: int, tmp: str) -> None:
 
 def _unlink_without_whiteout(ov: Overlay, path: str) -> None:
     ov.writable(path)
-    parent, name = ov.upper_parent(path)
+    parent, name = copy_up.upper_parent(ov, path)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(name, dir_fd=parent.upper_fd)
 
@@ -53,8 +53,8 @@ MUTATIONS: dict[str, tuple[object, str, Callable[..., object]]] = {
     "copy-up drops the mode": (copy_up, "_copy_owner_and_mode", _chmod_0644),
     "copy-up drops xattrs": (copy_up, "_copy_xattrs", lambda ov, src, dst: None),
     "readdir shows whiteouts": (readdir, "is_whiteout", lambda st: False),
-    "unlink forgets the whiteout": (dir, "unlink", _unlink_without_whiteout),
-    "rmdir ignores lower entries": (dir, "has_visible_entries", _upper_entries_only),
+    "unlink forgets the whiteout": (namespace, "unlink", _unlink_without_whiteout),
+    "rmdir ignores lower entries": (namespace, "has_visible_entries", _upper_entries_only),
 }
 
 
@@ -87,7 +87,7 @@ def test_pylayerfs_mount_passes(reference: str) -> None:
 
 @pytest.mark.root
 def test_same_seed_same_scenarios(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dir, "unlink", _unlink_without_whiteout)
+    monkeypatch.setattr(namespace, "unlink", _unlink_without_whiteout)
     runs = [check(ENGINE, MODEL, Options(examples=50, seed=3, shrink=False)) for _ in range(2)]
     texts = [re.sub(r"\d+\.\d s", "", report.text(r)) for r in runs]
     assert texts[0] == texts[1]

@@ -9,7 +9,8 @@ import stat
 import pytest
 
 from pylayerfs.overlay import realfs
-from pylayerfs.overlay.filesystem import Caller, Overlay
+from pylayerfs.overlay.filesystem import Overlay
+from pylayerfs.overlay.state import Caller
 from tests.trees import WHITEOUT, build, tree_hash
 
 ME = Caller.me()

@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy as fuse
 
-from pylayerfs.overlay.filesystem import Caller, Overlay
+from pylayerfs.overlay.filesystem import Overlay
+from pylayerfs.overlay.state import Caller
 
 log = logging.getLogger("pylayerfs.fuse")
 F = TypeVar("F", bound=Callable[..., Any])

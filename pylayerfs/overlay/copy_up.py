@@ -25,24 +25,24 @@ import contextlib
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING
 
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.layers import split
 from pylayerfs.overlay.lookup import Node
-
-if TYPE_CHECKING:
-    from pylayerfs.overlay.filesystem import Overlay
+from pylayerfs.overlay.state import OverlayState
 
 _CHUNK = 1 << 30
 
 
-def copy_up(ov: Overlay, path: str, *, with_data: bool = True, meta_only: bool = False) -> Node:
+def copy_up(ov: OverlayState, path: str, *, with_data: bool = True, meta_only: bool = False) -> Node:
     """Give ``path`` an upper object with its data (if it has none) and return the fresh node.
 
     ``with_data=False`` is for an ``O_TRUNC`` open: the copy is created empty.
     ``meta_only``: the caller changes metadata only, so with ``metacopy=on`` a file's data may stay below.
+    Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup of ``path`` does, and whatever
+    the upper filesystem answers (ENOSPC, EDQUOT, EPERM...); on any error nothing is left in the upper layer.
     """
+    ov.writable(path)
     node = ov.lookup.lookup(path)
     if node.upper is not None and (meta_only or not node.metacopy):
         return node
@@ -61,7 +61,7 @@ def copy_up(ov: Overlay, path: str, *, with_data: bool = True, meta_only: bool =
     return ov.lookup.lookup(path)
 
 
-def _copy_up_one(ov: Overlay, parent: Node, node: Node, name: str, with_data: bool, metacopy: bool) -> None:
+def _copy_up_one(ov: OverlayState, parent: Node, node: Node, name: str, with_data: bool, metacopy: bool) -> None:
     """Build the upper object in the workdir, then rename it into place.
 
     Data come from the top lower object (below a metacopy file: the file holding them); metadata from
@@ -88,7 +88,7 @@ def _copy_up_one(ov: Overlay, parent: Node, node: Node, name: str, with_data: bo
             ov.markers.set_origin(work.fd, tmp, origin)
         if metacopy:
             ov.markers.set_metacopy(work.fd, tmp)
-        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work.fd, follow_symlinks=False)
+        realfs.utime(work.fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
         parent_st = os.stat(parent.upper_fd)
         realfs.renameat2(work.fd, tmp, parent.upper_fd, name, 0 if replacing else realfs.RENAME_NOREPLACE)
     except BaseException:
@@ -100,7 +100,7 @@ def _copy_up_one(ov: Overlay, parent: Node, node: Node, name: str, with_data: bo
 
 def _restore_times(dirfd: int, st: os.stat_result) -> None:
     """Put back a directory's atime/mtime after an internal change (copy-up, whiteout cleanup)."""
-    os.utime(realfs.fd_path(dirfd), ns=(st.st_atime_ns, st.st_mtime_ns))
+    realfs.utime(dirfd, None, (st.st_atime_ns, st.st_mtime_ns))
 
 
 def _create_copy(
@@ -114,7 +114,7 @@ def _create_copy(
 ) -> None:
     mode = st.st_mode
     if stat.S_ISREG(mode):
-        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=workfd)
+        dst = realfs.create(workfd, tmp, os.O_WRONLY, 0o600)
         try:
             if with_data and st.st_size:
                 src = realfs.openat2(src_dirfd, src_name, os.O_RDONLY | os.O_NOFOLLOW)
@@ -123,15 +123,15 @@ def _create_copy(
                 finally:
                     os.close(src)
             elif metacopy:
-                os.ftruncate(dst, st.st_size)  # all hole: the size is metadata, the data stays below
+                realfs.truncate(dst, st.st_size)  # all hole: the size is metadata, the data stays below
         finally:
             os.close(dst)
     elif stat.S_ISDIR(mode):
-        os.mkdir(tmp, 0o700, dir_fd=workfd)
+        realfs.mkdir(workfd, tmp, 0o700)
     elif stat.S_ISLNK(mode):
-        os.symlink(os.readlink(src_name, dir_fd=src_dirfd), tmp, dir_fd=workfd)
+        realfs.symlink(os.readlink(src_name, dir_fd=src_dirfd), workfd, tmp)
     else:  # FIFO, socket, device
-        os.mknod(tmp, mode, st.st_rdev, dir_fd=workfd)
+        realfs.mknod(workfd, tmp, mode, st.st_rdev)
 
 
 def copy_data(src: int, dst: int, size: int) -> None:
@@ -165,7 +165,7 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
         offset += n
 
 
-def _copy_xattrs(ov: Overlay, src: str, dst: str) -> None:
+def _copy_xattrs(ov: OverlayState, src: str, dst: str) -> None:
     """Copy every xattr but overlay's private ones (after data, owner and mode, which clear some)."""
     try:
         names = os.listxattr(src, follow_symlinks=False)
@@ -187,6 +187,18 @@ def _copy_xattrs(ov: Overlay, src: str, dst: str) -> None:
 
 def _copy_owner_and_mode(st: os.stat_result, workfd: int, tmp: str) -> None:
     """Owner first (chown clears setuid/setgid and file capabilities), then mode; xattrs come after."""
-    os.chown(tmp, st.st_uid, st.st_gid, dir_fd=workfd, follow_symlinks=False)
+    realfs.chown(workfd, tmp, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
-        os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=workfd)
+        realfs.chmod(workfd, tmp, stat.S_IMODE(st.st_mode))
+
+
+def upper_parent(ov: OverlayState, path: str) -> tuple[Node, str]:
+    """Copy up the parent directory of ``path``; return its node and the last component of ``path``.
+
+    Raises ENOTDIR when the parent is not a directory, and what :func:`copy_up` raises.
+    """
+    parent_path, name = split(path)
+    parent = ov.lookup.lookup(parent_path)
+    if not parent.is_dir:
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    return copy_up(ov, parent_path), name

@@ -44,6 +44,11 @@ class Markers:
 
     prefix: str = TRUSTED_PREFIX
 
+    @classmethod
+    def for_mount(cls, userxattr: bool) -> Markers:
+        """The names a mount uses: ``user.overlay.*`` with the ``userxattr`` option, else ``trusted.overlay.*``."""
+        return cls(USER_PREFIX if userxattr else TRUSTED_PREFIX)
+
     @property
     def opaque(self) -> str:
         return self.prefix + "opaque"
@@ -129,9 +134,7 @@ def get(dirfd: int, name: str | None, attr: str) -> bytes | None:
 
 
 def set_(dirfd: int, name: str | None, attr: str, value: bytes) -> None:
-    path, follow = realfs.xattr_ref(dirfd, name)
-    realfs.trace("setxattr", path, name=attr)
-    os.setxattr(path, attr, value, follow_symlinks=follow)
+    realfs.setxattr(dirfd, name, attr, value)
 
 
 def is_metacopy_file(path: str, st: os.stat_result, prefix: str = TRUSTED_PREFIX) -> bool:
@@ -152,5 +155,4 @@ def is_whiteout(st: os.stat_result) -> bool:
 
 def make_whiteout(dirfd: int, name: str) -> None:
     """Create a whiteout ``name`` in the directory ``dirfd``."""
-    realfs.trace("mknod", realfs.fd_path(dirfd, name), whiteout=True)
-    os.mknod(name, WHITEOUT_MODE, WHITEOUT_RDEV, dir_fd=dirfd)
+    realfs.mknod(dirfd, name, WHITEOUT_MODE, WHITEOUT_RDEV)

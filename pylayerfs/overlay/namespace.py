@@ -20,19 +20,16 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from pylayerfs.overlay import realfs
+from pylayerfs.overlay.copy_up import copy_up, upper_parent
 from pylayerfs.overlay.file import OpenFile
 from pylayerfs.overlay.layers import split
 from pylayerfs.overlay.lookup import Node
 from pylayerfs.overlay.markers import is_whiteout, make_whiteout
 from pylayerfs.overlay.readdir import merged_names
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from pylayerfs.overlay.filesystem import Caller, Overlay
+from pylayerfs.overlay.state import Caller, OverlayState
 
 
 def _error(code: int, path: str) -> OSError:
@@ -50,7 +47,7 @@ def _upper_stat(parent: Node, name: str) -> os.stat_result | None:
 
 
 def _create_object(
-    ov: Overlay,
+    ov: OverlayState,
     path: str,
     make: Callable[[int, str], None],
     owner: Caller | None,
@@ -63,7 +60,7 @@ def _create_object(
     ``special_bits=False`` says the new object has no set-user/group-ID bit for chown to clear.
     """
     work = ov.writable(path)[1]
-    parent, name = ov.upper_parent(path)
+    parent, name = upper_parent(ov, path)
     existing = _upper_stat(parent, name)
     if (existing is not None and not is_whiteout(existing)) or (
         existing is None and ov.lookup.lower_positive(parent, name)
@@ -75,9 +72,9 @@ def _create_object(
     if owner is not None:
         gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else owner.gid  # setgid dirs pass on their group
         made = os.stat(tmp, dir_fd=dirfd, follow_symlinks=False) if special_bits or is_dir else None
-        os.chown(tmp, owner.uid, gid, dir_fd=dirfd, follow_symlinks=False)
+        realfs.chown(dirfd, tmp, owner.uid, gid)
         if made and made.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(made.st_mode):
-            os.chmod(tmp, stat.S_IMODE(made.st_mode), dir_fd=dirfd)  # chown cleared them
+            realfs.chmod(dirfd, tmp, stat.S_IMODE(made.st_mode))  # chown cleared them
     if existing is not None:  # over a whiteout: built in the workdir, now swapped in
         assert is_whiteout(existing)
         if is_dir:
@@ -89,13 +86,12 @@ def _create_object(
     ov.files.forget(path)
 
 
-def create(ov: Overlay, path: str, mode: int, flags: int, caller: Caller) -> int:
+def create(ov: OverlayState, path: str, mode: int, flags: int, caller: Caller) -> int:
     """Create and open ``path``; the fd that made the file is the one the handle keeps."""
     opened: list[int] = []
-    open_flags = realfs.open_flags(flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
     def make(fd: int, name: str) -> None:
-        opened.append(os.open(name, open_flags, stat.S_IMODE(mode), dir_fd=fd))
+        opened.append(realfs.create(fd, name, flags & ~os.O_TRUNC, stat.S_IMODE(mode)))
 
     try:
         _create_object(ov, path, make, caller, special_bits=bool(mode & (stat.S_ISUID | stat.S_ISGID)))
@@ -107,36 +103,36 @@ def create(ov: Overlay, path: str, mode: int, flags: int, caller: Caller) -> int
     return ov.files.add(OpenFile(fd, path, ov.inodes.of_real(os.fstat(fd)), on_lower=False))
 
 
-def mknod(ov: Overlay, path: str, mode: int, rdev: int, caller: Caller) -> None:
+def mknod(ov: OverlayState, path: str, mode: int, rdev: int, caller: Caller) -> None:
     if stat.S_ISCHR(mode) and rdev == 0:
         raise _error(errno.EPERM, path)  # users cannot make whiteouts
-    _create_object(ov, path, lambda fd, name: os.mknod(name, mode, rdev, dir_fd=fd), caller)
+    _create_object(ov, path, lambda fd, name: realfs.mknod(fd, name, mode, rdev), caller)
 
 
-def mkdir(ov: Overlay, path: str, mode: int, caller: Caller) -> None:
+def mkdir(ov: OverlayState, path: str, mode: int, caller: Caller) -> None:
     def make(fd: int, name: str) -> None:
-        os.mkdir(name, stat.S_IMODE(mode), dir_fd=fd)
+        realfs.mkdir(fd, name, stat.S_IMODE(mode))
         parent_st = os.stat(fd)
         if parent_st.st_mode & stat.S_ISGID:
-            os.chmod(name, stat.S_IMODE(mode) | stat.S_ISGID, dir_fd=fd)
+            realfs.chmod(fd, name, stat.S_IMODE(mode) | stat.S_ISGID)
 
     _create_object(ov, path, make, caller, is_dir=True)
 
 
-def symlink(ov: Overlay, path: str, target: str, caller: Caller) -> None:
-    _create_object(ov, path, lambda fd, name: os.symlink(target, name, dir_fd=fd), caller)
+def symlink(ov: OverlayState, path: str, target: str, caller: Caller) -> None:
+    _create_object(ov, path, lambda fd, name: realfs.symlink(target, fd, name), caller)
 
 
-def link(ov: Overlay, old: str, new: str) -> None:
+def link(ov: OverlayState, old: str, new: str) -> None:
     src = ov.lookup.lookup(old)
     if src.is_dir:
         raise _error(errno.EPERM, old)
-    ov.copy_up(old)
+    copy_up(ov, old)
     old_parent_path, old_name = split(old)
 
     def make(fd: int, name: str) -> None:
         src_parent = ov.lookup.lookup(old_parent_path)
-        os.link(old_name, name, src_dir_fd=src_parent.upper_fd, dst_dir_fd=fd, follow_symlinks=False)
+        realfs.link(src_parent.upper_fd, old_name, fd, name)
 
     _create_object(ov, new, make, owner=None)
 
@@ -144,7 +140,7 @@ def link(ov: Overlay, old: str, new: str) -> None:
 # -- removing ----------------------------------------------------------------------------
 
 
-def _replace_with_whiteout(ov: Overlay, parent: Node, name: str, is_dir: bool) -> None:
+def _replace_with_whiteout(ov: OverlayState, parent: Node, name: str, is_dir: bool) -> None:
     """Atomically put a whiteout where ``name`` is (or just create it if the upper has nothing)."""
     work = ov.writable(name)[1]
     tmp = work.temp_name()
@@ -156,20 +152,20 @@ def _replace_with_whiteout(ov: Overlay, parent: Node, name: str, is_dir: bool) -
         realfs.renameat2(work.fd, tmp, parent.upper_fd, name)
 
 
-def unlink(ov: Overlay, path: str) -> None:
+def unlink(ov: OverlayState, path: str) -> None:
     ov.writable(path)
     node = ov.lookup.lookup(path)
     if node.is_dir:
         raise _error(errno.EISDIR, path)
-    parent, name = ov.upper_parent(path)
+    parent, name = upper_parent(ov, path)
     if ov.lookup.lower_positive(parent, name):
         _replace_with_whiteout(ov, parent, name, is_dir=False)
     else:
-        os.unlink(name, dir_fd=parent.upper_fd)
+        realfs.unlink(parent.upper_fd, name)
     ov.files.forget(path)
 
 
-def rmdir(ov: Overlay, path: str) -> None:
+def rmdir(ov: OverlayState, path: str) -> None:
     ov.writable(path)
     if not path:
         raise _error(errno.EBUSY, path)
@@ -178,7 +174,7 @@ def rmdir(ov: Overlay, path: str) -> None:
         raise _error(errno.ENOTDIR, path)
     if has_visible_entries(ov, node):
         raise _error(errno.ENOTEMPTY, path)
-    parent, name = ov.upper_parent(path)
+    parent, name = upper_parent(ov, path)
     if ov.lookup.lower_positive(parent, name):
         _replace_with_whiteout(ov, parent, name, is_dir=True)
     else:
@@ -186,10 +182,10 @@ def rmdir(ov: Overlay, path: str) -> None:
     ov.lookup.invalidate(path)
 
 
-def _remove_upper_dir(ov: Overlay, parent: Node, name: str) -> None:
+def _remove_upper_dir(ov: OverlayState, parent: Node, name: str) -> None:
     """Remove a pure-upper directory; one left with stale whiteouts goes through the workdir."""
     try:
-        os.rmdir(name, dir_fd=parent.upper_fd)
+        realfs.rmdir(parent.upper_fd, name)
     except OSError as exc:
         if exc.errno != errno.ENOTEMPTY:
             raise
@@ -199,7 +195,7 @@ def _remove_upper_dir(ov: Overlay, parent: Node, name: str) -> None:
         work.remove(tmp)
 
 
-def has_visible_entries(ov: Overlay, node: Node) -> bool:
+def has_visible_entries(ov: OverlayState, node: Node) -> bool:
     return any(True for _ in merged_names(ov, node))
 
 
@@ -208,7 +204,7 @@ def has_visible_entries(ov: Overlay, node: Node) -> bool:
 _RENAME_FLAGS = realfs.RENAME_NOREPLACE | realfs.RENAME_EXCHANGE
 
 
-def rename(ov: Overlay, old: str, new: str, flags: int = 0) -> None:
+def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
     ov.writable(old)
     if flags & ~_RENAME_FLAGS or flags == _RENAME_FLAGS:
         raise _error(errno.EINVAL, old)  # RENAME_WHITEOUT is the overlay's own
@@ -234,11 +230,11 @@ def rename(ov: Overlay, old: str, new: str, flags: int = 0) -> None:
     if dst is not None and not exchange and dst.is_dir and has_visible_entries(ov, dst):
         raise _error(errno.ENOTEMPTY, new)
 
-    ov.copy_up(old)
+    copy_up(ov, old)
     if exchange:
-        ov.copy_up(new)
-    old_parent, old_name = ov.upper_parent(old)
-    new_parent, new_name = ov.upper_parent(new)
+        copy_up(ov, new)
+    old_parent, old_name = upper_parent(ov, old)
+    new_parent, new_name = upper_parent(ov, new)
     old_parent = ov.lookup.lookup(split(old)[0])  # refreshed: copying up one parent may move the other's node
     src = ov.lookup.lookup(old)
 
@@ -259,7 +255,7 @@ def rename(ov: Overlay, old: str, new: str, flags: int = 0) -> None:
         ov.files.forget(path)
 
 
-def _move(ov: Overlay, old_parent: Node, old_name: str, new_parent: Node, new_name: str, is_dir: bool) -> None:
+def _move(ov: OverlayState, old_parent: Node, old_name: str, new_parent: Node, new_name: str, is_dir: bool) -> None:
     """Rename in the upper layer, leaving a whiteout at the old name where a lower layer holds it."""
     whiteout = ov.lookup.lower_positive(old_parent, old_name)
     target = _upper_stat(new_parent, new_name)
@@ -269,7 +265,7 @@ def _move(ov: Overlay, old_parent: Node, old_name: str, new_parent: Node, new_na
         # A directory cannot replace a device: swap them, the whiteout lands at the old name.
         realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name, realfs.RENAME_EXCHANGE)
         if not whiteout:
-            os.unlink(old_name, dir_fd=old_parent.upper_fd)
+            realfs.unlink(old_parent.upper_fd, old_name)
         return
     if whiteout:
         try:
@@ -283,16 +279,16 @@ def _move(ov: Overlay, old_parent: Node, old_name: str, new_parent: Node, new_na
         make_whiteout(old_parent.upper_fd, old_name)
 
 
-def _clear_dir(ov: Overlay, parent: Node, name: str) -> None:
+def _clear_dir(ov: OverlayState, parent: Node, name: str) -> None:
     """Empty an upper directory that holds only whiteouts, atomically (the kernel's ``ovl_clear_empty``)."""
     work = ov.writable(name)[1]
     tmp = work.temp_name()
-    os.mkdir(tmp, 0o700, dir_fd=work.fd)
+    realfs.mkdir(work.fd, tmp, 0o700)
     fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent.upper_fd)
     try:
         st = os.stat(fd)
-        os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work.fd)
-        os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=work.fd)
+        realfs.chown(work.fd, tmp, st.st_uid, st.st_gid)
+        realfs.chmod(work.fd, tmp, stat.S_IMODE(st.st_mode))
     finally:
         os.close(fd)
     ov.markers.set_opaque(work.fd, tmp)

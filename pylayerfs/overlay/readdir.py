@@ -11,52 +11,15 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 from pylayerfs.overlay.layers import split
 from pylayerfs.overlay.lookup import Node
 from pylayerfs.overlay.markers import is_whiteout
-
-if TYPE_CHECKING:
-    from pylayerfs.overlay.filesystem import Overlay
-
-Entry = tuple[str, int, int]  # name, st_mode type bits, st_ino
-MAX_CACHED_ENTRIES = 1 << 20
+from pylayerfs.overlay.state import Entry, OverlayState
 
 
-class Listings:
-    """Merged listings, kept until a name changes in (or above) their directory.
-
-    Lowers never change while mounted and the upper changes only through the
-    overlay, whose namespace operations call :meth:`forget` with the path they
-    change: the parent's listing and every listing below the path go. Entries
-    carry only the name, the type and the inode number, which copy-up keeps.
-    """
-
-    def __init__(self) -> None:
-        self._by_dir: dict[str, list[Entry]] = {}
-        self._size = 0
-
-    def get(self, path: str, make: Callable[[], list[Entry]]) -> list[Entry]:
-        entries = self._by_dir.get(path)
-        if entries is None:
-            entries = make()
-            if self._size + len(entries) > MAX_CACHED_ENTRIES:
-                self._by_dir.clear()
-                self._size = 0
-            self._by_dir[path] = entries
-            self._size += len(entries)
-        return entries
-
-    def forget(self, path: str) -> None:
-        parent = split(path)[0]
-        prefix = path + "/"
-        for key in [k for k in self._by_dir if k in (parent, path) or k.startswith(prefix)]:
-            self._size -= len(self._by_dir.pop(key))
-
-
-def merged_entries(ov: Overlay, path: str) -> list[Entry]:
+def merged_entries(ov: OverlayState, path: str) -> list[Entry]:
     node = ov.lookup.lookup(path)
     if not node.is_dir:
         raise NotADirectoryError(20, os.strerror(20), path)
@@ -69,13 +32,13 @@ def merged_entries(ov: Overlay, path: str) -> list[Entry]:
     return entries
 
 
-def merged_names(ov: Overlay, node: Node) -> Iterator[str]:
+def merged_names(ov: OverlayState, node: Node) -> Iterator[str]:
     """The visible names of directory ``node`` (no ``.``/``..``), for emptiness checks."""
     for name, _, _ in _merged(ov, node, resolve=False):
         yield name
 
 
-def _merged(ov: Overlay, node: Node, resolve: bool) -> Iterator[Entry]:
+def _merged(ov: OverlayState, node: Node, resolve: bool) -> Iterator[Entry]:
     """``(name, type bits, st_ino)`` of each visible entry (without ``resolve``: the name and zeros).
 
     A name that only lower layers hold is the object of the top-most layer listing it (the

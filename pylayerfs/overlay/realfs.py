@@ -1,14 +1,20 @@
 """The system calls pylayerfs makes on the real layer directories.
 
 This is pylayerfs's equivalent of the kernel's ``ovl_do_*`` wrappers: every
-call that opens, creates, renames or removes something inside a layer goes
-through here, so that
+call that opens, creates, changes, renames or removes something inside a layer
+(or the workdir) goes through here, so that
 
 * paths inside a layer are resolved with ``openat2(RESOLVE_BENEATH |
   RESOLVE_NO_SYMLINKS)``: nothing a layer contains (symlinks, ``..``) can
   make pylayerfs reach outside that layer's directory, and
-* the ``debug`` mount option can log every call ("see what overlay does to
-  the disk").
+* the ``debug`` mount option logs every one of them, with the real path it
+  acts on ("see what overlay does to the disk").
+
+Objects are named ``(dirfd, name)``: an open directory and one path component
+in it (``name=None`` for the directory itself), as the ``*at`` calls take them;
+no function here follows a symlink in the last component. Reads (stat,
+getxattr, readdir) are not traced: they change nothing. Each function raises
+the :class:`OSError` of its system call.
 
 ``openat2`` and ``renameat2`` are not in Python's ``os`` module; they are
 called through libc with ctypes.
@@ -22,6 +28,8 @@ import errno
 import logging
 import os
 import platform
+import shutil
+import stat
 
 log = logging.getLogger("pylayerfs.overlay.realfs")
 
@@ -112,6 +120,100 @@ def trace(call: str, path: str, **args: object) -> None:
     if log.isEnabledFor(logging.DEBUG):
         extra = " ".join(f"{k}={v}" for k, v in args.items())
         log.debug("%s %s %s", call, path, extra)
+
+
+def _trace_at(call: str, dirfd: int, name: str | None, **args: object) -> None:
+    """:func:`trace` for an object named ``(dirfd, name)``, shown by its real path."""
+    if log.isEnabledFor(logging.DEBUG):
+        try:
+            where = os.readlink(fd_path(dirfd))
+        except OSError:
+            where = fd_path(dirfd)
+        trace(call, f"{where}/{name}" if name else where, **args)
+
+
+# -- the calls that change a layer, each traced ------------------------------------------------
+
+
+def create(dirfd: int, name: str, flags: int, mode: int) -> int:
+    """``openat(dirfd, name, flags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)``: a new file; its fd."""
+    _trace_at("create", dirfd, name, mode=oct(mode))
+    return os.open(name, open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+
+def mkdir(dirfd: int, name: str, mode: int) -> None:
+    _trace_at("mkdir", dirfd, name, mode=oct(mode))
+    os.mkdir(name, mode, dir_fd=dirfd)
+
+
+def mknod(dirfd: int, name: str, mode: int, rdev: int = 0) -> None:
+    _trace_at("mknod", dirfd, name, mode=oct(mode), rdev=f"{os.major(rdev)}:{os.minor(rdev)}")
+    os.mknod(name, mode, rdev, dir_fd=dirfd)
+
+
+def symlink(target: str, dirfd: int, name: str) -> None:
+    _trace_at("symlink", dirfd, name, target=target)
+    os.symlink(target, name, dir_fd=dirfd)
+
+
+def link(old_dirfd: int, old_name: str, new_dirfd: int, new_name: str) -> None:
+    """A hard link ``new_name`` to ``old_name`` (never following a symlink)."""
+    _trace_at("link", new_dirfd, new_name, to=old_name)
+    os.link(old_name, new_name, src_dir_fd=old_dirfd, dst_dir_fd=new_dirfd, follow_symlinks=False)
+
+
+def unlink(dirfd: int, name: str) -> None:
+    _trace_at("unlink", dirfd, name)
+    os.unlink(name, dir_fd=dirfd)
+
+
+def rmdir(dirfd: int, name: str) -> None:
+    _trace_at("rmdir", dirfd, name)
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def rmtree(dirfd: int, name: str) -> None:
+    """Remove ``name`` and, for a directory, everything below it (the workdir's cleanup)."""
+    _trace_at("rmtree", dirfd, name)
+    if stat.S_ISDIR(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+        shutil.rmtree(name, dir_fd=dirfd)
+    else:
+        os.unlink(name, dir_fd=dirfd)
+
+
+def chown(dirfd: int, name: str | None, uid: int, gid: int) -> None:
+    _trace_at("chown", dirfd, name, uid=uid, gid=gid)
+    os.chown(name or ".", uid, gid, dir_fd=dirfd, follow_symlinks=False)
+
+
+def chmod(dirfd: int, name: str | None, mode: int) -> None:
+    """Set the permission bits of a non-symlink (Linux cannot chmod a symlink)."""
+    _trace_at("chmod", dirfd, name, mode=oct(mode))
+    os.chmod(name or ".", mode, dir_fd=dirfd)
+
+
+def utime(dirfd: int, name: str | None, ns: tuple[int, int]) -> None:
+    """Set atime and mtime, in nanoseconds."""
+    _trace_at("utimensat", dirfd, name)
+    os.utime(name or ".", ns=ns, dir_fd=dirfd, follow_symlinks=False)
+
+
+def truncate(fd: int, length: int) -> None:
+    """``ftruncate(fd, length)`` on an fd opened on an upper (or workdir) file."""
+    _trace_at("ftruncate", fd, None, length=length)
+    os.ftruncate(fd, length)
+
+
+def setxattr(dirfd: int, name: str | None, attr: str, value: bytes, flags: int = 0) -> None:
+    path, follow = xattr_ref(dirfd, name)
+    _trace_at("setxattr", dirfd, name, attr=attr)
+    os.setxattr(path, attr, value, flags, follow_symlinks=follow)
+
+
+def removexattr(dirfd: int, name: str | None, attr: str) -> None:
+    path, follow = xattr_ref(dirfd, name)
+    _trace_at("removexattr", dirfd, name, attr=attr)
+    os.removexattr(path, attr, follow_symlinks=follow)
 
 
 def fd_path(fd: int, name: str = "") -> str:

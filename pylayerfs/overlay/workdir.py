@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import shutil
-import stat
 
 from pylayerfs.overlay import realfs
 
@@ -32,10 +30,10 @@ class Workdir:
         """Create ``work/`` if needed and empty it; return an fd on it."""
         mode = 0 if os.geteuid() == 0 else 0o700
         with contextlib.suppress(FileExistsError):
-            os.mkdir(WORK_DIR, mode, dir_fd=self._root_fd)
+            realfs.mkdir(self._root_fd, WORK_DIR, mode)
         fd = realfs.openat2(self._root_fd, WORK_DIR, os.O_RDONLY | os.O_DIRECTORY)
         for name in os.listdir(fd):
-            _remove(fd, name)
+            realfs.rmtree(fd, name)
         return fd
 
     def temp_name(self) -> str:
@@ -43,16 +41,8 @@ class Workdir:
 
     def remove(self, name: str) -> None:
         """Remove ``name`` (a file, or a whole directory tree) from the workdir."""
-        _remove(self.fd, name)
+        realfs.rmtree(self.fd, name)
 
     def close(self) -> None:
         os.close(self.fd)
         os.close(self._root_fd)
-
-
-def _remove(dirfd: int, name: str) -> None:
-    realfs.trace("cleanup", realfs.fd_path(dirfd, name))
-    if stat.S_ISDIR(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
-        shutil.rmtree(name, dir_fd=dirfd)
-    else:
-        os.unlink(name, dir_fd=dirfd)

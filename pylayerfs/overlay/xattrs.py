@@ -10,13 +10,11 @@ stored escaped as ``trusted.overlay.overlay.X`` and shown unescaped.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from pylayerfs.overlay import realfs
-
-if TYPE_CHECKING:
-    from pylayerfs.overlay.filesystem import Overlay
-    from pylayerfs.overlay.markers import Markers
+from pylayerfs.overlay.copy_up import copy_up
+from pylayerfs.overlay.markers import Markers
+from pylayerfs.overlay.state import OverlayState
 
 
 def _on_disk(markers: Markers, name: str) -> str:
@@ -33,34 +31,30 @@ def _shown(markers: Markers, name: str) -> str | None:
     return None if markers.is_private(name) else name
 
 
-def listxattr(ov: Overlay, path: str) -> list[str]:
+def listxattr(ov: OverlayState, path: str) -> list[str]:
     with ov.real(ov.lookup.lookup(path)) as (dirfd, name):
         ref, follow = realfs.xattr_ref(dirfd, name)
         names = os.listxattr(ref, follow_symlinks=follow)
     return [shown for n in names if (shown := _shown(ov.markers, n)) is not None]
 
 
-def getxattr(ov: Overlay, path: str, attr: str) -> bytes:
+def getxattr(ov: OverlayState, path: str, attr: str) -> bytes:
     with ov.real(ov.lookup.lookup(path)) as (dirfd, name):
         ref, follow = realfs.xattr_ref(dirfd, name)
         return os.getxattr(ref, _on_disk(ov.markers, attr), follow_symlinks=follow)
 
 
-def setxattr(ov: Overlay, path: str, attr: str, value: bytes, flags: int = 0) -> None:
-    node = ov.copy_up(path, meta_only=True)
+def setxattr(ov: OverlayState, path: str, attr: str, value: bytes, flags: int = 0) -> None:
+    node = copy_up(ov, path, meta_only=True)
     with ov.real(node) as (dirfd, name):
-        ref, follow = realfs.xattr_ref(dirfd, name)
-        realfs.trace("setxattr", ref, name=attr)
-        os.setxattr(ref, _on_disk(ov.markers, attr), value, flags, follow_symlinks=follow)
+        realfs.setxattr(dirfd, name, _on_disk(ov.markers, attr), value, flags)
 
 
-def removexattr(ov: Overlay, path: str, attr: str) -> None:
+def removexattr(ov: OverlayState, path: str, attr: str) -> None:
     node = ov.lookup.lookup(path)
     with ov.real(node) as (dirfd, name):  # ENODATA before any copy-up, as the kernel answers
         ref, follow = realfs.xattr_ref(dirfd, name)
         os.getxattr(ref, _on_disk(ov.markers, attr), follow_symlinks=follow)
-    node = ov.copy_up(path, meta_only=True)
+    node = copy_up(ov, path, meta_only=True)
     with ov.real(node) as (dirfd, name):
-        ref, follow = realfs.xattr_ref(dirfd, name)
-        realfs.trace("removexattr", ref, name=attr)
-        os.removexattr(ref, _on_disk(ov.markers, attr), follow_symlinks=follow)
+        realfs.removexattr(dirfd, name, _on_disk(ov.markers, attr))

@@ -6,7 +6,8 @@ import os
 import stat
 from typing import Any
 
-from pylayerfs.overlay.filesystem import Caller, Overlay
+from pylayerfs.overlay.filesystem import Overlay
+from pylayerfs.overlay.state import Caller
 from pylayerfs.testing.vfs import Vfs
 
 

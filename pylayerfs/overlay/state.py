@@ -1,0 +1,159 @@
+"""The state of one mount, shared by the operation modules (the kernel's ``struct ovl_fs``).
+
+:class:`OverlayState` holds what a mounted stack is made of and what it
+caches: the upper layer with its workdir (both absent on a read-only stack),
+the lower layers top-first, the marker names (``trusted.overlay.`` or, with
+``userxattr``, ``user.overlay.``), the lookup with its caches, inode numbers,
+open files and merged listings. It performs no operation itself: the operation
+modules (:mod:`.copy_up`, :mod:`.namespace`, :mod:`.readdir`, :mod:`.xattrs`)
+take it as their first argument, and :class:`~pylayerfs.overlay.filesystem.Overlay`
+puts them behind one POSIX-shaped facade. Nothing here imports those modules,
+so the dependencies run one way: state below, operations above, facade on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from pylayerfs.overlay.file import OpenFiles
+from pylayerfs.overlay.inode import InodeNumbers
+from pylayerfs.overlay.layers import Layer, LowerLayer, split
+from pylayerfs.overlay.lookup import Lookup, Node
+from pylayerfs.overlay.markers import Markers
+from pylayerfs.overlay.workdir import Workdir
+
+Entry = tuple[str, int, int]  # a merged directory entry: name, st_mode type bits, st_ino
+MAX_CACHED_ENTRIES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks: new objects are owned by the caller, as in the kernel."""
+
+    uid: int
+    gid: int
+
+    @classmethod
+    def me(cls) -> Caller:
+        return cls(os.geteuid(), os.getegid())
+
+
+def erofs(path: str) -> OSError:
+    """The error of any write on a read-only stack (no upper layer)."""
+    return OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+
+class Listings:
+    """Merged listings, kept until a name changes in (or above) their directory (the kernel's ``ovl_dir_cache``).
+
+    Lowers never change while mounted and the upper changes only through the
+    overlay, whose namespace operations call :meth:`forget` with the path they
+    change: the parent's listing and every listing below the path go. Entries
+    carry only the name, the type and the inode number, which copy-up keeps.
+    At most :data:`MAX_CACHED_ENTRIES` entries are kept in all.
+    """
+
+    def __init__(self) -> None:
+        self._by_dir: dict[str, list[Entry]] = {}
+        self._size = 0
+
+    def get(self, path: str, make: Callable[[], list[Entry]]) -> list[Entry]:
+        """The cached listing of directory ``path``, made by ``make()`` when absent."""
+        entries = self._by_dir.get(path)
+        if entries is None:
+            entries = make()
+            if self._size + len(entries) > MAX_CACHED_ENTRIES:
+                self._by_dir.clear()
+                self._size = 0
+            self._by_dir[path] = entries
+            self._size += len(entries)
+        return entries
+
+    def forget(self, path: str) -> None:
+        """A name changed at ``path``: drop its parent's listing and every listing at or below it."""
+        parent = split(path)[0]
+        prefix = path + "/"
+        for key in [k for k in self._by_dir if k in (parent, path) or k.startswith(prefix)]:
+            self._size -= len(self._by_dir.pop(key))
+
+
+class OverlayState:
+    """One mounted stack: an optional upper layer with its workdir, and lower layers top-first.
+
+    ``lowerdirs`` are paths, the top-most first (``lowerdir=top:...:bottom``).
+    ``upperdir`` and ``workdir`` go together (ValueError otherwise); without them
+    the stack is read-only. Opening the layers raises OSError (ENOENT, ENOTDIR,
+    EACCES) as ``open(2)`` does; the workdir's ``work/`` is created and emptied.
+    """
+
+    def __init__(
+        self,
+        lowerdirs: list[str],
+        upperdir: str | None = None,
+        workdir: str | None = None,
+        *,
+        userxattr: bool = False,
+        metacopy: bool = False,
+    ) -> None:
+        if (upperdir is None) != (workdir is None):
+            raise ValueError("upperdir and workdir go together")
+        self.markers = Markers.for_mount(userxattr)
+        self.upper = Layer(0, upperdir) if upperdir is not None else None
+        self.lowers = [LowerLayer(i, d, self.markers) for i, d in enumerate(lowerdirs, start=1)]
+        self.workdir = Workdir(workdir) if workdir is not None else None
+        self.metacopy = metacopy
+        self.lookup = Lookup(self.upper, self.lowers, self.markers, metacopy)
+        layer_fds = ([self.upper.fd] if self.upper else []) + [layer.fd for layer in self.lowers]
+        self.inodes = InodeNumbers(layer_fds)
+        self.files = OpenFiles()
+        self.listings = Listings()
+        self._closed = False
+
+    def close(self) -> None:
+        """Close every fd the stack holds (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.files.close_all()
+        self.lookup.invalidate_all()
+        for layer in [self.upper, *self.lowers]:
+            if layer is not None:
+                layer.close()
+        if self.workdir is not None:
+            self.workdir.close()
+
+    def writable(self, path: str) -> tuple[Layer, Workdir]:
+        """The upper layer and workdir; raises EROFS on a read-only (lowers only) stack."""
+        if self.upper is None or self.workdir is None:
+            raise erofs(path)
+        return self.upper, self.workdir
+
+    def top_layer(self, node: Node) -> Layer:
+        """The layer whose object the merged view shows for ``node``."""
+        if node.upper is not None:
+            assert self.upper is not None
+            return self.upper
+        return node.lower.hits[0][0]
+
+    @contextlib.contextmanager
+    def real(self, node: Node) -> Iterator[tuple[int, str | None]]:
+        """``(dirfd, name)`` naming the top real object of ``node`` (name None: the directory itself)."""
+        if node.upper_fd >= 0:
+            yield node.upper_fd, None
+            return
+        layer = self.top_layer(node)
+        if not node.path:
+            yield layer.fd, None
+            return
+        if node.upper is not None:  # in an upper directory: its cached node holds an fd on it
+            parent_path, name = split(node.path)
+            parent = self.lookup.lookup(parent_path)
+            if parent.upper_fd >= 0:
+                yield parent.upper_fd, name
+                return
+        with layer.parent(node.path) as (fd, name):
+            yield fd, name
