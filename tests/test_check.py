@@ -20,8 +20,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import settings
 
-from pylayerfs.overlay import copy_up, readdir
-from pylayerfs.overlay import namespace
+from pylayerfs.overlay import copy_up, namespace, readdir
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.markers import is_whiteout
 from pylayerfs.testing import EngineTarget, ModelTarget, Options, OverlayMachine, Report, check, report, target

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pylayerfs.cli.containers import container_size
-from pylayerfs.container.runtime import Runtime
+from pylayerfs.container.runtime import Runtime, container_size
 from pylayerfs.image.store import Store
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.params import mounts_below

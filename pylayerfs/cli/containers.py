@@ -19,7 +19,7 @@ import tempfile
 from typing import Any
 
 from pylayerfs.container.records import Container
-from pylayerfs.container.runtime import Runtime
+from pylayerfs.container.runtime import Runtime, container_size
 from pylayerfs.dockercli import ellipsis, render
 from pylayerfs.image import archive
 from pylayerfs.image.builder import imageconfig as cfg
@@ -45,13 +45,6 @@ def status(container: Container, now: datetime.datetime) -> str:
     if state.Status == "exited":
         return f"Exited ({state.ExitCode}) {_ago(state.FinishedAt, now)} ago"
     return "Created"
-
-
-def container_size(runtime: Runtime, container: Container) -> tuple[int, int]:
-    """(size, virtual size): the read-write layer, and that plus the image."""
-    with runtime.read_write_layer(container) as (upper, _):
-        size = layer_size(upper)
-    return size, size + runtime.store.size(runtime.store.images.get(container.Image))
 
 
 def _size_text(size: int, virtual: int) -> str:

@@ -14,15 +14,15 @@ import os
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from pylayerfs.dockercli import ellipsis, render
 from pylayerfs.image import archive
 from pylayerfs.image.builder import imageconfig as cfg
+from pylayerfs.image.history import history_rows
 from pylayerfs.image.sizes import human_duration, human_size
 from pylayerfs.image.store import Store, StoreError
-from pylayerfs.image.store.images import Image, format_time, parse_time
+from pylayerfs.image.store.images import Image, format_time
 from pylayerfs.image.store.layout import LOWER_FILE, hex_of
 
 CREATED_BY_WIDTH = 45  # docker history cuts CREATED BY to 44 runes and an ellipsis
@@ -33,38 +33,6 @@ def _since(when: datetime.datetime, now: datetime.datetime | None = None) -> str
     if when <= datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC):
         return "N/A"
     return human_duration(((now or datetime.datetime.now(datetime.UTC)) - when).total_seconds()) + " ago"
-
-
-@dataclass(frozen=True)
-class HistoryRow:
-    id: str  # full, or "<missing>"
-    created: datetime.datetime
-    created_by: str
-    size: int
-    comment: str
-
-
-def history_rows(store: Store, image: Image) -> list[HistoryRow]:
-    """Newest first; IDs along the local parent chain, then ``<missing>`` (moby's ImageHistory)."""
-    sizes = [layer.size for layer in reversed(store.layers_of(image))]
-    rows = []
-    layer = 0
-    for entry in image.history:
-        size = 0
-        if not entry.get("empty_layer"):
-            size = sizes[layer] if layer < len(sizes) else 0
-            layer += 1
-        created = entry.get("created")
-        rows.append(HistoryRow("<missing>", image.created if created is None else parse_time(created),
-                               entry.get("created_by", ""), size, entry.get("comment", "")))  # fmt: skip
-    rows.reverse()
-    current: str | None = image.id
-    for i, row in enumerate(rows):
-        if current is None:
-            break
-        rows[i] = HistoryRow(current, row.created, row.created_by, row.size, row.comment)
-        current = store.images.parent(current)
-    return rows
 
 
 def history(

@@ -31,6 +31,7 @@ from pylayerfs.image import sandbox
 from pylayerfs.image.builder import imageconfig as cfg
 from pylayerfs.image.drivers import overlay as rootfs
 from pylayerfs.image.drivers import vfs as vfsdriver
+from pylayerfs.image.sizes import layer_size
 from pylayerfs.image.store import Store, StoreError
 from pylayerfs.image.store.images import format_time
 from pylayerfs.image.store.layers import random_id
@@ -309,3 +310,14 @@ def _alive(pid: int) -> bool:
             return b"pylayerfs" in f.read()
     except (OSError, IndexError):
         return False
+
+
+def container_size(runtime: Runtime, container: Container) -> tuple[int, int]:
+    """``(size, virtual size)`` in bytes, as ``docker ps -s``: the read-write layer alone, and that plus the image.
+
+    The size is moby's ``directory.Size`` of the upper directory (see :func:`~pylayerfs.image.sizes.layer_size`),
+    read from the disk, never through a mount, so a stopped container needs none.
+    """
+    with runtime.read_write_layer(container) as (upper, _):
+        size = layer_size(upper)
+    return size, size + runtime.store.size(runtime.store.images.get(container.Image))

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
 
-from pylayerfs.cli.images import history_rows
 from pylayerfs.dockercli import ellipsis
+from pylayerfs.image.history import history_rows
 from pylayerfs.image.sizes import human_size
 
 WIDTH = 640
@@ -48,7 +48,7 @@ def image_boxes(store: Any, ref: str) -> list[Box]:
 
 
 def container_boxes(runtime: Any, container: Any) -> list[Box]:
-    from pylayerfs.cli.containers import container_size
+    from pylayerfs.container.runtime import container_size
 
     size, virtual = container_size(runtime, container)
     top = Box("container layer (read-write)", (f"container {container.short_id} ({container.name})",
