@@ -19,7 +19,7 @@ import os
 import stat
 
 from pylayerfs.overlay.filesystem import Overlay
-from pylayerfs.overlay.markers import OPAQUE_YES, TRUSTED_PREFIX, is_whiteout
+from pylayerfs.overlay.markers import is_opaque_dir, is_whiteout
 
 
 def changes(upper: str, lowers: list[str]) -> list[str]:
@@ -38,7 +38,7 @@ def changes(upper: str, lowers: list[str]) -> list[str]:
                         found[rel] = "D"
                     continue
                 found[rel] = "C" if _exists(below, rel) else "A"
-                if stat.S_ISDIR(st.st_mode) and _opaque(os.path.join(upper, rel)) and found[rel] == "C":
+                if stat.S_ISDIR(st.st_mode) and is_opaque_dir(os.path.join(upper, rel)) and found[rel] == "C":
                     present = set(os.listdir(os.path.join(upper, rel)))
                     for hidden in below.readdir(rel):
                         if hidden[0] not in (".", "..") and hidden[0] not in present:
@@ -58,10 +58,3 @@ def _exists(overlay: Overlay, rel: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def _opaque(path: str) -> bool:
-    try:
-        return os.getxattr(path, TRUSTED_PREFIX + "opaque", follow_symlinks=False) == OPAQUE_YES
-    except OSError:
-        return False

@@ -38,16 +38,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 from pylayerfs.overlay import realfs
-from pylayerfs.overlay.markers import OPAQUE_YES, TRUSTED_PREFIX, is_metacopy_file, is_whiteout, make_whiteout
+from pylayerfs.overlay.markers import (
+    OPAQUE_XATTR,
+    OPAQUE_YES,
+    TAR_META_PREFIX,
+    TAR_OPAQUE_MARKER,
+    TAR_WHITEOUT_PREFIX,
+    is_metacopy_file,
+    is_whiteout,
+    make_whiteout,
+)
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-WHITEOUT_META_PREFIX = ".wh..wh."
 EMPTY_LAYER_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
 BLOCK = 512
 TRAILER = b"\0" * 1024
 CAPABILITY = "security.capability"
-OPAQUE_XATTR = TRUSTED_PREFIX + "opaque"
 
 
 if TYPE_CHECKING:
@@ -97,7 +102,7 @@ def _write_layer(diff: str, out: BinaryIO, below: _DataBelow) -> int:
         data: BinaryIO | None = None
         if is_whiteout(st):
             head, _, name = rel.rpartition("/")
-            info = tar_info(f"{head}/{WHITEOUT_PREFIX}{name}".lstrip("/"), st, tarfile.REGTYPE)
+            info = tar_info(f"{head}/{TAR_WHITEOUT_PREFIX}{name}".lstrip("/"), st, tarfile.REGTYPE)
             info.mode = 0o600
         elif stat.S_ISDIR(st.st_mode):
             info = tar_info(rel + "/", st, tarfile.DIRTYPE)
@@ -122,7 +127,7 @@ def _write_layer(diff: str, out: BinaryIO, below: _DataBelow) -> int:
                 info.pax_headers = {"SCHILY.xattr." + CAPABILITY: capability.decode("latin-1")}
         written += _emit(out, info, data)
         if stat.S_ISDIR(st.st_mode) and _get_xattr(full, OPAQUE_XATTR) == OPAQUE_YES:
-            marker = tar_info(f"{rel}/{OPAQUE_MARKER}", st, tarfile.REGTYPE)
+            marker = tar_info(f"{rel}/{TAR_OPAQUE_MARKER}", st, tarfile.REGTYPE)
             marker.mtime = 0
             written += _emit(out, marker, None)
     out.write(TRAILER)
@@ -268,15 +273,15 @@ def extract(tar: tarfile.TarFile, dest: str) -> Extracted:
             parent, _, name = rel.rpartition("/")
             dirfd = _ensure_dir(root, parent, member.name)
             try:
-                if name == OPAQUE_MARKER:
+                if name == TAR_OPAQUE_MARKER:
                     os.setxattr(realfs.fd_path(dirfd), OPAQUE_XATTR, OPAQUE_YES)
-                elif name.startswith(WHITEOUT_META_PREFIX):
+                elif name.startswith(TAR_META_PREFIX):
                     continue  # AUFS metadata (.wh..wh.plnk): nothing to apply
-                elif name.startswith(WHITEOUT_PREFIX):
-                    if len(name) == len(WHITEOUT_PREFIX) or name[len(WHITEOUT_PREFIX) :] in (".", ".."):
+                elif name.startswith(TAR_WHITEOUT_PREFIX):
+                    if len(name) == len(TAR_WHITEOUT_PREFIX) or name[len(TAR_WHITEOUT_PREFIX) :] in (".", ".."):
                         raise ArchiveError(f"refusing '{member.name}': not a whiteout of any name")
-                    _remove(dirfd, name[len(WHITEOUT_PREFIX) :])
-                    make_whiteout(dirfd, name[len(WHITEOUT_PREFIX) :])
+                    _remove(dirfd, name[len(TAR_WHITEOUT_PREFIX) :])
+                    make_whiteout(dirfd, name[len(TAR_WHITEOUT_PREFIX) :])
                     whiteouts += 1
                 else:
                     _extract_one(tar, member, root, dirfd, name)

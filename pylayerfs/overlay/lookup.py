@@ -35,7 +35,7 @@ import stat
 from dataclasses import dataclass
 
 from pylayerfs.overlay.layers import Layer, LowerLayer, join, split
-from pylayerfs.overlay.markers import OPAQUE_YES, Markers, is_whiteout
+from pylayerfs.overlay.markers import Markers, is_whiteout
 
 LowerHit = tuple[LowerLayer, os.stat_result]
 _MAX_CACHED_DIRS = 4096
@@ -240,7 +240,7 @@ class Lookup:
         return parent.lower.is_dir and bool(self.lower_stack(join(parent.path, name)).hits)
 
     def _upper_opaque(self, fd: int) -> bool:
-        return self.markers.opaque_value(fd) == OPAQUE_YES
+        return self.markers.is_opaque(fd)
 
     # -- cache of directory nodes ------------------------------------------------
 

@@ -15,6 +15,9 @@ kernel's format, so that an upper directory written by pylayerfs mounts under
   (empty): a sparse upper file holding metadata only, its data still the lower
   file's at the same path until the first open for write copies it up.
 * With the ``userxattr`` mount option, the prefix is ``user.overlay.``.
+* In a layer **tar** (Docker's and OCI's format, written by moby's go-archive),
+  a whiteout is an empty file ``.wh.<name>`` and an opaque directory holds an
+  empty file ``.wh..wh..opq``; other ``.wh..wh.*`` names are AUFS metadata.
 * pylayerfs records the inode number a copied-up object had before copy-up in
   ``<prefix>pylayerfs.origin`` (the kernel's ``origin`` holds a file handle
   instead; the kernel ignores our name, we ignore its handle).
@@ -34,6 +37,10 @@ TRUSTED_PREFIX = "trusted.overlay."
 USER_PREFIX = "user.overlay."
 OPAQUE_YES = b"y"
 OPAQUE_XWHITEOUTS = b"x"
+OPAQUE_XATTR = TRUSTED_PREFIX + "opaque"  # what a layer in the store carries (images never use userxattr)
+TAR_WHITEOUT_PREFIX = ".wh."
+TAR_OPAQUE_MARKER = ".wh..wh..opq"
+TAR_META_PREFIX = ".wh..wh."
 WHITEOUT_MODE = stat.S_IFCHR  # permission bits 0000, as the kernel makes them
 WHITEOUT_RDEV = os.makedev(0, 0)
 
@@ -81,6 +88,10 @@ class Markers:
     def opaque_value(self, dirfd: int) -> bytes | None:
         """The opaque xattr of the directory ``dirfd`` (None when unset)."""
         return get(dirfd, None, self.opaque)
+
+    def is_opaque(self, dirfd: int) -> bool:
+        """Is the directory ``dirfd`` opaque (``opaque = "y"``: nothing below it merges)?"""
+        return self.opaque_value(dirfd) == OPAQUE_YES
 
     def is_xattr_whiteout(self, dirfd: int, name: str) -> bool:
         """The kernel's xattr whiteout: a file carrying ``<prefix>whiteout``."""
@@ -146,6 +157,18 @@ def is_metacopy_file(path: str, st: os.stat_result, prefix: str = TRUSTED_PREFIX
     except OSError:
         return False
     return True
+
+
+def is_opaque_dir(path: str, prefix: str = TRUSTED_PREFIX) -> bool:
+    """Is the directory at ``path`` (never followed) marked opaque (``<prefix>opaque = "y"``)?
+
+    For layers on disk that are not mounted (the store's diffs): a mount reads through
+    :meth:`Markers.opaque_value` on its directory fds instead.
+    """
+    try:
+        return os.getxattr(path, prefix + "opaque", follow_symlinks=False) == OPAQUE_YES
+    except OSError:
+        return False
 
 
 def is_whiteout(st: os.stat_result) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 from pylayerfs.image.archive import walk
 from pylayerfs.image.sizes import human_size
-from pylayerfs.overlay.markers import OPAQUE_YES, TRUSTED_PREFIX, is_metacopy_file, is_whiteout
+from pylayerfs.overlay.markers import is_metacopy_file, is_opaque_dir, is_whiteout
 
 DIR = -1
 
@@ -80,7 +80,7 @@ def analyse(store: Any, ref: str) -> tuple[list[LayerReport], ImageReport]:
                     report.fileList.append(Change(p, "removed", max(view.pop(p), 0)))
                 _account(rel, freed, cumulative, smallest, counts)
             elif stat.S_ISDIR(st.st_mode):
-                if _opaque(os.path.join(diff, rel)):
+                if is_opaque_dir(os.path.join(diff, rel)):
                     for p in below:
                         if p != rel:
                             report.fileList.append(Change(p, "removed", max(view.pop(p), 0)))
@@ -117,13 +117,6 @@ def _account(
     cumulative[path] = cumulative.get(path, 0) + size
     smallest[path] = min(smallest.get(path, size), size)
     counts[path] = counts.get(path, 0) + 1
-
-
-def _opaque(path: str) -> bool:
-    try:
-        return os.getxattr(path, TRUSTED_PREFIX + "opaque", follow_symlinks=False) == OPAQUE_YES
-    except OSError:
-        return False
 
 
 def render(reports: list[LayerReport], image: ImageReport, files: bool = False) -> str:

@@ -13,7 +13,13 @@ import stat
 import tempfile
 
 from pylayerfs.fuse import mount
-from pylayerfs.overlay.markers import TRUSTED_PREFIX, is_whiteout, make_whiteout
+from pylayerfs.overlay.markers import (
+    OPAQUE_XATTR,
+    OPAQUE_YES,
+    is_opaque_dir,
+    is_whiteout,
+    make_whiteout,
+)
 from pylayerfs.overlay.params import MountConfig, check
 
 
@@ -32,7 +38,7 @@ def _build_layers(root: str) -> list[str]:
     _write(f"{base}/cache/b.tmp", "stale\n")
     os.makedirs(f"{middle}/etc")
     os.makedirs(f"{middle}/cache")
-    os.setxattr(f"{middle}/cache", TRUSTED_PREFIX + "opaque", b"y")  # like RUN rm -rf /cache && mkdir /cache
+    os.setxattr(f"{middle}/cache", OPAQUE_XATTR, OPAQUE_YES)  # like RUN rm -rf /cache && mkdir /cache
     _write(f"{middle}/cache/fresh", "rebuilt\n")
     fd = os.open(f"{middle}/etc", os.O_RDONLY | os.O_DIRECTORY)
     make_whiteout(fd, "hostname")  # like RUN rm /etc/hostname
@@ -48,7 +54,7 @@ def _describe(path: str) -> str:
         return "whiteout (char 0/0)"
     if stat.S_ISDIR(st.st_mode):
         try:
-            opaque = os.getxattr(path, TRUSTED_PREFIX + "opaque") == b"y"
+            opaque = is_opaque_dir(path)
         except OSError:
             opaque = False
         return "directory, opaque" if opaque else "directory"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from pylayerfs.overlay.markers import OPAQUE_YES, TRUSTED_PREFIX, make_whiteout
+from pylayerfs.overlay.markers import OPAQUE_XATTR, OPAQUE_YES, make_whiteout
 from pylayerfs.testing.model import Model, Obj
 
 NAMES = ("a", "b", "c")
@@ -121,7 +121,7 @@ def build(root: str, layer: Layer, index: int) -> str:
         if node.kind in DIR_KINDS:
             os.mkdir(full)
             if node.kind == "opaque":
-                os.setxattr(full, TRUSTED_PREFIX + "opaque", OPAQUE_YES)
+                os.setxattr(full, OPAQUE_XATTR, OPAQUE_YES)
         elif node.kind == "file":
             with open(full, "wb") as f:
                 f.write(node.content)

@@ -7,6 +7,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
+from pylayerfs.overlay.markers import OPAQUE_XATTR
 from pylayerfs.testing import ops
 from pylayerfs.testing.lowers import DIR_KINDS, XATTR, Layer, describe, layer_time
 from pylayerfs.testing.search import Report
@@ -68,7 +69,7 @@ def _shell_layer(layer: Layer, index: int) -> list[str]:
     for path, node in layer.items():
         p = shlex.quote(f"{root}/{path}")
         if node.kind in DIR_KINDS:
-            lines.append(f"mkdir {p}" + (f"; setx {p} trusted.overlay.opaque y" if node.kind == "opaque" else ""))
+            lines.append(f"mkdir {p}" + (f"; setx {p} {OPAQUE_XATTR} y" if node.kind == "opaque" else ""))
         elif node.kind == "file":
             lines.append(f"printf %s {shlex.quote(node.content.decode())} > {p}")
         elif node.kind == "symlink":

@@ -34,7 +34,7 @@ from pylayerfs.image.sizes import layer_size
 from pylayerfs.image.store import Store
 from pylayerfs.image.store.layers import random_id
 from pylayerfs.overlay.copy_up import copy_data
-from pylayerfs.overlay.markers import OPAQUE_YES, Markers, is_metacopy_file, is_whiteout, make_whiteout
+from pylayerfs.overlay.markers import Markers, is_metacopy_file, is_whiteout, make_whiteout
 from pylayerfs.overlay.realfs import fd_path
 
 INIT = "-init"
@@ -253,7 +253,7 @@ class _Copier:
                 _remove(tree, name)
                 os.mkdir(name, 0o700, dir_fd=tree)
             with _open(name, diff) as sub_diff, _open(name, tree) as sub_tree:
-                if _MARKERS.opaque_value(sub_diff) == OPAQUE_YES:
+                if _MARKERS.is_opaque(sub_diff):
                     for child in os.listdir(sub_tree):
                         _remove(sub_tree, child)
                 self.apply(sub_diff, sub_tree, f"{rel}{name}/")
