@@ -236,7 +236,7 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The command line's handler (cli.py parses the arguments)."""
+    """The command line's handler (cli/main.py parses the arguments)."""
     from pylayerfs.container.runtime import Runtime, StartError
     from pylayerfs.image.sandbox import SandboxError
     from pylayerfs.image.store import Store, StoreError

@@ -256,7 +256,7 @@ def make_base(store: Store, ref: str, busybox: str = "/bin/busybox") -> Image:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The command line's handler (cli.py parses the arguments)."""
+    """The command line's handler (cli/main.py parses the arguments)."""
     from pylayerfs.image import archive
     from pylayerfs.image.builder.build import Builder, BuildError, BuildOptions
     from pylayerfs.image.store import Store, StoreError

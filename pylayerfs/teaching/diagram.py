@@ -108,7 +108,7 @@ def to_png(svg_path: str, png_path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The command line's handler (cli.py parses the arguments)."""
+    """The command line's handler (cli/main.py parses the arguments)."""
     from pylayerfs.container.runtime import Runtime
     from pylayerfs.image.store import Store, StoreError
 

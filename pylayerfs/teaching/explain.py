@@ -260,7 +260,7 @@ def _daemon_options(mountpoint: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The command line's handler (cli.py parses the arguments)."""
+    """The command line's handler (cli/main.py parses the arguments)."""
     from pylayerfs.image.store import Store, StoreError
 
     try:
