@@ -105,7 +105,7 @@ def test_rm_leaves_no_layer_and_no_mount(store):
     pylayerfs(store, "run", "-d", "--name", "gone", "app")
     runtime = Runtime(s)
     container = runtime.containers.find("gone")
-    assert mounts_below(s.layout.layer(container.MountID)), "a running container holds its mount"
+    assert mounts_below(s.layout.layer(container.mount_id)), "a running container holds its mount"
     refused = pylayerfs(store, "rm", "gone", check=False)
     assert refused.returncode == 1 and "You cannot remove a running container" in refused.stderr
     pylayerfs(store, "rm", "-f", "gone")
@@ -150,17 +150,17 @@ def test_stopped_and_killed_containers_keep_their_layer(store):
     assert ps_row(store, "s")["Status"].startswith("Exited (143)")
     assert ps_row(store, "s")["Size"].startswith("5B (virtual"), "sizes of a stopped container come from its directory"
     runtime = Runtime(Store(str(store)))
-    assert mounts_below(runtime.store.layout.layer(runtime.containers.find("s").MountID)) == []
+    assert mounts_below(runtime.store.layout.layer(runtime.containers.find("s").mount_id)) == []
     pylayerfs(store, "start", "s")
     assert pylayerfs(store, "exec", "s", "cat", "/state").stdout == "kept\n"
-    monitor = runtime.containers.find("s").State.MonitorPid
+    monitor = runtime.containers.find("s").state.monitor_pid
     os.kill(monitor, signal.SIGKILL)  # a reboot, as far as the container is concerned
     deadline = time.monotonic() + 10
     while os.path.exists(f"/proc/{monitor}/cmdline") and open(f"/proc/{monitor}/cmdline").read():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert ps_row(store, "s")["Status"].startswith("Exited (255)")
-    assert mounts_below(runtime.store.layout.layer(runtime.containers.find("s").MountID)) == [], "no stale mount"
+    assert mounts_below(runtime.store.layout.layer(runtime.containers.find("s").mount_id)) == [], "no stale mount"
     pylayerfs(store, "start", "s")
     assert pylayerfs(store, "exec", "s", "cat", "/state").stdout == "kept\n"
 

@@ -18,13 +18,14 @@ import sys
 import tempfile
 from typing import Any
 
-from pylayerfs.container.records import Container
+from pylayerfs.container.records import Container, ContainerStatus
 from pylayerfs.container.runtime import Runtime, container_size
 from pylayerfs.dockercli import ellipsis, render
 from pylayerfs.image import archive
 from pylayerfs.image.builder import imageconfig as cfg
 from pylayerfs.image.builder.build import CONFIG_STEPS, Stage
 from pylayerfs.image.builder.dockerfile import DockerfileError, parse
+from pylayerfs.image.drivers import StorageDriver
 from pylayerfs.image.drivers import vfs as vfsdriver
 from pylayerfs.image.sizes import human_duration, human_size, layer_size
 from pylayerfs.image.store import StoreError
@@ -39,11 +40,11 @@ def _ago(when: str, now: datetime.datetime) -> str:
 
 
 def status(container: Container, now: datetime.datetime) -> str:
-    state = container.State
-    if state.Running:
-        return f"Up {_ago(state.StartedAt, now)}"
-    if state.Status == "exited":
-        return f"Exited ({state.ExitCode}) {_ago(state.FinishedAt, now)} ago"
+    state = container.state
+    if state.running:
+        return f"Up {_ago(state.started_at, now)}"
+    if state.status is ContainerStatus.EXITED:
+        return f"Exited ({state.exit_code}) {_ago(state.finished_at, now)} ago"
     return "Created"
 
 
@@ -55,16 +56,16 @@ def ps(runtime: Runtime, show_all: bool = False, sizes: bool = False, quiet: boo
        as_json: bool = False) -> str:  # fmt: skip
     now = datetime.datetime.now(datetime.UTC)
     containers = [runtime.reconcile(c) for c in runtime.containers.all()]
-    containers = [c for c in containers if show_all or c.State.Running]
+    containers = [c for c in containers if show_all or c.state.running]
     if quiet:
         return "\n".join(c.short_id for c in containers)
     rows = []
     for c in containers:
         row = {
             "ID": c.short_id,
-            "Image": c.ImageName,
+            "Image": c.image_name,
             "Command": json.dumps(ellipsis(" ".join(c.command), COMMAND_WIDTH), ensure_ascii=False),
-            "CreatedSince": f"{_ago(c.Created, now)} ago",
+            "CreatedSince": f"{_ago(c.created, now)} ago",
             "Status": status(c, now),
             "Ports": "",
             "Names": c.name,
@@ -82,7 +83,7 @@ def commit(runtime: Runtime, container: Container, ref: str | None, message: str
            changes: list[str] | None = None) -> Image:  # fmt: skip
     """The container's read-write layer becomes a new image layer (as Docker: tar it, apply the tar)."""
     store = runtime.store
-    image = store.images.get(container.Image)
+    image = store.images.get(container.image_id)
     stage = Stage(None, image, image.run_config, image.history, image.diff_ids)
     for change in changes or []:
         try:
@@ -107,14 +108,14 @@ def commit(runtime: Runtime, container: Container, ref: str | None, message: str
             store.layers.remove_dir(cache_id)
             raise
     created = format_time(datetime.datetime.now(datetime.UTC))
-    entry: dict[str, Any] = {"created": created, "created_by": " ".join(container.Config.get("Cmd") or [])}
+    entry: dict[str, Any] = {"created": created, "created_by": " ".join(container.config.get("Cmd") or [])}
     for key, value in (("author", author), ("comment", message)):
         if value:
             entry[key] = value
     if layer is None:
         entry["empty_layer"] = True
     run = {**stage.run, "Image": image.id}
-    config = cfg.image_config(run, container.Config, container.ID, created, [*image.history, entry],
+    config = cfg.image_config(run, container.config, container.id, created, [*image.history, entry],
                               [*image.diff_ids, *([layer.diff_id] if layer else [])])  # fmt: skip
     if author:
         config["author"] = author
@@ -150,17 +151,18 @@ def storage_drivers(runtime: Runtime, containers: list[Container]) -> str:
     layers = store.layers.all()
     overlay2 = sum(layer_size(store.layers.diff_dir(d)) for d in _dirs(store.layout.overlay2) if d != "l")
     vfs_dirs = _dirs(store.layout.vfs_dir())
-    in_vfs = [c for c in containers if c.Driver == "vfs"]
+    in_vfs = [c for c in containers if not c.driver.mounts]
+    mounting = ", ".join(d for d in StorageDriver if d.mounts)
     if vfs_dirs:
         vfs = human_size(vfsdriver.disk_usage(store), 4)
     else:  # every layer's tree is the layers below it and itself; a container copies its image's tree twice
         below = {la.chain_id: sum(x.size for x in store.layers.stack(la.chain_id)) for la in layers}
-        trees = [2 * store.size(store.images.get(c.Image)) + container_size(runtime, c)[0] for c in containers]
+        trees = [2 * store.size(store.images.get(c.image_id)) + container_size(runtime, c)[0] for c in containers]
         vfs = f"~{human_size(sum(below.values()) + sum(trees), 4)}"
     rows = [
-        ["overlay2", "fuse, overlay", str(len(layers)), str(len(containers) - len(in_vfs)), human_size(overlay2, 4),
+        ["overlay2", mounting, str(len(layers)), str(len(containers) - len(in_vfs)), human_size(overlay2, 4),
          "each layer's files once; a container only what it changed"],
-        ["vfs/dir", "vfs", str(sum(la.cache_id in vfs_dirs for la in layers)), str(len(in_vfs)), vfs,
+        ["vfs/dir", StorageDriver.VFS.value, str(sum(la.cache_id in vfs_dirs for la in layers)), str(len(in_vfs)), vfs,
          "every layer a full copy of the files below it; a container two (init, read-write)"],
     ]  # fmt: skip
     return "Storage drivers on disk:\n" + render(
@@ -186,8 +188,8 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
         for layer in layers:
             refs[layer.chain_id] = refs.get(layer.chain_id, 0) + 1
     distinct = {layer.chain_id: layer.size for layers in layers_of.values() for layer in layers}
-    users = {image.id: sum(c.Image == image.id for c in containers) for image in images}
-    rw = {c.ID: container_size(runtime, c)[0] for c in containers}
+    users = {image.id: sum(c.image_id == image.id for c in containers) for image in images}
+    rw = {c.id: container_size(runtime, c)[0] for c in containers}
     image_rows = []
     reclaimable_images = 0
     for image in images:
@@ -204,7 +206,7 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
                                str(users[image.id])])  # fmt: skip
     images_size = sum(distinct.values())
     containers_size = sum(rw.values())
-    stopped = sum(rw[c.ID] for c in containers if not c.State.Running)
+    stopped = sum(rw[c.id] for c in containers if not c.state.running)
 
     def reclaim(part: int, whole: int) -> str:
         return f"{human_size(part, 4)} ({int(100 * part / whole) if whole else 0}%)"
@@ -212,7 +214,7 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
     summary = render(["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"], [
         ["Images", str(len(images)), str(sum(1 for i in images if users[i.id])), human_size(images_size, 4),
          reclaim(reclaimable_images, images_size)],
-        ["Containers", str(len(containers)), str(sum(c.State.Running for c in containers)),
+        ["Containers", str(len(containers)), str(sum(c.state.running for c in containers)),
          human_size(containers_size, 4), reclaim(stopped, containers_size)],
         ["Local Volumes", "0", "0", "0B", "0B"],
         ["Build Cache", "0", "0", "0B", "0B"],
@@ -220,8 +222,8 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
     sharing = ["", storage_drivers(runtime, containers)]
     if not verbose:
         return "\n".join([summary, *sharing])
-    container_rows = [[c.short_id, c.ImageName, json.dumps(ellipsis(" ".join(c.command), COMMAND_WIDTH)), "0",
-                       human_size(rw[c.ID], 4), f"{_ago(c.Created, now)} ago", status(c, now), c.name]
+    container_rows = [[c.short_id, c.image_name, json.dumps(ellipsis(" ".join(c.command), COMMAND_WIDTH)), "0",
+                       human_size(rw[c.id], 4), f"{_ago(c.created, now)} ago", status(c, now), c.name]
                       for c in containers]  # fmt: skip
     return "\n".join([
         "Images space usage:", "",
@@ -242,20 +244,20 @@ def run(args: argparse.Namespace) -> int:
     from pylayerfs.image.store import Store, StoreError
 
     try:
-        runtime = Runtime(Store(args.root), getattr(args, "storage_driver", "fuse"))
+        runtime = Runtime(Store(args.root), StorageDriver(getattr(args, "storage_driver", StorageDriver.FUSE)))
         find = runtime.containers.find
         if args.command in ("create", "run"):
             container = runtime.create(args.image, args.command_args, args.name, args.env, args.workdir)
             if args.command == "create" or args.detach:
                 if args.command == "run":
                     runtime.start_detached(container)
-                print(container.ID)
+                print(container.id)
                 return 0
             try:
                 return runtime.run_attached(container)
             finally:
                 if args.rm:
-                    runtime.remove(runtime.containers.load(container.ID), force=True)
+                    runtime.remove(runtime.containers.load(container.id), force=True)
         if args.command in ("start", "stop", "rm"):
             for ref in args.containers:
                 container = find(ref)

@@ -259,15 +259,17 @@ def run(args: argparse.Namespace) -> int:
     """The command line's handler (cli/main.py parses the arguments)."""
     from pylayerfs.image import archive
     from pylayerfs.image.builder.build import Builder, BuildError, BuildOptions
+    from pylayerfs.image.drivers import StorageDriver
     from pylayerfs.image.store import Store, StoreError
 
     try:
         store = Store(args.root)
         if args.command == "build":
             build_args = dict(a.partition("=")[::2] for a in args.build_arg)
-            if args.metacopy and args.storage_driver == "vfs":
+            driver = StorageDriver(args.storage_driver)
+            if args.metacopy and not driver.mounts:
                 raise StoreError("--metacopy needs an overlay storage driver (fuse or overlay), not vfs")
-            options = BuildOptions(args.context, args.file, args.tag, args.no_cache, build_args, args.storage_driver,
+            options = BuildOptions(args.context, args.file, args.tag, args.no_cache, build_args, driver,
                                    args.metacopy)  # fmt: skip
             Builder(store, options).build()
         elif args.command == "history" and args.format == "tree":

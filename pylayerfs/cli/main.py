@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from pylayerfs import __version__
+from pylayerfs.image.drivers import StorageDriver
 from pylayerfs.overlay.params import MountError, check, parse_options
 
 IMAGE_COMMANDS = ("build", "history", "images", "tag", "rmi", "inspect", "import", "base")
 CONTAINER_COMMANDS = ("create", "run", "start", "stop", "rm", "exec", "ps", "logs", "diff", "commit", "system")
 TEACHING_COMMANDS = ("explain", "layers", "diagram")
 COMMANDS = ("mount", "umount", "demo", "check", "bench", *TEACHING_COMMANDS, *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
-DRIVERS = ("fuse", "overlay", "vfs")
+DRIVERS = tuple(d.value for d in StorageDriver)  # plain strings: argparse's messages show them as 'fuse'
 DRIVERS_HELP = "fuse: pylayerfs's FUSE mount (default); overlay: the kernel's overlayfs; vfs: a full copy per layer"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -104,7 +105,7 @@ def _container_parsers(sub: Any) -> None:
         p.add_argument("--name")
         p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
         p.add_argument("-w", "--workdir")
-        p.add_argument("--storage-driver", choices=DRIVERS, default="fuse", help=DRIVERS_HELP)
+        p.add_argument("--storage-driver", choices=DRIVERS, default=StorageDriver.FUSE.value, help=DRIVERS_HELP)
         p.add_argument("image")
         p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND")
     start = sub.add_parser("start", help="start stopped containers (in the background)")
@@ -149,7 +150,7 @@ def _image_parsers(sub: Any) -> None:
     build.add_argument("-t", "--tag", action="append", default=[], help="name:tag (repeatable)")
     build.add_argument("--no-cache", action="store_true", help="do not reuse steps of earlier builds")
     build.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
-    build.add_argument("--storage-driver", choices=DRIVERS, default="fuse", help=DRIVERS_HELP)
+    build.add_argument("--storage-driver", choices=DRIVERS, default=StorageDriver.FUSE.value, help=DRIVERS_HELP)
     build.add_argument("--metacopy", action="store_true",
                        help="mount steps with metacopy=on: chmod and chown copy metadata only")  # fmt: skip
 

@@ -26,9 +26,10 @@ import time
 from collections.abc import Iterator
 from typing import IO
 
-from pylayerfs.container.records import Container, ContainerStore, State
+from pylayerfs.container.records import Container, ContainerStatus, ContainerStore, State
 from pylayerfs.image import sandbox
 from pylayerfs.image.builder import imageconfig as cfg
+from pylayerfs.image.drivers import StorageDriver
 from pylayerfs.image.drivers import overlay as rootfs
 from pylayerfs.image.drivers import vfs as vfsdriver
 from pylayerfs.image.sizes import layer_size
@@ -57,7 +58,8 @@ def now() -> str:
 
 
 class Runtime:
-    def __init__(self, store: Store, driver: str = "fuse") -> None:
+    def __init__(self, store: Store, driver: StorageDriver = StorageDriver.FUSE) -> None:
+        """The containers of ``store``; ``driver`` is the storage driver of the containers it creates."""
         self.store = store
         self.containers = ContainerStore(store)
         self.driver = driver
@@ -84,17 +86,16 @@ class Runtime:
             self.containers.check_name(name)
         container_id, mount_id = random_id(), random_id()
         container = Container(
-            ID=container_id, Created=now(), Path=argv[0], Args=argv[1:], Config=config, Image=image.id,
-            ImageName=image_ref, Name="/" + (name or self.containers.new_name()), MountID=mount_id,
-            Driver=self.driver,
+            id=container_id, created=now(), path=argv[0], args=argv[1:], config=config, image_id=image.id,
+            image_name=image_ref, name=name or self.containers.new_name(), mount_id=mount_id, driver=self.driver,
         )  # fmt: skip
         top = image.top_layer
         layers = self.store.layers
         init = mount_id + vfsdriver.INIT
-        if self.driver == "vfs":
+        if not self.driver.mounts:
             vfsdriver.create(self.store, top, mount_id)
         with self.store.locked():
-            if self.driver != "vfs":
+            if self.driver.mounts:
                 layers.new_dir(top, init)
                 sandbox.make_init_layer(layers.diff_dir(init))
                 layers.new_dir(top, mount_id, above=init)
@@ -109,32 +110,35 @@ class Runtime:
 
     def remove(self, container: Container, force: bool = False) -> None:
         container = self.reconcile(container)
-        if container.State.Running:
+        if container.state.running:
             if not force:
-                raise StoreError(f"You cannot remove a running container {container.ID}. Stop the container before "
+                raise StoreError(f"You cannot remove a running container {container.id}. Stop the container before "
                                  "attempting removal or force remove")  # fmt: skip
             self.stop(container, timeout=0)
-        for mountpoint in mounts_below(self.store.layout.layer(container.MountID)):
+        for mountpoint in mounts_below(self.store.layout.layer(container.mount_id)):
             realfs.detach(mountpoint)
         with self.store.locked():
-            self.store.layers.remove_dir(container.MountID)
-            self.store.layers.remove_dir(f"{container.MountID}-init")
+            self.store.layers.remove_dir(container.mount_id)
+            self.store.layers.remove_dir(f"{container.mount_id}-init")
             self.containers.remove(container)
 
     # -- the mount -------------------------------------------------------------------------
 
     def merged(self, container: Container) -> str:
         """Where the container's root is: its mount, or with vfs its own full tree."""
-        if container.Driver == "vfs":
-            return self.store.layout.vfs_dir(container.MountID)
-        return self.store.layout.layer(container.MountID, "merged")
+        if not container.driver.mounts:
+            return self.store.layout.vfs_dir(container.mount_id)
+        return self.store.layout.layer(container.mount_id, "merged")
 
     def upper(self, container: Container) -> str:
-        return self.store.layout.layer(container.MountID, DIFF_DIR)
+        return self.store.layout.layer(container.mount_id, DIFF_DIR)
 
     def lowers(self, container: Container) -> list[str]:
-        image = self.store.images.get(container.Image)
-        return [self.store.layers.diff_dir(f"{container.MountID}-init"), *self.store.layers.lower_dirs(image.top_layer)]
+        image = self.store.images.get(container.image_id)
+        return [
+            self.store.layers.diff_dir(f"{container.mount_id}-init"),
+            *self.store.layers.lower_dirs(image.top_layer),
+        ]
 
     @contextlib.contextmanager
     def read_write_layer(self, container: Container) -> Iterator[tuple[str, list[str]]]:
@@ -142,26 +146,26 @@ class Runtime:
 
         With vfs: the naive diff of its tree against its init copy (made for the ``with`` block), over that copy.
         """
-        if container.Driver == "vfs":
-            with vfsdriver.changes_dir(self.store, container.MountID) as upper:
-                yield upper, [self.store.layout.vfs_dir(container.MountID + vfsdriver.INIT)]
+        if not container.driver.mounts:
+            with vfsdriver.changes_dir(self.store, container.mount_id) as upper:
+                yield upper, [self.store.layout.vfs_dir(container.mount_id + vfsdriver.INIT)]
         else:
             yield self.upper(container), self.lowers(container)
 
     @contextlib.contextmanager
     def _mounted(self, container: Container) -> Iterator[str]:
-        if container.Driver == "vfs":
+        if not container.driver.mounts:
             yield self.merged(container)
             return
-        work = self.store.layout.layer(container.MountID, WORK_DIR)
-        metacopy = self.store.layers.uses_metacopy(self.store.images.get(container.Image).top_layer)
+        work = self.store.layout.layer(container.mount_id, WORK_DIR)
+        metacopy = self.store.layers.uses_metacopy(self.store.images.get(container.image_id).top_layer)
         with rootfs.mounted(self.lowers(container), self.upper(container), work, self.merged(container),
-                            container.Driver, metacopy) as root:  # fmt: skip
+                            container.driver, metacopy) as root:  # fmt: skip
             yield root
 
     def _process(self, container: Container, root: str, argv: list[str], env: list[str], user: str | None,
                  workdir: str | None) -> sandbox.Process:  # fmt: skip
-        config = container.Config
+        config = container.config
         variables = dict(e.partition("=")[::2] for e in [*(config.get("Env") or []), *env])
         variables.setdefault("PATH", cfg.DEFAULT_PATH.partition("=")[2])
         variables.setdefault("HOSTNAME", container.short_id)
@@ -181,7 +185,7 @@ class Runtime:
     def start_detached(self, container: Container) -> None:
         """Start a monitor in the background; return once the command runs (or failed to start)."""
         container = self.reconcile(container)
-        if container.State.Running:
+        if container.state.running:
             return
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -219,9 +223,9 @@ class Runtime:
                 try:
                     proc = sandbox.start(process, stdout=subprocess.PIPE)
                 except sandbox.CommandNotFound as exc:
-                    self._record(container, State("created", ExitCode=exc.exit_code))
+                    self._record(container, State(ContainerStatus.CREATED, exit_code=exc.exit_code))
                     raise
-                self._record(container, State("running", True, proc.pid, os.getpid(), 0, now()))
+                self._record(container, State(ContainerStatus.RUNNING, True, proc.pid, os.getpid(), 0, now()))
                 if ready_fd is not None:
                     os.write(ready_fd, READY)
                     os.close(ready_fd)
@@ -233,8 +237,8 @@ class Runtime:
         finally:
             if ready_fd is not None:
                 os.close(ready_fd)
-        latest = self.containers.load(container.ID)
-        self._record(container, State("exited", False, 0, 0, code, latest.State.StartedAt, now()))
+        latest = self.containers.load(container.id)
+        self._record(container, State(ContainerStatus.EXITED, False, 0, 0, code, latest.state.started_at, now()))
         return code
 
     def _pump(self, container: Container, stream: IO[bytes], echo: IO[bytes] | None) -> None:
@@ -249,30 +253,30 @@ class Runtime:
                 log.flush()
 
     def _record(self, container: Container, state: State) -> None:
-        container.State = state
+        container.state = state
         with self.store.locked():
             self.containers.save(container)
 
     def exec(self, container: Container, argv: list[str], env: list[str], user: str | None,
              workdir: str | None) -> int:  # fmt: skip
         container = self.reconcile(container)
-        if not container.State.Running:
-            raise StoreError(f"Container {container.ID} is not running")
+        if not container.state.running:
+            raise StoreError(f"Container {container.id} is not running")
         return sandbox.run(self._process(container, self.merged(container), argv, env, user, workdir))
 
     def stop(self, container: Container, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM, then SIGKILL after ``timeout``; returns once the monitor has recorded the exit."""
         container = self.reconcile(container)
-        if not container.State.Running:
+        if not container.state.running:
             return
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, STOP_TIMEOUT)):
             if wait <= 0 and sig == signal.SIGTERM:
                 continue
             with contextlib.suppress(ProcessLookupError):
-                os.kill(container.State.Pid, sig)
+                os.kill(container.state.pid, sig)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                if not self.reconcile(self.containers.load(container.ID)).State.Running:
+                if not self.reconcile(self.containers.load(container.id)).state.running:
                     return
                 time.sleep(0.05)
         raise StoreError(f"cannot stop container {container.short_id}")
@@ -288,15 +292,15 @@ class Runtime:
 
     def reconcile(self, container: Container) -> Container:
         """A running container whose monitor is gone is Exited (255): its process killed, its mount detached."""
-        state = container.State
-        if not state.Running or _alive(state.MonitorPid):
+        state = container.state
+        if not state.running or _alive(state.monitor_pid):
             return container
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(state.Pid, signal.SIGKILL)
-        for mountpoint in mounts_below(self.store.layout.layer(container.MountID)):
+            os.kill(state.pid, signal.SIGKILL)
+        for mountpoint in mounts_below(self.store.layout.layer(container.mount_id)):
             with contextlib.suppress(OSError):
                 realfs.detach(mountpoint)
-        self._record(container, State("exited", False, 0, 0, EXIT_DIED, state.StartedAt, now()))
+        self._record(container, State(ContainerStatus.EXITED, False, 0, 0, EXIT_DIED, state.started_at, now()))
         return container
 
 
@@ -320,4 +324,4 @@ def container_size(runtime: Runtime, container: Container) -> tuple[int, int]:
     """
     with runtime.read_write_layer(container) as (upper, _):
         size = layer_size(upper)
-    return size, size + runtime.store.size(runtime.store.images.get(container.Image))
+    return size, size + runtime.store.size(runtime.store.images.get(container.image_id))

@@ -189,7 +189,16 @@ def chown(dirfd: int, name: str | None, uid: int, gid: int) -> None:
 def chmod(dirfd: int, name: str | None, mode: int) -> None:
     """Set the permission bits of a non-symlink (Linux cannot chmod a symlink)."""
     _trace_at("chmod", dirfd, name, mode=oct(mode))
-    os.chmod(name or ".", mode, dir_fd=dirfd)
+    if name is None:
+        os.chmod(fd_path(dirfd), mode)
+        return
+    # chmod through an O_PATH fd's /proc link acts on the object itself: a symlink answers EOPNOTSUPP
+    # (as fchmodat(AT_SYMLINK_NOFOLLOW) does) instead of its target being changed.
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        os.chmod(fd_path(fd), mode)
+    finally:
+        os.close(fd)
 
 
 def utime(dirfd: int, name: str | None, ns: tuple[int, int]) -> None:

@@ -55,7 +55,7 @@ def container_boxes(runtime: Any, container: Any) -> list[Box]:
                                                "every layer below is read-only, shared by the image's containers",
                                                f"size {human_size(size)} (virtual {human_size(virtual)})"),
               writable=True)  # fmt: skip
-    return [top, *image_boxes(runtime.store, container.Image)]
+    return [top, *image_boxes(runtime.store, container.image_id)]
 
 
 def svg(title: str, boxes: list[Box]) -> str:
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         runtime = Runtime(Store(args.root))
         try:
             container = runtime.containers.find(args.target)
-            title = f"container {container.name} of {container.ImageName}"
+            title = f"container {container.name} of {container.image_name}"
             boxes = container_boxes(runtime, container)
         except StoreError:
             title = f"image {args.target}"

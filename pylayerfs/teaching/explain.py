@@ -213,8 +213,8 @@ def image_layers(store: Any, ref: str) -> list[Layer]:
 
 
 def container_layers(runtime: Any, container: Any) -> list[Layer]:
-    image = runtime.store.images.get(container.Image)
-    if container.Driver == "vfs":  # no stack to walk: the container's own full copy is all there is
+    image = runtime.store.images.get(container.image_id)
+    if not container.driver.mounts:  # no stack to walk: the container's own full copy is all there is
         return [Layer("the container's full copy (vfs)", runtime.merged(container))]
     return [
         Layer("the container layer (upper)", runtime.upper(container)),

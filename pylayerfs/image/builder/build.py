@@ -31,6 +31,7 @@ from pylayerfs.image.builder.context import Context, ContextError
 from pylayerfs.image.builder.copy import CopyJob, copy_into_root
 from pylayerfs.image.builder.dockerfile import Dockerfile, DockerfileError, Instruction, key_values, parse, split_words
 from pylayerfs.image.builder.dockerfile import substitute as expand
+from pylayerfs.image.drivers import StorageDriver
 from pylayerfs.image.drivers import overlay as rootfs
 from pylayerfs.image.drivers import vfs as vfsdriver
 from pylayerfs.image.sizes import human_size
@@ -56,7 +57,7 @@ class BuildOptions:
     tags: Sequence[str] = ()
     no_cache: bool = False
     build_args: dict[str, str] = field(default_factory=dict)
-    driver: str = "fuse"
+    driver: StorageDriver = StorageDriver.FUSE
     metacopy: bool = False  # mount steps with metacopy=on: a chmod copies metadata only
 
 
@@ -344,7 +345,7 @@ class Builder:
                 self._say(f"Removing intermediate container {container_id[:12]}")
             with self.store.locked():
                 layer = self.store.layers.register(cache_id, parent)
-            if layer is not None and self.options.driver == "vfs":
+            if layer is not None and not self.options.driver.mounts:
                 vfsdriver.layer_tree(self.store, layer.chain_id)  # vfs keeps every layer as a full tree
         except BaseException:
             self.store.layers.remove_dir(cache_id)
@@ -357,7 +358,7 @@ class Builder:
 
         Without ``upper`` the mount is read-only (a source for ``COPY --from``).
         """
-        if self.options.driver == "vfs":
+        if not self.options.driver.mounts:
             with vfsdriver.step_root(self.store, parent, upper) as root:
                 yield root
             return

@@ -15,10 +15,11 @@ import subprocess
 from collections.abc import Iterator, Sequence
 
 from pylayerfs.fuse.mount import mount_background
+from pylayerfs.image.drivers import StorageDriver
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.params import MountError, check, mounts_below, parse_options
 
-DRIVERS = ("fuse", "overlay")
+DRIVERS = tuple(d for d in StorageDriver if d.mounts)
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -32,26 +33,27 @@ def options(lowers: Sequence[str], upper: str | None, work: str | None, metacopy
 
 @contextlib.contextmanager
 def mounted(
-    lowers: Sequence[str], upper: str | None, work: str | None, merged: str, driver: str = "fuse",
-    metacopy: bool = False,
+    lowers: Sequence[str], upper: str | None, work: str | None, merged: str,
+    driver: StorageDriver = StorageDriver.FUSE, metacopy: bool = False,
 ) -> Iterator[str]:  # fmt: skip
     """Mount the stack on ``merged`` (created if needed) for the ``with`` block; always unmount.
 
-    Without ``upper`` the mount is read-only. ``metacopy``: mount with ``metacopy=on`` (needed to read
-    layers that hold metacopy files, and making more of them).
+    ``driver``: fuse or overlay (vfs does not mount: MountError). Without ``upper`` the mount is read-only.
+    ``metacopy``: mount with ``metacopy=on`` (needed to read layers that hold metacopy files, and making more
+    of them). Raises MountError when the mount fails.
     """
     os.makedirs(merged, 0o755, exist_ok=True)
     opts = options(lowers, upper, work, metacopy)
-    if driver == "fuse":
+    if driver is StorageDriver.FUSE:
         config = parse_options([opts])
         mount_background(config, check(config, merged), "pylayerfs")
-    elif driver == "overlay":
+    elif driver is StorageDriver.OVERLAY:
         result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, merged], capture_output=True,
                                 text=True, check=False)  # fmt: skip
         if result.returncode != 0:
             raise MountError(f"mount -t overlay failed: {result.stderr.strip()}")
     else:
-        raise MountError(f"unknown storage driver '{driver}' (known: {', '.join(DRIVERS)})")
+        raise MountError(f"storage driver '{driver}' does not mount (the mounting ones: {', '.join(DRIVERS)})")
     try:
         yield merged
     finally:
