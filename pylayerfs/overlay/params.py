@@ -197,7 +197,7 @@ def check(config: MountConfig, mountpoint: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class MountEntry:
-    """One line of ``/proc/self/mountinfo``: mountpoint (octal escapes undone), filesystem type, super options."""
+    """One line of ``/proc/self/mountinfo``."""
 
     mountpoint: str
     fstype: str
