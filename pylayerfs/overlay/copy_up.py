@@ -135,7 +135,12 @@ def _create_copy(
 
 
 def copy_data(src: int, dst: int, size: int) -> None:
-    """Copy ``size`` bytes from ``src`` to ``dst`` in the kernel, keeping holes (SEEK_DATA/SEEK_HOLE)."""
+    """Copy ``size`` bytes from fd ``src`` to fd ``dst`` in the kernel, keeping holes (SEEK_DATA/SEEK_HOLE).
+
+    Both are read and written at the same offsets, from 0; ``dst`` ends ``size`` bytes long. ``copy_file_range`` falls
+    back to ``sendfile`` where it cannot copy (EXDEV, ENOSYS, EINVAL, EOPNOTSUPP). Raises the read and write errors
+    (EIO, ENOSPC, EDQUOT, EFBIG...).
+    """
     offset = 0
     while offset < size:
         try:

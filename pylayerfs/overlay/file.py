@@ -16,6 +16,12 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class OpenFile:
+    """One open file of the merged view: the real fd behind it (its number is the file handle), path, ``st_ino``.
+
+    ``on_lower``: a read-only handle on a lower file, switched to the upper copy on copy-up; ``metacopy``: its metadata
+    are an upper metacopy file's, its data still the lower file's.
+    """
+
     fd: int
     path: str
     ino: int
@@ -24,28 +30,37 @@ class OpenFile:
 
 
 class OpenFiles:
+    """The open files of one mount, by file handle (= the real fd number), with the lower handles by path."""
+
     def __init__(self) -> None:
         self._by_fh: dict[int, OpenFile] = {}
         self._lower_by_path: dict[str, list[OpenFile]] = {}
 
     def add(self, of: OpenFile) -> int:
-        """Register ``of``; its fd number is its file handle."""
+        """Register ``of``; return its file handle (its fd number)."""
         self._by_fh[of.fd] = of
         if of.on_lower:
             self._lower_by_path.setdefault(of.path, []).append(of)
         return of.fd
 
     def get(self, fh: int) -> OpenFile:
+        """The open file of handle ``fh``; raises KeyError for a handle that is not open (a caller's bug)."""
         return self._by_fh[fh]
 
     def release(self, fh: int) -> None:
+        """Forget handle ``fh`` and close its fd; raises KeyError for a handle that is not open."""
         of = self._by_fh.pop(fh)
         if of.on_lower:
             self._unregister(of)
         os.close(of.fd)
 
     def copied_up(self, path: str, reopen: Callable[[], int]) -> None:
-        """``path`` now has an upper copy: point every lower handle on it to that copy."""
+        """``path`` now has an upper copy: point every lower handle on it to that copy.
+
+        ``reopen()`` opens the upper copy (read-only) and returns an fd, once per handle; each handle keeps its number
+        (the new fd is ``dup2``'d onto it). Raises what ``reopen`` raises (then the remaining handles still read the
+        lower file).
+        """
         for of in self._lower_by_path.pop(path, []):
             new_fd = reopen()
             os.dup2(new_fd, of.fd, inheritable=False)  # the handle (the fd number) stays the same
@@ -68,5 +83,6 @@ class OpenFiles:
             self._lower_by_path[of.path] = handles
 
     def close_all(self) -> None:
+        """Release every handle (at unmount)."""
         for fh in list(self._by_fh):
             self.release(fh)

@@ -42,14 +42,21 @@ def _requested_time(t: int, current: int, now: int) -> int:
 class Overlay(OverlayState):
     """One mounted stack (see :class:`OverlayState` for the arguments), with its POSIX operations.
 
-    Every operation raises what the kernel's overlayfs would return for it: ENOENT and ENOTDIR from
-    the lookup, EROFS for a write on a stack without an upper layer, EXDEV for the rename of a lower
-    or merged directory, and the upper filesystem's own errors (ENOSPC, EDQUOT, EPERM...).
+    Every operation raises what the kernel's overlayfs would return for it: ENOENT and ENOTDIR from the lookup, EROFS
+    for a write on a stack without an upper layer, EXDEV for the rename of a lower or merged directory, and the upper
+    filesystem's own errors (ENOSPC, EDQUOT, EPERM...). The lookup also answers EPERM for a metacopy file without
+    ``metacopy=on`` and EIO for one whose data is in no layer. A file handle ``fh`` that is not open raises KeyError (a
+    caller's bug: the FUSE adapter answers EIO).
     """
 
     # -- attributes ----------------------------------------------------------------
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        """The ``struct stat`` of ``path``: a dict of ``st_*`` fields, times in nanoseconds (see ``inode.attributes``).
+
+        With an open handle ``fh``, those of the open file (its ``fstat``, with the handle's ``st_ino``). Raises
+        ENOENT/ENOTDIR as the lookup does, EPERM/EIO for a metacopy file the mount may not follow.
+        """
         of = self.files.get(fh) if fh is not None else None
         if of is not None and not (of.metacopy and path):  # a metacopy handle's metadata are the upper file's
             st = os.stat(of.fd)
@@ -60,6 +67,10 @@ class Overlay(OverlayState):
         return attributes(node, self.inodes.of_node(node))
 
     def readlink(self, path: str) -> str:
+        """The target of the symlink ``path``, as stored (never resolved).
+
+        Raises EINVAL when ``path`` is not a symlink, ENOENT/ENOTDIR as the lookup does.
+        """
         node = self.lookup.lookup(path)
         if not stat.S_ISLNK(node.st.st_mode):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
@@ -68,14 +79,30 @@ class Overlay(OverlayState):
             return os.readlink(name, dir_fd=fd)
 
     def chmod(self, path: str, mode: int) -> None:
+        """Set the permission bits of ``path`` (``mode``'s, setuid/setgid/sticky included), copying it up first.
+
+        The copy-up is of the metadata only with ``metacopy=on``. Raises EROFS on a read-only stack, ENOENT/ENOTDIR as
+        the lookup does, and the upper filesystem's errors (EPERM...). Do not call it on a symlink: the chmod would
+        follow it (see ``realfs.chmod``); the kernel's VFS refuses a symlink's mode change (EOPNOTSUPP) before asking.
+        """
         with self._upper_object(path) as (fd, name):
             realfs.chmod(fd, name, stat.S_IMODE(mode))
 
     def chown(self, path: str, uid: int, gid: int) -> None:
+        """Set the owner and group of ``path`` (-1 keeps one), copying it up first (metadata only with ``metacopy=on``).
+
+        Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, and the upper filesystem's errors
+        (EPERM...).
+        """
         with self._upper_object(path) as (fd, name):
             realfs.chown(fd, name, uid, gid)
 
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
+        """Set atime and mtime of ``path``, copying it up first (metadata only with ``metacopy=on``).
+
+        ``times`` = ``(atime, mtime)`` in nanoseconds, UTIME_NOW/UTIME_OMIT as libfuse passes them; None: both now.
+        Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, and the upper filesystem's errors.
+        """
         node = self.lookup.lookup(path)
         now = time.time_ns()
         if times is None:
@@ -86,6 +113,13 @@ class Overlay(OverlayState):
             realfs.utime(fd, name, (atime, mtime))
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        """Set the size of ``path`` to ``length`` bytes, through the open handle ``fh`` if one is given.
+
+        Without a handle, ``path`` is copied up first (with its data only when ``length > 0``). Raises EROFS on a
+        read-only stack, ENOENT/ENOTDIR as the lookup does, EISDIR for a directory (after its copy-up), and the upper
+        filesystem's errors (EFBIG, ENOSPC...); with ``fh``, EINVAL for a handle not open for writing. The VFS refuses
+        other non-regular files (EINVAL) before asking: here a FIFO's open would block.
+        """
         if fh is not None:
             realfs.truncate(self.files.get(fh).fd, length)
             return
@@ -110,6 +144,11 @@ class Overlay(OverlayState):
         yield parent.upper_fd, split(path)[1]
 
     def statfs(self) -> dict[str, int]:
+        """``statvfs`` of the upper layer's filesystem (the top lower layer's on a read-only stack), as a dict.
+
+        ``f_bsize``, ``f_frsize`` (bytes), ``f_blocks``/``f_bfree``/``f_bavail`` (in ``f_frsize`` units),
+        ``f_files``/``f_ffree``/``f_favail``, ``f_namemax``; raises ``statvfs(2)``'s errors (EIO).
+        """
         top = self.upper if self.upper is not None else self.lowers[0]
         sv = os.statvfs(top.fd)
         keys = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail")
@@ -118,7 +157,15 @@ class Overlay(OverlayState):
     # -- files -----------------------------------------------------------------------
 
     def open(self, path: str, flags: int) -> int:
-        """Open a file of the merged view; returns a file handle. Writes copy the file up first."""
+        """Open ``path`` with the ``open(2)`` ``flags``; return the file handle (the real fd's number).
+
+        An open for writing (``O_WRONLY``, ``O_RDWR``, ``O_TRUNC``) copies a regular file or directory up first (without
+        data for ``O_TRUNC``); FIFOs, sockets and devices are opened where they are. ``O_CREAT``/``O_EXCL`` are dropped
+        (creating is :meth:`create`'s). Raises ENOENT/ENOTDIR as the lookup does, EROFS for a write open on a read-only
+        stack (FIFOs, sockets and devices aside), EISDIR for a directory opened for writing, ELOOP for a symlink (the
+        VFS follows them before asking), and ``open(2)``'s errors on the real file (ENXIO for a FIFO without a reader
+        and ``O_NONBLOCK``...).
+        """
         node = self.lookup.lookup(path)
         wants_write = bool(flags & _WRITE_FLAGS)
         real_flags = (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_NOFOLLOW
@@ -132,18 +179,31 @@ class Overlay(OverlayState):
         return self.files.add(OpenFile(fd, path, ino, on_lower, data is not None))
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
+        """Up to ``size`` bytes of the open file ``fh`` from byte ``offset`` (fewer at its end, ``b""`` past it).
+
+        Raises EBADF for a handle opened write-only, EISDIR for a directory, and ``pread(2)``'s errors (EIO...).
+        """
         return os.pread(self.files.get(fh).fd, size, offset)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
+        """Write ``data`` to the open file ``fh`` at byte ``offset``; return the number of bytes written.
+
+        Raises EBADF for a handle opened read-only, and the upper filesystem's errors (ENOSPC, EDQUOT, EFBIG...).
+        """
         return os.pwrite(self.files.get(fh).fd, data, offset)
 
     def fsync(self, fh: int, datasync: bool) -> None:
+        """Flush the open file ``fh`` to disk (its data only with ``datasync``); a no-op for a handle on a lower file.
+
+        Raises ``fsync(2)``'s errors (EIO, ENOSPC, EDQUOT).
+        """
         of = self.files.get(fh)
         if of.on_lower:
             return  # nothing of ours to sync: lower files are never written
         (os.fdatasync if datasync else os.fsync)(of.fd)
 
     def release(self, fh: int) -> None:
+        """Close the open file ``fh`` (its handle number may then be reused)."""
         self.files.release(fh)
 
     # -- namespace, listing and xattrs (see the modules) ------------------------
@@ -151,50 +211,113 @@ class Overlay(OverlayState):
     # Every change of a name drops the cached listings of its directory and below it (see readdir).
 
     def create(self, path: str, mode: int, flags: int, caller: Caller) -> int:
+        """Create and open the regular file ``path`` (permission bits of ``mode``, owner ``caller``); its file handle.
+
+        Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup of the parent does, EEXIST when the merged view
+        has ``path``, and the upper filesystem's errors (ENOSPC, EDQUOT...). See :func:`.namespace.create`.
+        """
         self.listings.forget(path)
         return namespace.create(self, path, mode, flags, caller)
 
     def mknod(self, path: str, mode: int, rdev: int, caller: Caller) -> None:
+        """Create the FIFO, socket or device ``path`` (``mode`` with its type bits, device ``rdev``), for ``caller``.
+
+        Raises EPERM for a character device 0/0 (a whiteout) or a device the daemon may not make, EROFS, ENOENT/ENOTDIR
+        as the lookup of the parent does, EEXIST, and the upper filesystem's errors.
+        """
         self.listings.forget(path)
         namespace.mknod(self, path, mode, rdev, caller)
 
     def mkdir(self, path: str, mode: int, caller: Caller) -> None:
+        """Create the directory ``path`` (permission bits of ``mode``, owner ``caller``); opaque over a whiteout.
+
+        Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup of the parent does, EEXIST when the merged view
+        has ``path``, and the upper filesystem's errors (EMLINK, ENOSPC, EDQUOT...).
+        """
         self.listings.forget(path)
         namespace.mkdir(self, path, mode, caller)
 
     def symlink(self, path: str, target: str, caller: Caller) -> None:
+        """Create the symlink ``path`` pointing to ``target`` (stored as given), owned by ``caller``.
+
+        Raises EROFS, ENOENT/ENOTDIR as the lookup of the parent does, EEXIST, ENAMETOOLONG for a target too long, and
+        the upper filesystem's errors.
+        """
         self.listings.forget(path)
         namespace.symlink(self, path, target, caller)
 
     def link(self, old: str, new: str) -> None:
+        """Make ``new`` a hard link to ``old`` (copied up first).
+
+        Raises ENOENT/ENOTDIR as the lookup of ``old`` (and of ``new``'s parent) does, EPERM for a directory, EROFS on a
+        read-only stack, EEXIST when the merged view has ``new``, and the upper filesystem's errors (EMLINK, ENOSPC...).
+        """
         self.listings.forget(new)
         namespace.link(self, old, new)
 
     def unlink(self, path: str) -> None:
+        """Remove the non-directory ``path`` (a whiteout stays where a lower layer holds it).
+
+        Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, EISDIR for a directory.
+        """
         self.listings.forget(path)
         namespace.unlink(self, path)
 
     def rmdir(self, path: str) -> None:
+        """Remove the directory ``path`` if it shows no entry (a whiteout stays where a lower layer holds it).
+
+        Raises EROFS on a read-only stack, EBUSY for the root, ENOENT/ENOTDIR as the lookup does, ENOTDIR for a
+        non-directory, ENOTEMPTY when it shows an entry.
+        """
         self.listings.forget(path)
         namespace.rmdir(self, path)
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
+        """Rename ``old`` to ``new``; ``flags``: RENAME_NOREPLACE or RENAME_EXCHANGE.
+
+        Raises EROFS on a read-only stack, EINVAL for other flags, ENOENT/ENOTDIR as the lookups do, EEXIST (NOREPLACE),
+        ENOTDIR/EISDIR for a directory against a non-directory, EXDEV for a lower or merged directory, ENOTEMPTY over a
+        directory that shows entries. See :func:`.namespace.rename`.
+        """
         self.listings.forget(old)
         self.listings.forget(new)
         namespace.rename(self, old, new, flags)
 
     def readdir(self, path: str) -> list[tuple[str, int, int]]:
-        """``(name, st_mode type bits, st_ino)`` of every entry, ``.`` and ``..`` first."""
+        """``(name, st_mode type bits, st_ino)`` of every entry of directory ``path``, ``.`` and ``..`` first.
+
+        Cached until a name in or above the directory changes. Raises ENOTDIR for a non-directory, ENOENT/ENOTDIR as the
+        lookup does.
+        """
         return self.listings.get(path, lambda: readdir.merged_entries(self, path))
 
     def listxattr(self, path: str) -> list[str]:
+        """The xattr names of ``path`` as the merged view shows them (overlay's private ones hidden).
+
+        Raises ENOENT/ENOTDIR as the lookup does.
+        """
         return xattrs.listxattr(self, path)
 
     def getxattr(self, path: str, name: str) -> bytes:
+        """The value (bytes) of the xattr ``name`` of ``path``.
+
+        Raises ENODATA when it is not set (overlay's private xattrs read as not set), ENOTSUP where the layer keeps no
+        such xattrs, ENOENT/ENOTDIR as the lookup does.
+        """
         return xattrs.getxattr(self, path, name)
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
+        """Set the xattr ``name`` of ``path`` to ``value`` (``flags``: XATTR_CREATE/XATTR_REPLACE), copying it up.
+
+        Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, EEXIST/ENODATA for the flags, ENOTSUP,
+        EPERM for ``user.*`` on a symlink or special file, E2BIG/ENOSPC.
+        """
         xattrs.setxattr(self, path, name, value, flags)
 
     def removexattr(self, path: str, name: str) -> None:
+        """Remove the xattr ``name`` of ``path``, copying it up first.
+
+        Raises ENODATA when it is not set (before any copy-up), EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup
+        does.
+        """
         xattrs.removexattr(self, path, name)

@@ -25,6 +25,12 @@ _FSID_SHIFT = 56
 
 
 class InodeNumbers:
+    """Inode numbers for one mount: an fsid per filesystem (``st_dev``), given in layer order, upper first.
+
+    ``layer_fds`` are the layers' fds, upper first; the first filesystem is fsid 0, whose numbers pass through as they
+    are (the kernel's ``xino``). Raises EBADF for a closed fd.
+    """
+
     def __init__(self, layer_fds: list[int]) -> None:
         self._fsids: dict[int, int] = {}
         for fd in layer_fds:
@@ -34,17 +40,26 @@ class InodeNumbers:
         return self._fsids.setdefault(dev, len(self._fsids))
 
     def of_real(self, st: os.stat_result) -> int:
+        """The ``st_ino`` the mount reports for a real object (``st`` its lstat): ``st_ino``, fsid in the top 8 bits.
+
+        A filesystem first seen here gets the next fsid.
+        """
         fsid = self._fsid(st.st_dev)
         return st.st_ino ^ (fsid << _FSID_SHIFT) if fsid else st.st_ino
 
     def of_node(self, node: Node) -> int:
+        """The ``st_ino`` of a merged object: the one recorded at copy-up, else its top-most real object's."""
         if node.origin is not None:
             return node.origin
         return self.of_real(node.st)
 
 
 def attributes(node: Node, ino: int) -> dict[str, Any]:
-    """The merged object's ``struct stat`` (times in nanoseconds)."""
+    """The merged object's ``struct stat`` as a dict of ``st_*`` fields, ``ino`` as its ``st_ino``.
+
+    ``st_atime``, ``st_mtime`` and ``st_ctime`` are in nanoseconds; a merged directory has ``st_nlink == 1``; a metacopy
+    file reports the blocks of the lower file holding its data, as the kernel does.
+    """
     st = node.st
     nlink = 1 if node.is_merged and stat.S_ISDIR(st.st_mode) else st.st_nlink
     attrs = stat_dict(st, ino, nlink)
@@ -54,6 +69,7 @@ def attributes(node: Node, ino: int) -> dict[str, Any]:
 
 
 def stat_dict(st: os.stat_result, ino: int, nlink: int) -> dict[str, Any]:
+    """``st`` as the dict of ``st_*`` fields getattr answers, ``st_ino = ino``, ``st_nlink = nlink``, times in ns."""
     return {
         "st_mode": st.st_mode,
         "st_ino": ino,

@@ -26,17 +26,22 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
 def split(path: str) -> tuple[str, str]:
-    """``"a/b/c"`` -> ``("a/b", "c")``; paths are relative to the layer root, ``""`` is the root."""
+    """``"a/b/c"`` -> ``("a/b", "c")``; paths are relative to the layer root, ``""`` is the root (``("", "")``)."""
     head, _, tail = path.rpartition("/")
     return head, tail
 
 
 def join(parent: str, name: str) -> str:
+    """``join("a/b", "c")`` -> ``"a/b/c"``; at the root (``parent == ""``) the name alone."""
     return f"{parent}/{name}" if parent else name
 
 
 class Layer:
-    """One layer directory, reached only through a directory fd opened at mount."""
+    """One layer directory, reached only through a directory fd (``O_PATH``) opened at mount.
+
+    ``index`` is the layer's place in the stack (0 the upper layer, 1 the top-most lower); ``root`` its real path.
+    Opening it raises ENOENT, ENOTDIR or EACCES as ``open(2)`` does.
+    """
 
     def __init__(self, index: int, root: str) -> None:
         self.index = index
@@ -47,18 +52,31 @@ class Layer:
         return f"<{type(self).__name__} {self.index} {self.root}>"
 
     def close(self) -> None:
+        """Close the layer's fd; the layer is unusable after."""
         os.close(self.fd)
 
     def open(self, path: str, flags: int, mode: int = 0) -> int:
-        """Open ``path`` inside this layer without following symlinks on the way."""
+        """Open ``path`` inside this layer without following symlinks on the way; return the fd (close-on-exec).
+
+        ``""`` is the layer root. Raises as :func:`~pylayerfs.overlay.realfs.openat2`: ELOOP for a symlink on the path,
+        EXDEV for a path that leaves the layer, ENOENT, ENOTDIR, EACCES...
+        """
         return realfs.openat2(self.fd, path or ".", flags, mode)
 
     def open_dir(self, path: str) -> int:
+        """An fd (``O_RDONLY | O_DIRECTORY``, for listing) on the directory ``path`` of this layer.
+
+        Raises ENOTDIR for a non-directory, ELOOP for a symlink, and what :meth:`open` raises.
+        """
         return self.open(path, _DIR_FLAGS)
 
     @contextlib.contextmanager
     def parent(self, path: str) -> Iterator[tuple[int, str]]:
-        """Yield ``(fd of the parent directory, last component)`` for ``*at`` calls."""
+        """Yield ``(fd of the parent directory, last component)`` of ``path`` for ``*at`` calls; the fd is closed after.
+
+        The last component is not checked. Raises ENOENT/ENOTDIR/ELOOP when the parent directory cannot be reached in
+        this layer (see :meth:`open`).
+        """
         head, name = split(path)
         fd = self.open(head, os.O_PATH | os.O_DIRECTORY)
         try:
@@ -67,6 +85,10 @@ class Layer:
             os.close(fd)
 
     def lstat(self, path: str) -> os.stat_result:
+        """The ``lstat`` of ``path`` in this layer (a symlink itself; ``""``: the layer root).
+
+        Raises ENOENT when the layer has no such object, and what :meth:`parent` raises.
+        """
         if not path:
             return os.stat(self.fd)
         with self.parent(path) as (fd, name):
@@ -75,7 +97,11 @@ class Layer:
 
 @dataclass(slots=True)
 class Listing:
-    """One directory of a lower layer, as the lookup rules need it."""
+    """One directory of a lower layer, as the lookup rules need it.
+
+    ``entries``: name -> lstat of every entry but whiteouts; ``whiteouts``: the names whited out in this directory (0/0
+    devices, or xattr whiteouts in an ``opaque = "x"`` directory); ``opaque``: marked ``opaque = "y"``.
+    """
 
     entries: dict[str, os.stat_result] = field(default_factory=dict)
     whiteouts: set[str] = field(default_factory=set)
@@ -91,7 +117,11 @@ class LowerLayer(Layer):
         self._listings: dict[str, Listing] = {}
 
     def listing(self, path: str) -> Listing:
-        """The entries of directory ``path``, whiteouts apart; cached."""
+        """The entries of directory ``path`` in this layer, whiteouts apart; cached for the life of the mount.
+
+        A path that is missing, not a directory or behind a symlink in this layer (ENOENT, ENOTDIR, ELOOP) has an empty
+        listing. Other errors are raised (EACCES...), and the marker reads' (see :class:`Markers`).
+        """
         cached = self._listings.get(path)
         if cached is not None:
             return cached
@@ -126,8 +156,8 @@ class LowerLayer(Layer):
     def is_metacopy(self, path: str) -> bool:
         """Is the regular file ``path`` a metadata-only copy (its data in a layer below)?
 
-        One ``getxattr`` through ``/proc/self/fd``: the lookup reached ``path`` through directories
-        this layer's listings found (no symlinks on the way, and lower layers do not change), and the
-        last component is not followed.
+        One ``getxattr`` through ``/proc/self/fd``: the lookup reached ``path`` through directories this layer's
+        listings found (no symlinks on the way, and lower layers do not change), and the last component is not followed.
+        Raises EPERM for a metacopy file with a ``redirect`` (see :meth:`Markers.is_metacopy`).
         """
         return self._markers.is_metacopy(self.fd, path)

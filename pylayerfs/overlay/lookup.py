@@ -56,6 +56,7 @@ class LowerStack:
 
     @property
     def is_dir(self) -> bool:
+        """True when the top-most hit is a directory (then every hit is one: they merge)."""
         return bool(self.hits) and stat.S_ISDIR(self.hits[0][1].st_mode)
 
 
@@ -64,7 +65,11 @@ NO_LOWER = LowerStack()
 
 @dataclass(slots=True)
 class Node:
-    """One object of the merged view: its upper part, its lower stack (the kernel's ``ovl_entry``)."""
+    """One object of the merged view: its upper part, its lower stack (the kernel's ``ovl_entry``).
+
+    ``upper`` is the lstat of the upper object (None: only in lower layers); ``upper_fd`` an ``O_PATH`` fd on the upper
+    directory of a cached directory node (-1 otherwise); ``origin`` the inode number recorded at copy-up.
+    """
 
     path: str
     upper: os.stat_result | None
@@ -76,28 +81,33 @@ class Node:
 
     @property
     def st(self) -> os.stat_result:
-        """The stat of the top-most real object: what the merged view shows."""
+        """The lstat of the top-most real object: what the merged view shows."""
         return self.upper if self.upper is not None else self.lower.hits[0][1]
 
     @property
     def is_dir(self) -> bool:
+        """True when the merged object is a directory."""
         return stat.S_ISDIR(self.st.st_mode)
 
     @property
     def data(self) -> LowerHit | None:
-        """Where a metacopy file's data is (the layer and the stat of the file holding it); else None."""
+        """Where a metacopy file's data is: ``(layer, lstat of the file holding it)``; None for any other object."""
         if self.metacopy or (self.upper is None and self.lower.metacopy):
             return self.lower.hits[-1]
         return None
 
     @property
     def is_merged(self) -> bool:
-        """A directory with a part in more than one layer."""
+        """True for a directory with a part in more than one layer (its ``st_nlink`` then reads 1)."""
         return len(self.lower.hits) + (self.upper is not None) > 1
 
 
 class Lookup:
-    """Resolves merged paths over one stack of layers."""
+    """Resolves merged paths over one stack of layers (the kernel's ``namei.c``), with the module's two caches.
+
+    ``upper`` is None on a read-only stack; ``lowers`` are top-first; with ``metacopy`` (the ``metacopy=on`` option)
+    lower metacopy files are recognised and followed.
+    """
 
     def __init__(self, upper: Layer | None, lowers: list[LowerLayer], markers: Markers, metacopy: bool = False) -> None:
         self.upper = upper
@@ -110,6 +120,12 @@ class Lookup:
     # -- lower layers (immutable, cached forever) ------------------------------
 
     def lower_stack(self, path: str) -> LowerStack:
+        """What the lower layers hold at ``path``, top-first (:class:`LowerStack`); cached for the life of the mount.
+
+        Ignores the upper layer, so whiteouts and opaque directories in the upper layer are the caller's to apply.
+        Raises what :meth:`LowerLayer.listing <pylayerfs.overlay.layers.LowerLayer.listing>` raises, and EPERM for a
+        lower metacopy file with a ``redirect`` (with ``metacopy=on``).
+        """
         cached = self._lower_stacks.get(path)
         if cached is not None:
             return cached
@@ -161,6 +177,7 @@ class Lookup:
     # -- the merged view -------------------------------------------------------
 
     def root(self) -> Node:
+        """The merged root's node (cached); raises the lstat errors of the layer roots (which the mount opened)."""
         node = self._dirs.get("")
         if node is None:
             node = self._make_root()
@@ -175,7 +192,13 @@ class Lookup:
         return Node("", upper_st, NO_LOWER if opaque else self.lower_stack(""), self.upper.fd, opaque)
 
     def lookup(self, path: str) -> Node:
-        """The merged node at ``path``; raises ENOENT / ENOTDIR as a path walk would."""
+        """The merged node at ``path`` (``""``: the root), each directory on the way cached.
+
+        Raises ENOENT when a component is missing or whited out, ENOTDIR when a non-final component is not a directory,
+        as a path walk would; EPERM for a metacopy file without ``metacopy=on`` or with a ``redirect``, EIO for a
+        metacopy file whose data is in no layer below (overlayfs.rst, "Metadata only copy up"). Symlinks are never
+        followed: every component is looked up as it is.
+        """
         node = self._dirs.get(path)
         if node is not None:
             return node
@@ -191,7 +214,11 @@ class Lookup:
         return node
 
     def child(self, parent: Node, name: str) -> Node | None:
-        """Look ``name`` up in the directory ``parent`` (None: no such name in the merged view)."""
+        """Look ``name`` up in the directory ``parent``: its node, or None when the merged view has no such name.
+
+        A whiteout in the upper layer answers None. Raises EPERM/EIO for a metacopy file as :meth:`lookup` does, and the
+        lstat/getxattr errors of the real objects other than ENOENT.
+        """
         path = join(parent.path, name)
         upper_st = None
         if parent.upper_fd >= 0:
@@ -236,7 +263,10 @@ class Lookup:
             raise OSError(errno.EIO, "a metacopy file whose data is in no layer below", node.path)
 
     def lower_positive(self, parent: Node, name: str) -> bool:
-        """Does a lower layer of the merge hold ``name``? (Then removing it needs a whiteout.)"""
+        """Does a lower layer of ``parent``'s merge hold ``name``? (Then removing it needs a whiteout.)
+
+        Raises as :meth:`lower_stack`.
+        """
         return parent.lower.is_dir and bool(self.lower_stack(join(parent.path, name)).hits)
 
     def _upper_opaque(self, fd: int) -> bool:
@@ -250,7 +280,10 @@ class Lookup:
         self._dirs[node.path] = node
 
     def invalidate(self, path: str) -> None:
-        """Forget the directory at ``path`` and everything below it (after the overlay changed it)."""
+        """Forget the cached directory at ``path`` and every one below it (after the overlay changed it).
+
+        Their upper fds are closed; ``""`` forgets them all.
+        """
         if not path:
             self.invalidate_all()
             return
@@ -259,6 +292,7 @@ class Lookup:
             self._close(self._dirs.pop(key))
 
     def invalidate_all(self) -> None:
+        """Forget every cached directory node and close its upper fd (not the upper layer's own fd)."""
         for node in self._dirs.values():
             self._close(node)
         self._dirs.clear()

@@ -58,18 +58,22 @@ class Markers:
 
     @property
     def opaque(self) -> str:
+        """The opaque xattr's name: ``<prefix>opaque``."""
         return self.prefix + "opaque"
 
     @property
     def whiteout(self) -> str:
+        """The xattr whiteout's name: ``<prefix>whiteout`` (the kernel's other whiteout form)."""
         return self.prefix + "whiteout"
 
     @property
     def metacopy(self) -> str:
+        """The metacopy xattr's name: ``<prefix>metacopy``."""
         return self.prefix + "metacopy"
 
     @property
     def origin(self) -> str:
+        """Where pylayerfs records a copied-up object's inode number: ``<prefix>pylayerfs.origin``."""
         return self.prefix + "pylayerfs.origin"
 
     @property
@@ -86,23 +90,34 @@ class Markers:
     # (see realfs.xattr_ref).
 
     def opaque_value(self, dirfd: int) -> bytes | None:
-        """The opaque xattr of the directory ``dirfd`` (None when unset)."""
+        """The opaque xattr of the directory ``dirfd``: ``b"y"``, ``b"x"`` or None when unset.
+
+        Raises the getxattr errors other than ENODATA and ENOTSUP (EACCES...).
+        """
         return get(dirfd, None, self.opaque)
 
     def is_opaque(self, dirfd: int) -> bool:
-        """Is the directory ``dirfd`` opaque (``opaque = "y"``: nothing below it merges)?"""
+        """Is the directory ``dirfd`` opaque (``opaque = "y"``: nothing below it merges)?
+
+        ``"x"`` (a directory holding xattr whiteouts, which still merges) is not opaque. Raises as :meth:`opaque_value`.
+        """
         return self.opaque_value(dirfd) == OPAQUE_YES
 
     def is_xattr_whiteout(self, dirfd: int, name: str) -> bool:
-        """The kernel's xattr whiteout: a file carrying ``<prefix>whiteout``."""
+        """The kernel's xattr whiteout: is ``(dirfd, name)`` a file carrying ``<prefix>whiteout``?
+
+        The caller checks the rest of the rule (a zero-size regular file in an ``opaque = "x"`` directory:
+        overlayfs.rst, "whiteouts and opaque directories"). Raises the getxattr errors other than ENODATA and ENOTSUP
+        (ENOENT...).
+        """
         return get(dirfd, name, self.whiteout) is not None
 
     def is_metacopy(self, dirfd: int, name: str) -> bool:
-        """A metadata-only copy: the upper file's data is still the lower file's.
+        """Is ``(dirfd, name)`` a metadata-only copy, the upper file's data still the lower file's?
 
-        One the kernel renamed carries a ``redirect`` to where its data is; pylayerfs follows no
-        redirects (it is ``redirect_dir=off``), so it refuses the file with EPERM, as the kernel
-        refuses redirects it may not follow, rather than read the data of the wrong file.
+        One the kernel renamed carries a ``redirect`` to where its data is; pylayerfs follows no redirects (it is
+        ``redirect_dir=off``), so it refuses the file with EPERM, as the kernel refuses redirects it may not follow,
+        rather than read the data of the wrong file. Also raises the getxattr errors other than ENODATA and ENOTSUP.
         """
         if get(dirfd, name, self.metacopy) is None:
             return False
@@ -111,30 +126,45 @@ class Markers:
         return True
 
     def origin_of(self, dirfd: int, name: str | None = None) -> int | None:
-        """The recorded origin inode number of an upper object."""
+        """The origin inode number recorded on ``(dirfd, name)`` (name None: ``dirfd``); None if there is none.
+
+        Raises the getxattr errors other than ENODATA and ENOTSUP.
+        """
         value = get(dirfd, name, self.origin)
         return int(value) if value is not None and value.isdigit() else None
 
     # -- writing (upper layer only) -----------------------------------------
 
     def set_opaque(self, dirfd: int, name: str | None = None) -> None:
+        """Mark the directory ``(dirfd, name)`` (name None: ``dirfd`` itself) opaque: ``<prefix>opaque = "y"``.
+
+        Raises what :func:`realfs.setxattr <pylayerfs.overlay.realfs.setxattr>` raises (EPERM for ``trusted.*`` without
+        CAP_SYS_ADMIN, ENOTSUP on an upper filesystem without xattrs, ENOSPC).
+        """
         set_(dirfd, name, self.opaque, OPAQUE_YES)
 
     def set_metacopy(self, dirfd: int, name: str) -> None:
+        """Mark the file ``(dirfd, name)`` as a metadata-only copy: ``<prefix>metacopy``, empty.
+
+        Raises what :func:`realfs.setxattr <pylayerfs.overlay.realfs.setxattr>` raises.
+        """
         set_(dirfd, name, self.metacopy, b"")
 
     def set_origin(self, dirfd: int, name: str, ino: int) -> None:
-        """Record ``ino`` as the inode number of the copied-up object ``name``.
+        """Record ``ino`` as the inode number of the copied-up object ``(dirfd, name)``.
 
-        Best effort: where the xattr cannot be stored (``user.`` xattrs on a
-        symlink), the object reports its upper inode number, as the kernel does.
+        Best effort, never raises: where the xattr cannot be stored (``user.`` xattrs on a symlink), the object reports
+        its upper inode number, as the kernel does.
         """
         with contextlib.suppress(OSError):
             set_(dirfd, name, self.origin, str(ino).encode())
 
 
 def get(dirfd: int, name: str | None, attr: str) -> bytes | None:
-    """One xattr of the directory ``dirfd`` or of its entry ``name``; None when it is unset."""
+    """One xattr of the directory ``dirfd`` (name None) or of its entry ``name`` (not followed); None when unset.
+
+    ENODATA and ENOTSUP/EOPNOTSUPP read as None; other errors are raised (ENOENT, EACCES, ERANGE...).
+    """
     path, follow = realfs.xattr_ref(dirfd, name)
     try:
         return os.getxattr(path, attr, follow_symlinks=follow)
@@ -145,11 +175,16 @@ def get(dirfd: int, name: str | None, attr: str) -> bytes | None:
 
 
 def set_(dirfd: int, name: str | None, attr: str, value: bytes) -> None:
+    """Set the xattr ``attr`` of ``(dirfd, name)`` to ``value``; raises what ``realfs.setxattr`` raises."""
     realfs.setxattr(dirfd, name, attr, value)
 
 
 def is_metacopy_file(path: str, st: os.stat_result, prefix: str = TRUSTED_PREFIX) -> bool:
-    """Is the file at ``path`` (``st`` its lstat) a metacopy file, holding metadata only?"""
+    """Is the file at ``path`` (``st`` its lstat) a metacopy file, holding metadata only?
+
+    For layers on disk that are not mounted. A non-empty regular file carrying ``<prefix>metacopy``; never raises (an
+    unreadable xattr reads as no).
+    """
     if not (stat.S_ISREG(st.st_mode) and st.st_size):
         return False
     try:
@@ -162,8 +197,8 @@ def is_metacopy_file(path: str, st: os.stat_result, prefix: str = TRUSTED_PREFIX
 def is_opaque_dir(path: str, prefix: str = TRUSTED_PREFIX) -> bool:
     """Is the directory at ``path`` (never followed) marked opaque (``<prefix>opaque = "y"``)?
 
-    For layers on disk that are not mounted (the store's diffs): a mount reads through
-    :meth:`Markers.opaque_value` on its directory fds instead.
+    For layers on disk that are not mounted (the store's diffs): a mount reads through :meth:`Markers.opaque_value` on
+    its directory fds instead. Never raises (an unreadable xattr reads as no).
     """
     try:
         return os.getxattr(path, prefix + "opaque", follow_symlinks=False) == OPAQUE_YES
@@ -172,10 +207,14 @@ def is_opaque_dir(path: str, prefix: str = TRUSTED_PREFIX) -> bool:
 
 
 def is_whiteout(st: os.stat_result) -> bool:
-    """A character device 0/0 is a whiteout."""
+    """Is ``st`` (an lstat) a whiteout: a character device with device number 0/0?"""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == WHITEOUT_RDEV
 
 
 def make_whiteout(dirfd: int, name: str) -> None:
-    """Create a whiteout ``name`` in the directory ``dirfd``."""
+    """Create a whiteout ``name`` in the directory ``dirfd``: a character device 0/0, permission bits 0000.
+
+    Raises what :func:`realfs.mknod <pylayerfs.overlay.realfs.mknod>` raises (EEXIST, EPERM without CAP_MKNOD before
+    Linux 5.8, ENOSPC...).
+    """
     realfs.mknod(dirfd, name, WHITEOUT_MODE, WHITEOUT_RDEV)

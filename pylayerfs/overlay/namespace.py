@@ -87,7 +87,12 @@ def _create_object(
 
 
 def create(ov: OverlayState, path: str, mode: int, flags: int, caller: Caller) -> int:
-    """Create and open ``path``; the fd that made the file is the one the handle keeps."""
+    """Create and open the regular file ``path``; return the file handle (the fd that made the file is the handle's).
+
+    ``mode``'s permission bits are the file's, ``flags`` the open flags (``O_TRUNC`` dropped: the file is new), the
+    owner ``caller``. Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup of the parent does, EEXIST when
+    the merged view has ``path``, and the upper filesystem's errors (ENOSPC, EDQUOT...).
+    """
     opened: list[int] = []
 
     def make(fd: int, name: str) -> None:
@@ -104,12 +109,26 @@ def create(ov: OverlayState, path: str, mode: int, flags: int, caller: Caller) -
 
 
 def mknod(ov: OverlayState, path: str, mode: int, rdev: int, caller: Caller) -> None:
+    """Create the FIFO, socket or device ``path`` (``mode`` with its type bits, ``rdev`` the device number).
+
+    The owner is ``caller``. Raises EPERM for a character device 0/0 (users cannot make whiteouts: the kernel's
+    ``ovl_mknod``) or a device the daemon may not make, and as :func:`create` does (EROFS, ENOENT/ENOTDIR, EEXIST,
+    ENOSPC...).
+    """
     if stat.S_ISCHR(mode) and rdev == 0:
         raise _error(errno.EPERM, path)  # users cannot make whiteouts
     _create_object(ov, path, lambda fd, name: realfs.mknod(fd, name, mode, rdev), caller)
 
 
 def mkdir(ov: OverlayState, path: str, mode: int, caller: Caller) -> None:
+    """Create the directory ``path`` with the permission bits of ``mode``, owned by ``caller``.
+
+    A setgid parent passes on its group and setgid bit. Over a whiteout the new directory is opaque, hiding the lower
+    ones (overlayfs.rst, "whiteouts and opaque directories"). Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the
+    lookup of the parent does, EEXIST when the merged view has ``path``, and the upper filesystem's errors (EMLINK,
+    ENOSPC, EDQUOT...).
+    """
+
     def make(fd: int, name: str) -> None:
         realfs.mkdir(fd, name, stat.S_IMODE(mode))
         parent_st = os.stat(fd)
@@ -120,10 +139,20 @@ def mkdir(ov: OverlayState, path: str, mode: int, caller: Caller) -> None:
 
 
 def symlink(ov: OverlayState, path: str, target: str, caller: Caller) -> None:
+    """Create the symlink ``path`` pointing to ``target`` (stored as given), owned by ``caller``.
+
+    Raises as :func:`mkdir` does, and ENAMETOOLONG for a target longer than the upper filesystem takes.
+    """
     _create_object(ov, path, lambda fd, name: realfs.symlink(target, fd, name), caller)
 
 
 def link(ov: OverlayState, old: str, new: str) -> None:
+    """Make ``new`` a hard link to ``old``, which is copied up first (links live in the upper layer only).
+
+    The new name keeps the object's owner. Raises ENOENT/ENOTDIR as the lookup of ``old`` does, EPERM for a directory,
+    EROFS on a read-only stack, EEXIST when the merged view has ``new``, and the upper filesystem's errors (EMLINK,
+    ENOSPC...).
+    """
     src = ov.lookup.lookup(old)
     if src.is_dir:
         raise _error(errno.EPERM, old)
@@ -153,6 +182,11 @@ def _replace_with_whiteout(ov: OverlayState, parent: Node, name: str, is_dir: bo
 
 
 def unlink(ov: OverlayState, path: str) -> None:
+    """Remove the non-directory ``path``: a whiteout stays where a lower layer holds the name, nothing otherwise.
+
+    The parent is copied up first. Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, EISDIR for a
+    directory, and the upper filesystem's errors.
+    """
     ov.writable(path)
     node = ov.lookup.lookup(path)
     if node.is_dir:
@@ -166,6 +200,12 @@ def unlink(ov: OverlayState, path: str) -> None:
 
 
 def rmdir(ov: OverlayState, path: str) -> None:
+    """Remove the directory ``path`` if the merged view shows it empty; a whiteout stays where a lower layer holds it.
+
+    A merged directory's upper part (holding only whiteouts) is swapped for the whiteout and removed in the workdir.
+    Raises EROFS on a read-only stack, EBUSY for the root, ENOENT/ENOTDIR as the lookup does, ENOTDIR for a
+    non-directory, ENOTEMPTY when it shows an entry, and the upper filesystem's errors.
+    """
     ov.writable(path)
     if not path:
         raise _error(errno.EBUSY, path)
@@ -196,6 +236,10 @@ def _remove_upper_dir(ov: OverlayState, parent: Node, name: str) -> None:
 
 
 def has_visible_entries(ov: OverlayState, node: Node) -> bool:
+    """Does the merged directory ``node`` show any entry (whiteouts and what they hide do not count)?
+
+    Raises the listing errors of its real directories.
+    """
     return any(True for _ in merged_names(ov, node))
 
 
@@ -205,6 +249,16 @@ _RENAME_FLAGS = realfs.RENAME_NOREPLACE | realfs.RENAME_EXCHANGE
 
 
 def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
+    """Rename ``old`` to ``new`` in the merged view; ``flags``: RENAME_NOREPLACE or RENAME_EXCHANGE (``renameat2(2)``).
+
+    ``old`` (and, for an exchange, ``new``) is copied up and renamed in the upper layer, with a whiteout left at ``old``
+    if a lower layer holds it; ``old == new`` changes nothing. Raises EROFS on a read-only stack; EINVAL for other flags
+    or both; ENOENT/ENOTDIR as the lookups of ``old`` and of ``new``'s parent do, ENOENT for a missing ``new`` with
+    RENAME_EXCHANGE; EEXIST for RENAME_NOREPLACE over an existing name; ENOTDIR/EISDIR when a directory would replace a
+    non-directory or the reverse; EXDEV for a lower or merged directory (``redirect_dir=off``: overlayfs.rst, "Renaming
+    directories"; ``mv`` then copies); ENOTEMPTY over a directory that shows entries. Moving a directory below itself
+    (EINVAL) is the VFS's check, not made here.
+    """
     ov.writable(old)
     if flags & ~_RENAME_FLAGS or flags == _RENAME_FLAGS:
         raise _error(errno.EINVAL, old)  # RENAME_WHITEOUT is the overlay's own

@@ -38,6 +38,12 @@ class MountError(Exception):
 
 @dataclass
 class MountConfig:
+    """What ``-o`` asked for, as :func:`parse_options` reads it and :func:`check` completes it.
+
+    ``lowerdirs`` top-first (``lowerdir=top:...:bottom``); ``upperdir`` and ``workdir`` both or neither (none: a
+    read-only stack); ``fuse_flags`` the generic mount flags passed on to libfuse; ``timeout`` in seconds.
+    """
+
     lowerdirs: list[str]
     upperdir: str | None = None
     workdir: str | None = None
@@ -52,13 +58,15 @@ class MountConfig:
 
     @property
     def read_only(self) -> bool:
+        """True when the mount cannot write: no ``upperdir``, or the ``ro`` flag."""
         return self.upperdir is None or "ro" in self.fuse_flags
 
 
 def split_escaped(text: str, sep: str, *, keep_escapes: bool = False) -> list[str]:
-    """Split on ``sep`` except where a backslash escapes it; backslashes escape any character.
+    """Split on ``sep`` except where a backslash escapes it; backslashes escape any character; a list of parts.
 
-    ``keep_escapes`` leaves the backslashes in the parts, for a second split of each part.
+    ``keep_escapes`` leaves the backslashes in the parts, for a second split of each part. A trailing lone backslash is
+    kept as itself. Never raises.
     """
     parts: list[str] = []
     cur: list[str] = []
@@ -83,6 +91,7 @@ def split_escaped(text: str, sep: str, *, keep_escapes: bool = False) -> list[st
 
 
 def unescape(text: str) -> str:
+    """``text`` with its backslash escapes undone (``a\\:b`` -> ``a:b``)."""
     return split_escaped(text, "")[0]
 
 
@@ -92,7 +101,12 @@ def _split_options(options: str) -> list[str]:
 
 
 def parse_options(options: list[str]) -> MountConfig:
-    """Parse the ``-o`` strings (several are joined, as mount does)."""
+    """Parse the ``-o`` strings (several are joined, as mount does) into a :class:`MountConfig`.
+
+    Checks the syntax only (the directories are checked by :func:`check`). Raises :class:`MountError` for an unknown
+    option, a missing or bad value, an empty ``lowerdir`` entry, a kernel option at a value pylayerfs does not
+    implement, and ``metacopy=on`` with ``userxattr`` (refused by the kernel's ``params.c`` too).
+    """
     config = MountConfig(lowerdirs=[])
     for opt in (o for text in options for o in _split_options(text)):
         key, has_value, value = opt.partition("=")
@@ -151,8 +165,11 @@ def _directory(kind: str, path: str) -> str:
 def check(config: MountConfig, mountpoint: str) -> str:
     """Validate ``config`` against the filesystem; return the mountpoint's real path.
 
-    Directories are replaced by their real paths, so that the daemon does not
-    depend on the working directory it was started from.
+    Directories are replaced by their real paths, so that the daemon does not depend on the working directory it was
+    started from. Raises :class:`MountError` for no or too many (over 500, OVL_MAX_STACK) lower directories, a missing
+    or non-directory layer or mountpoint, an upperdir without a workdir (or the reverse), upperdir and workdir on
+    different filesystems or nested, an upperdir or workdir a kernel overlay mount uses, and a mountpoint inside a
+    layer.
     """
     if not config.lowerdirs:
         raise MountError("missing lowerdir= (at least one lower directory is needed)")
@@ -180,13 +197,15 @@ def check(config: MountConfig, mountpoint: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class MountEntry:
+    """One line of ``/proc/self/mountinfo``."""
+
     mountpoint: str
     fstype: str
     super_options: str
 
 
 def mountinfo() -> list[MountEntry]:
-    """The mounts this process sees (``/proc/self/mountinfo``); empty if it cannot be read."""
+    """The mounts this process sees (``/proc/self/mountinfo``), in its order; empty if it cannot be read."""
     entries = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
@@ -217,7 +236,7 @@ def _check_not_in_use(upperdir: str, workdir: str) -> None:
 
 
 def mounts_below(path: str) -> list[str]:
-    """Mountpoints at or below ``path``, deepest first."""
+    """Mountpoints at or below ``path`` (real paths), deepest first; never raises (see :func:`mountinfo`)."""
     prefix = os.path.realpath(path)
     found = [e.mountpoint for e in mountinfo() if e.mountpoint == prefix or e.mountpoint.startswith(prefix + "/")]
     return sorted(found, key=len, reverse=True)

@@ -20,6 +20,12 @@ from pylayerfs.overlay.state import Entry, OverlayState
 
 
 def merged_entries(ov: OverlayState, path: str) -> list[Entry]:
+    """The merged listing of directory ``path``: ``(name, st_mode type bits, st_ino)`` per entry.
+
+    ``.`` and ``..`` come first, then the upper layer's names, then each lower layer's, top-down, each name once
+    (overlayfs.rst, "readdir"). Raises ENOTDIR when ``path`` is not a directory, ENOENT/ENOTDIR as the lookup does, and
+    the listing errors (EACCES...).
+    """
     node = ov.lookup.lookup(path)
     if not node.is_dir:
         raise NotADirectoryError(20, os.strerror(20), path)
@@ -33,7 +39,10 @@ def merged_entries(ov: OverlayState, path: str) -> list[Entry]:
 
 
 def merged_names(ov: OverlayState, node: Node) -> Iterator[str]:
-    """The visible names of directory ``node`` (no ``.``/``..``), for emptiness checks."""
+    """The visible names of directory ``node`` (no ``.``/``..``), lazily, for emptiness checks.
+
+    Raises the listing errors of its real directories (EACCES...).
+    """
     for name, _, _ in _merged(ov, node, resolve=False):
         yield name
 

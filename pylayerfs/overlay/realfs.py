@@ -91,7 +91,13 @@ def open_flags(flags: int) -> int:
 
 
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
-    """Open ``path`` below ``dirfd`` without following any symlink or leaving ``dirfd``."""
+    """Open ``path`` below ``dirfd`` without following any symlink or leaving ``dirfd``; return the new fd.
+
+    The fd is close-on-exec; ``path`` is relative to ``dirfd`` (``"."`` for ``dirfd`` itself). Raises ELOOP for a
+    symlink anywhere on the path (the last component too, unless the flags hold ``O_PATH | O_NOFOLLOW``), EXDEV for a
+    path that leaves ``dirfd`` (an absolute path, ``..`` above it), and what ``open(2)`` raises (ENOENT, ENOTDIR,
+    EACCES, EEXIST with ``O_CREAT | O_EXCL``, EISDIR for a directory opened for writing...).
+    """
     flags &= _OPEN_FLAGS
     how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, _RESOLVE)
     fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
@@ -102,21 +108,31 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
 
 
 def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:
-    """``renameat2(2)``; ``flags`` takes RENAME_NOREPLACE, RENAME_EXCHANGE and RENAME_WHITEOUT."""
+    """``renameat2(2)`` of ``(olddirfd, oldname)`` to ``(newdirfd, newname)``.
+
+    ``flags`` takes RENAME_NOREPLACE, RENAME_EXCHANGE and RENAME_WHITEOUT. Raises EEXIST for RENAME_NOREPLACE over an
+    existing name, ENOENT for a missing source (with RENAME_EXCHANGE, either name), ENOTEMPTY (or EEXIST) over a
+    non-empty directory, EISDIR/ENOTDIR when a directory would replace a non-directory or the reverse, EXDEV across
+    filesystems, and EINVAL or EPERM when the filesystem or the caller's privilege does not allow a flag
+    (RENAME_WHITEOUT).
+    """
     trace("renameat2", f"{oldname} -> {newname}", flags=flags)
     if _libc.renameat2(olddirfd, os.fsencode(oldname), newdirfd, os.fsencode(newname), flags) != 0:
         _raise_errno("renameat2", f"{oldname} -> {newname}")
 
 
 def detach(mountpoint: str) -> None:
-    """Unmount lazily (MNT_DETACH): gone from the namespace now, released when no longer busy."""
+    """Unmount ``mountpoint`` lazily (MNT_DETACH): gone from the namespace now, released when no longer busy.
+
+    Raises EINVAL when ``mountpoint`` is not a mountpoint, ENOENT when it does not exist, EPERM without CAP_SYS_ADMIN.
+    """
     trace("umount2", mountpoint, flags="MNT_DETACH")
     if _libc.umount2(os.fsencode(mountpoint), 2) != 0:
         _raise_errno("umount2", mountpoint)
 
 
 def trace(call: str, path: str, **args: object) -> None:
-    """Log one call on a real layer directory (the ``debug`` mount option shows these)."""
+    """Log one call on a real layer directory (the ``debug`` mount option shows these); does nothing below DEBUG."""
     if log.isEnabledFor(logging.DEBUG):
         extra = " ".join(f"{k}={v}" for k, v in args.items())
         log.debug("%s %s %s", call, path, extra)
@@ -136,44 +152,78 @@ def _trace_at(call: str, dirfd: int, name: str | None, **args: object) -> None:
 
 
 def create(dirfd: int, name: str, flags: int, mode: int) -> int:
-    """``openat(dirfd, name, flags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)``: a new file; its fd."""
+    """``openat(dirfd, name, flags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)``: a new file; its fd.
+
+    Raises EEXIST when ``name`` exists (a symlink or a whiteout too), and what ``open(2)`` raises (ENOENT, ENOTDIR,
+    EACCES, ENOSPC, EDQUOT...).
+    """
     _trace_at("create", dirfd, name, mode=oct(mode))
     return os.open(name, open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
 
 def mkdir(dirfd: int, name: str, mode: int) -> None:
+    """Create the directory ``(dirfd, name)`` with the permission bits ``mode``.
+
+    Raises EEXIST when ``name`` exists, and what ``mkdirat(2)`` raises (ENOENT, ENOTDIR, EMLINK, ENOSPC, EDQUOT...).
+    """
     _trace_at("mkdir", dirfd, name, mode=oct(mode))
     os.mkdir(name, mode, dir_fd=dirfd)
 
 
 def mknod(dirfd: int, name: str, mode: int, rdev: int = 0) -> None:
+    """Create the FIFO, socket or device ``(dirfd, name)``; ``mode`` holds the type bits, ``rdev`` the device number.
+
+    Raises EEXIST when ``name`` exists, EPERM for a device the caller may not make (no CAP_MKNOD; a 0/0 whiteout is
+    allowed since Linux 5.8), and what ``mknodat(2)`` raises (ENOSPC, EDQUOT...).
+    """
     _trace_at("mknod", dirfd, name, mode=oct(mode), rdev=f"{os.major(rdev)}:{os.minor(rdev)}")
     os.mknod(name, mode, rdev, dir_fd=dirfd)
 
 
 def symlink(target: str, dirfd: int, name: str) -> None:
+    """Create the symlink ``(dirfd, name)`` pointing to ``target`` (stored as given, never resolved).
+
+    Raises EEXIST when ``name`` exists, ENAMETOOLONG for a target longer than the filesystem takes, and what
+    ``symlinkat(2)`` raises (ENOSPC, EDQUOT...).
+    """
     _trace_at("symlink", dirfd, name, target=target)
     os.symlink(target, name, dir_fd=dirfd)
 
 
 def link(old_dirfd: int, old_name: str, new_dirfd: int, new_name: str) -> None:
-    """A hard link ``new_name`` to ``old_name`` (never following a symlink)."""
+    """A hard link ``(new_dirfd, new_name)`` to ``(old_dirfd, old_name)`` (never following a symlink).
+
+    Raises EEXIST when ``new_name`` exists, ENOENT when ``old_name`` does not, EPERM for a directory, EMLINK at the
+    filesystem's link limit, EXDEV across filesystems.
+    """
     _trace_at("link", new_dirfd, new_name, to=old_name)
     os.link(old_name, new_name, src_dir_fd=old_dirfd, dst_dir_fd=new_dirfd, follow_symlinks=False)
 
 
 def unlink(dirfd: int, name: str) -> None:
+    """Remove the non-directory ``(dirfd, name)`` (a symlink itself, never its target).
+
+    Raises ENOENT when ``name`` does not exist, EISDIR for a directory.
+    """
     _trace_at("unlink", dirfd, name)
     os.unlink(name, dir_fd=dirfd)
 
 
 def rmdir(dirfd: int, name: str) -> None:
+    """Remove the empty directory ``(dirfd, name)``.
+
+    Raises ENOENT when ``name`` does not exist, ENOTDIR for a non-directory, ENOTEMPTY when it holds anything (whiteouts
+    included).
+    """
     _trace_at("rmdir", dirfd, name)
     os.rmdir(name, dir_fd=dirfd)
 
 
 def rmtree(dirfd: int, name: str) -> None:
-    """Remove ``name`` and, for a directory, everything below it (the workdir's cleanup)."""
+    """Remove ``(dirfd, name)`` and, for a directory, everything below it (the workdir's cleanup).
+
+    Raises ENOENT when ``name`` does not exist, and the first error of a removal below it.
+    """
     _trace_at("rmtree", dirfd, name)
     if stat.S_ISDIR(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
         shutil.rmtree(name, dir_fd=dirfd)
@@ -182,12 +232,21 @@ def rmtree(dirfd: int, name: str) -> None:
 
 
 def chown(dirfd: int, name: str | None, uid: int, gid: int) -> None:
+    """Set the owner of ``(dirfd, name)`` (a symlink itself; name None: ``dirfd`` itself); -1 leaves an id as it is.
+
+    Raises EPERM when the caller may not give the object away, and ENOENT when ``name`` does not exist.
+    """
     _trace_at("chown", dirfd, name, uid=uid, gid=gid)
     os.chown(name or ".", uid, gid, dir_fd=dirfd, follow_symlinks=False)
 
 
 def chmod(dirfd: int, name: str | None, mode: int) -> None:
-    """Set the permission bits of a non-symlink (Linux cannot chmod a symlink)."""
+    """Set the permission bits of a non-symlink ``(dirfd, name)`` (name None: ``dirfd`` itself).
+
+    Linux cannot chmod a symlink, and this call follows one in the last component (unlike every other call here):
+    callers must not pass a symlink. Raises EPERM when the caller does not own the object, ENOENT when ``name`` does not
+    exist.
+    """
     _trace_at("chmod", dirfd, name, mode=oct(mode))
     if name is None:
         os.chmod(fd_path(dirfd), mode)
@@ -202,42 +261,60 @@ def chmod(dirfd: int, name: str | None, mode: int) -> None:
 
 
 def utime(dirfd: int, name: str | None, ns: tuple[int, int]) -> None:
-    """Set atime and mtime, in nanoseconds."""
+    """Set atime and mtime of ``(dirfd, name)`` (a symlink itself), ``ns`` = ``(atime, mtime)`` in nanoseconds.
+
+    Raises EPERM/EACCES when the caller may not set the times, ENOENT when ``name`` does not exist.
+    """
     _trace_at("utimensat", dirfd, name)
     os.utime(name or ".", ns=ns, dir_fd=dirfd, follow_symlinks=False)
 
 
 def truncate(fd: int, length: int) -> None:
-    """``ftruncate(fd, length)`` on an fd opened on an upper (or workdir) file."""
+    """``ftruncate(fd, length)`` on an fd opened on an upper (or workdir) file; ``length`` in bytes.
+
+    Raises EINVAL (or EBADF) when ``fd`` is not open for writing or ``length`` is negative, EFBIG beyond the
+    filesystem's file size limit, EPERM for an append-only or immutable file.
+    """
     _trace_at("ftruncate", fd, None, length=length)
     os.ftruncate(fd, length)
 
 
 def setxattr(dirfd: int, name: str | None, attr: str, value: bytes, flags: int = 0) -> None:
+    """Set the xattr ``attr`` of ``(dirfd, name)`` (a symlink itself; name None: ``dirfd`` itself) to ``value``.
+
+    ``flags``: ``os.XATTR_CREATE`` or ``os.XATTR_REPLACE``, which then raise EEXIST or ENODATA. Raises ENOTSUP where the
+    filesystem keeps no such xattrs, EPERM for ``trusted.*`` without CAP_SYS_ADMIN or a ``user.*`` xattr on a symlink or
+    special file, E2BIG/ERANGE for a value or name too large, ENOSPC/EDQUOT.
+    """
     path, follow = xattr_ref(dirfd, name)
     _trace_at("setxattr", dirfd, name, attr=attr)
     os.setxattr(path, attr, value, flags, follow_symlinks=follow)
 
 
 def removexattr(dirfd: int, name: str | None, attr: str) -> None:
+    """Remove the xattr ``attr`` of ``(dirfd, name)`` (a symlink itself; name None: ``dirfd`` itself).
+
+    Raises ENODATA when it is not set, ENOTSUP where the filesystem keeps no such xattrs, EPERM as for setxattr.
+    """
     path, follow = xattr_ref(dirfd, name)
     _trace_at("removexattr", dirfd, name, attr=attr)
     os.removexattr(path, attr, follow_symlinks=follow)
 
 
 def fd_path(fd: int, name: str = "") -> str:
-    """A path that reaches ``name`` inside the directory ``fd`` without walking any layer path."""
+    """``/proc/self/fd/<fd>[/name]``: a path reaching ``name`` inside the directory ``fd``, walking no layer path."""
     return f"/proc/self/fd/{fd}/{name}" if name else f"/proc/self/fd/{fd}"
 
 
 def xattr_ref(dirfd: int, name: str | None) -> tuple[str, bool]:
-    """A path for the ``*xattr`` calls on directory ``dirfd`` (name None) or its entry ``name``.
+    """``(path, follow)`` for the ``*xattr`` calls on directory ``dirfd`` (name None) or its entry ``name``.
 
-    Also says whether to follow it: ``/proc/self/fd/N`` itself is followed to the
-    directory (this works for O_PATH fds too); an entry is never followed.
+    ``follow`` says whether to follow the path: ``/proc/self/fd/N`` itself is followed to the directory (this works for
+    O_PATH fds too); an entry is never followed. Raises nothing: the path is built, not checked.
     """
     return (fd_path(dirfd), True) if name is None else (fd_path(dirfd, name), False)
 
 
 def is_enotsup(exc: OSError) -> bool:
+    """True for ENOTSUP/EOPNOTSUPP: the filesystem (or this object's type) keeps no such xattrs."""
     return exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)

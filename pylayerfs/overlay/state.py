@@ -32,18 +32,19 @@ MAX_CACHED_ENTRIES = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who asks: new objects are owned by the caller, as in the kernel."""
+    """Who asks: new objects are owned by the caller, as in the kernel (uid, and gid unless the parent is setgid)."""
 
     uid: int
     gid: int
 
     @classmethod
     def me(cls) -> Caller:
+        """This process's effective uid and gid (the in-process engine's caller)."""
         return cls(os.geteuid(), os.getegid())
 
 
 def erofs(path: str) -> OSError:
-    """The error of any write on a read-only stack (no upper layer)."""
+    """The error of any write on a read-only stack (no upper layer): an EROFS :class:`OSError` naming ``path``."""
     return OSError(errno.EROFS, os.strerror(errno.EROFS), path)
 
 
@@ -62,7 +63,7 @@ class Listings:
         self._size = 0
 
     def get(self, path: str, make: Callable[[], list[Entry]]) -> list[Entry]:
-        """The cached listing of directory ``path``, made by ``make()`` when absent."""
+        """The cached listing of directory ``path``, made by ``make()`` when absent; raises what ``make`` raises."""
         entries = self._by_dir.get(path)
         if entries is None:
             entries = make()
@@ -114,7 +115,7 @@ class OverlayState:
         self._closed = False
 
     def close(self) -> None:
-        """Close every fd the stack holds (idempotent)."""
+        """Close every fd the stack holds: open files, cached directories, layers, workdir (idempotent)."""
         if self._closed:
             return
         self._closed = True
@@ -127,13 +128,13 @@ class OverlayState:
             self.workdir.close()
 
     def writable(self, path: str) -> tuple[Layer, Workdir]:
-        """The upper layer and workdir; raises EROFS on a read-only (lowers only) stack."""
+        """The upper layer and workdir; raises EROFS (naming ``path``) on a read-only (lowers only) stack."""
         if self.upper is None or self.workdir is None:
             raise erofs(path)
         return self.upper, self.workdir
 
     def top_layer(self, node: Node) -> Layer:
-        """The layer whose object the merged view shows for ``node``."""
+        """The layer whose object the merged view shows for ``node``: the upper layer, else its top-most lower layer."""
         if node.upper is not None:
             assert self.upper is not None
             return self.upper
@@ -141,7 +142,11 @@ class OverlayState:
 
     @contextlib.contextmanager
     def real(self, node: Node) -> Iterator[tuple[int, str | None]]:
-        """``(dirfd, name)`` naming the top real object of ``node`` (name None: the directory itself)."""
+        """Yield ``(dirfd, name)`` naming the top real object of ``node`` (name None: the directory itself).
+
+        The fd is valid inside the ``with`` only. Raises what the lookup of ``node``'s parent raises, and
+        ENOENT/ENOTDIR/ELOOP when its directory cannot be opened in the layer (as ``Layer.parent`` raises).
+        """
         if node.upper_fd >= 0:
             yield node.upper_fd, None
             return

@@ -20,6 +20,12 @@ WORK_DIR = "work"
 
 
 class Workdir:
+    """The mount's ``WORKDIR/work``: prepared at mount (created, mode 0 as root, and emptied), then a place to build in.
+
+    Raises ENOENT/ENOTDIR/EACCES opening ``root``, ELOOP when ``work`` is a symlink, ENOTDIR when it is not a directory,
+    and the errors of removing what a killed daemon left there.
+    """
+
     def __init__(self, root: str) -> None:
         self.root = root
         self._root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -37,12 +43,14 @@ class Workdir:
         return fd
 
     def temp_name(self) -> str:
+        """A fresh temporary name in the workdir, ``#<pid>.<n>`` (both in hex), unique for the life of the mount."""
         return f"#{os.getpid():x}.{next(self._names):x}"
 
     def remove(self, name: str) -> None:
-        """Remove ``name`` (a file, or a whole directory tree) from the workdir."""
+        """Remove ``name`` (a file, or a whole directory tree) from the workdir; raises ENOENT when it is not there."""
         realfs.rmtree(self.fd, name)
 
     def close(self) -> None:
+        """Close the workdir's fds (``work/`` and the workdir itself)."""
         os.close(self.fd)
         os.close(self._root_fd)

@@ -32,6 +32,11 @@ def _shown(markers: Markers, name: str) -> str | None:
 
 
 def listxattr(ov: OverlayState, path: str) -> list[str]:
+    """The names of ``path``'s xattrs as the merged view shows them, read from its top real object.
+
+    Overlay's private xattrs are left out, a user's escaped ``<prefix>overlay.X`` is shown as ``<prefix>X``. Raises
+    ENOENT/ENOTDIR as the lookup does, and ``listxattr(2)``'s errors.
+    """
     with ov.real(ov.lookup.lookup(path)) as (dirfd, name):
         ref, follow = realfs.xattr_ref(dirfd, name)
         names = os.listxattr(ref, follow_symlinks=follow)
@@ -39,18 +44,34 @@ def listxattr(ov: OverlayState, path: str) -> list[str]:
 
 
 def getxattr(ov: OverlayState, path: str, attr: str) -> bytes:
+    """The value (bytes) of the xattr ``attr`` of ``path``, read from its top real object.
+
+    A user's ``<prefix>X`` is read from its escaped name. Raises ENODATA when it is not set (overlay's private xattrs
+    read as not set), ENOTSUP where the layer keeps no such xattrs, ENOENT/ENOTDIR as the lookup does.
+    """
     with ov.real(ov.lookup.lookup(path)) as (dirfd, name):
         ref, follow = realfs.xattr_ref(dirfd, name)
         return os.getxattr(ref, _on_disk(ov.markers, attr), follow_symlinks=follow)
 
 
 def setxattr(ov: OverlayState, path: str, attr: str, value: bytes, flags: int = 0) -> None:
+    """Set the xattr ``attr`` of ``path`` to ``value``, copying the object up first (metadata only with metacopy=on).
+
+    ``flags``: ``os.XATTR_CREATE`` or ``os.XATTR_REPLACE``. A user's ``<prefix>X`` is stored as ``<prefix>overlay.X``.
+    Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, EEXIST/ENODATA for the flags, and the upper
+    filesystem's errors (ENOTSUP; EPERM for ``user.*`` on a symlink or special file; E2BIG, ENOSPC...).
+    """
     node = copy_up(ov, path, meta_only=True)
     with ov.real(node) as (dirfd, name):
         realfs.setxattr(dirfd, name, _on_disk(ov.markers, attr), value, flags)
 
 
 def removexattr(ov: OverlayState, path: str, attr: str) -> None:
+    """Remove the xattr ``attr`` of ``path``, copying the object up first (metadata only with ``metacopy=on``).
+
+    Raises ENODATA when it is not set, before any copy-up (as the kernel answers); then EROFS on a read-only stack,
+    ENOENT/ENOTDIR as the lookup does, and the upper filesystem's errors.
+    """
     node = ov.lookup.lookup(path)
     with ov.real(node) as (dirfd, name):  # ENODATA before any copy-up, as the kernel answers
         ref, follow = realfs.xattr_ref(dirfd, name)

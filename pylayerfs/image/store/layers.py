@@ -42,6 +42,13 @@ LINK_ID_LENGTH = 26
 
 @dataclass(frozen=True)
 class Layer:
+    """A registered layer, as ``layerdb/sha256/<chain-id>`` records it (moby's ``layer/filestore.go``).
+
+    ``chain_id``, ``diff_id`` and ``parent`` (the ChainID of the layer below, None for a base layer) are
+    ``sha256:<hex>`` strings; ``cache_id`` names ``overlay2/<cache-id>`` (64 hex); ``size`` is this layer's own bytes
+    (moby's ``directory.Size`` of its diff).
+    """
+
     chain_id: str
     diff_id: str
     cache_id: str
@@ -50,14 +57,17 @@ class Layer:
 
 
 def chain_id(parent: str | None, diff_id: str) -> str:
-    """The OCI ChainID: ``sha256(parent_chain_id + " " + diff_id)``, prefixes included."""
+    """The OCI ChainID: ``sha256(parent_chain_id + " " + diff_id)``, prefixes included; a base layer's is its DiffID.
+
+    Image spec, config.md "Layer ChainID"; returns ``sha256:<hex>``.
+    """
     if parent is None:
         return diff_id
     return "sha256:" + hashlib.sha256(f"{parent} {diff_id}".encode()).hexdigest()
 
 
 def random_id() -> str:
-    """64 hex characters, never an all-digit 12-character prefix (moby's stringid)."""
+    """64 hex characters, never an all-digit 12-character prefix (moby's ``pkg/stringid``): a cache-id, an ID."""
     while True:
         value = secrets.token_hex(32)
         if not value[:12].isdigit():
@@ -65,10 +75,20 @@ def random_id() -> str:
 
 
 class LayerStore:
+    """The layers of a store: ``layerdb/sha256/<chain-id>`` entries and their ``overlay2/<cache-id>`` directories.
+
+    Moby's ``layer/layer_store.go`` with the overlay2 driver's directories (``daemon/graphdriver/overlay2/overlay.go``).
+    Writers hold the store lock (:meth:`Layout.locked <pylayerfs.image.store.layout.Layout.locked>`).
+    """
+
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
 
     def get(self, chain: str) -> Layer:
+        """The layer whose ChainID is ``chain`` (``sha256:<hex>`` or ``<hex>``).
+
+        Raises :class:`StoreError` when it is not registered or one of its values is missing or unreadable.
+        """
         d = self.layout.chain(chain)
         try:
             parent = read_value(os.path.join(d, "parent")) if os.path.exists(os.path.join(d, "parent")) else None
@@ -83,16 +103,22 @@ class LayerStore:
             raise StoreError(f"layer {chain} is missing or damaged in {self.layout.root}") from exc
 
     def exists(self, chain: str) -> bool:
+        """Is a layer registered under the ChainID ``chain``?"""
         return os.path.isdir(self.layout.chain(chain))
 
     def all(self) -> list[Layer]:
+        """Every registered layer, ordered by ChainID; raises :class:`StoreError` for a damaged one."""
         return [self.get(name) for name in sorted(os.listdir(self.layout.layerdb)) if len(name) == 64]
 
     def diff_dir(self, cache_id: str) -> str:
+        """The contents of layer directory ``cache_id``: ``overlay2/<cache-id>/diff``."""
         return self.layout.layer(cache_id, DIFF_DIR)
 
     def stack(self, chain: str | None) -> list[Layer]:
-        """The layer and every layer below it, top first."""
+        """The layer ``chain`` and every layer below it, top first; ``[]`` for None.
+
+        Raises :class:`StoreError` when one of them is missing or damaged.
+        """
         out = []
         while chain is not None:
             layer = self.get(chain)
@@ -103,9 +129,13 @@ class LayerStore:
     # -- writing (with the store locked) --------------------------------------------------
 
     def new_dir(self, parent: str | None, cache_id: str | None = None, above: str | None = None) -> str:
-        """A fresh ``overlay2/<cache-id>`` over the layer ``parent`` (a ChainID), for writing into.
+        """A fresh ``overlay2/<cache-id>`` over the layer ``parent`` (a ChainID), for writing into; its cache-id.
 
-        ``above`` names a directory (a container's init layer) between it and ``parent``.
+        Laid out as moby's overlay2 ``create()`` lays one out: ``diff/``, ``work/``, ``link`` and its ``l/<LINKID>``
+        symlink, ``lower`` (``l/<LINKID>:...``, top first) and ``committed`` in the layer right below. ``above`` names a
+        directory (a container's init layer) between it and ``parent``; ``cache_id`` defaults to :func:`random_id`.
+        Raises :class:`StoreError` for a missing ``parent``, FileExistsError when ``cache_id`` has a ``diff/`` already,
+        and the OSError of a failed write (ENOSPC...).
         """
         cache_id = cache_id or random_id()
         d = self.layout.layer(cache_id)
@@ -123,19 +153,29 @@ class LayerStore:
         return cache_id
 
     def lower_cache_ids(self, parent: str | None) -> list[str]:
-        """The cache-ids of ``parent`` (a ChainID) and every layer below it, top first."""
+        """The cache-ids of ``parent`` (a ChainID) and every layer below it, top first; raises as :meth:`stack`."""
         return [layer.cache_id for layer in self.stack(parent)]
 
     def uses_metacopy(self, chain: str | None) -> bool:
-        """Does a layer of the stack hold metacopy files? (Then mounts of it need ``metacopy=on``.)"""
+        """Does a layer of the stack ``chain`` hold metacopy files? (Then mounts of it need ``metacopy=on``.)
+
+        Raises :class:`StoreError` as :meth:`stack`.
+        """
         return any(os.path.exists(self.layout.layer(c, METACOPY_FILE)) for c in self.lower_cache_ids(chain))
 
     def lower_dirs(self, parent: str | None) -> list[str]:
-        """The diff directories a mount over ``parent`` stacks, top first."""
+        """The diff directories (paths) a mount over ``parent`` stacks, top first; raises as :meth:`stack`."""
         return [self.diff_dir(c) for c in self.lower_cache_ids(parent)]
 
     def register(self, cache_id: str, parent: str | None) -> Layer | None:
-        """Make the built directory ``cache_id`` a layer over ``parent``; None if it holds nothing."""
+        """Make the built directory ``cache_id`` a layer over ``parent``; the layer, or None if it holds nothing.
+
+        Its DiffID is the sha256 of the layer tar moby would write (``pkg/archive``), its size moby's
+        ``directory.Size``; the layerdb entry is written in ``tmp/`` and renamed into place (``layer/layer_store.go``).
+        An empty diff (the empty tar's DiffID) and an already registered ChainID drop the directory; the latter returns
+        the existing layer. Raises :class:`StoreError` for a missing ``parent``, and the OSError of reading the diff or
+        writing the entry.
+        """
         diff = self.diff_dir(cache_id)
         diff_id = archive.diff_id(diff, self.lower_dirs(parent))
         if diff_id == archive.EMPTY_LAYER_DIFF_ID:
@@ -158,14 +198,20 @@ class LayerStore:
         return self.get(chain)
 
     def remove(self, layer: Layer) -> None:
-        """Forget a layer (its layerdb entry first, then its directory)."""
+        """Forget a layer: its layerdb entry renamed to ``<chain-id>-<random>-removing`` first, then its directories.
+
+        Raises FileNotFoundError when it is not registered. Children and images that use it are the caller's to check.
+        """
         removing = f"{self.layout.chain(layer.chain_id)}-{random_id()[:8]}-removing"
         os.rename(self.layout.chain(layer.chain_id), removing)
         self.remove_dir(layer.cache_id)
         shutil.rmtree(removing)
 
     def remove_dir(self, cache_id: str) -> None:
-        """Remove ``overlay2/<cache-id>`` and its short link, and the vfs driver's tree of that name."""
+        """Remove ``overlay2/<cache-id>`` and its short link, and the vfs driver's tree of that name.
+
+        Never raises: what is missing is skipped, what cannot be removed stays.
+        """
         d = self.layout.layer(cache_id)
         try:
             link = read_value(os.path.join(d, LINK_FILE))
@@ -176,7 +222,7 @@ class LayerStore:
         shutil.rmtree(self.layout.vfs_dir(cache_id), ignore_errors=True)
 
     def container_dirs(self) -> set[str]:
-        """The layer directories containers use (``layerdb/mounts/<id>/{mount-id,init-id}``)."""
+        """The cache-ids of the layer directories containers use (``layerdb/mounts/<id>/{mount-id,init-id}``)."""
         found = set()
         for container in os.listdir(self.layout.mounts):
             for name in ("mount-id", "init-id"):
@@ -186,9 +232,11 @@ class LayerStore:
         return found
 
     def collect_garbage(self, in_use: set[str]) -> list[str]:
-        """Remove what an interrupted writer left: unregistered layer directories and staging entries.
+        """Remove what an interrupted writer left: unregistered layer directories and staging entries; their names.
 
-        A mount left behind inside one of them (a builder killed during RUN) is detached first.
+        Directories in ``in_use`` or used by a container stay. A mount left behind inside one of them (a builder killed
+        during RUN) is detached first (``umount2`` MNT_DETACH: EPERM without CAP_SYS_ADMIN). Take the store lock and the
+        ``busy`` lock first (:meth:`Store.collect_garbage <pylayerfs.image.store.store.Store.collect_garbage>` does).
         """
         registered = {layer.cache_id for layer in self.all()} | in_use | self.container_dirs()
         removed = []

@@ -13,7 +13,7 @@ _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
 
 
 def parse_reference(text: str) -> tuple[str, str]:
-    """``name[:tag]`` -> (name, tag); StoreError for a name Docker would refuse."""
+    """``name[:tag]`` -> ``(name, tag)``, the tag ``latest`` when absent; StoreError for a name Docker would refuse."""
     name, tag = text, DEFAULT_TAG
     slash = text.rfind("/")
     colon = text.rfind(":")
@@ -28,6 +28,11 @@ def parse_reference(text: str) -> tuple[str, str]:
 
 
 class References:
+    """Names and tags in ``repositories.json`` (moby's ``reference/store.go``): ``name:tag`` -> image ID.
+
+    Writers hold the store lock; each change rewrites the file atomically.
+    """
+
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
 
@@ -48,17 +53,27 @@ class References:
         write_value(self.layout.repositories, json.dumps(data, separators=(",", ":")), 0o600)
 
     def all(self) -> dict[str, str]:
-        """``name:tag -> image id``."""
+        """``name:tag -> image id`` for every tag; raises :class:`StoreError` when the file is damaged."""
         return {ref: image for refs in self._load().values() for ref, image in refs.items()}
 
     def lookup(self, ref: str) -> str | None:
+        """The image ID ``ref`` (``name[:tag]``) names, None when it is not tagged.
+
+        Raises :class:`StoreError` for a reference Docker would refuse, or a damaged file.
+        """
         name, tag = parse_reference(ref)
         return self._load().get(name, {}).get(f"{name}:{tag}")
 
     def tags_of(self, image_id: str) -> list[str]:
+        """The ``name:tag`` references of ``image_id``, sorted; raises :class:`StoreError` for a damaged file."""
         return sorted(ref for ref, image in self.all().items() if image == image_id)
 
     def tag(self, ref: str, image_id: str) -> str:
+        """Point ``ref`` (``name[:tag]``) at ``image_id``, replacing its previous image; return the full ``name:tag``.
+
+        Raises :class:`StoreError` for a reference Docker would refuse or a damaged file, OSError when it cannot be
+        written.
+        """
         name, tag = parse_reference(ref)
         repositories = self._load()
         repositories.setdefault(name, {})[f"{name}:{tag}"] = image_id
@@ -66,6 +81,10 @@ class References:
         return f"{name}:{tag}"
 
     def untag(self, ref: str) -> str:
+        """Remove the tag ``ref``; return the full ``name:tag`` removed.
+
+        Raises :class:`StoreError` when ``ref`` is not a tag here (or not a valid reference, or the file is damaged).
+        """
         name, tag = parse_reference(ref)
         repositories = self._load()
         full = f"{name}:{tag}"

@@ -26,6 +26,11 @@ def default_root() -> str:
 
 
 class Store:
+    """The store under ``root`` (default: :func:`default_root`): layers, images and references, created if absent.
+
+    Raises the OSError of creating the directories (EACCES...).
+    """
+
     def __init__(self, root: str | None = None) -> None:
         self.layout = Layout(root or default_root())
         self.layout.create()
@@ -35,18 +40,23 @@ class Store:
 
     @property
     def root(self) -> str:
+        """The store's root directory (absolute)."""
         return self.layout.root
 
     def locked(self) -> contextlib.AbstractContextManager[None]:
-        """Exclusive: for the short moments that register layers, images and tags."""
+        """Exclusive ``flock`` on ``<root>/lock``, waited for: the short moments that register layers, images, tags."""
         return self.layout.locked()
 
     def busy(self) -> contextlib.AbstractContextManager[None]:
-        """Shared, for as long as a build or a container has unregistered directories in the store."""
+        """Shared ``flock`` on ``<root>/busy``, while a build or a container has unregistered directories here."""
         return self.layout.flock(BUSY, fcntl.LOCK_SH)
 
     def collect_garbage(self, in_use: frozenset[str] = frozenset()) -> list[str]:
-        """Remove what interrupted writers left, unless a build or container is at work right now."""
+        """Remove what interrupted writers left, unless a build or container is at work right now; the names removed.
+
+        ``[]`` without looking when the ``busy`` lock is held. ``in_use`` names cache-ids to keep. Raises what
+        :meth:`LayerStore.collect_garbage <pylayerfs.image.store.layers.LayerStore.collect_garbage>` raises.
+        """
         try:
             with self.layout.flock(BUSY, fcntl.LOCK_EX | fcntl.LOCK_NB), self.locked():
                 return self.layers.collect_garbage(set(in_use))
@@ -56,7 +66,10 @@ class Store:
     # -- images by name --------------------------------------------------------------------
 
     def resolve(self, ref: str) -> Image:
-        """An image by ``name[:tag]``, full ID (``sha256:...``) or unambiguous ID prefix."""
+        """An image by ``name[:tag]``, full ID (``sha256:<hex>``) or unambiguous ID prefix (lowercase hex).
+
+        Raises :class:`StoreError` for no such image, an ambiguous prefix, or a damaged image.
+        """
         if ref.startswith("sha256:"):
             return self.images.get(ref)
         with contextlib.suppress(StoreError):  # not a valid name: maybe an ID prefix
@@ -72,8 +85,9 @@ class Store:
         raise StoreError(f"no such image: {ref}")
 
     def layers_of(self, image: Image) -> list[Layer]:
-        """The image's layers, top first."""
+        """The image's layers, top first; raises :class:`StoreError` for a missing or damaged layer."""
         return self.layers.stack(image.top_layer)
 
     def size(self, image: Image) -> int:
+        """The image's size in bytes, its layers' own sizes summed (``docker images``' SIZE); raises as layers_of."""
         return sum(layer.size for layer in self.layers_of(image))
