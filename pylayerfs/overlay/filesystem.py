@@ -81,10 +81,12 @@ class Overlay(OverlayState):
     def chmod(self, path: str, mode: int) -> None:
         """Set the permission bits of ``path`` (``mode``'s, setuid/setgid/sticky included), copying it up first.
 
-        The copy-up is of the metadata only with ``metacopy=on``. Raises EROFS on a read-only stack, ENOENT/ENOTDIR as
-        the lookup does, and the upper filesystem's errors (EPERM...). Do not call it on a symlink: the chmod would
-        follow it (see ``realfs.chmod``); the kernel's VFS refuses a symlink's mode change (EOPNOTSUPP) before asking.
+        The copy-up is of the metadata only with ``metacopy=on``. Raises EOPNOTSUPP for a symlink (before any
+        copy-up, as the kernel's VFS refuses it), EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, and
+        the upper filesystem's errors (EPERM...).
         """
+        if stat.S_ISLNK(self.lookup.lookup(path).st.st_mode):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
         with self._upper_object(path) as (fd, name):
             realfs.chmod(fd, name, stat.S_IMODE(mode))
 

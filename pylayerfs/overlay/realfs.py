@@ -241,11 +241,10 @@ def chown(dirfd: int, name: str | None, uid: int, gid: int) -> None:
 
 
 def chmod(dirfd: int, name: str | None, mode: int) -> None:
-    """Set the permission bits of a non-symlink ``(dirfd, name)`` (name None: ``dirfd`` itself).
+    """Set the permission bits of ``(dirfd, name)`` (name None: ``dirfd`` itself), never following a symlink.
 
-    Linux cannot chmod a symlink, and this call follows one in the last component (unlike every other call here):
-    callers must not pass a symlink. Raises EPERM when the caller does not own the object, ENOENT when ``name`` does not
-    exist.
+    Raises EOPNOTSUPP for a symlink (Linux cannot chmod one; the kernel's overlayfs answers the same), EPERM when
+    the caller does not own the object, ENOENT when ``name`` does not exist.
     """
     _trace_at("chmod", dirfd, name, mode=oct(mode))
     if name is None:
