@@ -5,6 +5,15 @@ daemon: it builds the :class:`~pylayerfs.overlay.filesystem.Overlay` (opening th
 locking the upper and work directories, emptying ``work/``), mounts, and tells
 the parent it is ready through a pipe, so that ``pylayerfs mount`` returns only
 once the mount can be used, or fails with the daemon's one-line reason.
+
+Once mounted, the daemon records its parsed options (absolute layer paths,
+``userxattr``, ``metacopy``) in ``/run/pylayerfs/mounts/<mount ID>.json`` (for
+other users ``$XDG_RUNTIME_DIR/pylayerfs/mounts``), removed when it exits:
+that is how ``pylayerfs explain`` finds a mount's layers, however it was
+mounted (``pylayerfs mount``, ``mount -t fuse.pylayerfs``, fstab, the image
+builder). :func:`recorded_config` checks a record against ``mountinfo`` (the
+same mount ID, device and mountpoint, a live daemon), so a record left by a
+killed daemon is ignored.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import json
 import logging
 import logging.handlers
 import os
@@ -24,17 +34,148 @@ import sys
 import time
 
 from pylayerfs.overlay.filesystem import Overlay
-from pylayerfs.overlay.params import MountConfig, MountError, mountinfo
+from pylayerfs.overlay.params import MountConfig, MountEntry, MountError, mountinfo
 
 log = logging.getLogger("pylayerfs")
 READY = b"ready\n"
 START_TIMEOUT = 30.0
+FSTYPE = "fuse.pylayerfs"
+ROOT_RECORDS = "/run/pylayerfs/mounts"
+FUSE_CONF = "/etc/fuse.conf"
+FUSE_DEVICE = "/dev/fuse"
 
 
 def is_mountpoint(path: str) -> bool:
     """Is ``path`` the mountpoint of a pylayerfs mount right now?"""
     real = os.path.realpath(path)
-    return any(e.mountpoint == real and e.fstype == "fuse.pylayerfs" for e in mountinfo())
+    return any(e.mountpoint == real and e.fstype == FSTYPE for e in mountinfo())
+
+
+# -- mount records: what a live daemon serves, for explain -------------------------------------
+
+
+def records_dir(uid: int | None = None) -> str:
+    """Where the daemons of user ``uid`` (default: this process's) record their mounts.
+
+    ``/run/pylayerfs/mounts`` for root; else ``$XDG_RUNTIME_DIR/pylayerfs/mounts`` (for another user than
+    this process's, or without the variable, ``/run/user/UID/pylayerfs/mounts``, where logind puts it).
+    """
+    me = os.geteuid()
+    uid = me if uid is None else uid
+    if uid == 0:
+        return ROOT_RECORDS
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "") if uid == me else ""
+    return os.path.join(runtime or f"/run/user/{uid}", "pylayerfs", "mounts")
+
+
+def _record_path(directory: str, mount_id: int) -> str:
+    return os.path.join(directory, f"{mount_id}.json")
+
+
+def write_record(config: MountConfig, mountpoint: str, before: set[int]) -> str | None:
+    """Record the mount just made on ``mountpoint`` (its mount ID is not in ``before``); return the file.
+
+    Best effort: a mount works without its record (only ``explain`` needs it), so a failure is logged
+    and None returned. The layer paths are made absolute here whatever the caller's working directory
+    was (``check`` already resolved them; a caller that skipped it gets them resolved against ours).
+    """
+    ours = [e for e in mountinfo() if e.mountpoint == mountpoint and e.fstype == FSTYPE and e.mount_id not in before]
+    if not ours:
+        log.warning("mounted %s but cannot find it in /proc/self/mountinfo: no record for explain", mountpoint)
+        return None
+    entry = ours[-1]  # mounts on the same mountpoint are listed in the order they were made
+    record = {
+        "mount_id": entry.mount_id,
+        "dev": entry.dev,
+        "mountpoint": entry.mountpoint,
+        "pid": os.getpid(),
+        "lowerdirs": [os.path.abspath(d) for d in config.lowerdirs],
+        "upperdir": os.path.abspath(config.upperdir) if config.upperdir is not None else None,
+        "workdir": os.path.abspath(config.workdir) if config.workdir is not None else None,
+        "userxattr": config.userxattr,
+        "metacopy": config.metacopy,
+    }
+    directory = records_dir()
+    path = _record_path(directory, entry.mount_id)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(directory, 0o755, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot record the mount of %s in %s: %s", mountpoint, directory, exc.strerror)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return None
+    return path
+
+
+def remove_record(path: str) -> None:
+    """Remove this daemon's record (unless another daemon has since reused the mount ID and replaced it)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path, encoding="utf-8") as f:
+            if json.load(f).get("pid") != os.getpid():
+                return
+        os.unlink(path)
+
+
+def recorded_config(entry: MountEntry) -> MountConfig | None:
+    """The options the live daemon of the pylayerfs mount ``entry`` serves, from its record.
+
+    None when there is no record, or it does not match ``entry`` (mount ID, device, mountpoint), or
+    its daemon is gone, or it is not owned by the mount's user: a stale or foreign record is ignored.
+    """
+    owner = entry.option("user_id")
+    uid = int(owner) if owner is not None and owner.isdigit() else os.geteuid()
+    path = _record_path(records_dir(uid), entry.mount_id)
+    try:
+        with open(path, encoding="utf-8") as f:
+            if os.fstat(f.fileno()).st_uid != uid:
+                return None
+            record = json.load(f)
+        if (record["mount_id"], record["dev"], record["mountpoint"]) != (entry.mount_id, entry.dev, entry.mountpoint):
+            return None
+        if not os.path.exists(f"/proc/{int(record['pid'])}"):
+            return None
+        lowers, upper, work = record["lowerdirs"], record["upperdir"], record["workdir"]
+        if not (isinstance(lowers, list) and lowers and all(isinstance(d, str) and os.path.isabs(d) for d in lowers)):
+            return None
+        if not all(d is None or (isinstance(d, str) and os.path.isabs(d)) for d in (upper, work)):
+            return None
+        return MountConfig(lowerdirs=lowers, upperdir=upper, workdir=work, userxattr=record["userxattr"] is True,
+                           metacopy=record["metacopy"] is True)  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# -- why a mount failed -------------------------------------------------------------------------
+
+
+def user_allow_other(conf: str = FUSE_CONF) -> bool:
+    """Does ``/etc/fuse.conf`` let users mount with ``allow_other`` (a ``user_allow_other`` line)?"""
+    try:
+        with open(conf, encoding="utf-8", errors="replace") as f:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def mount_failure_hint(config: MountConfig) -> str:
+    """Why libfuse could not mount, when it is a known limit of a user who is not root ("" if unknown).
+
+    libfuse reports only "mounting failed" (4): it opens ``/dev/fuse`` itself, then has ``fusermount3``
+    mount, which refuses ``allow_other`` to users unless ``/etc/fuse.conf`` says ``user_allow_other``.
+    """
+    if os.geteuid() == 0:
+        return ""
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        return f"{FUSE_DEVICE} is not readable and writable for this user (it usually is: mode 0666)"
+    if config.allow_other and not user_allow_other():
+        return (f"allow_other (a default) needs root or 'user_allow_other' in {FUSE_CONF}; "
+                "-o noallow_other turns it off (then only you can use the mount)")  # fmt: skip
+    return ""
 
 
 def _lock(path: str, what: str) -> int:
@@ -89,14 +230,22 @@ def setup_logging(config: MountConfig, background: bool) -> None:
 
 
 def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | None = None) -> int:
-    """Run the daemon in this process until unmounted; returns the exit status."""
+    """Run the daemon in this process until unmounted; returns the exit status.
+
+    ``mountpoint`` is absolute (``check`` returns it so). Raises MountError (one line) when libfuse
+    cannot mount, with the reason when it is a known one (see :func:`mount_failure_hint`).
+    """
     from pylayerfs.fuse import adapter  # the binding is loaded only by the process that serves
 
     os.umask(0)  # modes of new objects come from the caller, already masked by the kernel
     setup_logging(config, background=ready_fd is not None)
     overlay, locks = build_overlay(config)
+    before = {e.mount_id for e in mountinfo()}
+    record: str | None = None
 
     def ready() -> None:
+        nonlocal record
+        record = write_record(config, mountpoint, before)
         if ready_fd is not None:
             os.write(ready_fd, READY)
 
@@ -104,8 +253,12 @@ def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | Non
         adapter.serve(overlay, mountpoint, fsname=source, fuse_options=fuse_options(config), on_ready=ready,
                            timeout=config.timeout)  # fmt: skip
     except RuntimeError as exc:
-        raise MountError(f"FUSE could not mount '{mountpoint}' (libfuse said: {exc})") from exc
+        hint = mount_failure_hint(config)
+        reason = f": {hint}" if hint else f" (libfuse said: {exc})"
+        raise MountError(f"FUSE could not mount '{mountpoint}'{reason}") from exc
     finally:
+        if record is not None:
+            remove_record(record)
         for fd in locks:
             os.close(fd)
     return 0

@@ -201,7 +201,17 @@ class MountEntry:
 
     mountpoint: str
     fstype: str
-    super_options: str
+    super_options: str  # as the kernel prints them: octal escapes (``\054`` for a comma) left in
+    mount_id: int = 0  # unique among the mounts that exist now (reused after an unmount)
+    dev: str = ""  # "major:minor" of the mounted filesystem (st_dev of its files)
+
+    def option(self, key: str) -> str | None:
+        """The value of the super option ``key`` (unescaped; ``""`` for a flag), None when absent."""
+        for opt in _split_options(self.super_options):
+            name, _, value = opt.partition("=")
+            if name == key:
+                return unoctal(value)
+        return None
 
 
 def mountinfo() -> list[MountEntry]:
@@ -213,13 +223,13 @@ def mountinfo() -> list[MountEntry]:
                 fields = line.split()
                 post = fields[fields.index("-") + 1 :]
                 if len(post) >= 3:
-                    entries.append(MountEntry(_unoctal(fields[4]), post[0], post[2]))
+                    entries.append(MountEntry(unoctal(fields[4]), post[0], post[2], int(fields[0]), fields[2]))
     except (OSError, ValueError):
         pass
     return entries
 
 
-def _unoctal(field: str) -> str:
+def unoctal(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash as ``\\ooo``."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
