@@ -37,7 +37,7 @@ from typing import Any
 from pylayerfs.fuse.mount import FSTYPE, recorded_config, records_dir
 from pylayerfs.overlay import layers as engine
 from pylayerfs.overlay.lookup import Lookup, Node
-from pylayerfs.overlay.markers import OPAQUE_YES, TRUSTED_PREFIX, USER_PREFIX, Markers, is_whiteout
+from pylayerfs.overlay.markers import Markers, is_whiteout
 from pylayerfs.overlay.params import MountConfig, MountEntry, MountError, mountinfo, split_escaped, unescape
 
 
@@ -149,7 +149,7 @@ class _Walk:
         if stat.S_ISDIR(st.st_mode):
             fd = layer.open(rel, os.O_PATH | os.O_DIRECTORY)
             try:
-                return "opaque directory" if markers.opaque_value(fd) == OPAQUE_YES else "directory"
+                return "opaque directory" if markers.is_opaque(fd) else "directory"
             finally:
                 os.close(fd)
         if stat.S_ISREG(st.st_mode) and st.st_size:
@@ -358,7 +358,7 @@ def _engine(stack: Stack) -> Iterator[tuple[Lookup, list[engine.Layer]]]:
 
     Raises ExplainError when a layer directory cannot be opened.
     """
-    markers = Markers(USER_PREFIX if stack.userxattr else TRUSTED_PREFIX)
+    markers = Markers.for_mount(stack.userxattr)
     opened: list[engine.Layer] = []
     try:
         for i, layer in enumerate(stack.layers):
