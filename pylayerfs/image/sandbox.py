@@ -9,17 +9,39 @@ user namespaces and no cgroups: pylayerfs is about the filesystem.
 
 Paths from the image are only ever used after the chroot, so an image's
 absolute symlinks resolve inside the image, never on the host.
+
+Mount propagation: the namespace starts as a copy of ours, and a copy of a
+shared mount stays a peer of the original, so a /proc mounted into the root
+would also appear on the host (and keep the root busy after we unmount it).
+Every mount of the new namespace is therefore made private first, as
+``unshare --propagation private`` does, before anything is mounted. The
+kernel changes propagation only at a mount's root: when our ``/`` is a plain
+directory inside a bigger mount (a ``chroot`` made by debootstrap, some CI
+containers), ``mount(MS_PRIVATE)`` on ``/`` fails with EINVAL, and that
+bigger mount, whose root we cannot name, is exactly the one that matters
+for a root which is itself a plain directory (the vfs driver). The child then
+walks ``..`` from outside a temporary chroot up to the namespace's root,
+makes everything private from there, and goes back to our ``/``. That is
+only possible because the child is root in its own new namespace (a chroot
+never confined a process holding CAP_SYS_CHROOT); nothing outside the new
+namespace changes.
+
+Whatever fails in the child on the way in is reported to the parent as one
+line naming the step and the errno text (``make mounts private: Invalid
+argument``), as :class:`SandboxError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 CLONE_NEWNS = 0x00020000
@@ -43,7 +65,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 class SandboxError(Exception):
-    pass
+    """Entering the root failed (the message says which step, and why), or the user is unknown."""
 
 
 class CommandNotFound(SandboxError):
@@ -53,9 +75,19 @@ class CommandNotFound(SandboxError):
 
 
 def _check(result: int, what: str) -> None:
+    """Raise SandboxError("what: errno text") when a libc call returned non-zero."""
     if result != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+        raise SandboxError(f"{what}: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Turn an OSError raised inside the block into SandboxError("what: errno text")."""
+    try:
+        yield
+    except OSError as exc:
+        raise SandboxError(f"{what}: {exc.strerror or exc}") from exc
 
 
 def make_init_layer(root: str) -> None:
@@ -96,9 +128,13 @@ class Process:
 
 
 def _enter(rootfs: str, cwd: str, hostname: str) -> None:
-    """In the child: private mounts, /proc and devices, hostname, chroot, working directory."""
+    """In the child: private mounts, /proc and devices, hostname, chroot, working directory.
+
+    ``rootfs`` is an absolute path to the root; ``cwd`` a path inside it (created if missing).
+    Raises SandboxError naming the step that failed and its errno text.
+    """
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare")
-    _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+    _make_mounts_private(rootfs)
     proc = os.path.join(rootfs, "proc")
     if os.path.isdir(proc) and not os.path.islink(proc):
         _check(_libc.mount(b"proc", os.fsencode(proc), b"proc", 0, None), "mount /proc")
@@ -108,10 +144,44 @@ def _enter(rootfs: str, cwd: str, hostname: str) -> None:
             _libc.mount(os.fsencode(f"/dev/{device}"), os.fsencode(target), None, MS_BIND, None)
     name = hostname.encode()
     _check(_libc.sethostname(name, len(name)), "sethostname")
-    os.chroot(rootfs)
-    os.chdir("/")
-    os.makedirs(cwd, 0o755, exist_ok=True)
-    os.chdir(cwd)
+    with _step(f"chroot {rootfs}"):
+        os.chroot(rootfs)
+        os.chdir("/")
+    with _step(f"working directory {cwd}"):
+        os.makedirs(cwd, 0o755, exist_ok=True)
+        os.chdir(cwd)
+
+
+def _make_mounts_private(rootfs: str) -> None:
+    """In the child's new mount namespace: make every mount private, so nothing mounted leaks out.
+
+    When ``/`` is not a mount point (EINVAL: we run in a chroot), the namespace's real root is
+    reached by chrooting into ``rootfs`` (a directory below ``/``) while the working directory
+    stays above it, so that ``..`` climbs past the old root; the whole namespace is made private
+    from there, then the process returns to its ``/``. Raises SandboxError.
+    """
+    if _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0:
+        return
+    err = ctypes.get_errno()
+    if err != errno.EINVAL:
+        raise SandboxError(f"make mounts private: {os.strerror(err)}")
+    with _step("make mounts private (/ is not a mount point)"):
+        home = os.open("/", os.O_PATH | os.O_DIRECTORY)
+        try:
+            os.chdir("/")
+            os.chroot(rootfs)
+            for _ in range(4096):  # "..": up to the root of the namespace, where it stays put
+                here, parent = os.stat("."), os.stat("..")
+                if (here.st_dev, here.st_ino) == (parent.st_dev, parent.st_ino):
+                    break
+                os.chdir("..")
+            os.chroot(".")
+            _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+            os.fchdir(home)
+            os.chroot(".")
+            os.chdir("/")
+        finally:
+            os.close(home)
 
 
 def lookup_user(user: str) -> tuple[int, int]:
@@ -145,30 +215,49 @@ def _entries(path: str) -> list[list[str]]:
 
 
 def start(process: Process, stdout: int | None = None) -> subprocess.Popen[bytes]:
-    """Start ``process``; its output (stdout and stderr) goes to ``stdout``, default ours."""
+    """Start ``process``; its output (stdout and stderr) goes to ``stdout``, default ours.
+
+    Raises CommandNotFound when the command cannot be executed in the root (status 127), and
+    SandboxError when entering the root failed: its message says which step and why, as the
+    child wrote it on a pipe (subprocess itself only knows that "preexec_fn" raised).
+    """
+    read, write = os.pipe()  # close-on-exec: empty and closed once the command runs
 
     def child() -> None:
-        _enter(process.rootfs, process.cwd, process.hostname)
-        if process.user:
-            uid, gid = lookup_user(process.user)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
+        try:
+            _enter(process.rootfs, process.cwd, process.hostname)
+            if process.user:
+                uid, gid = lookup_user(process.user)
+                with _step(f"set user {process.user}"):
+                    os.setgroups([])
+                    os.setgid(gid)
+                    os.setuid(uid)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(write, (str(exc) or type(exc).__name__).encode(errors="replace")[:4096])
+            raise
 
     try:
-        return subprocess.Popen(
-            list(process.argv),
-            env=process.env,
-            preexec_fn=child,  # noqa: PLW1509 - pylayerfs starts no threads before this
-            stdout=stdout,
-            stderr=subprocess.STDOUT if stdout is not None else None,
-        )
+        try:
+            return subprocess.Popen(
+                list(process.argv),
+                env=process.env,
+                preexec_fn=child,  # noqa: PLW1509 - pylayerfs starts no threads before this
+                stdout=stdout,
+                stderr=subprocess.STDOUT if stdout is not None else None,
+            )
+        finally:
+            os.close(write)
     except subprocess.SubprocessError as exc:
-        raise SandboxError(str(exc)) from exc
+        with os.fdopen(read, "rb", closefd=False) as f:
+            message = f.read().decode(errors="replace").strip()
+        raise SandboxError(message or str(exc)) from exc
     except FileNotFoundError as exc:
         raise CommandNotFound(f'exec: "{process.argv[0]}": executable file not found in $PATH') from exc
     except PermissionError as exc:
         raise CommandNotFound(f'exec: "{process.argv[0]}": permission denied') from exc
+    finally:
+        os.close(read)
 
 
 def run(process: Process) -> int:
@@ -180,6 +269,7 @@ def run(process: Process) -> int:
 def call(rootfs: str, work: Callable[[], None], cwd: str = "/", *, mounts: bool = True) -> None:
     """Run ``work`` in a child process inside ``rootfs``; re-raise its error here as SandboxError.
 
+    The message is the child's error text (for entering the root: the step and its errno text).
     ``mounts=False``: only ``chroot``, no /proc or devices mounted (to work on the tree itself).
     """
     read, write = os.pipe()
@@ -191,8 +281,9 @@ def call(rootfs: str, work: Callable[[], None], cwd: str = "/", *, mounts: bool 
             if mounts:
                 _enter(rootfs, cwd, "pylayerfs")
             else:
-                os.chroot(rootfs)
-                os.chdir(cwd)
+                with _step(f"chroot {rootfs}"):
+                    os.chroot(rootfs)
+                    os.chdir(cwd)
             work()
         except BaseException as exc:  # reported to the parent, which raises it
             message = str(exc) or type(exc).__name__
