@@ -230,8 +230,6 @@ def report(results: Results) -> str:
     lines.append("")
     lines.append(f"medians of {results.rounds} rounds, in ms; x: pylayerfs / the other (lower is better); "
                  "spread: pylayerfs's max/min over the rounds")  # fmt: skip
-    measured = {name.split()[0] for name in results.samples} | set(results.extra)
-    lines += [line for line in legend(results.sizes) if line.split()[0] in measured]
     m1 = results.extra.get("M1")
     if m1:
         rss = ", ".join(human_size(r) for r in m1["rss_after_each_walk"])
@@ -241,6 +239,8 @@ def report(results: Results) -> str:
     if b1:
         lines.append(f"B1: cached rebuild of a {b1['steps']}-step Dockerfile {b1['rebuild_s']:.2f} s (target < 1 s)")
         lines.append(f"B1: ps -s of a stopped container with {b1['files']} files {b1['ps_s']:.2f} s (target < 1 s)")
+    measured = {name.split()[0] for name in results.samples} | set(results.extra)
+    lines += ["", *(line for line in legend(results.sizes) if line.split()[0] in measured)]
     return "\n".join(lines)
 
 
