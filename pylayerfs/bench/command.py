@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-builder", action="store_true", help="leave out B1 (the builder and ps -s)")
     parser.add_argument("--dir", help="where to put the data set (default: a new tmpfs, or a temporary directory)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--explain", action="store_true",
+                        help="say what each workload (W1-W8, M1, B1) measures, with --quick's sizes or the full "
+                             "run's, and exit")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -59,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
     from pylayerfs.bench.run import run as run_workloads
 
     sizes = data.QUICK if args.quick else data.FULL
+    if args.explain:
+        from pylayerfs.bench.run import legend
+
+        print("\n".join(legend(sizes)))
+        return 0
     rounds = args.rounds or (1 if args.quick else 5)
     if rounds < 1:
         print("pylayerfs bench: --rounds must be at least 1", file=sys.stderr)

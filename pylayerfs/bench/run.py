@@ -173,6 +173,34 @@ def memory(root: str, sizes: Sizes) -> dict[str, Any]:
         return {"files": sizes.many, "rss_after_each_walk": rss, "peak_rss": _status(pid, "VmHWM")}
 
 
+def _mib(n: int) -> str:
+    return f"{n} MiB"
+
+
+def legend(sizes: Sizes) -> list[str]:
+    """One line per workload (W1-W8, M1, B1): what it measures, with this data set's sizes."""
+    from pylayerfs.bench.builder import STEPS
+
+    chunk = _mib(workloads.CHUNK >> 20)
+    entries = sizes.tree_dirs * (sizes.tree_files + 1)
+    layers = ", ".join(str(d) for d in sizes.depths)
+    return [
+        f"W1  scandir + lstat of every entry of a tree of {entries:,} entries ({sizes.tree_dirs:,} directories); "
+        "cold: the first walk after the mount, warm: the second",
+        f"W2  os.listdir of one directory of {sizes.wide:,} entries, cold then warm",
+        f"W3  read a lower file of {_mib(sizes.big_mib)} sequentially in {chunk} reads, cold then warm",
+        f"W4  write a new {_mib(sizes.write_mib)} file in {chunk} writes",
+        f"W5  create, write 1 KiB into and close {sizes.create_files:,} new files",
+        f"W6  copy-up: open a lower file of {_mib(sizes.low_mib)} for append and write one byte",
+        f"W7  lstat {10 * sizes.depth_files:,} files that only the bottom layer holds, under {layers} lower layers "
+        "whose directories all merge",
+        f"W8  {sizes.round_trips:,} fstat calls on an open file with caching off (timeout=0): one request's cost",
+        f"M1  the daemon's resident memory after walking {sizes.many:,} files, five times",
+        f"B1  a cached rebuild of a {STEPS}-step Dockerfile; ps -a -s with a stopped container of "
+        f"{sizes.many // 2:,} files (whole commands, start-up included)",
+    ]
+
+
 def report(results: Results) -> str:
     impls = results.implementations
     header = ["workload", *impls]
@@ -211,6 +239,8 @@ def report(results: Results) -> str:
     if b1:
         lines.append(f"B1: cached rebuild of a {b1['steps']}-step Dockerfile {b1['rebuild_s']:.2f} s (target < 1 s)")
         lines.append(f"B1: ps -s of a stopped container with {b1['files']} files {b1['ps_s']:.2f} s (target < 1 s)")
+    measured = {name.split()[0] for name in results.samples} | set(results.extra)
+    lines += ["", *(line for line in legend(results.sizes) if line.split()[0] in measured)]
     return "\n".join(lines)
 
 

@@ -25,6 +25,30 @@ DRIVERS = tuple(d.value for d in StorageDriver)  # plain strings: argparse's mes
 DRIVERS_HELP = "fuse: pylayerfs's FUSE mount (default); overlay: the kernel's overlayfs; vfs: a full copy per layer"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+MOUNT_OPTIONS = """\
+options (-o, comma-separated; \\: and \\, escape a colon or comma in a path):
+  lowerdir=TOP:...:BOTTOM  the read-only layers, the leftmost on top (required)
+  upperdir=U,workdir=W     the writable layer, and an empty directory on its
+                           filesystem; without them, writes fail with EROFS
+  userxattr                overlay metadata in user.overlay.* instead of
+                           trusted.overlay.* (unprivileged use)
+  debug                    log every call made on the layer directories, to
+                           stderr, or to logfile=PATH
+  noallow_other            only the mounting user may use the mount
+  nodefault_permissions    the kernel does not check permissions on the view
+  ro, nodev, nosuid,       generic mount flags, passed to the mount
+  noexec, noatime, ...
+  timeout=SECONDS          how long the kernel may cache entries and attributes
+                           (default a day; 0 for none)
+  metacopy=on|off          on: chmod and chown copy up metadata only
+  redirect_dir, index,     accepted with the values pylayerfs implements
+  xino, nfs_export, uuid   (redirect_dir=off, index=off, ...)
+
+examples:
+  pylayerfs mount -o lowerdir=L1:L2:L3,upperdir=U,workdir=W MOUNTPOINT
+  pylayerfs mount -o lowerdir=L1:L2 MOUNTPOINT      # read-only
+  mount -t fuse.pylayerfs overlay MNT -o lowerdir=L1,upperdir=U,workdir=W
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,11 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     mount = sub.add_parser(
         "mount",
         help="mount lower layers (and an upper layer) as one merged directory",
-        description="Mount with the options of 'mount -t overlay': "
-        "-o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W][,userxattr][,debug][,logfile=F][,ro]...",
+        description="Mount lower layers (and an upper layer with its workdir) as one merged\n"
+        "directory, with the options of 'mount -t overlay'. Returns once mounted;\n"
+        "'pylayerfs umount MOUNTPOINT' stops the daemon.",
+        epilog=MOUNT_OPTIONS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mount.add_argument("mountpoint")
-    mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS", required=True)
+    mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS", required=True,
+                       help="comma-separated options, below (repeatable)")  # fmt: skip
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     mount.add_argument("--source", default="pylayerfs", help=argparse.SUPPRESS)
 
@@ -55,9 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     umount.add_argument("-l", "--lazy", action="store_true", help="detach now, clean up when no longer busy")
 
     demo = sub.add_parser("demo", help="retell the blog post 'Docker Image Layers' on real layers")
-    demo.add_argument("--dir", help="where to put the demo's store (default: a new temporary directory)")
-    demo.add_argument("--step", action="store_true", help="pause between sections")
-    demo.add_argument("--keep", action="store_true", help="keep the store for exploring afterwards")
+    demo.add_argument("--dir", help="where to put the demo's files (default: a new temporary directory, "
+                                    "removed at the end)")  # fmt: skip
+    demo.add_argument("--step", action="store_true",
+                      help="pause between sections (when stdin is a terminal; Enter or Ctrl-D goes on)")  # fmt: skip
+    demo.add_argument("--keep", action="store_true", help="keep the store (or the layers) for exploring afterwards")
     overlay_help = "instead: three layers, one mount: lookup, whiteouts, opaque directories, copy-up"
     demo.add_argument("--overlay", action="store_true", help=overlay_help)
 
@@ -239,14 +269,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.overlay:
             from pylayerfs.teaching.overlaydemo import run_demo
 
-            return run_demo(args.dir)
+            return run_demo(args.dir, args.keep)
         from pylayerfs.teaching.demo import run_demo as retell
 
         return retell(args.dir, args.step, args.keep)
     except MountError as exc:
+        sys.stdout.flush()  # what was printed before comes first, also when stdout is a pipe
         print(f"pylayerfs: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        sys.stdout.flush()
         return 130
 
 

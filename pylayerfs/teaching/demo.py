@@ -6,6 +6,11 @@ show it and prints their real output: the Step lines and layer IDs of a build,
 instruction, ``history``, the store on disk, a container's ``0B (virtual ...)``
 growing by exactly the bytes an ``exec`` writes, where those bytes landed, and
 ``commit``. It runs on a throw-away store unless ``--dir`` names one.
+
+Every number it explains is measured on the store it just made. ``--step``
+pauses between sections when stdin is a terminal (Enter or end of input goes
+on); without a terminal it says so once and runs through. Errors are one line
+on stderr, written after stdout is flushed so that they come in order.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 from pylayerfs.image.sizes import layer_size
+from pylayerfs.image.store import Store
 
-APP_SH = "#!/bin/sh\necho hi\nexec sleep 999\n"  # 33 bytes, as the blog's app.sh
+APP_SH = "#!/bin/sh\necho hi\nexec sleep 999\n"  # as many bytes as the blog's app.sh (33)
 DOCKERFILE_1 = """# syntax=docker/dockerfile:1
 FROM bitphile/my-base-image
 
@@ -37,6 +44,24 @@ COPY app.sh ./app.sh
 """
 BASE_DOCKERFILE = "FROM alpine\nRUN mkdir -p /opt/tools && cp /bin/busybox /opt/tools/bash\n"
 CONTAINER = "bitphile-test-container"
+HELLO = "hello world"
+BLOG_SIZE = len(HELLO)  # the blog's "11B": the characters, without echo's newline
+STORE_ENTRIES = {  # what `ls` of the store shows, as the demo explains it
+    "busy": "a lock file: each build and container holds it (shared) while its directories are not yet"
+    " registered, and the clean-up of what a crash left waits for them",
+    "lock": "a lock file: each writer holds it (exclusive) while it registers layers, images or tags",
+    "tmp": "staging: a layer or a value is made here, then appears in place by rename(2)",
+    "image": "image configs (imagedb), layers by ChainID (layerdb), tags (repositories.json)",
+    "overlay2": "the layer directories, named by cache-id, and l/, short names for mount options",
+    "containers": "one directory per container: its config and its log",
+    "vfs": "the vfs storage driver's full copies",
+}
+
+
+def error(message: str) -> None:
+    """One line on stderr, after everything printed so far (stdout may be a pipe, and buffered)."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
 
 
 class Demo:
@@ -49,7 +74,11 @@ class Demo:
 
     def section(self, title: str, *explanation: str) -> None:
         if self.step and self.sections:
-            input("\n[Enter for the next section] ")
+            try:
+                input("\n[Enter for the next section] ")
+            except EOFError:  # Ctrl-D, or the end of piped input: go on, without pausing again
+                print()
+                self.step = False
         self.sections += 1
         print(f"\n== {self.sections}. {title} ==")
         for line in explanation:
@@ -71,6 +100,12 @@ class Demo:
         print(f"\n$ {command}")
         print(text.rstrip("\n"))
 
+    def say(self, *lines: str) -> None:
+        """Explain what was just shown (indented, as section texts are)."""
+        print()
+        for line in lines:
+            print(f"   {line}")
+
 
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
@@ -78,13 +113,19 @@ def _write(path: str, text: str) -> None:
 
 
 def run_demo(directory: str | None = None, step: bool = False, keep: bool = False) -> int:
+    """Retell the blog; 0 when it ran through, 1 (one line on stderr) when something failed.
+
+    ``step`` pauses between sections if stdin is a terminal; ``keep`` (or a ``directory`` given) keeps the store.
+    """
     if os.geteuid() != 0:
-        print("pylayerfs demo: needs root (it mounts layers and runs containers)", file=sys.stderr)
+        error("pylayerfs demo: needs root (it mounts layers and runs containers)")
         return 1
     if shutil.which("busybox") is None:
-        print("pylayerfs demo: needs a static busybox for its base image: apt-get install busybox-static",
-              file=sys.stderr)  # fmt: skip
+        error("pylayerfs demo: needs a static busybox for its base image: apt-get install busybox-static")
         return 1
+    if step and not _interactive():
+        error("pylayerfs demo: --step: stdin is not a terminal, so the demo runs without pausing")
+        step = False
     chosen = directory is not None
     directory = directory or tempfile.mkdtemp(prefix="pylayerfs-demo-")
     demo = Demo(directory, step)
@@ -96,7 +137,7 @@ def run_demo(directory: str | None = None, step: bool = False, keep: bool = Fals
     try:
         _retell(demo)
     except (RuntimeError, OSError) as exc:
-        print(f"pylayerfs demo: {exc}", file=sys.stderr)
+        error(f"pylayerfs demo: {exc}")
         return 1
     finally:
         subprocess.run([sys.executable, "-m", "pylayerfs", "--root", demo.root, "rm", "-f", CONTAINER],
@@ -108,6 +149,55 @@ def run_demo(directory: str | None = None, step: bool = False, keep: bool = Fals
     return 0
 
 
+def _interactive() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except ValueError:  # closed
+        return False
+
+
+def _step_of(image_history: list[dict[str, object]]) -> str:
+    """The instruction of an image's last history entry, as written in a Dockerfile."""
+    created_by = str(image_history[-1].get("created_by", "")) if image_history else ""
+    shell = created_by.removeprefix("/bin/sh -c ")
+    step = shell.removeprefix("#(nop) ") if shell.startswith("#(nop)") else f"RUN {shell}"
+    return " ".join(step.split())
+
+
+def layer_sharing(root: str) -> list[str]:
+    """Why ``overlay2`` holds fewer layer directories than the store has images, measured on the store.
+
+    A layer is stored once per ChainID (its DiffID and those of every layer below): an image whose step
+    changed no file (CMD, ENTRYPOINT...) uses its parent's top layer, and two steps that produce the same
+    files on the same parent make one layer. Returns the lines to print.
+    """
+    store = Store(root)
+    images = [store.images.get(i) for i in store.images.ids()]
+    by_id = {image.id: image for image in images}
+    empty: list[str] = []  # steps that made no layer
+    made: dict[str | None, list[str]] = {}  # ChainID -> the steps that made it
+    for image in sorted(images, key=lambda i: i.created):
+        parent = store.images.parent(image.id)
+        parent_top = by_id[parent].top_layer if parent in by_id else None
+        if parent is not None and image.top_layer == parent_top:
+            empty.append(_step_of(image.history))
+        else:
+            made.setdefault(image.top_layer, []).append(_step_of(image.history))
+    directories = [n for n in os.listdir(store.layout.overlay2) if n != "l"]
+    lines = [f"{len(images)} images but {len(directories)} layer directories: a layer is stored once, under its",
+             "ChainID (a hash of its content and of every layer below it), however many images use it."]  # fmt: skip
+    if empty:
+        kinds = sorted(set(empty))
+        lines.append(f"{len(empty)} of the images come from steps that changed no file ({'; '.join(kinds)}):")
+        lines.append("they use their parent's top layer, as history's 0B rows show.")
+    for chain, steps in made.items():
+        if len(steps) > 1 and chain is not None:
+            cache_id = store.layers.get(chain).cache_id
+            lines.append(f"{' and '.join(steps)} made the same files on the same parent, so the same")
+            lines.append(f"ChainID: the {len(steps)} images share one directory, {cache_id[:12]}...")
+    return lines
+
+
 def _retell(demo: Demo) -> None:
     print("Deep dive into Docker image layers, on real layers (a throw-away store in " + demo.root + ").")
     demo.section(
@@ -116,6 +206,11 @@ def _retell(demo: Demo) -> None:
         "and a first build makes the blog's bitphile/my-base-image on top of it.",
     )
     demo.run("base", "alpine", quiet=True)
+    demo.shell("cat Dockerfile.base", BASE_DOCKERFILE)
+    demo.say(
+        "The blog's base ran `apk add --no-cache bash`; with no network here, the RUN step copies busybox",
+        "in instead, so the base image has a layer of its own, made by a RUN step, as the blog's has.",
+    )
     demo.run("build", "-f", "Dockerfile.base", "-t", "bitphile/my-base-image", ".", quiet=True)
     demo.run("images")
 
@@ -145,26 +240,38 @@ def _retell(demo: Demo) -> None:
     _write(changed, DOCKERFILE_1.replace("chmod +x app.sh", "chmod 755 app.sh"))
     demo.run("build", "-f", "Dockerfile.new-3", "-t", "bitphile/my-new-image-3", ".")
 
+    app_size = len(APP_SH.encode())
     demo.section(
         "Seeing image layers: history",
-        "One row per history entry, newest first. SIZE is the layer's: the COPY added 33 bytes, and",
-        "RUN chmod +x copied the whole 33-byte file up into its own layer to change its mode.",
+        f"One row per history entry, newest first. SIZE is the layer's: the COPY added {app_size} bytes, and",
+        f"RUN chmod +x copied the whole {app_size}-byte file up into its own layer to change its mode.",
         "<missing> rows belong to the base image, whose parents are not in this store.",
     )
     demo.run("history", "bitphile/my-new-image")
 
+    _on_the_machine(demo)
+
+
+def _on_the_machine(demo: Demo) -> None:
+    """Sections 6 to 9: the store on disk, a container's size, where its bytes went, commit."""
     demo.section(
         "Image layers on the machine",
         "The store is laid out as /var/lib/docker's overlay2 store: image configs named by their ID,",
         "layer directories named by a random cache-id, layerdb entries named by ChainID.",
     )
-    demo.shell(f"ls {demo.root}", "\n".join(sorted(os.listdir(demo.root))))
+    entries = sorted(os.listdir(demo.root))
+    demo.shell(f"ls {demo.root}", "\n".join(entries))
+    width = max(len(n) for n in entries)
+    explained = [n for n in entries if n in STORE_ENTRIES]
+    demo.say(*(line for n in explained for line in textwrap.wrap(f"{n + ':':<{width + 1}} {STORE_ENTRIES[n]}", 96,
+                                                                  subsequent_indent=" " * (width + 2))))  # fmt: skip
     content = os.path.join(demo.root, "image", "overlay2", "imagedb", "content", "sha256")
     sizes = {n: os.path.getsize(os.path.join(content, n)) for n in sorted(os.listdir(content))}
     demo.shell(f"ls -l {content}", "\n".join(f"-rw------- 1 root root {size:>5} {n}" for n, size in sizes.items()))
     overlay2 = os.path.join(demo.root, "overlay2")
     layers = sorted(n for n in os.listdir(overlay2) if n != "l")
     demo.shell(f"ls {overlay2}", "\n".join([*layers, "l"]))
+    demo.say(*layer_sharing(demo.root))
 
     demo.section(
         "Docker container size",
@@ -173,18 +280,23 @@ def _retell(demo: Demo) -> None:
     )
     demo.run("run", "-d", "--name", CONTAINER, "bitphile/my-new-image", quiet=True)
     demo.run("ps", "-s")
-    demo.run("exec", CONTAINER, "sh", "-c", "echo hello world > file.txt",
-             show=f'pylayerfs exec {CONTAINER} sh -c "echo hello world > file.txt"')  # fmt: skip
+    demo.run("exec", CONTAINER, "sh", "-c", f"echo {HELLO} > file.txt",
+             show=f'pylayerfs exec {CONTAINER} sh -c "echo {HELLO} > file.txt"')  # fmt: skip
     demo.run("ps", "-s")
+    container_layers = [n for n in os.listdir(overlay2) if n not in layers and n != "l" and not n.endswith("-init")]
+    upper = os.path.join(overlay2, container_layers[0], "diff")
+    written = layer_size(upper)
+    demo.say(
+        f"The blog shows {BLOG_SIZE}B here: '{HELLO}' is {len(HELLO)} characters, and echo ends its line with a",
+        f"newline, so the file holds {written} bytes (`printf '{HELLO}'` would write {len(HELLO)}).",
+    )
 
     demo.section(
-        "Where the 12 bytes went",
-        "`echo hello world` wrote 12 bytes; the container's upper directory holds them, and no image",
+        f"Where the {written} bytes went",
+        f"`echo {HELLO}` wrote {written} bytes; the container's upper directory holds them, and no image",
         "layer changed. diff derives the same from the upper directory: A is added.",
     )
     demo.run("diff", CONTAINER)
-    container_layers = [n for n in os.listdir(overlay2) if n not in layers and n != "l" and not n.endswith("-init")]
-    upper = os.path.join(overlay2, container_layers[0], "diff")
     listing = "\n".join(f"{n}  ({os.path.getsize(os.path.join(upper, n))} bytes)" for n in sorted(os.listdir(upper)))
     demo.shell(f"ls {upper}", listing)
     found = [n for n in layers if os.path.exists(os.path.join(overlay2, n, "diff", "file.txt"))]
@@ -197,6 +309,10 @@ def _retell(demo: Demo) -> None:
     )
     demo.run("commit", "-m", "hello world", CONTAINER, "bitphile/with-file", quiet=True)
     demo.run("history", "bitphile/with-file")
-    demo.run("system", "df")
+    df = demo.run("system", "df")
+    if "~" in df:
+        demo.say("A ~ in front of a size marks an estimate: nothing used the vfs driver in this store, so vfs/dir's",
+                 "size is what it would hold (every layer a full copy of the layers below it, two copies per",
+                 "container), computed from the layers' sizes rather than measured on disk.")  # fmt: skip
     demo.run("rm", "-f", CONTAINER, quiet=True)
     print("\nThat is the whole post, on real directories. Explore with --keep, or read docs/containers.md.")

@@ -9,10 +9,12 @@ be drawn as text for a terminal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
@@ -97,14 +99,58 @@ def text(title: str, boxes: list[Box]) -> str:
     return "\n".join(lines)
 
 
-def to_png(svg_path: str, png_path: str) -> None:
-    """Render with ImageMagick or rsvg-convert, whichever the machine has."""
-    for tool, argv in (("rsvg-convert", ["rsvg-convert", "-o", png_path, svg_path]),
-                       ("convert", ["convert", svg_path, png_path])):  # fmt: skip
-        if shutil.which(tool):
-            subprocess.run(argv, check=True, capture_output=True)
-            return
-    raise RuntimeError("no SVG renderer found (apt-get install librsvg2-bin or imagemagick)")
+CONVERTER = "rsvg-convert"
+CONVERTER_MISSING = "needs rsvg-convert to write a PNG (apt-get install librsvg2-bin)"
+
+
+class OutputError(Exception):
+    """The picture could not be written; the message is one line for the user."""
+
+
+def to_png(svg_text: str, png_path: str) -> None:
+    """Render ``svg_text`` into ``png_path`` with rsvg-convert, atomically.
+
+    The PNG is written to a temporary name in the same directory and renamed into place once whole, so
+    ``png_path`` is either the complete picture or untouched; nothing else is left behind. Raises
+    OutputError with the converter's own message (or how to install it), OSError when the directory
+    cannot be written.
+    """
+    converter = shutil.which(CONVERTER)
+    if converter is None:
+        raise OutputError(CONVERTER_MISSING)
+    tmp = _temporary(png_path)
+    try:
+        result = subprocess.run([converter, "-f", "png", "-o", tmp], input=svg_text.encode(), capture_output=True,
+                                check=False)  # fmt: skip
+        if result.returncode != 0:
+            said = [line.strip() for line in result.stderr.decode(errors="replace").splitlines() if line.strip()]
+            raise OutputError(f"{CONVERTER} failed: {said[-1] if said else f'exit status {result.returncode}'}")
+        if os.path.getsize(tmp) == 0:
+            raise OutputError(f"{CONVERTER} wrote nothing")
+        os.replace(tmp, png_path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_svg(svg_text: str, path: str) -> None:
+    """Write ``svg_text`` to ``path`` atomically (a temporary name, then rename); raises OSError."""
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(svg_text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _temporary(path: str) -> str:
+    """A new empty file next to ``path`` (same filesystem, so rename is atomic), hidden by a leading dot."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,13 +170,15 @@ def run(args: argparse.Namespace) -> int:
         if not args.output:
             print(text(title, boxes))
             return 0
-        svg_path = args.output if args.output.endswith(".svg") else args.output + ".svg"
-        with open(svg_path, "w") as f:
-            f.write(svg(title, boxes))
-        if args.output.endswith(".png"):
-            to_png(svg_path, args.output)
-            os.unlink(svg_path)
-    except (StoreError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        picture = svg(title, boxes)
+        if args.output.lower().endswith(".png"):
+            to_png(picture, args.output)
+        else:
+            write_svg(picture, args.output if args.output.lower().endswith(".svg") else args.output + ".svg")
+    except (StoreError, OutputError) as exc:
         print(f"pylayerfs diagram: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pylayerfs diagram: {exc.filename or args.output}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0

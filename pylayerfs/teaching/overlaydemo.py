@@ -4,12 +4,17 @@ It builds three lower layers the way an image's layers look on disk, mounts
 them with an empty upper directory, and shows each rule of overlayfs at work:
 lookup (upper hides lower), a whiteout deleting a file, an opaque directory
 replacing a directory, copy-up on write, and the whiteout a deletion leaves.
+Its temporary directory is removed afterwards, also on an error or Ctrl-C,
+unless ``--keep`` (or ``--dir``) asks to keep it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
+import sys
 import tempfile
 
 from pylayerfs.fuse import mount
@@ -20,7 +25,8 @@ from pylayerfs.overlay.markers import (
     is_whiteout,
     make_whiteout,
 )
-from pylayerfs.overlay.params import MountConfig, check
+from pylayerfs.overlay.params import MountConfig, MountError, check, mounts_below
+from pylayerfs.teaching.demo import error
 
 
 def _write(path: str, text: str) -> None:
@@ -53,11 +59,7 @@ def _describe(path: str) -> str:
     if is_whiteout(st):
         return "whiteout (char 0/0)"
     if stat.S_ISDIR(st.st_mode):
-        try:
-            opaque = is_opaque_dir(path)
-        except OSError:
-            opaque = False
-        return "directory, opaque" if opaque else "directory"
+        return "directory, opaque" if is_opaque_dir(path) else "directory"
     with open(path) as f:
         return f"file: {f.read().strip()!r}"
 
@@ -71,8 +73,43 @@ def _tree(title: str, root: str) -> None:
             print(f"    /{os.path.relpath(full, root):<18} {_describe(full)}")
 
 
-def run_demo(where: str | None = None) -> int:
+def run_demo(where: str | None = None, keep: bool = False) -> int:
+    """Show the rules on three layers in ``where`` (default: a new temporary directory, removed at the end
+    unless ``keep``); 0 when shown, 1 with one line on stderr when it could not be (KeyboardInterrupt is
+    re-raised after the clean-up)."""
+    if os.geteuid() != 0:
+        error("pylayerfs demo --overlay: needs root (its layers hold whiteouts and trusted.overlay.* xattrs)")
+        return 1
+    if where is not None and os.path.exists(os.path.join(where, "layers")):
+        error(f"pylayerfs demo --overlay: '{where}' already holds a demo (layers/): choose another --dir")
+        return 1
     root = where or tempfile.mkdtemp(prefix="pylayerfs-demo-")
+    merged = os.path.join(root, "merged")
+    try:
+        _show(root)
+    except (MountError, OSError) as exc:
+        error(f"pylayerfs demo --overlay: {exc}")
+        return 1
+    finally:
+        _clean_up(root, merged, remove=where is None and not keep)
+    if keep and where is None:
+        print(f"\nThe layers are kept in {root}.")
+    return 0
+
+
+def _clean_up(root: str, merged: str, remove: bool) -> None:
+    """Unmount ``merged`` if it is still mounted (lazily as a last resort); remove ``root`` if asked and safe."""
+    if mount.is_mountpoint(merged):
+        try:
+            mount.umount(merged)
+        except MountError:
+            with contextlib.suppress(MountError):
+                mount.umount(merged, lazy=True)
+    if remove and not mounts_below(root):  # never delete through a mount
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _show(root: str) -> None:
     lowers = _build_layers(root)
     upper, work, merged = (os.path.join(root, n) for n in ("upper", "work", "merged"))
     for d in (upper, work, merged):
@@ -84,6 +121,7 @@ def run_demo(where: str | None = None) -> int:
     config = MountConfig(lowerdirs=lowers, upperdir=upper, workdir=work)
     mountpoint = check(config, merged)
     print(f"\n2. pylayerfs mount -o lowerdir={':'.join(lowers)},upperdir={upper},workdir={work} {merged}")
+    sys.stdout.flush()  # the daemon is forked: it must not inherit (and later repeat) unwritten output
     mount.mount_background(config, mountpoint, "pylayerfs-demo")
     try:
         _tree("merged view:", merged)
@@ -103,4 +141,3 @@ def run_demo(where: str | None = None) -> int:
         mount.umount(merged)
     print(f"\n5. pylayerfs umount {merged}: upper/ keeps the changes, in the kernel's format,")
     print("   so 'mount -t overlay' with the same options shows the same merged view.")
-    return 0

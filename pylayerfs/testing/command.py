@@ -1,19 +1,33 @@
-"""``pylayerfs check``: the command line of the conformance checker."""
+"""``pylayerfs check``: the command line of the conformance checker.
+
+The check needs root (its generated layers hold files of other owners,
+whiteouts and ``trusted.overlay.*`` xattrs, and it mounts), and it runs in
+a mount and PID namespace of its own (:func:`isolated`): every mount it makes
+and every daemon it starts, whatever the implementation, dies with it, even
+when it is killed with SIGKILL.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import random
+import select
+import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pylayerfs.testing.ops import FAMILIES
 
 if TYPE_CHECKING:
     from pylayerfs.testing.search import Options, Report
+    from pylayerfs.testing.targets import Target
 
 DEFAULT_IMPLEMENTATIONS = ("engine", "pylayerfs")
 
@@ -114,10 +128,123 @@ def _save(r: Report, directory: str | None) -> str | None:
     return path
 
 
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+EXIT_KILLED = 137  # what a shell reports for a process killed by SIGKILL
+NEEDS_ROOT = ("pylayerfs check: needs root (its layers hold files of other owners, whiteouts and "
+              "trusted.overlay.* xattrs, and it mounts)")  # fmt: skip
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
+def _wait(pid: int) -> int:
+    """Wait for the child ``pid`` (through EINTR) and return its exit code (128+N for a signal N)."""
+    while True:
+        with contextlib.suppress(InterruptedError):
+            return _exit_code(os.waitpid(pid, 0)[1])
+
+
+def _init(work: Callable[[], int], lifeline: int) -> int:
+    """PID 1 of the check's namespace: run ``work`` in a child, reap every orphan, exit with ``work``'s code.
+
+    Returns (to be passed to ``os._exit``) as soon as ``lifeline`` reads EOF (the ``pylayerfs check``
+    process is gone, however it died): PID 1's exit makes the kernel kill every process of the namespace.
+    """
+    worker = os.fork()
+    if worker == 0:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.close(lifeline)
+        code = 1
+        try:
+            code = work()
+        except KeyboardInterrupt:
+            code = 130
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    while True:
+        with contextlib.suppress(InterruptedError):
+            readable, _, _ = select.select([lifeline], [], [], 0.2)
+            if readable and not os.read(lifeline, 1):
+                return EXIT_KILLED
+        while True:  # reap: the worker, and the daemons that mount commands leave behind
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return 1
+            if pid == 0:
+                break
+            if pid == worker:
+                return _exit_code(status)
+
+
+def isolated(work: Callable[[], int]) -> int:
+    """Run ``work`` in a new mount and PID namespace; return its exit code (as root only).
+
+    Three processes: this one waits; a child unshares (this process's own namespaces never change, so
+    a library caller is not moved) and forks PID 1 of the new PID namespace, which runs ``work`` in a
+    child of its own and reaps. Mounts are made private to the new mount namespace, so nothing ``work``
+    mounts is seen outside it. If this process dies (even by SIGKILL), PID 1 sees EOF on a pipe it holds
+    the write end of and exits; the kernel then kills every process in the namespace (FUSE daemons
+    included) and the mount namespace, with every mount in it, goes away. Raises OSError (EPERM without
+    root) when the namespaces cannot be made; ``work``'s output goes to the same stdout and stderr.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    lifeline, keep = os.pipe()
+    report_r, report_w = os.pipe()  # the child's error, if it cannot make the namespaces
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.close(keep)
+            os.close(report_r)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker handles Ctrl-C and exits
+            if (
+                libc.unshare(CLONE_NEWNS | CLONE_NEWPID) != 0
+                or libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
+            ):
+                err = ctypes.get_errno()
+                os.write(report_w, f"{err} cannot make a namespace: {os.strerror(err)}".encode())
+                os._exit(1)
+            os.close(report_w)
+            init = os.fork()
+            if init == 0:
+                code = _init(work, lifeline)
+            else:
+                os.close(lifeline)
+                code = _wait(init)
+        finally:
+            os._exit(code)
+    os.close(lifeline)
+    os.close(report_w)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which cleans up
+    try:
+        code = _wait(child)
+        message = os.read(report_r, 4096).decode()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        os.close(report_r)
+        os.close(keep)
+    if message:
+        number, _, text = message.partition(" ")
+        raise OSError(int(number), text)
+    return code
+
+
 def run(args: argparse.Namespace) -> int:
-    """Check every implementation; 0 when all pass, 1 when any diverges or cannot run."""
-    from pylayerfs.testing import report
-    from pylayerfs.testing.search import check
+    """Check every implementation; 0 when all pass, 1 when any diverges or cannot run.
+
+    Needs root (one line on stderr and 1 otherwise); runs the check itself in :func:`isolated`.
+    """
     from pylayerfs.testing.targets import TargetError, target
 
     try:
@@ -127,6 +254,21 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, TargetError) as exc:
         print(f"pylayerfs check: {exc}", file=sys.stderr)
         return 1
+    if os.geteuid() != 0:
+        print(NEEDS_ROOT, file=sys.stderr)
+        return 1
+    try:
+        return isolated(lambda: _check_all(args, options, reference, subjects))
+    except OSError as exc:
+        print(f"pylayerfs check: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _check_all(args: argparse.Namespace, options: Options, reference: Target, subjects: list[Target]) -> int:
+    """The check proper: one line per implementation (or JSON); 0 when all pass."""
+    from pylayerfs.testing import report
+    from pylayerfs.testing.search import check
+
     if args.format == "text":
         families = "all" if set(options.families) == set(FAMILIES) else ",".join(options.families)
         print(f"pylayerfs check: {options.examples} scenarios each, seed {options.seed}, operations: {families}, "
@@ -134,7 +276,12 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for subject in subjects:
         r = check(subject, reference, options)
-        script = _save(r, args.save)
+        try:
+            script = _save(r, args.save)
+        except OSError as exc:
+            sys.stdout.flush()
+            print(f"pylayerfs check: cannot write the reproduction script: {exc}", file=sys.stderr)
+            script = None
         results.append(report.as_dict(r, script))
         if args.format == "text":
             print(report.text(r, script), flush=True)
