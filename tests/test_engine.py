@@ -80,6 +80,7 @@ def test_non_directory_stops_the_merge(make):
         ov.getattr("d/x")
 
 
+@pytest.mark.root  # trusted.* xattrs (the opaque marker)
 def test_directories_merge_down_to_an_opaque_one(make):
     ov = make({"d/a": "1"}, {"d": ("opaque",), "d/b": "2"}, {"d/c": "3"})
     assert names(ov, "d") == ["a", "b"]
@@ -92,6 +93,7 @@ def test_whiteout_hides_the_name_in_every_lower_layer(make):
     assert names(ov) == ["d"] and names(ov, "d") == ["y"]
 
 
+@pytest.mark.root  # trusted.* xattrs
 def test_xattr_whiteout_in_lower_layer(make, tmp_path):
     def prepare():
         os.setxattr(tmp_path / "l0/d", "trusted.overlay.opaque", b"x")
@@ -137,6 +139,7 @@ def test_o_trunc_copies_no_data(make, tmp_path):
     assert (tmp_path / "u/f").read_bytes() == b"new"
 
 
+@pytest.mark.root  # chown to other owners, trusted.overlay.origin
 def test_copy_up_keeps_metadata(make, tmp_path):
     lower = tmp_path / "l0/d"
 
@@ -221,6 +224,7 @@ def test_rmdir_of_merged_directory(make, tmp_path):
     assert is_whiteout(tmp_path / "u/d") and names(ov) == []
 
 
+@pytest.mark.root  # trusted.overlay.opaque
 def test_mkdir_over_whiteout_is_opaque_and_create_replaces_whiteout(make, tmp_path):
     ov = make({"d/x": "1", "f": "old"})
     ov.unlink("d/x")
@@ -254,6 +258,7 @@ def test_rename_lower_file_leaves_whiteout(make, tmp_path):
     assert is_whiteout(tmp_path / "u/a") and read(ov, "b") == b"1" and names(ov) == ["b"]
 
 
+@pytest.mark.root  # trusted.overlay.opaque
 def test_upper_directory_moved_over_lower_name_becomes_opaque(make, tmp_path):
     ov = make({"d/old": "1"})
     ov.mkdir("n", 0o755, ME)
@@ -290,6 +295,7 @@ def test_rename_type_rules(make):
 # -- xattrs, links, read-only ---------------------------------------------------------------
 
 
+@pytest.mark.root  # trusted.* xattrs
 def test_private_xattrs_are_hidden_and_escaped(make, tmp_path):
     ov = make({"d": ("opaque",), "d/f": "1"})
     assert ov.listxattr("d") == []
@@ -323,6 +329,7 @@ def test_read_only_stack_refuses_writes(make):
     assert names(ov) == ["a", "b"]
 
 
+@pytest.mark.root  # chown to the caller
 def test_new_objects_belong_to_the_caller(make, tmp_path):
     ov = make({"d": None})
     fh = ov.create("d/f", 0o4755, os.O_WRONLY, Caller(1000, 1000))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import os
 import signal
 import stat
@@ -39,9 +41,23 @@ def test_mount_shows_merged_view_and_umount_stops_daemon(stack):
         assert sorted(os.listdir(f"{mnt}/d")) == ["a", "b"]
         assert open(f"{mnt}/d/a").read() == "top a"
         daemons = subprocess.run(["pgrep", "-f", f"pylayerfs mount .*{mnt}"], capture_output=True, text=True)
-        assert daemons.stdout.split(), "the daemon runs in the background"
-    time.sleep(0.5)
+        pids = [int(pid) for pid in daemons.stdout.split()]
+        assert pids, "the daemon runs in the background"
+    deadline = time.monotonic() + 10
+    while not all(_exited(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"daemon {pids} still running 10 s after the unmount"
+        time.sleep(0.01)
     assert not subprocess.run(["pgrep", "-f", f"pylayerfs mount .*{mnt}"], capture_output=True).stdout
+
+
+def _exited(pid: int) -> bool:
+    """Whether process ``pid`` is gone or a zombie (it has exited; its new parent may not have reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
 
 
 def test_writes_copy_up_and_removals_leave_whiteouts(stack):
@@ -141,12 +157,15 @@ def test_remount_keeps_every_change(stack):
     with pylayerfs_mount(mnt, lowers, upper, work):
         os.unlink(f"{mnt}/f")
         open(f"{mnt}/f2", "w").close()
-        os.rename(f"{mnt}/d/a", f"{mnt}/d/a2")
+        os.rename(f"{mnt}/d/a", f"{mnt}/a2")  # out of d: a copy-up, then a whiteout for d/a
         os.link(f"{mnt}/big", f"{mnt}/big2")
         os.symlink("target", f"{mnt}/gone")  # over a lower whiteout
         os.unlink(f"{mnt}/d/b")
-        os.rmdir(f"{mnt}/d") if not os.listdir(f"{mnt}/d") else None
+        os.rmdir(f"{mnt}/d")  # a merged directory of both lowers, now empty: a whiteout replaces it
         before = view(mnt, with_ino=True)
+        assert sorted(before) == ["a2", "big", "big2", "f2", "gone"]
+    st = os.lstat(f"{upper}/d")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, "the removed directory is a whiteout in the upper"
     with pylayerfs_mount(mnt, lowers, upper, work):
         assert view(mnt, with_ino=True) == before
 
@@ -174,35 +193,91 @@ def test_concurrent_appenders_copy_up_once(stack):
 
 
 def test_sigkill_during_copy_up_never_shows_a_partial_file(tmp_path):
+    """The daemon dies in the middle of a copy-up: the upper never holds part of the file; the next mount
+    empties the workdir and shows the lower's bytes.
+
+    The test proves the kill landed mid-copy: it waits for a partly written temporary file in ``W/work``,
+    stops the daemon there (SIGSTOP) and checks the copy is still partial and nothing is in the upper,
+    then kills it (SIGKILL) and checks the partial file is still the only trace.
+    """
+    size = 64 << 20  # real data (no holes): a copy of many splice rounds, each a chance to stop it
     lower = str(tmp_path / "l")
     os.makedirs(lower)
-    with open(f"{lower}/huge", "wb") as f:
-        for _ in range(256):
-            f.write(os.urandom(1 << 20))  # 256 MiB of real data (no holes)
+    lower_digest = _random_file(f"{lower}/huge", size)
     lower_hash = tree_hash(lower)
     upper, work, mnt = str(tmp_path / "u"), str(tmp_path / "w"), str(tmp_path / "m")
     for d in (upper, work, mnt):
         os.makedirs(d)
     daemon = subprocess.Popen([*PYLAYERFS, "mount", "-f", "-o", options([lower], upper, work), mnt])
+    writer: subprocess.Popen[bytes] | None = None
     try:
         deadline = time.monotonic() + 20
-        while not os.path.ismount(mnt) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not os.path.ismount(mnt):
+            assert time.monotonic() < deadline and daemon.poll() is None, "the daemon did not mount"
+            time.sleep(0.01)
         writer = subprocess.Popen(["sh", "-c", f"echo x >> {mnt}/huge"], stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not os.listdir(f"{work}/work") and time.monotonic() < deadline:
-            time.sleep(0.001)  # wait until the copy-up is under way in the workdir
+        in_progress = _stop_mid_copy(daemon.pid, work, size)
+        assert len(in_progress) == 1, f"one copy-up under way in the workdir: {in_progress}"
+        [(name, copied)] = in_progress.items()
+        assert name.startswith("#") and 0 < copied < size, f"the copy-up had finished when the daemon stopped: {name}"
+        assert not os.path.lexists(f"{upper}/huge")
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(timeout=10)
-        writer.wait(timeout=10)
+        assert writer.wait(timeout=10) != 0, "the writer's open never completed"
     finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=10)
+        if writer is not None and writer.poll() is None:
+            writer.kill()
         subprocess.run(["umount", "-l", mnt], capture_output=True)
-    assert not os.path.exists(f"{upper}/huge") or os.path.getsize(f"{upper}/huge") >= 256 << 20
+    assert _temp_sizes(work) == in_progress, "the kill left the partial copy where it was, in the workdir"
+    assert not os.path.lexists(f"{upper}/huge"), "no partial file in the upper"
     with pylayerfs_mount(mnt, [lower], upper, work):
-        size = os.path.getsize(f"{mnt}/huge")
-        assert size in (256 << 20, (256 << 20) + 2)
         assert os.listdir(f"{work}/work") == [], "stale workdir contents are cleaned at mount"
+        with open(f"{mnt}/huge", "rb") as f:
+            assert hashlib.file_digest(f, "sha256").digest() == lower_digest, "the lower's bytes"
+    assert not os.path.lexists(f"{upper}/huge")
     assert tree_hash(lower) == lower_hash
+
+
+def _random_file(path: str, size: int) -> bytes:
+    """Write ``size`` random bytes (real data, no holes: copying them takes a while); return their sha256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            chunk = os.urandom(1 << 20)
+            digest.update(chunk)
+            f.write(chunk)
+    return digest.digest()
+
+
+def _stop_mid_copy(pid: int, work: str, size: int) -> dict[str, int]:
+    """Wait until a copy-up has written part of its ``size`` bytes in the workdir, stop (SIGSTOP) daemon
+    ``pid`` there and return the workdir's entries with their sizes, once it is stopped."""
+    deadline = time.monotonic() + 20
+    while not 0 < max(_temp_sizes(work).values(), default=0) < size:
+        assert time.monotonic() < deadline, f"no partly copied file seen in {work}/work"
+        time.sleep(0.0005)
+    os.kill(pid, signal.SIGSTOP)
+    while not _stopped(pid):
+        assert time.monotonic() < deadline, "the daemon did not stop"
+        time.sleep(0.001)
+    return _temp_sizes(work)
+
+
+def _temp_sizes(work: str) -> dict[str, int]:
+    """Each entry of the workdir's ``work/`` (copy-ups build ``#<pid>.<n>`` there) with its size."""
+    sizes = {}
+    for name in os.listdir(f"{work}/work"):
+        with contextlib.suppress(FileNotFoundError):
+            sizes[name] = os.lstat(f"{work}/work/{name}").st_size
+    return sizes
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
 @pytest.mark.parametrize(

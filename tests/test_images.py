@@ -196,7 +196,11 @@ def _entry(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarf
         ([_entry("/etc/passwd")], "an absolute path"),
         ([_entry("../outside")], "'..' would leave the layer"),
         ([_entry("a/../../outside")], "'..' would leave the layer"),
-        ([_entry("ln", tarfile.SYMTYPE, "/etc"), _entry("ln/passwd")], "'ln' is not a directory of the layer"),
+        pytest.param(  # root: extraction gives the symlink its owner (uid 0) before refusing the path below it
+            [_entry("ln", tarfile.SYMTYPE, "/etc"), _entry("ln/passwd")],
+            "'ln' is not a directory of the layer",
+            marks=pytest.mark.root,
+        ),
         ([_entry("hard", tarfile.LNKTYPE, "../../etc/passwd")], "'..' would leave the layer"),
     ],
 )
@@ -235,9 +239,18 @@ def test_store_root_choice(monkeypatch, tmp_path):
     from pylayerfs.image.store import default_root
 
     monkeypatch.setenv("PYLAYERFS_ROOT", str(tmp_path / "r"))
-    assert default_root() == str(tmp_path / "r")
-    monkeypatch.delenv("PYLAYERFS_ROOT")
-    assert default_root() == ("/var/lib/pylayerfs" if os.geteuid() == 0 else default_root())
+    for euid in (0, 1000):
+        monkeypatch.setattr(os, "geteuid", lambda euid=euid: euid)
+        assert default_root() == str(tmp_path / "r"), "the environment wins for anyone"
+    monkeypatch.setenv("PYLAYERFS_ROOT", "")  # set but empty: as if unset
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_root() == "/var/lib/pylayerfs"
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert default_root() == str(tmp_path / "xdg" / "pylayerfs")
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert default_root() == str(tmp_path / "home" / ".local" / "share" / "pylayerfs")
 
 
 def test_layers_are_registered_once_and_sizes_are_dockers(tmp_path):
