@@ -336,3 +336,37 @@ def test_new_objects_belong_to_the_caller(make, tmp_path):
     ov.release(fh)
     st = os.lstat(tmp_path / "u/d/f")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o4755)
+
+
+@pytest.mark.root  # chmod/chown to other owners in the upper layer
+def test_mkdir_over_whiteout_in_setgid_directory_keeps_setgid(make, tmp_path):
+    """Built in the workdir and swapped in, the directory still inherits the parent's setgid bit and group."""
+
+    def prepare():
+        os.chmod(tmp_path / "l0" / "d", 0o2775)
+        os.chown(tmp_path / "l0" / "d", 0, 42)
+
+    ov = make({"d/x": "lower"}, prepare=prepare)
+    ov.unlink("d/x")  # a whiteout in the upper's d
+    ov.mkdir("d/x", 0o755, Caller(1000, 1000))
+    st = ov.getattr("d/x")
+    assert stat.S_IMODE(st["st_mode"]) == 0o2755 and st["st_gid"] == 42
+    ov.mkdir("d/y", 0o755, Caller(1000, 1000))  # not over a whiteout: the same
+    assert stat.S_IMODE(ov.getattr("d/y")["st_mode"]) == 0o2755
+
+
+def test_chmod_of_a_symlink_is_refused_and_never_reaches_its_target(make, tmp_path):
+    target = tmp_path / "outside"
+    target.write_text("x")
+    target.chmod(0o644)
+    ov = make({"l": ("symlink", str(target)), "f": "f"})
+    with pytest.raises(OSError) as exc:
+        ov.chmod("l", 0o600)
+    assert exc.value.errno == errno.EOPNOTSUPP
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert not os.path.lexists(tmp_path / "u" / "l"), "refused before any copy-up"
+    ov.chown("l", 0, 0)  # copied up: the symlink itself is in the upper now
+    with pytest.raises(OSError) as exc:
+        ov.chmod("l", 0o600)
+    assert exc.value.errno == errno.EOPNOTSUPP
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644

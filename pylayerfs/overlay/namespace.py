@@ -69,6 +69,8 @@ def _create_object(
     parent_st = os.stat(parent.upper_fd)
     dirfd, tmp = (parent.upper_fd, name) if existing is None else (work.fd, work.temp_name())
     make(dirfd, tmp)
+    if is_dir and parent_st.st_mode & stat.S_ISGID:  # passed on, also to a directory built in the workdir
+        realfs.chmod(dirfd, tmp, stat.S_IMODE(os.stat(tmp, dir_fd=dirfd, follow_symlinks=False).st_mode) | stat.S_ISGID)
     if owner is not None:
         gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else owner.gid  # setgid dirs pass on their group
         made = os.stat(tmp, dir_fd=dirfd, follow_symlinks=False) if special_bits or is_dir else None
@@ -129,13 +131,7 @@ def mkdir(ov: OverlayState, path: str, mode: int, caller: Caller) -> None:
     ENOSPC, EDQUOT...).
     """
 
-    def make(fd: int, name: str) -> None:
-        realfs.mkdir(fd, name, stat.S_IMODE(mode))
-        parent_st = os.stat(fd)
-        if parent_st.st_mode & stat.S_ISGID:
-            realfs.chmod(fd, name, stat.S_IMODE(mode) | stat.S_ISGID)
-
-    _create_object(ov, path, make, caller, is_dir=True)
+    _create_object(ov, path, lambda fd, name: realfs.mkdir(fd, name, stat.S_IMODE(mode)), caller, is_dir=True)
 
 
 def symlink(ov: OverlayState, path: str, target: str, caller: Caller) -> None:

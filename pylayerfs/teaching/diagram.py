@@ -16,12 +16,14 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any
 from xml.sax.saxutils import escape
 
+from pylayerfs.container.records import Container
+from pylayerfs.container.runtime import Runtime
 from pylayerfs.dockercli import ellipsis
 from pylayerfs.image.history import history_rows
 from pylayerfs.image.sizes import human_size
+from pylayerfs.image.store import Store
 
 WIDTH = 640
 BOX_HEIGHT = 56
@@ -36,7 +38,7 @@ class Box:
     writable: bool = False
 
 
-def image_boxes(store: Any, ref: str) -> list[Box]:
+def image_boxes(store: Store, ref: str) -> list[Box]:
     """One box per history entry, newest first, named as ``history`` names them."""
     rows = history_rows(store, store.resolve(ref))
     boxes = []
@@ -49,7 +51,7 @@ def image_boxes(store: Any, ref: str) -> list[Box]:
     return boxes
 
 
-def container_boxes(runtime: Any, container: Any) -> list[Box]:
+def container_boxes(runtime: Runtime, container: Container) -> list[Box]:
     from pylayerfs.container.runtime import container_size
 
     size, virtual = container_size(runtime, container)

@@ -32,9 +32,11 @@ import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
+from pylayerfs.container.records import Container
+from pylayerfs.container.runtime import Runtime
 from pylayerfs.fuse.mount import FSTYPE, recorded_config, records_dir
+from pylayerfs.image.store import Store
 from pylayerfs.overlay import layers as engine
 from pylayerfs.overlay.lookup import Lookup, Node
 from pylayerfs.overlay.markers import Markers, is_whiteout
@@ -413,7 +415,7 @@ def as_json(explanation: Explanation) -> str:
 # -- where the layers come from -----------------------------------------------------------------
 
 
-def image_layers(store: Any, ref: str) -> list[Layer]:
+def image_layers(store: Store, ref: str) -> list[Layer]:
     image = store.resolve(ref)
     steps = [h.get("created_by", "") for h in image.history if not h.get("empty_layer")]
     layers = store.layers_of(image)  # top first
@@ -424,13 +426,13 @@ def image_layers(store: Any, ref: str) -> list[Layer]:
     return out
 
 
-def image_stack(store: Any, ref: str) -> Stack:
+def image_stack(store: Store, ref: str) -> Stack:
     """An image's layers as its containers' mounts stack them (``metacopy=on`` if a layer needs it)."""
     image = store.resolve(ref)
     return Stack(image_layers(store, ref), metacopy=store.layers.uses_metacopy(image.top_layer))
 
 
-def container_layers(runtime: Any, container: Any) -> list[Layer]:
+def container_layers(runtime: Runtime, container: Container) -> list[Layer]:
     image = runtime.store.images.get(container.image_id)
     if not container.driver.mounts:  # no stack to walk: the container's own full copy is all there is
         return [Layer("the container's full copy (vfs)", runtime.merged(container))]
@@ -441,12 +443,12 @@ def container_layers(runtime: Any, container: Any) -> list[Layer]:
     ]
 
 
-def container_stack(runtime: Any, container: Any) -> Stack:
+def container_stack(runtime: Runtime, container: Container) -> Stack:
     """A container's layers as its mount stacks them: its writable layer is the upper one."""
     layers = container_layers(runtime, container)
-    if container.Driver == "vfs":
+    if not container.driver.mounts:
         return Stack(layers, metacopy=False)
-    metacopy = runtime.store.layers.uses_metacopy(runtime.store.images.get(container.Image).top_layer)
+    metacopy = runtime.store.layers.uses_metacopy(runtime.store.images.get(container.image_id).top_layer)
     return Stack(layers, upper=True, metacopy=metacopy)
 
 

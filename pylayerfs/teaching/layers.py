@@ -26,6 +26,7 @@ from typing import Any
 
 from pylayerfs.image.archive import walk
 from pylayerfs.image.sizes import human_size
+from pylayerfs.image.store import Store
 from pylayerfs.overlay.markers import is_metacopy_file, is_opaque_dir, is_whiteout
 
 DIR = -1
@@ -58,7 +59,7 @@ class ImageReport:
     fileReference: list[dict[str, Any]]
 
 
-def analyse(store: Any, ref: str) -> tuple[list[LayerReport], ImageReport]:
+def analyse(store: Store, ref: str) -> tuple[list[LayerReport], ImageReport]:
     image = store.resolve(ref)
     steps = [h.get("created_by", "") for h in image.history if not h.get("empty_layer")]
     layers = list(reversed(store.layers_of(image)))  # bottom first
