@@ -289,16 +289,24 @@ def _stopped(pid: int) -> bool:
         ("lowerdir={l},upperdir={u},workdir={u}/w", "separate subtrees"),
         ("lowerdir={l},upperdir={u},workdir=/dev/shm", "same filesystem"),
         ("lowerdir={l},redirect_dir=on", "not supported"),
+        # overlapping layers: a write through the mount would change a lower layer (the kernel: ELOOP)
+        ("lowerdir={l}:{l}", "are the same directory"),
+        ("lowerdir={l}/sub:{l}", "overlap"),
+        ("lowerdir={l},upperdir={l},workdir={w}", "are the same directory"),
+        ("lowerdir={l}/sub,upperdir={l},workdir={w}", "overlap"),
+        ("lowerdir={l},upperdir={l}/sub,workdir={w}", "overlap"),  # the kernel accepts this one
+        ("lowerdir={u}/w/x,upperdir={l},workdir={u}", "overlap"),
     ],
 )
 def test_bad_mount_requests_fail_with_one_line(tmp_path, opts, message):
-    lower, upper, mnt = str(tmp_path / "l"), str(tmp_path / "u"), str(tmp_path / "m")
-    for d in (lower, upper, f"{upper}/w", mnt):
+    lower, upper, work, mnt = str(tmp_path / "l"), str(tmp_path / "u"), str(tmp_path / "w"), str(tmp_path / "m")
+    for d in (f"{lower}/sub", f"{upper}/w/x", work, mnt):
         os.makedirs(d)
-    result = run_pylayerfs("mount", "-o", opts.format(l=lower, u=upper), mnt, check=False)
+    before = {d: sorted(os.listdir(d)) for d in (lower, upper, work)}
+    result = run_pylayerfs("mount", "-o", opts.format(l=lower, u=upper, w=work), mnt, check=False)
     assert result.returncode != 0
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not os.path.ismount(mnt) and os.listdir(upper) == ["w"]
+    assert not os.path.ismount(mnt) and {d: sorted(os.listdir(d)) for d in before} == before
 
 
 def test_mountpoint_inside_a_layer_and_upper_in_use_are_refused(stack):

@@ -149,6 +149,23 @@ def parse_options(options: list[str]) -> MountConfig:
     return config
 
 
+def _check_no_overlap(config: MountConfig) -> None:
+    """No layer may be, hold or sit inside another (raises MountError naming both).
+
+    The kernel refuses the same with ELOOP ("overlapping lowerdir path", ovl_check_layer in
+    fs/overlayfs/super.c), except for an upperdir inside a lowerdir, which it accepts and where writes
+    would change that lower layer: pylayerfs refuses that too, lower layers are never modified.
+    """
+    named = [("lowerdir", d) for d in config.lowerdirs]
+    if config.upperdir is not None and config.workdir is not None:
+        named += [("upperdir", config.upperdir), ("workdir", config.workdir)]
+    for i, (kind, path) in enumerate(named):
+        for other_kind, other in named[i + 1 :]:
+            if {kind, other_kind} != {"upperdir", "workdir"} and (_is_within(path, other) or _is_within(other, path)):
+                same = "are the same directory" if path == other else "overlap (one is inside the other)"
+                raise MountError(f"{kind} '{path}' and {other_kind} '{other}' {same}")
+
+
 def _is_within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
@@ -168,8 +185,8 @@ def check(config: MountConfig, mountpoint: str) -> str:
     Directories are replaced by their real paths, so that the daemon does not depend on the working directory it was
     started from. Raises :class:`MountError` for no or too many (over 500, OVL_MAX_STACK) lower directories, a missing
     or non-directory layer or mountpoint, an upperdir without a workdir (or the reverse), upperdir and workdir on
-    different filesystems or nested, an upperdir or workdir a kernel overlay mount uses, and a mountpoint inside a
-    layer.
+    different filesystems or nested, layers that are the same directory or nested (:func:`_check_no_overlap`), an
+    upperdir or workdir a kernel overlay mount uses, and a mountpoint inside a layer.
     """
     if not config.lowerdirs:
         raise MountError("missing lowerdir= (at least one lower directory is needed)")
@@ -188,6 +205,7 @@ def check(config: MountConfig, mountpoint: str) -> str:
             raise MountError("workdir and upperdir must be separate subtrees (neither inside the other)")
         layers += [config.upperdir, config.workdir]
         _check_not_in_use(config.upperdir, config.workdir)
+    _check_no_overlap(config)
     mnt = _directory("mountpoint", mountpoint)
     for layer in layers:
         if _is_within(mnt, layer):
