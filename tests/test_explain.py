@@ -349,3 +349,15 @@ def test_a_record_whose_daemon_is_gone_is_ignored(tmp_path):
         out = _explain(f"{mnt}/f")
         assert out.returncode == 1 and "left no record of its layers" in out.stderr
         os.unlink(record)
+
+
+@pytest.mark.fuse
+def test_a_symlink_at_the_end_of_a_mount_path_is_explained_not_followed(tmp_path):
+    build(str(tmp_path / "l"), {"d/n": "n", "sl": ("symlink", "d/n"), "out": ("symlink", "/etc/passwd")})
+    with _mounted(str(tmp_path / "m"), ["mount", "-o", f"lowerdir={tmp_path}/l", str(tmp_path / "m")], cwd="/"):
+        for name in ("sl", "out"):
+            out = _explain(f"{tmp_path}/m/{name}")
+            assert out.returncode == 0, out.stderr
+            assert f"/{name} is a symlink from lower layer 1" in out.stdout, out.stdout
+        followed = _explain(f"{tmp_path}/m/sl/")  # a trailing slash follows it, as a path walk does
+        assert "/d/n is a file" in followed.stdout, followed.stdout

@@ -456,9 +456,11 @@ def mount_stack(path: str) -> tuple[Stack, str]:
     """The layers of the overlay mounted at or above ``path`` (kernel or pylayerfs), and ``path`` inside it.
 
     The innermost mount holding ``path`` decides (the last one made, where several share a mountpoint).
-    Raises ExplainError when it is not an overlay, or its layers cannot be known.
+    A symlink at the end of ``path`` is explained, not followed (as ``lstat`` and image paths; a trailing
+    ``/`` follows it). Raises ExplainError when it is not an overlay, or its layers cannot be known.
     """
-    real = os.path.realpath(path)
+    head, name = os.path.split(os.path.abspath(path))
+    real = os.path.join(os.path.realpath(head), name) if name and not path.endswith("/") else os.path.realpath(path)
     holding: MountEntry | None = None
     for entry in mountinfo():  # in the order the mounts were made: a later one on the same point hides earlier
         inside = real == entry.mountpoint or real.startswith(entry.mountpoint.rstrip("/") + "/")
