@@ -350,3 +350,17 @@ def test_overlay_demo_error_comes_after_what_was_printed(tmp_path):
     _cleanup(str(tmp_path))
     assert result.returncode == 1
     assert result.stdout.index("2. pylayerfs mount") < result.stdout.index("boom"), result.stdout
+
+
+@pytest.mark.parametrize("argv", [["bench", "--explain"], ["images"], ["ps", "-a"], ["system", "df"]])
+def test_a_reader_that_goes_away_ends_a_listing_quietly(tmp_path, argv):
+    """``pylayerfs images | head -1``: no traceback, no "Broken pipe" line; the listing just stops (SIGPIPE)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        result = subprocess.run([*PYLAYERFS, "--root", str(tmp_path), *argv], stdout=write, stderr=subprocess.PIPE,
+                                text=True, timeout=TIMEOUT, check=False)  # fmt: skip
+    finally:
+        os.close(write)
+    assert result.stderr == ""
+    assert result.returncode == -signal.SIGPIPE
