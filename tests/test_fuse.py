@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.mounts import PYLAYERFS, options, pylayerfs_mount, run_pylayerfs
+from tests.mounts import PYLAYERFS, force_unmount, options, pylayerfs_mount, run_pylayerfs
 from tests.trees import WHITEOUT, build, tree_hash, view
 
 pytestmark = pytest.mark.fuse
@@ -369,3 +369,24 @@ def test_mountpoint_with_space_and_non_ascii_name(stack):
         result = run_pylayerfs("mount", "-o", options(lowers, None, None), odd, check=False)
         assert result.returncode != 0 and "already a pylayerfs mountpoint" in result.stderr
     assert not os.path.ismount(odd)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_foreground_mount_stopped_by_a_signal_unmounts_and_exits_0(stack, sig):
+    lowers, upper, work, mnt = stack
+    daemon = subprocess.Popen([*PYLAYERFS, "mount", "-f", "-o", options(lowers, upper, work), mnt],
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.ismount(mnt)
+        daemon.send_signal(sig)
+        _, stderr = daemon.communicate(timeout=10)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        if os.path.ismount(mnt):
+            force_unmount(mnt)
+    assert daemon.returncode == 0, stderr
+    assert "could not mount" not in stderr and not os.path.ismount(mnt)

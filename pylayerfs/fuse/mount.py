@@ -242,9 +242,11 @@ def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | Non
     overlay, locks = build_overlay(config)
     before = {e.mount_id for e in mountinfo()}
     record: str | None = None
+    mounted = False
 
     def ready() -> None:
-        nonlocal record
+        nonlocal record, mounted
+        mounted = True
         record = write_record(config, mountpoint, before)
         if ready_fd is not None:
             os.write(ready_fd, READY)
@@ -253,6 +255,9 @@ def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | Non
         adapter.serve(overlay, mountpoint, fsname=source, fuse_options=fuse_options(config), on_ready=ready,
                            timeout=config.timeout)  # fmt: skip
     except RuntimeError as exc:
+        if mounted:  # libfuse's loop ended by a signal (SIGTERM, SIGINT, SIGHUP): it has unmounted, all is well
+            log.info("%s: stopped by a signal (libfuse said: %s), unmounted", mountpoint, exc)
+            return 0
         hint = mount_failure_hint(config)
         reason = f": {hint}" if hint else f" (libfuse said: {exc})"
         raise MountError(f"FUSE could not mount '{mountpoint}'{reason}") from exc
