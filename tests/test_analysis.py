@@ -55,9 +55,9 @@ def test_diagram_is_valid_svg_with_one_box_per_layer(tmp_path):
         texts = ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
         assert "container layer (read-write)" in texts and "12B" in texts and "<missing>" in texts
         assert any(t.startswith("size 0B (virtual ") for t in texts)
-        if shutil.which("rsvg-convert"):
-            subprocess.run(["rsvg-convert", "-o", str(tmp_path / "c.png"), str(tmp_path / "c.svg")], check=True)
-            assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert shutil.which("rsvg-convert"), "rsvg-convert is not installed (.ci/install installs librsvg2-bin)"
+        subprocess.run(["rsvg-convert", "-o", str(tmp_path / "c.png"), str(tmp_path / "c.svg")], check=True)
+        assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         text = pylayerfs(store, "diagram", "pic").stdout
         assert text.startswith("image pic\n+") and text.count("| <missing>") == 1
         assert pylayerfs(store, "history", "--format", "tree", "pic").stdout == text

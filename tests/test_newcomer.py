@@ -177,14 +177,29 @@ def test_diagram_png_when_the_converter_fails_gives_its_message_and_leaves_nothi
 
 
 @pytest.mark.root
-@pytest.mark.skipif(shutil.which("rsvg-convert") is None, reason="rsvg-convert is not installed (librsvg2-bin)")
 def test_diagram_png_with_the_converter(image_store, tmp_path):
+    assert shutil.which("rsvg-convert"), "rsvg-convert is not installed (.ci/install installs librsvg2-bin)"
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     result = _diagram(image_store, out_dir / "x.png", os.environ["PATH"])
     assert result.returncode == 0, result.stderr
     assert [p.name for p in out_dir.iterdir()] == ["x.png"]
     assert (out_dir / "x.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.root
+def test_diagram_output_names_that_cannot_be_written_say_so_in_one_line(image_store, tmp_path):
+    result = _diagram(image_store, tmp_path / "z.jpg", os.environ["PATH"])
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"pylayerfs diagram: -o {tmp_path}/z.jpg: name a .svg or a .png file\n",
+    )
+    assert not list(tmp_path.glob("z.jpg*"))
+    result = _diagram(image_store, tmp_path / "nowhere" / "z.svg", os.environ["PATH"])
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"pylayerfs diagram: {tmp_path}/nowhere/z.svg: No such file or directory\n",
+    )
 
 
 # -- 5: mount --help, bench's legend -------------------------------------------------------------

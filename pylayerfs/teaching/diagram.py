@@ -160,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
     from pylayerfs.container.runtime import Runtime
     from pylayerfs.image.store import Store, StoreError
 
+    if args.output and not args.output.lower().endswith((".svg", ".png")):
+        print(f"pylayerfs diagram: -o {args.output}: name a .svg or a .png file", file=sys.stderr)
+        return 1
     try:
         runtime = Runtime(Store(args.root))
         try:
@@ -176,11 +179,11 @@ def run(args: argparse.Namespace) -> int:
         if args.output.lower().endswith(".png"):
             to_png(picture, args.output)
         else:
-            write_svg(picture, args.output if args.output.lower().endswith(".svg") else args.output + ".svg")
+            write_svg(picture, args.output)
     except (StoreError, OutputError) as exc:
         print(f"pylayerfs diagram: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"pylayerfs diagram: {exc.filename or args.output}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"pylayerfs diagram: {args.output}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
