@@ -105,3 +105,17 @@ def test_the_closed_sets_are_enums_with_docker_values():
     assert [k.value for k in ChangeKind] == ["A", "C", "D"]
     assert f"{ChangeKind.MODIFY} /etc" == "C /etc"
     assert Container("x" * 64, "", "sh", [], {}, "", "", "n", "m").state.status is ContainerStatus.CREATED
+
+
+@pytest.mark.parametrize("name", ["../../evil", "a b", "-x", "x", "é", "a/b", ""])
+def test_container_names_docker_refuses_are_refused(tmp_path, name):
+    containers = ContainerStore(Store(str(tmp_path)))
+    with pytest.raises(
+        StoreError, match=r"Invalid container name \(.*\), only \[a-zA-Z0-9\]\[a-zA-Z0-9_.-\] are allowed"
+    ):
+        containers.check_name(name)
+
+
+@pytest.mark.parametrize("name", ["web", "/web", "a.b_c-1", "9lives"])
+def test_container_names_docker_accepts_are_accepted(tmp_path, name):
+    ContainerStore(Store(str(tmp_path))).check_name(name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,6 +29,8 @@ from pylayerfs.image.store import Store, StoreError
 from pylayerfs.image.store.layout import write_value
 
 CONFIG_FILE = "config.v2.json"
+NAME_CHARS = "[a-zA-Z0-9][a-zA-Z0-9_.-]"  # moby: daemon/names, restrictedNameChars
+VALID_NAME = re.compile(f"/?{NAME_CHARS}+")
 _ADJECTIVES = (
     "admiring",
     "bold",
@@ -249,6 +252,9 @@ class ContainerStore:
                 return name
 
     def check_name(self, name: str) -> None:
+        """Raise StoreError unless ``name`` is valid (moby's ``validContainerNamePattern``) and not in use."""
+        if not VALID_NAME.fullmatch(name):
+            raise StoreError(f"Invalid container name ({name}), only {NAME_CHARS} are allowed")
         if any(c.name == name for c in self.all()):
             raise StoreError(f'Conflict. The container name "/{name}" is already in use')
 

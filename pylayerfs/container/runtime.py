@@ -84,6 +84,7 @@ class Runtime:
             raise StoreError("no command specified")
         if name is not None:
             self.containers.check_name(name)
+            name = name.removeprefix("/")  # Docker's names are stored without it
         container_id, mount_id = random_id(), random_id()
         container = Container(
             id=container_id, created=now(), path=argv[0], args=argv[1:], config=config, image_id=image.id,
