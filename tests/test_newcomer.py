@@ -379,3 +379,28 @@ def test_a_reader_that_goes_away_ends_a_listing_quietly(tmp_path, argv):
         os.close(write)
     assert result.stderr == ""
     assert result.returncode == -signal.SIGPIPE
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_a_demo_stopped_by_sigterm_leaves_nothing_behind(tmp_path):
+    """``kill`` (SIGTERM) cleans up as Ctrl-C does: no throw-away store, no mount, no container process."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    demo = subprocess.Popen([*PYLAYERFS, "demo"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not mounts_below(str(tmp_path)) and demo.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert mounts_below(str(tmp_path)), "the demo mounted nothing to interrupt"
+        demo.send_signal(signal.SIGTERM)
+        demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for mountpoint in mounts_below(str(tmp_path)):
+            force_unmount(mountpoint)
+    assert demo.returncode == 130
+    deadline = time.monotonic() + 10
+    while (mounts_below(str(tmp_path)) or list(tmp_path.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mounts_below(str(tmp_path)) == [] and list(tmp_path.iterdir()) == []

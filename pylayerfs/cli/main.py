@@ -272,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             umount(args.mountpoint, lazy=args.lazy)
             return 0
+        signal.signal(signal.SIGTERM, _interrupted)  # a demo stopped by `kill` cleans up as after Ctrl-C
         if args.overlay:
             from pylayerfs.teaching.overlaydemo import run_demo
 
@@ -286,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stdout.flush()
         return 130
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _mount(args: argparse.Namespace) -> int:
