@@ -107,7 +107,8 @@ def test_reproduction_script_runs_on_the_kernel(monkeypatch: pytest.MonkeyPatch,
     script = os.path.join(tmp_path, "repro.sh")
     with open(script, "w") as f:
         f.write(report.reproduction(result))
-    run = subprocess.run(["sh", script], capture_output=True, text=True, timeout=120, check=False)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where the script keeps its layers for the reader
+    run = subprocess.run(["sh", script], capture_output=True, text=True, timeout=120, check=False, env=env)
     assert run.returncode == 0, run.stderr
     printed = re.findall(r"^step \d+: .* -> (.*)$", run.stdout, re.M)
     assert printed == [s.expected for s in result.divergence.steps]

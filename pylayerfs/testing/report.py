@@ -114,7 +114,7 @@ def reproduction(report: Report) -> str:
         "set -eu",
         f"MOUNT=${{1:-'{KERNEL}'}}",
         "REMOUNT=${2:-$MOUNT}",
-        "T=$(mktemp -d /tmp/pylayerfs-repro.XXXXXX)",
+        'T=$(mktemp -d "${TMPDIR:-/tmp}/pylayerfs-repro.XXXXXX")',
         'cd "$T"',
         "umask 022",
         "setx() { python3 -c 'import os, sys; os.setxattr(sys.argv[1], sys.argv[2], sys.argv[3].encode())' \"$@\"; }",
