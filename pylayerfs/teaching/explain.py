@@ -474,7 +474,8 @@ def mount_stack(path: str) -> tuple[Stack, str]:
         recorded = recorded_config(holding)
         if recorded is None:
             raise ExplainError(f"the pylayerfs mount on {holding.mountpoint} left no record of its layers in "
-                               f"{records_dir()} (its daemon is older than this pylayerfs, or was killed)")  # fmt: skip
+                               f"{records_dir()}: its daemon could not write there (for a user: no "
+                               f"$XDG_RUNTIME_DIR; its log says why), was killed, or is older")  # fmt: skip
         config = recorded
     layers = [Layer("the upper layer", config.upperdir)] if config.upperdir else []
     n = len(config.lowerdirs)
