@@ -84,10 +84,11 @@ def test_check_killed_leaves_no_mount_and_no_daemon(tmp_path):
         check.kill()
         check.wait(timeout=10)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (_processes_naming(where) or mounts_below(where)):
+        while time.monotonic() < deadline and (_processes_naming(where) or mounts_below(where) or os.listdir(where)):
             time.sleep(0.1)
         assert _processes_naming(where) == [], [_cmdline(str(p)) for p in _processes_naming(where)]
         assert mounts_below(where) == []
+        assert os.listdir(where) == [], "the killed check's layers are left behind"
     finally:
         with contextlib.suppress(ProcessLookupError):
             check.kill()
@@ -110,6 +111,7 @@ def test_check_mounts_stay_in_its_own_namespace_and_it_still_passes(tmp_path):
         assert check.returncode == 0, out + err
         assert "engine against model: pass" in out and "pylayerfs against model: pass" in out
         assert leaked == [], "the check's mounts are visible outside its namespace"
+        assert os.listdir(where) == [], "the check leaves its scratch directory behind"
     finally:
         with contextlib.suppress(ProcessLookupError):
             check.kill()

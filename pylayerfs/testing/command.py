@@ -13,16 +13,20 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import json
 import os
 import random
 import select
+import shutil
 import signal
 import sys
 import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pylayerfs.overlay import realfs
+from pylayerfs.overlay.params import mounts_below
 from pylayerfs.testing.ops import FAMILIES
 
 if TYPE_CHECKING:
@@ -149,11 +153,12 @@ def _wait(pid: int) -> int:
             return _exit_code(os.waitpid(pid, 0)[1])
 
 
-def _init(work: Callable[[], int], lifeline: int) -> int:
+def _init(work: Callable[[], int], lifeline: int, scratch: str | None) -> int:
     """PID 1 of the check's namespace: run ``work`` in a child, reap every orphan, exit with ``work``'s code.
 
     Returns (to be passed to ``os._exit``) as soon as ``lifeline`` reads EOF (the ``pylayerfs check``
-    process is gone, however it died): PID 1's exit makes the kernel kill every process of the namespace.
+    process is gone, however it died), after :func:`_abandon` has cleared ``scratch``; PID 1's exit
+    makes the kernel kill every process of the namespace.
     """
     worker = os.fork()
     if worker == 0:
@@ -173,6 +178,7 @@ def _init(work: Callable[[], int], lifeline: int) -> int:
         with contextlib.suppress(InterruptedError):
             readable, _, _ = select.select([lifeline], [], [], 0.2)
             if readable and not os.read(lifeline, 1):
+                _abandon(scratch)
                 return EXIT_KILLED
         while True:  # reap: the worker, and the daemons that mount commands leave behind
             try:
@@ -185,7 +191,21 @@ def _init(work: Callable[[], int], lifeline: int) -> int:
                 return _exit_code(status)
 
 
-def isolated(work: Callable[[], int]) -> int:
+def _abandon(scratch: str | None) -> None:
+    """The check was killed: stop every process of the namespace, detach its mounts, remove ``scratch``."""
+    with contextlib.suppress(OSError):
+        os.kill(-1, signal.SIGKILL)  # from PID 1: every other process of this PID namespace
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            os.waitpid(-1, 0)
+    if scratch is not None:
+        for mountpoint in mounts_below(scratch):  # never delete through a mount (a kernel overlay is still live)
+            with contextlib.suppress(OSError):
+                realfs.detach(mountpoint)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def isolated(work: Callable[[], int], scratch: str | None = None) -> int:
     """Run ``work`` in a new mount and PID namespace; return its exit code (as root only).
 
     Three processes: this one waits; a child unshares (this process's own namespaces never change, so
@@ -195,6 +215,7 @@ def isolated(work: Callable[[], int]) -> int:
     the write end of and exits; the kernel then kills every process in the namespace (FUSE daemons
     included) and the mount namespace, with every mount in it, goes away. Raises OSError (EPERM without
     root) when the namespaces cannot be made; ``work``'s output goes to the same stdout and stderr.
+    ``scratch``: a directory PID 1 removes (mounts below it detached first) when this process dies.
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -218,7 +239,7 @@ def isolated(work: Callable[[], int]) -> int:
             os.close(report_w)
             init = os.fork()
             if init == 0:
-                code = _init(work, lifeline)
+                code = _init(work, lifeline, scratch)
             else:
                 os.close(lifeline)
                 code = _wait(init)
@@ -257,11 +278,15 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print(NEEDS_ROOT, file=sys.stderr)
         return 1
+    scratch = tempfile.mkdtemp(prefix="pylayerfs-check-", dir=args.dir)  # every scenario's layers, in one place
+    options = dataclasses.replace(options, base=scratch)
     try:
-        return isolated(lambda: _check_all(args, options, reference, subjects))
+        return isolated(lambda: _check_all(args, options, reference, subjects), scratch)
     except OSError as exc:
         print(f"pylayerfs check: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _check_all(args: argparse.Namespace, options: Options, reference: Target, subjects: list[Target]) -> int:
