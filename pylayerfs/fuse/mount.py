@@ -33,8 +33,9 @@ import subprocess
 import sys
 import time
 
+from pylayerfs.overlay import realfs
 from pylayerfs.overlay.filesystem import Overlay
-from pylayerfs.overlay.params import MountConfig, MountEntry, MountError, mountinfo
+from pylayerfs.overlay.params import MountConfig, MountEntry, MountError, mountinfo, mounts_below
 
 log = logging.getLogger("pylayerfs")
 READY = b"ready\n"
@@ -345,3 +346,16 @@ def umount(mountpoint: str, *, lazy: bool = False) -> None:
     )
     if result.returncode != 0:
         raise MountError(f"cannot unmount '{mountpoint}': {result.stderr.strip()}")
+
+
+def remove_tree(path: str) -> None:
+    """Remove the directory ``path`` and all below it, after detaching every mount there (lazily, MNT_DETACH).
+
+    For throw-away trees (a demo's store, a check's layers) that a run stopped half-way may leave mounted:
+    nothing is ever deleted through a mount. Never raises: what cannot be removed stays.
+    """
+    for mountpoint in mounts_below(path):
+        with contextlib.suppress(OSError):
+            realfs.detach(mountpoint)
+    if not mounts_below(path):
+        shutil.rmtree(path, ignore_errors=True)

@@ -15,7 +15,6 @@ on stderr, written after stdout is flushed so that they come in order.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import shutil
@@ -24,10 +23,9 @@ import sys
 import tempfile
 import textwrap
 
+from pylayerfs.fuse.mount import remove_tree
 from pylayerfs.image.sizes import layer_size
 from pylayerfs.image.store import Store
-from pylayerfs.overlay import realfs
-from pylayerfs.overlay.params import mounts_below
 
 APP_SH = "#!/bin/sh\necho hi\nexec sleep 999\n"  # as many bytes as the blog's app.sh (33)
 DOCKERFILE_1 = """# syntax=docker/dockerfile:1
@@ -148,10 +146,7 @@ def run_demo(directory: str | None = None, step: bool = False, keep: bool = Fals
         if keep or chosen:
             print(f"\nThe store is kept in {demo.root}: try  pylayerfs --root {demo.root} images")
         else:
-            for mountpoint in mounts_below(directory):  # a step interrupted mid-way: never delete through a mount
-                with contextlib.suppress(OSError):
-                    realfs.detach(mountpoint)
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory)  # also after a step interrupted mid-way, still mounted
     return 0
 
 

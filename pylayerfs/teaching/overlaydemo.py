@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pylayerfs.overlay.markers import (
     is_whiteout,
     make_whiteout,
 )
-from pylayerfs.overlay.params import MountConfig, MountError, check, mounts_below
+from pylayerfs.overlay.params import MountConfig, MountError, check
 from pylayerfs.teaching.demo import error
 
 
@@ -105,8 +104,8 @@ def _clean_up(root: str, merged: str, remove: bool) -> None:
         except MountError:
             with contextlib.suppress(MountError):
                 mount.umount(merged, lazy=True)
-    if remove and not mounts_below(root):  # never delete through a mount
-        shutil.rmtree(root, ignore_errors=True)
+    if remove:
+        mount.remove_tree(root)
 
 
 def _show(root: str) -> None:

@@ -18,15 +18,13 @@ import json
 import os
 import random
 import select
-import shutil
 import signal
 import sys
 import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pylayerfs.overlay import realfs
-from pylayerfs.overlay.params import mounts_below
+from pylayerfs.fuse.mount import remove_tree
 from pylayerfs.testing.ops import FAMILIES
 
 if TYPE_CHECKING:
@@ -199,10 +197,7 @@ def _abandon(scratch: str | None) -> None:
         while True:
             os.waitpid(-1, 0)
     if scratch is not None:
-        for mountpoint in mounts_below(scratch):  # never delete through a mount (a kernel overlay is still live)
-            with contextlib.suppress(OSError):
-                realfs.detach(mountpoint)
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
 
 
 def isolated(work: Callable[[], int], scratch: str | None = None) -> int:
@@ -286,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pylayerfs check: {exc.strerror or exc}", file=sys.stderr)
         return 1
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
 
 
 def _check_all(args: argparse.Namespace, options: Options, reference: Target, subjects: list[Target]) -> int:
