@@ -45,9 +45,9 @@ def test_diagram_is_valid_svg_with_one_box_per_layer(tmp_path):
     pylayerfs(store, "base", "alpine")
     ctx = context_with(tmp_path / "ctx", 'FROM alpine\nRUN echo 12345678901 > /eleven\nCMD ["sleep", "600"]\n')
     pylayerfs(store, "build", "-t", "pic", str(ctx))
-    pylayerfs(store, "run", "-d", "--name", "c", "pic")
+    pylayerfs(store, "run", "-d", "--name", "web", "pic")
     try:
-        pylayerfs(store, "diagram", "c", "-o", str(tmp_path / "c.svg"))
+        pylayerfs(store, "diagram", "web", "-o", str(tmp_path / "c.svg"))
         root = ET.parse(tmp_path / "c.svg").getroot()
         ns = {"svg": "http://www.w3.org/2000/svg"}
         boxes = root.findall("svg:g", ns)
@@ -62,4 +62,4 @@ def test_diagram_is_valid_svg_with_one_box_per_layer(tmp_path):
         assert text.startswith("image pic\n+") and text.count("| <missing>") == 1
         assert pylayerfs(store, "history", "--format", "tree", "pic").stdout == text
     finally:
-        pylayerfs(store, "rm", "-f", "c")
+        pylayerfs(store, "rm", "-f", "web")

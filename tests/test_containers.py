@@ -69,11 +69,11 @@ def _human(n: int) -> str:
 
 
 def test_diff_lists_added_changed_and_deleted(store):
-    pylayerfs(store, "run", "-d", "--name", "d", "app")
-    pylayerfs(store, "exec", "d", "sh", "-c",
+    pylayerfs(store, "run", "-d", "--name", "differ", "app")
+    pylayerfs(store, "exec", "differ", "sh", "-c",
               "echo new > /data/new && echo more >> /data/kept && rm /data/gone && rm -rf /data/old && mkdir /data/old "
               "&& echo fresh > /data/old/b && mkdir /added")  # fmt: skip
-    assert pylayerfs(store, "diff", "d").stdout.splitlines() == [
+    assert pylayerfs(store, "diff", "differ").stdout.splitlines() == [
         "A /added",
         "C /data",
         "D /data/gone",
@@ -86,9 +86,11 @@ def test_diff_lists_added_changed_and_deleted(store):
 
 
 def test_commit_then_run_the_committed_image(store):
-    pylayerfs(store, "run", "-d", "--name", "c", "app")
-    pylayerfs(store, "exec", "c", "sh", "-c", "echo hello world > /file.txt && rm /data/gone")
-    image_id = pylayerfs(store, "commit", "-m", "msg", "-c", "ENV STAGE=committed", "c", "snap:1").stdout.strip()
+    pylayerfs(store, "run", "-d", "--name", "committer", "app")
+    pylayerfs(store, "exec", "committer", "sh", "-c", "echo hello world > /file.txt && rm /data/gone")
+    image_id = pylayerfs(
+        store, "commit", "-m", "msg", "-c", "ENV STAGE=committed", "committer", "snap:1"
+    ).stdout.strip()
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", image_id)
     out = pylayerfs(store, "run", "--rm", "snap:1", "sh", "-c", "cat /file.txt; ls /data; echo $STAGE")
     assert out.stdout == "hello world\nkept\nold\ncommitted\n"
@@ -98,7 +100,7 @@ def test_commit_then_run_the_committed_image(store):
     # the container's command, the layer's 12 bytes (/file.txt; the whiteout of /data/gone counts 0), -m
     assert [cells[0], *cells[2:]] == [image_id.removeprefix("sha256:")[:12], "sleep 600", "12B", "msg"]
     assert pylayerfs(store, "ps", "-a", "-q").stdout.split() == [
-        Runtime(Store(str(store))).containers.find("c").short_id
+        Runtime(Store(str(store))).containers.find("committer").short_id
     ]
 
 
@@ -147,25 +149,27 @@ def _h4(n: int) -> str:
 
 
 def test_stopped_and_killed_containers_keep_their_layer(store):
-    pylayerfs(store, "run", "-d", "--name", "s", "app")
-    pylayerfs(store, "exec", "s", "sh", "-c", "echo kept > /state")
-    pylayerfs(store, "stop", "-t", "1", "s")
-    assert ps_row(store, "s")["Status"].startswith("Exited (143)")
-    assert ps_row(store, "s")["Size"].startswith("5B (virtual"), "sizes of a stopped container come from its directory"
+    pylayerfs(store, "run", "-d", "--name", "stopper", "app")
+    pylayerfs(store, "exec", "stopper", "sh", "-c", "echo kept > /state")
+    pylayerfs(store, "stop", "-t", "1", "stopper")
+    assert ps_row(store, "stopper")["Status"].startswith("Exited (143)")
+    assert ps_row(store, "stopper")["Size"].startswith("5B (virtual"), (
+        "sizes of a stopped container come from its directory"
+    )
     runtime = Runtime(Store(str(store)))
-    assert mounts_below(runtime.store.layout.layer(runtime.containers.find("s").mount_id)) == []
-    pylayerfs(store, "start", "s")
-    assert pylayerfs(store, "exec", "s", "cat", "/state").stdout == "kept\n"
-    monitor = runtime.containers.find("s").state.monitor_pid
+    assert mounts_below(runtime.store.layout.layer(runtime.containers.find("stopper").mount_id)) == []
+    pylayerfs(store, "start", "stopper")
+    assert pylayerfs(store, "exec", "stopper", "cat", "/state").stdout == "kept\n"
+    monitor = runtime.containers.find("stopper").state.monitor_pid
     os.kill(monitor, signal.SIGKILL)  # a reboot, as far as the container is concerned
     deadline = time.monotonic() + 10
     while os.path.exists(f"/proc/{monitor}/cmdline") and open(f"/proc/{monitor}/cmdline").read():
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert ps_row(store, "s")["Status"].startswith("Exited (255)")
-    assert mounts_below(runtime.store.layout.layer(runtime.containers.find("s").mount_id)) == [], "no stale mount"
-    pylayerfs(store, "start", "s")
-    assert pylayerfs(store, "exec", "s", "cat", "/state").stdout == "kept\n"
+    assert ps_row(store, "stopper")["Status"].startswith("Exited (255)")
+    assert mounts_below(runtime.store.layout.layer(runtime.containers.find("stopper").mount_id)) == [], "no stale mount"
+    pylayerfs(store, "start", "stopper")
+    assert pylayerfs(store, "exec", "stopper", "cat", "/state").stdout == "kept\n"
 
 
 def test_foreground_run_and_bad_input(store):

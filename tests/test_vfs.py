@@ -154,5 +154,5 @@ def test_vfs_init_files_stay_inside_an_image_whose_etc_points_out(tmp_path):
         t.add(rootfs, arcname=".")
     root = tmp_path / "store"
     pylayerfs(root, "import", str(tar), "evil")
-    pylayerfs(root, "create", "--storage-driver", "vfs", "--name", "c", "evil", "/bin/true")
+    pylayerfs(root, "create", "--storage-driver", "vfs", "--name", "vfs1", "evil", "/bin/true")
     assert os.listdir(outside) == []
