@@ -224,13 +224,14 @@ def _mount_fuse_argv(argv: Sequence[str]) -> list[str]:
 
 NEEDS_ROOT = ("build", "run", "create", "start", "exec", "base", "import")
 # Commands that only read and print: when their reader goes away (`| head`), they stop at once and
-# quietly, as Unix tools do (SIGPIPE). The others keep Python's EPIPE error, so they can clean up.
+# quietly, as Unix tools do (SIGPIPE). The others keep Python's EPIPE error, so they can clean up
+# (and `diagram -o x.png`, which writes to its converter's pipe, learns of a converter that stopped).
 READ_ONLY = ("history", "images", "inspect", "ps", "logs", "diff", "system", *TEACHING_COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(_mount_fuse_argv(sys.argv[1:] if argv is None else argv))
-    if args.command in READ_ONLY or (args.command == "bench" and args.explain):
+    if (args.command in READ_ONLY and not getattr(args, "output", None)) or (args.command == "bench" and args.explain):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.command in NEEDS_ROOT and os.geteuid() != 0:
         print(f"pylayerfs {args.command}: needs root (it mounts layers, makes device nodes and enters namespaces)",
