@@ -43,10 +43,11 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def attempt(op: Callable[[], Any]) -> Any:
-    """What ``op()`` returned, or the name of its errno."""
+def attempt(op: Callable[[], object], then: Callable[[], object] | None = None) -> Any:
+    """What ``op()`` returned (or, given ``then``, what ``then()`` returns after it), or the name of the errno."""
     try:
-        return op()
+        value = op()
+        return then() if then is not None else value
     except OSError as exc:
         return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
@@ -104,8 +105,8 @@ def _in_deep(top: str, deep: str, action: Callable[[], Any], create: bool = Fals
 
 
 def differential(
-    root: Path, scenario: Callable[[str], dict[str, Any]], spec: Spec = LOWER, deep: str = ""
-) -> dict[str, Any]:
+    root: Path, scenario: Callable[[str], dict[Any, Any]], spec: Spec = LOWER, deep: str = ""
+) -> dict[Any, Any]:
     """Run ``scenario`` on the kernel's overlayfs and on pylayerfs; assert the same results and uppers; the results.
 
     ``deep``: a directory path (longer than PATH_MAX) made in the lower layer, holding ``lowfile``.
@@ -135,7 +136,8 @@ def _deep_form(top: str, deep: str) -> dict[str, tuple[int, int, bytes]]:
             out[name] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), data)
         return out
 
-    return _in_deep(top, deep, form)
+    result: dict[str, tuple[int, int, bytes]] = _in_deep(top, deep, form)
+    return result
 
 
 def _upper_form(upper: str, deep: str) -> Any:
@@ -154,15 +156,15 @@ def _mtime_changed(path: str) -> bool:
 
 
 def test_ftruncate_and_truncate_command_reach_the_open_file_not_the_root(backing):
-    def scenario(m: str) -> dict[str, Any]:
+    def scenario(m: str) -> dict[Any, Any]:
         os.utime(m, (Y2K, Y2K))
-        r: dict[str, Any] = {}
+        r: dict[Any, Any] = {}
         fd = os.open(f"{m}/f", os.O_RDWR | os.O_CREAT, 0o644)
         os.write(fd, b"x" * 100)
-        r["new"] = attempt(lambda: (os.ftruncate(fd, 10), os.fstat(fd).st_size)[1])
+        r["new"] = attempt(lambda: os.ftruncate(fd, 10), lambda: os.fstat(fd).st_size)
         os.close(fd)
         fd = os.open(f"{m}/low", os.O_RDWR)
-        r["lower"] = attempt(lambda: (os.ftruncate(fd, 3), os.pread(fd, 100, 0))[1])
+        r["lower"] = attempt(lambda: os.ftruncate(fd, 3), lambda: os.pread(fd, 100, 0))
         os.close(fd)
         fd = os.open(f"{m}/low", os.O_RDONLY)
         r["read-only"] = attempt(lambda: os.ftruncate(fd, 1))
@@ -178,8 +180,20 @@ def test_ftruncate_and_truncate_command_reach_the_open_file_not_the_root(backing
 # -- 2. open files whose name is gone ---------------------------------------------------------------
 
 
-def _unlinked(m: str) -> dict[str, Any]:
-    r: dict[str, Any] = {}
+def _through_fd(r: dict[Any, Any], what: str, fd: int) -> None:
+    """Every request on the open file ``fd``, its answer in ``r[what, request]``."""
+    r[what, "fstat"] = attempt(lambda: (os.fstat(fd).st_nlink, os.fstat(fd).st_size))
+    r[what, "fchmod"] = attempt(lambda: os.fchmod(fd, 0o600), lambda: oct(os.fstat(fd).st_mode))
+    r[what, "fchown"] = attempt(lambda: os.fchown(fd, 5, 6), lambda: (os.fstat(fd).st_uid, os.fstat(fd).st_gid))
+    r[what, "futimens"] = attempt(lambda: os.utime(fd, ns=(1, 2)), lambda: os.fstat(fd).st_mtime_ns)
+    r[what, "ftruncate"] = attempt(lambda: os.ftruncate(fd, 7), lambda: os.fstat(fd).st_size)
+    r[what, "write"] = attempt(lambda: os.pwrite(fd, b"ab", 0))
+    r[what, "read"] = attempt(lambda: os.pread(fd, 20, 0))
+    r[what, "nlink after all"] = attempt(lambda: os.fstat(fd).st_nlink)
+
+
+def _unlinked(m: str) -> dict[Any, Any]:
+    r: dict[Any, Any] = {}
     for what, path, flags in (
         ("new", f"{m}/t", os.O_RDWR | os.O_CREAT),
         ("copied up", f"{m}/low", os.O_RDWR),
@@ -189,14 +203,7 @@ def _unlinked(m: str) -> dict[str, Any]:
         if flags & os.O_CREAT:
             os.write(fd, b"x" * 100)
         os.unlink(path)
-        r[what, "fstat"] = attempt(lambda fd=fd: (os.fstat(fd).st_nlink, os.fstat(fd).st_size))
-        r[what, "fchmod"] = attempt(lambda fd=fd: (os.fchmod(fd, 0o600), oct(os.fstat(fd).st_mode))[1])
-        r[what, "fchown"] = attempt(lambda fd=fd: (os.fchown(fd, 5, 6), os.fstat(fd).st_uid, os.fstat(fd).st_gid)[1:])
-        r[what, "futimens"] = attempt(lambda fd=fd: (os.utime(fd, ns=(1, 2)), os.fstat(fd).st_mtime_ns)[1])
-        r[what, "ftruncate"] = attempt(lambda fd=fd: (os.ftruncate(fd, 7), os.fstat(fd).st_size)[1])
-        r[what, "write"] = attempt(lambda fd=fd: os.pwrite(fd, b"ab", 0))
-        r[what, "read"] = attempt(lambda fd=fd: os.pread(fd, 20, 0))
-        r[what, "nlink after all"] = attempt(lambda fd=fd: os.fstat(fd).st_nlink)
+        _through_fd(r, what, fd)
         os.close(fd)
     with tempfile.TemporaryFile(dir=m) as f:
         f.write(b"temporary")
@@ -222,14 +229,14 @@ def test_an_unlinked_open_file_answers_fstat_fchmod_fchown_futimens_as_the_kerne
 
 
 def test_an_open_file_renamed_away_then_unlinked_in_a_moved_directory_stays_usable(tmp_path):
-    def scenario(m: str) -> dict[str, Any]:
+    def scenario(m: str) -> dict[Any, Any]:
         os.mkdir(f"{m}/a")
         fd = os.open(f"{m}/a/f", os.O_RDWR | os.O_CREAT, 0o644)
         os.write(fd, b"abc")
         os.unlink(f"{m}/a/f")
         os.rename(f"{m}/a", f"{m}/b")  # libfuse moves the hidden name with its directory
         r = {"fstat": attempt(lambda: (os.fstat(fd).st_nlink, os.fstat(fd).st_size))}
-        r["fchmod"] = attempt(lambda: (os.fchmod(fd, 0o640), oct(os.fstat(fd).st_mode))[1])
+        r["fchmod"] = attempt(lambda: os.fchmod(fd, 0o640), lambda: oct(os.fstat(fd).st_mode))
         os.close(fd)
         r["listing"] = os.listdir(f"{m}/b")
         return r
@@ -257,12 +264,12 @@ def _make(kind: str, path: str) -> None:
 
 @pytest.mark.parametrize("kind", ["fifo", "chr", "sock", "symlink", "file"])
 def test_hard_linked_objects_of_every_type_show_changes_through_every_name(tmp_path, kind):
-    def scenario(m: str) -> dict[str, Any]:
+    def scenario(m: str) -> dict[Any, Any]:
         def seen(name: str) -> tuple[Any, ...]:
             st = os.lstat(f"{m}/{name}")
             return oct(st.st_mode), st.st_uid, st.st_gid, st.st_nlink
 
-        r: dict[str, Any] = {}
+        r: dict[Any, Any] = {}
         _make(kind, f"{m}/n0")
         r["made"] = seen("n0")  # cached by the kernel from here
         os.link(f"{m}/n0", f"{m}/n1", follow_symlinks=False)
@@ -285,31 +292,37 @@ def test_hard_linked_objects_of_every_type_show_changes_through_every_name(tmp_p
 # -- 5. deep paths -----------------------------------------------------------------------------------
 
 
+def _remove_h_s_sub() -> None:
+    os.unlink("h")
+    os.unlink("s")
+    os.rmdir("sub")
+
+
 DEEP = "/".join(["d" * 200] * 24)  # 4,824 characters
 
 
 def test_every_operation_works_more_than_4096_characters_below_the_root(tmp_path):
-    def operations() -> dict[str, Any]:
-        r: dict[str, Any] = {}
+    def operations() -> dict[Any, Any]:
+        r: dict[Any, Any] = {}
         with open("f", "w") as f:
             f.write("x" * 1000)
-        r["truncate"] = attempt(lambda: (os.truncate("f", 123), os.stat("f").st_size)[1])
-        r["truncate lower"] = attempt(lambda: (os.truncate("lowfile", 4), Path("lowfile").read_text())[1])
-        r["chmod"] = attempt(lambda: (os.chmod("f", 0o600), oct(os.stat("f").st_mode))[1])
-        r["utime"] = attempt(lambda: (os.utime("f", ns=(1, 2)), os.stat("f").st_mtime_ns)[1])
+        r["truncate"] = attempt(lambda: os.truncate("f", 123), lambda: os.stat("f").st_size)
+        r["truncate lower"] = attempt(lambda: os.truncate("lowfile", 4), lambda: Path("lowfile").read_text())
+        r["chmod"] = attempt(lambda: os.chmod("f", 0o600), lambda: oct(os.stat("f").st_mode))
+        r["utime"] = attempt(lambda: os.utime("f", ns=(1, 2)), lambda: os.stat("f").st_mtime_ns)
         with open("f", "a") as f:
             f.write("++")
         r["append"] = os.stat("f").st_size
         fd = os.open("f", os.O_RDWR)
-        r["ftruncate"] = attempt(lambda: (os.ftruncate(fd, 50), os.fstat(fd).st_size)[1])
-        r["fallocate"] = attempt(lambda: (fallocate(fd, 0, 0, 8192), os.fstat(fd).st_size)[1])
+        r["ftruncate"] = attempt(lambda: os.ftruncate(fd, 50), lambda: os.fstat(fd).st_size)
+        r["fallocate"] = attempt(lambda: fallocate(fd, 0, 0, 8192), lambda: os.fstat(fd).st_size)
         os.close(fd)
-        r["link"] = attempt(lambda: (os.link("f", "g"), os.stat("g").st_nlink)[1])
-        r["rename"] = attempt(lambda: (os.rename("g", "h"), sorted(os.listdir(".")))[1])
-        r["setxattr"] = attempt(lambda: (os.setxattr("h", "user.k", b"v"), os.getxattr("h", "user.k"))[1])
-        r["mkdir"] = attempt(lambda: (os.mkdir("sub"), os.stat("sub").st_nlink)[1])
-        r["symlink"] = attempt(lambda: (os.symlink("f", "s"), os.readlink("s"))[1])
-        r["unlink"] = attempt(lambda: (os.unlink("h"), os.unlink("s"), os.rmdir("sub"), sorted(os.listdir(".")))[3])
+        r["link"] = attempt(lambda: os.link("f", "g"), lambda: os.stat("g").st_nlink)
+        r["rename"] = attempt(lambda: os.rename("g", "h"), lambda: sorted(os.listdir(".")))
+        r["setxattr"] = attempt(lambda: os.setxattr("h", "user.k", b"v"), lambda: os.getxattr("h", "user.k"))
+        r["mkdir"] = attempt(lambda: os.mkdir("sub"), lambda: os.stat("sub").st_nlink)
+        r["symlink"] = attempt(lambda: os.symlink("f", "s"), lambda: os.readlink("s"))
+        r["unlink"] = attempt(_remove_h_s_sub, lambda: sorted(os.listdir(".")))
         return r
 
     r = differential(tmp_path, lambda m: _in_deep(m, DEEP, operations), deep=DEEP)
@@ -320,8 +333,8 @@ def test_every_operation_works_more_than_4096_characters_below_the_root(tmp_path
 
 
 def test_fallocate_modes_as_the_kernel_copying_a_lower_file_up_first(backing):
-    def scenario(m: str) -> dict[str, Any]:
-        r: dict[str, Any] = {}
+    def scenario(m: str) -> dict[Any, Any]:
+        r: dict[Any, Any] = {}
         for label, mode, offset, length in (
             ("allocate", 0, 65536, 65536),
             ("keep size", KEEP_SIZE, 0, 1 << 20),
@@ -333,7 +346,7 @@ def test_fallocate_modes_as_the_kernel_copying_a_lower_file_up_first(backing):
             try:
                 before = os.fstat(fd).st_blocks
                 r[label] = attempt(
-                    lambda fd=fd, mode=mode, offset=offset, length=length: fallocate(fd, mode, offset, length)
+                    lambda: fallocate(fd, mode, offset, length)  # noqa: B023 (called at once)
                 )
                 st = os.fstat(fd)
                 data = os.pread(fd, st.st_size, 0)
@@ -353,8 +366,8 @@ def test_fallocate_modes_as_the_kernel_copying_a_lower_file_up_first(backing):
 
 
 def test_truncating_to_the_same_size_changes_mtime_exactly_when_the_kernel_does(backing):
-    def scenario(m: str) -> dict[str, Any]:
-        r: dict[str, Any] = {}
+    def scenario(m: str) -> dict[Any, Any]:
+        r: dict[Any, Any] = {}
         with open(f"{m}/full", "w") as f:
             f.write("abc")
         open(f"{m}/void", "w").close()
