@@ -219,6 +219,10 @@ def _unlinked(m: str) -> dict[Any, Any]:
     r["replaced", "fstat"] = attempt(lambda: (os.fstat(fd).st_nlink, os.fstat(fd).st_size))
     r["replaced", "read"] = os.pread(fd, 20, 0)
     os.close(fd)
+    # a name like libfuse's hidden ones, given by a user to a file no one holds open, is just a name
+    with open(f"{m}/plain", "w") as f:
+        f.write("plain")
+    os.rename(f"{m}/plain", f"{m}/.fuse_hidden0000000200000009")
     r["names"] = sorted(os.listdir(m)), sorted(os.listdir(f"{m}/d"))
     return r
 

@@ -170,13 +170,24 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         return min(handles)
 
-    def _hide(self, old: str, new: str) -> None:
-        """libfuse hides the open file ``old`` as ``new``: remove ``old`` from the overlay, remember its handles."""
+    def _hiding(self, old: str, new: str) -> bool:
+        """If ``rename(old, new)`` is libfuse hiding an open file that is being removed (or replaced), do the removal.
+
+        That is a rename to a free hidden name in the same directory, of a name with open handles (a user's rename to
+        such a name, of a file no one holds open, is a rename). Then ``old`` is removed from the overlay and ``new``
+        stands for its handles; answers True. Raises what the removal raises.
+        """
+        parent, _, name = new.rpartition("/")
+        if old.rpartition("/")[0] != parent or not _HIDDEN_NAME.fullmatch(name) or new in self._hidden:
+            return False
         handles = set(self.ov.handles(_rel(old)))
+        if not handles:
+            return False
         self.ov.unlink(_rel(old))
         self._hidden[new] = handles
         if self._invalidator is not None:  # the kernel guesses the link count (one less): let it ask
             self._invalidator.invalidate(old)  # libfuse renames its node after this returns
+        return True
 
     def _moved(self, old: str, new: str, exchange: bool) -> None:
         """A rename moved (or exchanged) ``old`` and ``new``: so did the hidden files below them in libfuse's tree."""
@@ -311,9 +322,7 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
 
     @_answers_eio
     def rename(self, old: str, new: str, flags: int = 0) -> int:
-        parent, _, name = new.rpartition("/")
-        if not flags and old.rpartition("/")[0] == parent and _HIDDEN_NAME.fullmatch(name) and new not in self._hidden:
-            self._hide(old, new)  # libfuse hiding an open file that is being removed (or replaced)
+        if not flags and self._hiding(old, new):
             return 0
         self.ov.rename(_rel(old), _rel(new), flags)
         self._moved(old, new, bool(flags & 2))  # RENAME_EXCHANGE
