@@ -22,7 +22,7 @@ def test_debug_traces_every_change_on_the_upper_layer(tmp_path):
         os.mkdir(f"{mnt}/new")  # mkdir
         with open(f"{mnt}/new/file", "w") as f:  # create
             f.write("12345")
-        os.truncate(f"{mnt}/new/file", 2)  # ftruncate
+        os.truncate(f"{mnt}/new/file", 2)  # truncate (truncate(2), as the kernel passes it on)
         os.chmod(f"{mnt}/x", 0o600)  # copy-up, then chmod
         os.chown(f"{mnt}/x", 1, 1)  # chown
         os.utime(f"{mnt}/x", ns=(10**9, 10**9))  # utimensat
@@ -44,7 +44,7 @@ def test_debug_traces_every_change_on_the_upper_layer(tmp_path):
     for call, path in [
         ("mkdir", "new"),
         ("create", "new/file"),
-        ("ftruncate", "new/file"),
+        ("truncate", "new/file"),
         ("copy_up", "x"),
         ("chmod", "x"),
         ("chown", "x"),

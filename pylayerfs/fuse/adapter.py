@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import queue
+import re
 import stat
 import threading
 from collections.abc import Callable
@@ -35,6 +36,8 @@ CACHE_TIMEOUT = 86400.0
 _STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_rdev", "st_blocks", "st_blksize")
 # The longest a request waits for the kernel to take an invalidation (see _Invalidator).
 INVALIDATE_WAIT = 1.0
+# The names libfuse gives an open file whose name is removed (fuse.c, hidden_name): ".fuse_hidden" node id, counter.
+_HIDDEN_NAME = re.compile(r"\.fuse_hidden[0-9a-f]{16}")
 
 
 def _answers_eio(method: F) -> F:
@@ -94,9 +97,20 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
 
     Except for hard links: libfuse's path API gives every name its own kernel
     inode, so what is written through one name would not show through the
-    others. Files with more than one link get their attributes uncached and
-    their pages dropped at open (close-to-open coherence), and ``link``
-    invalidates the source name, whose link count it changed.
+    others. Objects of every type with more than one link get their attributes
+    uncached, regular files their pages dropped at open (close-to-open
+    coherence), and ``link`` invalidates the source name, whose link count it
+    changed.
+
+    Open files whose name is removed: libfuse's high-level API finds a file
+    only by a path, so it cannot serve ``fstat``, ``fchmod``, ``fchown`` or
+    ``futimens`` on a file that has none (with ``hard_remove`` it answers
+    ESTALE). Without ``hard_remove``, it renames such a file to a hidden name
+    (``.fuse_hidden...``) instead of removing it, keeps using that name, and
+    removes it at the last close. Here that rename *is* the removal: the name
+    is unlinked in the overlay at once (the upper layer never holds a hidden
+    name, as with the kernel), and the hidden path stands for the open handles
+    of the file (:attr:`_hidden`), through which its requests are served.
     """
 
     use_ns = True
@@ -111,6 +125,7 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
         self._next_dir = itertools.count(1)
         self._config: Any = None
         self._invalidator: _Invalidator | None = None
+        self._hidden: dict[str, set[int]] = {}  # hidden path of an unlinked open file -> its open handles
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         if config is not None:
@@ -120,11 +135,18 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
         if self._on_ready is not None:
             self._on_ready()
 
-    def _cache(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        """Set how long the kernel may keep these attributes (libfuse reads it for the reply to come)."""
+    def _cache(self, attrs: dict[str, Any], hidden: bool = False) -> dict[str, Any]:
+        """Set how long the kernel may keep these attributes (libfuse reads it for the reply to come).
+
+        Not at all for an object of any type with more than one name (each name is a kernel inode of its own), nor for
+        a hidden file: libfuse takes one off its link count in a GETATTR reply (for the hidden name), so the link count
+        is given one more here, which the replies that do not take it off (SETATTR, LOOKUP) must not leave cached.
+        """
+        if hidden:
+            attrs["st_nlink"] += 1
         if self._config is not None:
-            linked = stat.S_ISREG(attrs["st_mode"]) and attrs["st_nlink"] > 1
-            self._config.attr_timeout = 0.0 if linked else self.timeout
+            linked = not stat.S_ISDIR(attrs["st_mode"]) and attrs["st_nlink"] > 1
+            self._config.attr_timeout = 0.0 if linked or hidden else self.timeout
         return attrs
 
     def _keep_pages(self, path: str, fh: int) -> int:
@@ -136,9 +158,53 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
     def destroy(self, path: str) -> None:
         self.ov.close()
 
+    def _handle(self, path: str | None, fh: int | None) -> int | None:
+        """The handle a request is about: ``fh``, or one of the hidden file's that ``path`` names (else None).
+
+        Raises ENOENT for a hidden path whose handles are all closed (libfuse is about to remove it).
+        """
+        if fh is not None or path is None or path not in self._hidden:
+            return fh
+        handles = self._hidden[path]
+        if not handles:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        return min(handles)
+
+    def _hiding(self, old: str, new: str) -> bool:
+        """If ``rename(old, new)`` is libfuse hiding an open file that is being removed (or replaced), do the removal.
+
+        That is a rename to a free hidden name in the same directory, of a name with open handles (a user's rename to
+        such a name, of a file no one holds open, is a rename). Then ``old`` is removed from the overlay and ``new``
+        stands for its handles; answers True. Raises what the removal raises.
+        """
+        parent, _, name = new.rpartition("/")
+        if old.rpartition("/")[0] != parent or not _HIDDEN_NAME.fullmatch(name) or new in self._hidden:
+            return False
+        handles = set(self.ov.handles(_rel(old)))
+        if not handles:
+            return False
+        self.ov.unlink(_rel(old))
+        self._hidden[new] = handles
+        if self._invalidator is not None:  # the kernel guesses the link count (one less): let it ask
+            self._invalidator.invalidate(old)  # libfuse renames its node after this returns
+        return True
+
+    def _moved(self, old: str, new: str, exchange: bool) -> None:
+        """A rename moved (or exchanged) ``old`` and ``new``: so did the hidden files below them in libfuse's tree."""
+        moves = {old + "/": new + "/"} | ({new + "/": old + "/"} if exchange else {})
+        renamed: dict[str, set[int]] = {}
+        for hidden in list(self._hidden):
+            for src, dst in moves.items():
+                if hidden.startswith(src):
+                    renamed[dst + hidden[len(src) :]] = self._hidden.pop(hidden)
+                    break
+        self._hidden.update(renamed)
+
     @_answers_eio
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
-        return self._cache(self.ov.getattr(_rel(path), fh))
+        handle = self._handle(path, fh)
+        hidden = path in self._hidden if path is not None else any(handle in h for h in self._hidden.values())
+        return self._cache(self.ov.getattr(_rel(path), handle), hidden)
 
     @_answers_eio
     def readlink(self, path: str) -> str:
@@ -183,7 +249,12 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
 
     @_answers_eio
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        self.ov.truncate(_rel(path), length, fh)
+        self.ov.truncate(_rel(path), length, self._handle(path, fh))
+        return 0
+
+    @_answers_eio
+    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
+        self.ov.fallocate(fh, mode, offset, size)
         return 0
 
     def flush(self, path: str | None, fh: int) -> int:
@@ -197,21 +268,23 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
     @_answers_eio
     def release(self, path: str | None, fh: int) -> int:
         self.ov.release(fh)
+        for handles in self._hidden.values():
+            handles.discard(fh)
         return 0
 
     @_answers_eio
-    def chmod(self, path: str, mode: int) -> int:
-        self.ov.chmod(_rel(path), mode)
+    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
+        self.ov.chmod(_rel(path), mode, self._handle(path, fh))
         return 0
 
     @_answers_eio
-    def chown(self, path: str, uid: int, gid: int) -> int:
-        self.ov.chown(_rel(path), uid, gid)
+    def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
+        self.ov.chown(_rel(path), uid, gid, self._handle(path, fh))
         return 0
 
     @_answers_eio
-    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-        self.ov.utimens(_rel(path), times)
+    def utimens(self, path: str | None, times: tuple[int, int] | None = None, fh: int | None = None) -> int:
+        self.ov.utimens(_rel(path), times, self._handle(path, fh))
         return 0
 
     @_answers_eio
@@ -238,7 +311,8 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
 
     @_answers_eio
     def unlink(self, path: str) -> int:
-        self.ov.unlink(_rel(path))
+        if self._hidden.pop(path, None) is None:  # a hidden file's name was removed when it was hidden
+            self.ov.unlink(_rel(path))
         return 0
 
     @_answers_eio
@@ -248,7 +322,10 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
 
     @_answers_eio
     def rename(self, old: str, new: str, flags: int = 0) -> int:
+        if not flags and self._hiding(old, new):
+            return 0
         self.ov.rename(_rel(old), _rel(new), flags)
+        self._moved(old, new, bool(flags & 2))  # RENAME_EXCHANGE
         return 0
 
     @_answers_eio
@@ -271,9 +348,12 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
 
 
 class _FUSE(fuse.FUSE):  # type: ignore[misc]
-    """mfusepy with two callbacks of our own.
+    """mfusepy with callbacks of our own.
 
     * rename: mfusepy drops the flags of rename(2) on libfuse 3; pass RENAME_NOREPLACE/EXCHANGE on.
+    * truncate, chmod, chown, utimens: mfusepy drops the open file libfuse 3 passes them. With ``nullpath_ok`` the
+      path is then NULL, and the request (``ftruncate``, and the ``utimens`` that follows it) would reach the root;
+      pass the handle on.
     * readdir: fill libfuse's buffer straight from ``(name, type, ino)`` tuples (no dict per entry).
     * getattr and create, the hottest callbacks of a metadata workload: mfusepy fills ``struct stat``
       through a generic loop and inspects ``create``'s signature on every call (tens of microseconds).
@@ -290,6 +370,27 @@ class _FUSE(fuse.FUSE):  # type: ignore[misc]
             spec = getattr(st, key + "spec")
             spec.tv_sec, spec.tv_nsec = divmod(attrs[key], 1_000_000_000)
         return 0
+
+    def _path(self, path: bytes | None) -> str | None:
+        return None if path is None else path.decode(self.encoding, self.errors)
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        return int(self.operations.truncate(self._path(path), length, fip.contents.fh if fip else None) or 0)
+
+    def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
+        return int(self.operations.chmod(self._path(path), mode, fip.contents.fh if fip else None) or 0)
+
+    def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip: Any) -> int:
+        uid = -1 if fuse.c_uid_t(uid + 1).value == 0 else uid  # (uid_t)-1: leave it
+        gid = -1 if fuse.c_gid_t(gid + 1).value == 0 else gid
+        return int(self.operations.chown(self._path(path), uid, gid, fip.contents.fh if fip else None) or 0)
+
+    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        times = None
+        if buf:
+            spec = buf.contents
+            times = (fuse.time_of_timespec(spec.actime, use_ns=True), fuse.time_of_timespec(spec.modtime, use_ns=True))
+        return int(self.operations.utimens(self._path(path), times, fip.contents.fh if fip else None) or 0)
 
     def create(self, path: bytes, mode: int, fip: Any) -> int:
         fi = fip.contents
@@ -333,7 +434,7 @@ def serve(
         fsname=fsname,
         subtype="pylayerfs",
         use_ino=True,
-        hard_remove=True,
+        hard_remove=False,  # an unlinked open file keeps a (hidden) path: see FuseOperations
         kernel_cache=True,
         attr_timeout=timeout,
         entry_timeout=timeout,

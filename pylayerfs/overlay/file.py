@@ -18,14 +18,15 @@ from dataclasses import dataclass
 class OpenFile:
     """One open file of the merged view: the real fd behind it (its number is the file handle), path, ``st_ino``.
 
-    ``on_lower``: a read-only handle on a lower file, switched to the upper copy on copy-up; ``metacopy``: its metadata
-    are an upper metacopy file's, its data still the lower file's.
+    ``on_lower``: a read-only handle on a lower file, switched to the upper copy on copy-up (while its name is that
+    file's: see :meth:`OpenFiles.forget`); ``metacopy``: its metadata are an upper metacopy file's, its data still the
+    lower file's.
     """
 
     fd: int
     path: str
     ino: int
-    on_lower: bool  # read-only handle on a lower file (switched to upper on copy-up)
+    on_lower: bool  # its fd is on a lower file (read-only; switched to upper on copy-up)
     metacopy: bool = False  # its metadata are an upper metacopy file's, not the lower file's
 
 
@@ -46,6 +47,10 @@ class OpenFiles:
     def get(self, fh: int) -> OpenFile:
         """The open file of handle ``fh``; raises KeyError for a handle that is not open (a caller's bug)."""
         return self._by_fh[fh]
+
+    def matching(self, holds: Callable[[int], bool]) -> list[int]:
+        """The handles whose real fd satisfies ``holds(fd)``; raises what ``holds`` raises."""
+        return [fh for fh, of in self._by_fh.items() if holds(of.fd)]
 
     def release(self, fh: int) -> None:
         """Forget handle ``fh`` and close its fd; raises KeyError for a handle that is not open."""
@@ -73,9 +78,11 @@ class OpenFiles:
             of.metacopy = True
 
     def forget(self, path: str) -> None:
-        """The name ``path`` now refers to another object: stop tracking handles opened on it."""
-        for of in self._lower_by_path.pop(path, []):
-            of.on_lower = False
+        """The name ``path`` now refers to another object (or none): stop switching handles opened on it at copy-up.
+
+        They stay ``on_lower``: their fd is still on the lower file, which nothing may change through them.
+        """
+        self._lower_by_path.pop(path, None)
 
     def _unregister(self, of: OpenFile) -> None:
         handles = [h for h in self._lower_by_path.pop(of.path, []) if h is not of]

@@ -39,6 +39,10 @@ def _requested_time(t: int, current: int, now: int) -> int:
     return now if t == UTIME_NOW else current if t == UTIME_OMIT else t
 
 
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
 class Overlay(OverlayState):
     """One mounted stack (see :class:`OverlayState` for the arguments), with its POSIX operations.
 
@@ -78,37 +82,54 @@ class Overlay(OverlayState):
             assert name is not None
             return os.readlink(name, dir_fd=fd)
 
-    def chmod(self, path: str, mode: int) -> None:
+    def chmod(self, path: str, mode: int, fh: int | None = None) -> None:
         """Set the permission bits of ``path`` (``mode``'s, setuid/setgid/sticky included), copying it up first.
 
-        The copy-up is of the metadata only with ``metacopy=on``. Raises EOPNOTSUPP for a symlink (before any
-        copy-up, as the kernel's VFS refuses it), EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, and
-        the upper filesystem's errors (EPERM...).
+        The copy-up is of the metadata only with ``metacopy=on``. With an open handle ``fh``, those of the open file,
+        which may have no name left (:meth:`_handle_object`). Raises EOPNOTSUPP for a symlink (before any copy-up, as
+        the kernel's VFS refuses it), EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, and the upper
+        filesystem's errors (EPERM...).
         """
+        if fh is not None:
+            realfs.chmod(self._handle_object(fh), None, stat.S_IMODE(mode))
+            return
         if stat.S_ISLNK(self.lookup.lookup(path).st.st_mode):
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
         with self._upper_object(path) as (fd, name):
             realfs.chmod(fd, name, stat.S_IMODE(mode))
 
-    def chown(self, path: str, uid: int, gid: int) -> None:
+    def chown(self, path: str, uid: int, gid: int, fh: int | None = None) -> None:
         """Set the owner and group of ``path`` (-1 keeps one), copying it up first (metadata only with ``metacopy=on``).
 
-        Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, and the upper filesystem's errors
-        (EPERM...).
+        With an open handle ``fh``, those of the open file (see :meth:`chmod`). Raises EROFS on a read-only stack,
+        ENOENT/ENOTDIR as the lookup does, and the upper filesystem's errors (EPERM...).
         """
+        if fh is not None:
+            realfs.chown(self._handle_object(fh), None, uid, gid)
+            return
         with self._upper_object(path) as (fd, name):
             realfs.chown(fd, name, uid, gid)
 
-    def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
+    def utimens(self, path: str, times: tuple[int, int] | None = None, fh: int | None = None) -> None:
         """Set atime and mtime of ``path``, copying it up first (metadata only with ``metacopy=on``).
 
         ``times`` = ``(atime, mtime)`` in nanoseconds, UTIME_NOW/UTIME_OMIT as libfuse passes them; None: both now.
-        Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, and the upper filesystem's errors.
+        With an open handle ``fh``, those of the open file (see :meth:`chmod`). Raises EROFS on a read-only stack,
+        ENOENT/ENOTDIR as the lookup does, and the upper filesystem's errors.
         """
-        node = self.lookup.lookup(path)
         now = time.time_ns()
         if times is None:
             times = (now, now)
+        if fh is not None:
+            fd = self._handle_object(fh)
+            st = os.stat(fd)
+            realfs.utime(
+                fd,
+                None,
+                (_requested_time(times[0], st.st_atime_ns, now), _requested_time(times[1], st.st_mtime_ns, now)),
+            )
+            return
+        node = self.lookup.lookup(path)
         atime = _requested_time(times[0], node.st.st_atime_ns, now)
         mtime = _requested_time(times[1], node.st.st_mtime_ns, now)
         with self._upper_object(path) as (fd, name):
@@ -117,23 +138,22 @@ class Overlay(OverlayState):
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         """Set the size of ``path`` to ``length`` bytes, through the open handle ``fh`` if one is given.
 
-        Without a handle, ``path`` is copied up first (with its data only when ``length > 0``). Raises EROFS on a
-        read-only stack, ENOENT/ENOTDIR as the lookup does, EISDIR for a directory (after its copy-up), and the upper
-        filesystem's errors (EFBIG, ENOSPC...); with ``fh``, EINVAL for a handle not open for writing. The VFS refuses
-        other non-regular files (EINVAL) before asking: here a FIFO's open would block.
+        With ``fh`` it is the open file's ``ftruncate``, which sets mtime and ctime in any case. Without, ``path`` is
+        copied up with its data, as the kernel does, and the upper file gets ``truncate(2)`` (``realfs.truncate_at``):
+        whether its times change when its size does not is the upper filesystem's decision, as under the kernel's
+        overlayfs. Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, EISDIR for a directory (after
+        its copy-up), and the upper filesystem's errors (EFBIG, ENOSPC...); with ``fh``, EINVAL for a handle not open
+        for writing. The VFS refuses other non-regular files (EINVAL) before asking.
         """
         if fh is not None:
             realfs.truncate(self.files.get(fh).fd, length)
             return
-        node = copy_up(self, path, with_data=length > 0)
+        node = copy_up(self, path)
         if node.is_dir:
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        assert self.upper is not None
-        fd = self.upper.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            realfs.truncate(fd, length)
-        finally:
-            os.close(fd)
+        with self.real(node) as (fd, name):
+            assert name is not None
+            realfs.truncate_at(fd, name, length)
 
     @contextlib.contextmanager
     def _upper_object(self, path: str) -> Iterator[tuple[int, str | None]]:
@@ -144,6 +164,19 @@ class Overlay(OverlayState):
             return
         parent = self.lookup.lookup(split(path)[0])
         yield parent.upper_fd, split(path)[1]
+
+    def _handle_object(self, fh: int) -> int:
+        """An fd on the upper file behind the open handle ``fh``, for a change of its metadata.
+
+        FUSE passes a handle for a file whose last name is gone (an unlinked file still open). A handle on an upper
+        file has its fd; one still reading a lower file (opened read-only, then its name removed) cannot be copied up
+        without a name: the kernel's overlayfs answers EEXIST there (its copy-up meets the whiteout), and so does this.
+        Raises KeyError for a handle that is not open.
+        """
+        of = self.files.get(fh)
+        if of.on_lower or of.metacopy:
+            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), of.path)
+        return of.fd
 
     def statfs(self) -> dict[str, int]:
         """``statvfs`` of the upper layer's filesystem (the top lower layer's on a read-only stack), as a dict.
@@ -193,6 +226,27 @@ class Overlay(OverlayState):
         Raises EBADF for a handle opened read-only, and the upper filesystem's errors (ENOSPC, EDQUOT, EFBIG...).
         """
         return os.pwrite(self.files.get(fh).fd, data, offset)
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)`` on the open file ``fh``: ``mode`` (0, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE...) and range.
+
+        A handle open for writing is on the upper file (the open copied it up). Raises EBADF for a handle on a lower
+        file (opened read-only: the kernel refuses before asking), EOPNOTSUPP for a mode the upper filesystem does not
+        support, EINVAL, ENOSPC, EFBIG.
+        """
+        of = self.files.get(fh)
+        if of.on_lower or of.metacopy:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF), of.path)
+        realfs.fallocate(of.fd, mode, offset, length)
+
+    def handles(self, path: str) -> list[int]:
+        """The open handles on the object at ``path`` (by the real object they hold, whatever name they were opened by).
+
+        Raises ENOENT/ENOTDIR as the lookup does.
+        """
+        node = self.lookup.lookup(path)
+        reals = {_identity(node.st)} | ({_identity(node.data[1])} if node.data is not None else set())
+        return self.files.matching(lambda fd: _identity(os.fstat(fd)) in reals)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         """Flush the open file ``fh`` to disk (its data only with ``datasync``); a no-op for a handle on a lower file.

@@ -51,6 +51,16 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _libc.renameat2.restype = ctypes.c_int
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# The longest path one openat2 call takes (PATH_MAX, with its terminating NUL).
+PATH_MAX = 4096
 
 
 class _OpenHow(ctypes.Structure):
@@ -99,12 +109,42 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
     EACCES, EEXIST with ``O_CREAT | O_EXCL``, EISDIR for a directory opened for writing...).
     """
     flags &= _OPEN_FLAGS
+    encoded = os.fsencode(path)
+    if len(encoded) >= PATH_MAX:
+        return _openat2_long(dirfd, encoded, flags, mode)
     how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, _RESOLVE)
-    fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    fd = _libc.syscall(_SYS_OPENAT2, dirfd, encoded, ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:
         _raise_errno("openat2", path)
     trace("openat2", path, flags=oct(flags))
     return int(fd)
+
+
+def _openat2_long(dirfd: int, path: bytes, flags: int, mode: int) -> int:
+    """:func:`openat2` of a path of PATH_MAX bytes or more: directory by directory, each step beneath the last.
+
+    The kernel takes at most PATH_MAX bytes per call (ENAMETOOLONG), but a merged tree may be deeper: the path is cut
+    at slashes into pieces shorter than that, each directory opened (``O_PATH``) beneath the one before, so the walk
+    stays beneath ``dirfd`` as a single call would. Raises what :func:`openat2` raises, ENAMETOOLONG for a component
+    longer than PATH_MAX.
+    """
+    pieces: list[bytes] = []
+    for component in path.split(b"/"):
+        if pieces and len(pieces[-1]) + 1 + len(component) < PATH_MAX:
+            pieces[-1] += b"/" + component
+        else:
+            pieces.append(component)
+    fd = dirfd
+    try:
+        for piece in pieces[:-1]:
+            step = openat2(fd, os.fsdecode(piece), os.O_PATH | os.O_DIRECTORY)
+            if fd != dirfd:
+                os.close(fd)
+            fd = step
+        return openat2(fd, os.fsdecode(pieces[-1]), flags, mode)
+    finally:
+        if fd != dirfd:
+            os.close(fd)
 
 
 def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:
@@ -232,16 +272,22 @@ def rmtree(dirfd: int, name: str) -> None:
 
 
 def chown(dirfd: int, name: str | None, uid: int, gid: int) -> None:
-    """Set the owner of ``(dirfd, name)`` (a symlink itself; name None: ``dirfd`` itself); -1 leaves an id as it is.
+    """Set the owner of ``(dirfd, name)`` (a symlink itself); -1 leaves an id as it is.
 
-    Raises EPERM when the caller may not give the object away, and ENOENT when ``name`` does not exist.
+    Name None: the object ``dirfd`` is open on (a directory, or an open file, even one whose last name is gone). Raises
+    EPERM when the caller may not give the object away, and ENOENT when ``name`` does not exist.
     """
     _trace_at("chown", dirfd, name, uid=uid, gid=gid)
-    os.chown(name or ".", uid, gid, dir_fd=dirfd, follow_symlinks=False)
+    if name is None:
+        os.chown(fd_path(dirfd), uid, gid)  # the /proc link leads to the object itself
+        return
+    os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
 
 
 def chmod(dirfd: int, name: str | None, mode: int) -> None:
-    """Set the permission bits of ``(dirfd, name)`` (name None: ``dirfd`` itself), never following a symlink.
+    """Set the permission bits of ``(dirfd, name)`` (name None: the directory or file ``dirfd`` is open on).
+
+    Never follows a symlink.
 
     Raises EOPNOTSUPP for a symlink (Linux cannot chmod one; the kernel's overlayfs answers the same), EPERM when
     the caller does not own the object, ENOENT when ``name`` does not exist.
@@ -262,20 +308,55 @@ def chmod(dirfd: int, name: str | None, mode: int) -> None:
 def utime(dirfd: int, name: str | None, ns: tuple[int, int]) -> None:
     """Set atime and mtime of ``(dirfd, name)`` (a symlink itself), ``ns`` = ``(atime, mtime)`` in nanoseconds.
 
-    Raises EPERM/EACCES when the caller may not set the times, ENOENT when ``name`` does not exist.
+    Name None: the directory or file ``dirfd`` is open on. Raises EPERM/EACCES when the caller may not set the times,
+    ENOENT when ``name`` does not exist.
     """
     _trace_at("utimensat", dirfd, name)
-    os.utime(name or ".", ns=ns, dir_fd=dirfd, follow_symlinks=False)
+    if name is None:
+        os.utime(fd_path(dirfd), ns=ns)  # the /proc link leads to the object itself (O_PATH fds too)
+        return
+    os.utime(name, ns=ns, dir_fd=dirfd, follow_symlinks=False)
 
 
 def truncate(fd: int, length: int) -> None:
-    """``ftruncate(fd, length)`` on an fd opened on an upper (or workdir) file; ``length`` in bytes.
+    """``ftruncate(fd, length)`` on an fd opened for writing on an upper (or workdir) file; ``length`` in bytes.
 
-    Raises EINVAL (or EBADF) when ``fd`` is not open for writing or ``length`` is negative, EFBIG beyond the
-    filesystem's file size limit, EPERM for an append-only or immutable file.
+    As any ``ftruncate``, it sets mtime and ctime even when the size does not change. Raises EINVAL (or EBADF) when
+    ``fd`` is not open for writing or ``length`` is negative, EFBIG beyond the filesystem's file size limit, EPERM for
+    an append-only or immutable file.
     """
     _trace_at("ftruncate", fd, None, length=length)
     os.ftruncate(fd, length)
+
+
+def truncate_at(dirfd: int, name: str, length: int) -> None:
+    """``truncate(2)`` of the regular file ``(dirfd, name)`` to ``length`` bytes (never following a symlink).
+
+    Unlike :func:`truncate`, the request carries the size only: the filesystem decides whether the times change when
+    the size does not (tmpfs changes them for a file with data, ext4 does not), as for the kernel's overlayfs, which
+    passes ``truncate(2)`` on to the upper file. Raises ENOENT when ``name`` does not exist, EISDIR for a directory,
+    EINVAL for a negative length or a non-regular file, EFBIG, EPERM for an append-only or immutable file.
+    """
+    _trace_at("truncate", dirfd, name, length=length)
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), name)
+        os.truncate(fd_path(fd), length)  # the /proc link leads to the file itself: truncate(2), not ftruncate(2)
+    finally:
+        os.close(fd)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)`` on an fd opened for writing on an upper file: ``length`` bytes from ``offset``.
+
+    ``mode``: 0 (allocate, growing the file), FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_ZERO_RANGE (with or without KEEP_SIZE). Raises EOPNOTSUPP for a mode the filesystem does not support,
+    EINVAL for a bad range or combination, EBADF when ``fd`` is not open for writing, ENOSPC, EFBIG, EPERM.
+    """
+    _trace_at("fallocate", fd, None, mode=hex(mode), offset=offset, length=length)
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        _raise_errno("fallocate", fd_path(fd))
 
 
 def setxattr(dirfd: int, name: str | None, attr: str, value: bytes, flags: int = 0) -> None:

@@ -1,0 +1,394 @@
+"""Operations through open file descriptors, at any depth, on files of every type: pylayerfs against the kernel.
+
+Each test runs one scenario on ``mount -t overlay`` and on a pylayerfs mount over
+identical layers, on the same backing filesystem (tmpfs, and ext4 in a
+loop-mounted image: the two decide differently whether a truncate to the same
+size changes mtime), and compares what the scenario saw and what the upper
+directories hold afterwards (issue 12: failures 1, 2, 4, 5, 6 and 7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+import stat
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.mounts import force_unmount, kernel_mount, pylayerfs_mount
+from tests.trees import Spec, build, disk_form, tree_hash
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse]
+
+Y2K = 946684800
+LOWER: Spec = {"low": "lower data", "empty": "", "d/deep": "in d", "big": "b" * 70000}
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def attempt(op: Callable[[], object], then: Callable[[], object] | None = None) -> Any:
+    """What ``op()`` returned (or, given ``then``, what ``then()`` returns after it), or the name of the errno."""
+    try:
+        value = op()
+        return then() if then is not None else value
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+@contextlib.contextmanager
+def _backing(tmp_path: Path, kind: str) -> Iterator[Path]:
+    """A directory on a fresh filesystem of ``kind`` (tmpfs, or ext4 in a loop-mounted image), unmounted after."""
+    root = tmp_path / kind
+    root.mkdir()
+    if kind == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(root)], check=True, timeout=30)
+    else:
+        image = tmp_path / "ext4.img"
+        with open(image, "wb") as f:
+            f.truncate(256 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=60, capture_output=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(root)], check=True, timeout=30)
+    try:
+        yield root
+    finally:
+        force_unmount(str(root))
+
+
+@pytest.fixture(params=["tmpfs", "ext4"])
+def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    with _backing(tmp_path, request.param) as root:
+        yield root
+
+
+def _layers(root: Path, name: str, spec: Spec, deep: str) -> tuple[list[str], str, str, str]:
+    lower = build(str(root / name / "l"), spec)
+    for path in spec:
+        os.utime(os.path.join(lower, path), (Y2K, Y2K), follow_symlinks=False)
+    if deep:
+        _in_deep(lower, deep, lambda: Path("lowfile").write_text("deep lower"), create=True)
+    upper, work, mnt = (str(root / name / d) for d in ("u", "w", "m"))
+    for d in (upper, work, mnt):
+        os.makedirs(d)
+    return [lower], upper, work, mnt
+
+
+def _in_deep(top: str, deep: str, action: Callable[[], Any], create: bool = False) -> Any:
+    """Run ``action`` with the working directory ``top/deep`` (made when ``create``), reached one step at a time."""
+    here = os.open(".", os.O_RDONLY)
+    try:
+        os.chdir(top)
+        for part in deep.split("/"):
+            if create:
+                os.mkdir(part)
+            os.chdir(part)
+        return action()
+    finally:
+        os.fchdir(here)
+        os.close(here)
+
+
+def differential(
+    root: Path, scenario: Callable[[str], dict[Any, Any]], spec: Spec = LOWER, deep: str = ""
+) -> dict[Any, Any]:
+    """Run ``scenario`` on the kernel's overlayfs and on pylayerfs; assert the same results and uppers; the results.
+
+    ``deep``: a directory path (longer than PATH_MAX) made in the lower layer, holding ``lowfile``.
+    """
+    k_lowers, k_upper, k_work, k_mnt = _layers(root, "kernel", spec, deep)
+    p_lowers, p_upper, p_work, p_mnt = _layers(root, "pylayerfs", spec, deep)
+    hashes = [_lower_form(d, deep) for d in p_lowers]
+    with kernel_mount(k_mnt, k_lowers, k_upper, k_work):
+        expected = scenario(k_mnt)
+    with pylayerfs_mount(p_mnt, p_lowers, p_upper, p_work):
+        actual = scenario(p_mnt)
+    differ = {key: (expected[key], actual.get(key)) for key in expected if expected[key] != actual.get(key)}
+    assert differ == {}, "what differs from the kernel: {key: (kernel, pylayerfs)}"
+    assert _upper_form(p_upper, deep) == _upper_form(k_upper, deep)
+    assert [_lower_form(d, deep) for d in p_lowers] == hashes, "a lower layer was modified"
+    return actual
+
+
+def _deep_form(top: str, deep: str) -> dict[str, tuple[int, int, bytes]]:
+    """Type, mode and content of what ``top/deep`` holds (the tree helpers take whole paths, too long here)."""
+
+    def form() -> dict[str, tuple[int, int, bytes]]:
+        out = {}
+        for name in sorted(os.listdir(".")):
+            st = os.lstat(name)
+            data = Path(name).read_bytes() if stat.S_ISREG(st.st_mode) else b""
+            out[name] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), data)
+        return out
+
+    result: dict[str, tuple[int, int, bytes]] = _in_deep(top, deep, form)
+    return result
+
+
+def _upper_form(upper: str, deep: str) -> Any:
+    return _deep_form(upper, deep) if deep else disk_form(upper)
+
+
+def _lower_form(lower: str, deep: str) -> Any:
+    return (_deep_form(lower, deep), os.lstat(lower).st_mtime_ns) if deep else tree_hash(lower)
+
+
+def _mtime_changed(path: str) -> bool:
+    return os.stat(path).st_mtime_ns != Y2K * 1_000_000_000
+
+
+# -- 1. ftruncate, and every request libfuse makes with an open file ---------------------------------
+
+
+def test_ftruncate_and_truncate_command_reach_the_open_file_not_the_root(backing):
+    def scenario(m: str) -> dict[Any, Any]:
+        os.utime(m, (Y2K, Y2K))
+        r: dict[Any, Any] = {}
+        fd = os.open(f"{m}/f", os.O_RDWR | os.O_CREAT, 0o644)
+        os.write(fd, b"x" * 100)
+        r["new"] = attempt(lambda: os.ftruncate(fd, 10), lambda: os.fstat(fd).st_size)
+        os.close(fd)
+        fd = os.open(f"{m}/low", os.O_RDWR)
+        r["lower"] = attempt(lambda: os.ftruncate(fd, 3), lambda: os.pread(fd, 100, 0))
+        os.close(fd)
+        fd = os.open(f"{m}/low", os.O_RDONLY)
+        r["read-only"] = attempt(lambda: os.ftruncate(fd, 1))
+        os.close(fd)
+        r["truncate -s"] = subprocess.run(["truncate", "-s", "2", f"{m}/d/deep"], capture_output=True).returncode
+        r["sizes"] = [os.stat(f"{m}/{n}").st_size for n in ("f", "low", "d/deep")]
+        r["root untouched"] = os.stat(m).st_mtime_ns == Y2K * 1_000_000_000
+        return r
+
+    assert differential(backing, scenario)["sizes"] == [10, 3, 2]
+
+
+# -- 2. open files whose name is gone ---------------------------------------------------------------
+
+
+def _through_fd(r: dict[Any, Any], what: str, fd: int) -> None:
+    """Every request on the open file ``fd``, its answer in ``r[what, request]``."""
+    r[what, "fstat"] = attempt(lambda: (os.fstat(fd).st_nlink, os.fstat(fd).st_size))
+    r[what, "fchmod"] = attempt(lambda: os.fchmod(fd, 0o600), lambda: oct(os.fstat(fd).st_mode))
+    r[what, "fchown"] = attempt(lambda: os.fchown(fd, 5, 6), lambda: (os.fstat(fd).st_uid, os.fstat(fd).st_gid))
+    r[what, "futimens"] = attempt(lambda: os.utime(fd, ns=(1, 2)), lambda: os.fstat(fd).st_mtime_ns)
+    r[what, "ftruncate"] = attempt(lambda: os.ftruncate(fd, 7), lambda: os.fstat(fd).st_size)
+    r[what, "write"] = attempt(lambda: os.pwrite(fd, b"ab", 0))
+    r[what, "read"] = attempt(lambda: os.pread(fd, 20, 0))
+    r[what, "nlink after all"] = attempt(lambda: os.fstat(fd).st_nlink)
+
+
+def _unlinked(m: str) -> dict[Any, Any]:
+    r: dict[Any, Any] = {}
+    for what, path, flags in (
+        ("new", f"{m}/t", os.O_RDWR | os.O_CREAT),
+        ("copied up", f"{m}/low", os.O_RDWR),
+        ("lower read-only", f"{m}/big", os.O_RDONLY),
+    ):
+        fd = os.open(path, flags, 0o644)
+        if flags & os.O_CREAT:
+            os.write(fd, b"x" * 100)
+        os.unlink(path)
+        _through_fd(r, what, fd)
+        os.close(fd)
+    with tempfile.TemporaryFile(dir=m) as f:
+        f.write(b"temporary")
+        f.flush()
+        r["TemporaryFile"] = (os.fstat(f.fileno()).st_nlink, os.fstat(f.fileno()).st_size)
+        f.seek(0)
+        r["TemporaryFile read"] = f.read()
+    # replaced by a rename while open: the old file lives on, nameless
+    with open(f"{m}/new", "w") as f:
+        f.write("replacement")
+    fd = os.open(f"{m}/d/deep", os.O_RDONLY)
+    os.rename(f"{m}/new", f"{m}/d/deep")
+    r["replaced", "fstat"] = attempt(lambda: (os.fstat(fd).st_nlink, os.fstat(fd).st_size))
+    r["replaced", "read"] = os.pread(fd, 20, 0)
+    os.close(fd)
+    # a name like libfuse's hidden ones, given by a user to a file no one holds open, is just a name
+    with open(f"{m}/plain", "w") as f:
+        f.write("plain")
+    os.rename(f"{m}/plain", f"{m}/.fuse_hidden0000000200000009")
+    r["names"] = sorted(os.listdir(m)), sorted(os.listdir(f"{m}/d"))
+    return r
+
+
+def test_an_unlinked_open_file_answers_fstat_fchmod_fchown_futimens_as_the_kernel(backing):
+    r = differential(backing, _unlinked)
+    assert r["new", "fstat"] == (0, 100)
+
+
+def test_an_open_file_renamed_away_then_unlinked_in_a_moved_directory_stays_usable(tmp_path):
+    def scenario(m: str) -> dict[Any, Any]:
+        os.mkdir(f"{m}/a")
+        fd = os.open(f"{m}/a/f", os.O_RDWR | os.O_CREAT, 0o644)
+        os.write(fd, b"abc")
+        os.unlink(f"{m}/a/f")
+        os.rename(f"{m}/a", f"{m}/b")  # libfuse moves the hidden name with its directory
+        r = {"fstat": attempt(lambda: (os.fstat(fd).st_nlink, os.fstat(fd).st_size))}
+        r["fchmod"] = attempt(lambda: os.fchmod(fd, 0o640), lambda: oct(os.fstat(fd).st_mode))
+        os.close(fd)
+        r["listing"] = os.listdir(f"{m}/b")
+        return r
+
+    differential(tmp_path, scenario)
+
+
+# -- 4. hard links of every type ------------------------------------------------------------------
+
+
+def _make(kind: str, path: str) -> None:
+    if kind == "fifo":
+        os.mkfifo(path, 0o644)
+    elif kind == "chr":
+        os.mknod(path, 0o644 | stat.S_IFCHR, os.makedev(1, 3))
+    elif kind == "sock":
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(path)
+    elif kind == "symlink":
+        os.symlink("target", path)
+    else:
+        with open(path, "w") as f:
+            f.write("data")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chr", "sock", "symlink", "file"])
+def test_hard_linked_objects_of_every_type_show_changes_through_every_name(tmp_path, kind):
+    def scenario(m: str) -> dict[Any, Any]:
+        def seen(name: str) -> tuple[Any, ...]:
+            st = os.lstat(f"{m}/{name}")
+            return oct(st.st_mode), st.st_uid, st.st_gid, st.st_nlink
+
+        r: dict[Any, Any] = {}
+        _make(kind, f"{m}/n0")
+        r["made"] = seen("n0")  # cached by the kernel from here
+        os.link(f"{m}/n0", f"{m}/n1", follow_symlinks=False)
+        r["linked"] = seen("n0"), seen("n1")
+        if kind != "symlink":
+            os.chmod(f"{m}/n1", 0o201)
+        os.chown(f"{m}/n1", 65534, 65533, follow_symlinks=False)
+        r["changed through n1"] = seen("n0")
+        ctime = os.lstat(f"{m}/n0").st_ctime_ns
+        os.rename(f"{m}/n1", f"{m}/n2")
+        r["ctime moves with a rename of the other name"] = os.lstat(f"{m}/n0").st_ctime_ns != ctime
+        os.unlink(f"{m}/n2")
+        r["unlinked n2"] = seen("n0")
+        return r
+
+    r = differential(tmp_path, scenario)
+    assert r["changed through n1"][1:3] == (65534, 65533)
+
+
+# -- 5. deep paths -----------------------------------------------------------------------------------
+
+
+def _remove_h_s_sub() -> None:
+    os.unlink("h")
+    os.unlink("s")
+    os.rmdir("sub")
+
+
+DEEP = "/".join(["d" * 200] * 24)  # 4,824 characters
+
+
+def test_every_operation_works_more_than_4096_characters_below_the_root(tmp_path):
+    def operations() -> dict[Any, Any]:
+        r: dict[Any, Any] = {}
+        with open("f", "w") as f:
+            f.write("x" * 1000)
+        r["truncate"] = attempt(lambda: os.truncate("f", 123), lambda: os.stat("f").st_size)
+        r["truncate lower"] = attempt(lambda: os.truncate("lowfile", 4), lambda: Path("lowfile").read_text())
+        r["chmod"] = attempt(lambda: os.chmod("f", 0o600), lambda: oct(os.stat("f").st_mode))
+        r["utime"] = attempt(lambda: os.utime("f", ns=(1, 2)), lambda: os.stat("f").st_mtime_ns)
+        with open("f", "a") as f:
+            f.write("++")
+        r["append"] = os.stat("f").st_size
+        fd = os.open("f", os.O_RDWR)
+        r["ftruncate"] = attempt(lambda: os.ftruncate(fd, 50), lambda: os.fstat(fd).st_size)
+        r["fallocate"] = attempt(lambda: fallocate(fd, 0, 0, 8192), lambda: os.fstat(fd).st_size)
+        os.close(fd)
+        r["link"] = attempt(lambda: os.link("f", "g"), lambda: os.stat("g").st_nlink)
+        r["rename"] = attempt(lambda: os.rename("g", "h"), lambda: sorted(os.listdir(".")))
+        r["setxattr"] = attempt(lambda: os.setxattr("h", "user.k", b"v"), lambda: os.getxattr("h", "user.k"))
+        r["mkdir"] = attempt(lambda: os.mkdir("sub"), lambda: os.stat("sub").st_nlink)
+        r["symlink"] = attempt(lambda: os.symlink("f", "s"), lambda: os.readlink("s"))
+        r["unlink"] = attempt(_remove_h_s_sub, lambda: sorted(os.listdir(".")))
+        return r
+
+    r = differential(tmp_path, lambda m: _in_deep(m, DEEP, operations), deep=DEEP)
+    assert r["truncate"] == 123 and r["truncate lower"] == "deep"
+
+
+# -- 6. fallocate ---------------------------------------------------------------------------------------
+
+
+def test_fallocate_modes_as_the_kernel_copying_a_lower_file_up_first(backing):
+    def scenario(m: str) -> dict[Any, Any]:
+        r: dict[Any, Any] = {}
+        for label, mode, offset, length in (
+            ("allocate", 0, 65536, 65536),
+            ("keep size", KEEP_SIZE, 0, 1 << 20),
+            ("punch hole", PUNCH_HOLE | KEEP_SIZE, 4096, 8192),
+            ("zero range", ZERO_RANGE, 20000, 100000),
+            ("punch without keep size", PUNCH_HOLE, 0, 4096),
+        ):
+            fd = os.open(f"{m}/big", os.O_RDWR)
+            try:
+                before = os.fstat(fd).st_blocks
+                r[label] = attempt(
+                    lambda: fallocate(fd, mode, offset, length)  # noqa: B023 (called at once)
+                )
+                st = os.fstat(fd)
+                data = os.pread(fd, st.st_size, 0)
+                r[label, "after"] = st.st_size, data.count(b"b"), data.count(b"\0"), st.st_blocks > before
+            finally:
+                os.close(fd)
+        fd = os.open(f"{m}/low", os.O_RDONLY)
+        r["read-only"] = attempt(lambda: fallocate(fd, 0, 0, 10))
+        os.close(fd)
+        return r
+
+    r = differential(backing, scenario)
+    assert r["allocate"] is None and r["allocate", "after"][0] == 131072
+
+
+# -- 7. truncate to the size a file has -----------------------------------------------------------------
+
+
+def test_truncating_to_the_same_size_changes_mtime_exactly_when_the_kernel_does(backing):
+    def scenario(m: str) -> dict[Any, Any]:
+        r: dict[Any, Any] = {}
+        with open(f"{m}/full", "w") as f:
+            f.write("abc")
+        open(f"{m}/void", "w").close()
+        for name, size in (("empty", 0), ("low", 10), ("void", 0), ("full", 3)):
+            os.utime(f"{m}/{name}", (Y2K, Y2K))
+            os.truncate(f"{m}/{name}", size)
+            r["truncate", name] = _mtime_changed(f"{m}/{name}")
+            os.utime(f"{m}/{name}", (Y2K, Y2K))
+            fd = os.open(f"{m}/{name}", os.O_RDWR)
+            os.ftruncate(fd, size)
+            os.close(fd)
+            r["ftruncate", name] = _mtime_changed(f"{m}/{name}")
+            os.utime(f"{m}/{name}", (Y2K, Y2K))
+            os.close(os.open(f"{m}/{name}", os.O_WRONLY | os.O_TRUNC))
+            r["O_TRUNC", name] = _mtime_changed(f"{m}/{name}")
+        os.truncate(f"{m}/d/deep", 0)  # a lower file with data, truncated to 0 by path
+        r["lower with data to 0"] = _mtime_changed(f"{m}/d/deep")
+        return r
+
+    differential(backing, scenario)
