@@ -20,10 +20,19 @@ A name is looked up in a lower layer only if the parent directory of that layer
 is part of the parent's merge, so a symlink or a file in a lower layer never
 leads the lookup into another directory.
 
-Two caches make this cheap: the *lower stack* of every path (the lower layers
-never change while mounted, so it is computed once), and the merged node of
-every directory looked up (with an fd on its upper directory), dropped when the
-overlay changes that directory (:meth:`Lookup.invalidate`).
+Two caches make this cheap: the *lower stack* of every path a lower layer
+holds (the lower layers never change while mounted, so it is computed once;
+names no lower layer holds are not kept, so the cache is bounded by the lowers),
+and the merged node of every directory looked up (with an fd on its upper
+directory), dropped when the overlay removes, renames or copies up that
+directory (:meth:`Lookup.invalidate`).
+
+The directory cache holds at most :func:`max_cached_dirs` nodes, dropping the
+least recently used, and a lookup finds a cached node before it opens anything,
+so a directory has one fd at most however often it is looked up. An upper fd
+belongs to its node (:class:`DirFd`): it is closed when the node is dropped
+from the cache and no caller holds it any more, so an operation that holds a
+node never sees its fd closed (or its number reused) under it.
 """
 
 from __future__ import annotations
@@ -31,14 +40,49 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import stat
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from pylayerfs.overlay.layers import Layer, LowerLayer, join, split
 from pylayerfs.overlay.markers import Markers, is_whiteout
 
 LowerHit = tuple[LowerLayer, os.stat_result]
-_MAX_CACHED_DIRS = 4096
+MAX_CACHED_DIRS = 4096  # the most directory fds the cache keeps, when the fd limit allows it
+_DIR_FD_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def max_cached_dirs() -> int:
+    """How many directory nodes (each with an fd) the cache keeps: :data:`MAX_CACHED_DIRS`, or fewer when
+    the process's soft ``RLIMIT_NOFILE`` is low, so the cache takes at most a quarter of it (64 at least)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CACHED_DIRS
+    return max(64, min(MAX_CACHED_DIRS, soft // 4))
+
+
+class DirFd:
+    """Owns one directory fd: closes it when the last node holding it is gone (or at :meth:`close`).
+
+    A node dropped from the cache may still be in a caller's hands (an operation half-way through, a listing
+    walking its entries), so its fd is closed by the garbage collector, not by the cache.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        """Close the fd now (idempotent)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +112,8 @@ class Node:
     """One object of the merged view: its upper part, its lower stack (the kernel's ``ovl_entry``).
 
     ``upper`` is the lstat of the upper object (None: only in lower layers); ``upper_fd`` an ``O_PATH`` fd on the upper
-    directory of a cached directory node (-1 otherwise); ``origin`` the inode number recorded at copy-up.
+    directory of a directory node (-1 otherwise), valid as long as the node is (``fd_owner`` closes it when the node
+    is gone; the root's is the upper layer's own); ``origin`` the inode number recorded at copy-up.
     """
 
     path: str
@@ -78,6 +123,7 @@ class Node:
     opaque: bool = False  # the upper directory is marked opaque
     origin: int | None = None  # inode number the upper object had before copy-up
     metacopy: bool = False  # the upper file holds metadata only: the data is the lower file's (lower.hits[0])
+    fd_owner: DirFd | None = field(default=None, repr=False, compare=False)  # closes upper_fd with the node
 
     @property
     def st(self) -> os.stat_result:
@@ -115,16 +161,19 @@ class Lookup:
         self.markers = markers
         self.metacopy = metacopy
         self._lower_stacks: dict[str, LowerStack] = {}
-        self._dirs: dict[str, Node] = {}
+        self._dirs: OrderedDict[str, Node] = OrderedDict()  # least recently used first
+        self.max_dirs = max_cached_dirs()
 
     # -- lower layers (immutable, cached forever) ------------------------------
 
     def lower_stack(self, path: str) -> LowerStack:
-        """What the lower layers hold at ``path``, top-first (:class:`LowerStack`); cached for the life of the mount.
+        """What the lower layers hold at ``path``, top-first (:class:`LowerStack`).
 
-        Ignores the upper layer, so whiteouts and opaque directories in the upper layer are the caller's to apply.
-        Raises what :meth:`LowerLayer.listing <pylayerfs.overlay.layers.LowerLayer.listing>` raises, and EPERM for a
-        lower metacopy file with a ``redirect`` (with ``metacopy=on``).
+        A stack with hits is cached for the life of the mount; :data:`NO_LOWER` is not (any name may be asked for, and
+        answering it again costs one dictionary probe per layer of the parent's merge). Ignores the upper layer, so
+        whiteouts and opaque directories in the upper layer are the caller's to apply. Raises what
+        :meth:`LowerLayer.listing <pylayerfs.overlay.layers.LowerLayer.listing>` raises, and EPERM for a lower metacopy
+        file with a ``redirect`` (with ``metacopy=on``).
         """
         cached = self._lower_stacks.get(path)
         if cached is not None:
@@ -135,7 +184,8 @@ class Lookup:
             parent_path, name = split(path)
             parent = self.lower_stack(parent_path)
             result = self._lower_child(parent, parent_path, name) if parent.is_dir else NO_LOWER
-        self._lower_stacks[path] = result
+        if result.hits:
+            self._lower_stacks[path] = result
         return result
 
     def _root_lower_stack(self) -> LowerStack:
@@ -178,10 +228,10 @@ class Lookup:
 
     def root(self) -> Node:
         """The merged root's node (cached); raises the lstat errors of the layer roots (which the mount opened)."""
-        node = self._dirs.get("")
+        node = self._cached("")
         if node is None:
             node = self._make_root()
-            self._dirs[""] = node
+            self._remember(node)
         return node
 
     def _make_root(self) -> Node:
@@ -199,7 +249,7 @@ class Lookup:
         metacopy file whose data is in no layer below (overlayfs.rst, "Metadata only copy up"). Symlinks are never
         followed: every component is looked up as it is.
         """
-        node = self._dirs.get(path)
+        node = self._cached(path)
         if node is not None:
             return node
         if not path:
@@ -220,6 +270,9 @@ class Lookup:
         lstat/getxattr errors of the real objects other than ENOENT.
         """
         path = join(parent.path, name)
+        cached = self._cached(path)
+        if cached is not None:
+            return cached
         upper_st = None
         if parent.upper_fd >= 0:
             with contextlib.suppress(FileNotFoundError):
@@ -241,10 +294,12 @@ class Lookup:
                 return node
             return Node(path, upper_st, NO_LOWER, origin=origin)
         else:
-            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.upper_fd)
+            owner = DirFd(self._open_dir(parent.upper_fd, name))
+            fd = owner.fd
             opaque = self._upper_opaque(fd)
             origin = self.markers.origin_of(fd)
-            node = Node(path, upper_st, lower if lower.is_dir and not opaque else NO_LOWER, fd, opaque, origin)
+            lower = lower if lower.is_dir and not opaque else NO_LOWER
+            node = Node(path, upper_st, lower, fd, opaque, origin, fd_owner=owner)
         if node.is_dir:
             self._remember(node)
         return node
@@ -274,30 +329,56 @@ class Lookup:
 
     # -- cache of directory nodes ------------------------------------------------
 
+    def _cached(self, path: str) -> Node | None:
+        """The cached directory node at ``path`` (now the most recently used), or None."""
+        node = self._dirs.get(path)
+        if node is not None:
+            self._dirs.move_to_end(path)
+        return node
+
     def _remember(self, node: Node) -> None:
-        if len(self._dirs) >= _MAX_CACHED_DIRS:
-            self.invalidate_all()
+        """Cache the directory ``node``, dropping the least recently used ones beyond :attr:`max_dirs`."""
         self._dirs[node.path] = node
+        while len(self._dirs) > self.max_dirs:
+            self._dirs.popitem(last=False)
+
+    def _open_dir(self, dirfd: int, name: str) -> int:
+        """An ``O_PATH`` fd on the directory ``name`` in ``dirfd``; out of fds (EMFILE, ENFILE), the cache is
+        emptied and the open tried once more. Raises ``open(2)``'s errors."""
+        try:
+            return os.open(name, _DIR_FD_FLAGS, dir_fd=dirfd)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._dirs:
+                raise
+        self.invalidate_all()
+        return os.open(name, _DIR_FD_FLAGS, dir_fd=dirfd)
+
+    def cached_dirs(self) -> int:
+        """How many directory nodes the cache holds now (at most :attr:`max_dirs`)."""
+        return len(self._dirs)
 
     def invalidate(self, path: str) -> None:
-        """Forget the cached directory at ``path`` and every one below it (after the overlay changed it).
+        """Forget the cached directory at ``path`` and every one below it (after the overlay removed, renamed or
+        copied it up); ``""`` forgets them all.
 
-        Their upper fds are closed; ``""`` forgets them all.
+        Their upper fds are closed as soon as no caller holds the nodes any more.
         """
         if not path:
             self.invalidate_all()
             return
         prefix = path + "/"
         for key in [k for k in self._dirs if k == path or k.startswith(prefix)]:
-            self._close(self._dirs.pop(key))
+            del self._dirs[key]
 
     def invalidate_all(self) -> None:
-        """Forget every cached directory node and close its upper fd (not the upper layer's own fd)."""
-        for node in self._dirs.values():
-            self._close(node)
+        """Forget every cached directory node (their upper fds close once no caller holds them)."""
         self._dirs.clear()
 
-    def _close(self, node: Node) -> None:
-        if node.upper_fd >= 0 and (self.upper is None or node.upper_fd != self.upper.fd):
-            os.close(node.upper_fd)
-            node.upper_fd = -1
+    def close(self) -> None:
+        """Forget every cached node and close its upper fd now, held or not (at unmount; not the layer's own fd)."""
+        nodes = list(self._dirs.values())
+        self._dirs.clear()
+        for node in nodes:
+            if node.fd_owner is not None:
+                node.fd_owner.close()
+                node.upper_fd = -1

@@ -120,7 +120,7 @@ class OverlayState:
             return
         self._closed = True
         self.files.close_all()
-        self.lookup.invalidate_all()
+        self.lookup.close()
         for layer in [self.upper, *self.lowers]:
             if layer is not None:
                 layer.close()
