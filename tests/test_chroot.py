@@ -1,24 +1,36 @@
-"""Builds and containers from inside a chroot whose ``/`` is not a mount point (debootstrap + chroot).
+"""Entering a root: from inside a chroot whose ``/`` is not a mount point, and without pinning the host's mounts.
 
 The chroot is made in a private mount namespace (``unshare -m``): a plain directory on a tmpfs that
 is made *shared* (as systemd makes every mount), with bind mounts of what python and pylayerfs need.
 Inside it, ``mount(MS_PRIVATE)`` on ``/`` fails with EINVAL; the sandbox must still make every mount
 private before mounting /proc, or a /proc mounted into a root would propagate to the namespace the
 chroot lives in (and stay there): the vfs driver's roots are plain directories in that tmpfs.
+
+A container (or a RUN step) enters its root with ``pivot_root`` and detaches the old one: its mount
+namespace keeps no copy of the host's mounts, so a host pylayerfs mount unmounted meanwhile is gone
+(its daemon exits, its upper directory can be mounted again) while the container runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import pylayerfs
 from pylayerfs.image import sandbox
+from pylayerfs.overlay import realfs
+from pylayerfs.overlay.params import mounts_below
+from tests.mounts import pylayerfs_mount, run_pylayerfs
+from tests.test_build import pylayerfs as cli
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -111,3 +123,107 @@ def test_failing_to_enter_the_root_says_which_step_and_why(tmp_path: Path):
     with pytest.raises(sandbox.SandboxError) as failure:
         sandbox.start(sandbox.Process(str(empty), ["/bin/true"], user="ghost"))
     assert str(failure.value) == "unable to find user ghost: no matching entries in passwd file"
+
+
+# -- a container holds only its own mounts (pivot_root, the old root detached) --------------------------------------
+
+
+def _daemon_of(upper: Path) -> int:
+    found = subprocess.run(["pgrep", "-f", f"pylayerfs mount .*upperdir={upper},"], capture_output=True, text=True)
+    pids = [int(p) for p in found.stdout.split()]
+    assert len(pids) == 1, found.stdout
+    return pids[0]
+
+
+def _wait_exited(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _unique_seconds() -> str:
+    """A sleep long enough for a test, and unlike any other test's (whose processes we look for, and stop)."""
+    return str(600 + os.getpid() % 1000 + int(time.monotonic() * 1000) % 1000)
+
+
+def _processes(argv: list[str]) -> list[int]:
+    """PIDs whose command line is exactly ``argv``."""
+    wanted = "\0".join(argv) + "\0"
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline") as f:
+            if f.read() == wanted:
+                found.append(int(pid))
+    return found
+
+
+@pytest.fixture
+def host_mount(tmp_path: Path) -> Iterator[tuple[Path, Path, Path, Path]]:
+    """A store with alpine, and the layers of a host pylayerfs mount: (store, lower, upper, work)."""
+    store = tmp_path / "store"
+    cli(store, "base", "alpine")
+    lower, upper, work = tmp_path / "l", tmp_path / "u", tmp_path / "w"
+    for d in (lower, upper, work):
+        d.mkdir()
+    (lower / "f").write_text("lower\n")
+    yield store, lower, upper, work
+    ids = cli(store, "ps", "-a", "-q").stdout.split()
+    if ids:
+        cli(store, "rm", "-f", *ids, check=False)
+    for mountpoint in mounts_below(str(tmp_path)):
+        realfs.detach(mountpoint)
+
+
+def _unmount_and_remount(tmp_path: Path, lower: Path, upper: Path, work: Path, running: Callable[[], bool]) -> None:
+    """``pylayerfs umount`` of the host mount while ``running()``: its daemon exits, its upper mounts again."""
+    mnt = tmp_path / "m"
+    daemon = _daemon_of(upper)
+    run_pylayerfs("umount", str(mnt))
+    exited = _wait_exited(daemon, 5)
+    assert running(), "the container (or the RUN step) ended before the check"
+    assert exited, "the daemon of the unmounted host mount lives on (a container holds a copy of the mount)"
+    with pylayerfs_mount(str(mnt), [str(lower)], str(upper), str(work)):
+        assert (mnt / "f").read_text() == "lower\n"
+
+
+def test_a_container_does_not_pin_the_hosts_mounts(tmp_path: Path, host_mount):
+    store, lower, upper, work = host_mount
+    with pylayerfs_mount(str(tmp_path / "m"), [str(lower)], str(upper), str(work)):
+        nap = ["sleep", _unique_seconds()]
+        cli(store, "run", "-d", "--name", "pinner", "alpine", *nap)
+        _unmount_and_remount(tmp_path, lower, upper, work, lambda: bool(_processes(nap)))
+    # The container still works, and sees its own root only.
+    assert cli(store, "exec", "pinner", "cat", "/etc/hostname").returncode == 0
+    mounts = cli(store, "exec", "pinner", "cat", "/proc/self/mountinfo").stdout.splitlines()
+    assert [line.split()[4] for line in mounts] == ["/", "/proc", *(f"/dev/{d}" for d in sandbox.DEVICES)]
+
+
+def test_a_run_step_does_not_pin_the_hosts_mounts(tmp_path: Path, host_mount):
+    store, lower, upper, work = host_mount
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    nap = ["sleep", _unique_seconds()]
+    (ctx / "Dockerfile").write_text(f"FROM alpine\nRUN {' '.join(nap)} || true; echo slept > /slept\n")
+    with pylayerfs_mount(str(tmp_path / "m"), [str(lower)], str(upper), str(work)):
+        env = {**os.environ, "PYLAYERFS_ROOT": str(store)}
+        build = subprocess.Popen([sys.executable, "-m", "pylayerfs", "build", "-t", "slow", str(ctx)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not _processes(nap):
+                assert build.poll() is None and time.monotonic() < deadline, "the RUN step did not start"
+                time.sleep(0.05)
+            _unmount_and_remount(tmp_path, lower, upper, work, lambda: bool(_processes(nap)))
+        finally:
+            for pid in _processes(nap):  # the step goes on to its end
+                os.kill(pid, signal.SIGTERM)
+            output = build.communicate(timeout=60)[0]
+    assert build.returncode == 0, output
+    assert cli(store, "run", "--rm", "slow", "cat", "/slept").stdout == "slept\n"

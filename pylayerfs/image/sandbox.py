@@ -2,29 +2,46 @@
 
 The process gets a mount namespace of its own (mounts it makes vanish with
 it), ``/proc`` and a few host devices mounted into the root, a hostname (a UTS
-namespace), then ``chroot`` into the root, the working directory (created if
-missing, as Docker does), and the user: ``USER`` names are looked up in the
-image's own ``/etc/passwd`` after the chroot. There are no pid, network or
+namespace), then enters the root with ``pivot_root``, the working directory
+(created if missing, as Docker does), and the user: ``USER`` names are looked
+up in the image's own ``/etc/passwd`` once inside. There are no pid, network or
 user namespaces and no cgroups: pylayerfs is about the filesystem.
 
-Paths from the image are only ever used after the chroot, so an image's
+Paths from the image are only ever used inside the root, so an image's
 absolute symlinks resolve inside the image, never on the host.
 
 Mount propagation: the namespace starts as a copy of ours, and a copy of a
 shared mount stays a peer of the original, so a /proc mounted into the root
 would also appear on the host (and keep the root busy after we unmount it).
 Every mount of the new namespace is therefore made private first, as
-``unshare --propagation private`` does, before anything is mounted. The
-kernel changes propagation only at a mount's root: when our ``/`` is a plain
-directory inside a bigger mount (a ``chroot`` made by debootstrap, some CI
-containers), ``mount(MS_PRIVATE)`` on ``/`` fails with EINVAL, and that
-bigger mount, whose root we cannot name, is exactly the one that matters
-for a root which is itself a plain directory (the vfs driver). The child then
-walks ``..`` from outside a temporary chroot up to the namespace's root,
-makes everything private from there, and goes back to our ``/``. That is
-only possible because the child is root in its own new namespace (a chroot
-never confined a process holding CAP_SYS_CHROOT); nothing outside the new
+``unshare --propagation private`` does, before anything is mounted (or the
+old root unmounted: an unmount propagates too). The kernel changes
+propagation only at a mount's root: when our ``/`` is a plain directory inside
+a bigger mount (a ``chroot`` made by debootstrap, some CI containers),
+``mount(MS_PRIVATE)`` on ``/`` fails with EINVAL, and that bigger mount,
+whose root we cannot name, is exactly the one that matters for a root which
+is itself a plain directory (the vfs driver); a ``/`` that is a mount below
+the top would leave the mounts beside it shared. The child therefore walks
+``..`` from outside a temporary chroot up to the namespace's root, makes
+everything private from there, and goes back to our ``/``. That is only
+possible because the child is root in its own new namespace (a chroot never
+confined a process holding CAP_SYS_CHROOT); nothing outside the new
 namespace changes.
+
+Entering the root: the copy of the namespace holds a copy of every mount the
+host had, FUSE mounts included, and a copy keeps a FUSE mount's daemon alive
+after the host unmounts it. A ``chroot`` would keep them all for as long as
+the process runs (the host's ``pylayerfs umount`` then leaves the daemon
+behind, and its upper directory locked). So, as container runtimes do, the
+root is bind-mounted on itself (``pivot_root`` needs a mount point; the vfs
+driver's roots are plain directories), the child goes up to the namespace's
+root (the same ``..`` walk: in a chroot, ``/`` is neither a mount point nor
+the top of the namespace, and ``pivot_root`` needs both), then
+``pivot_root(".", ".")`` from the new root and ``umount2(".", MNT_DETACH)``
+of the old one stacked on it: the namespace keeps only the root and what was
+mounted into it. Where ``pivot_root`` is refused (EINVAL: the namespace's
+root is the initial ramfs, which cannot be pivoted), the child falls back to
+``chroot`` and keeps the copies.
 
 Whatever fails in the child on the way in is reported to the parent as one
 line naming the step and the errno text (``make mounts private: Invalid
@@ -38,6 +55,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -49,6 +67,11 @@ CLONE_NEWUTS = 0x04000000
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+# pivot_root(2) has no glibc wrapper: its system call number, by machine (the generic table's 41 elsewhere).
+SYS_PIVOT_ROOT = {"x86_64": 155, "i386": 217, "i686": 217, "armv7l": 218, "ppc64le": 203, "s390x": 217}.get(
+    platform.machine(), 41
+)
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 # What Docker's init layer holds: mountpoints and files the runtime mounts over.
 INIT_DIRS = ("proc", "sys", "dev", "dev/pts", "dev/shm", "etc")
@@ -128,13 +151,18 @@ class Process:
 
 
 def _enter(rootfs: str, cwd: str, hostname: str) -> None:
-    """In the child: private mounts, /proc and devices, hostname, chroot, working directory.
+    """In the child: private mounts, /proc and devices, hostname, pivot_root into the root, working directory.
 
-    ``rootfs`` is an absolute path to the root; ``cwd`` a path inside it (created if missing).
+    ``rootfs`` is an absolute path to the root; ``cwd`` a path inside it (created if missing). Afterwards the
+    process's mount namespace holds the root and what was mounted into it, nothing of the host's.
     Raises SandboxError naming the step that failed and its errno text.
     """
+    with _step(f"chroot {rootfs}"):  # a missing root fails here, before any mount
+        os.stat(rootfs)
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare")
     _make_mounts_private(rootfs)
+    root = os.fsencode(rootfs)
+    _check(_libc.mount(root, root, None, MS_BIND | MS_REC, None), f"bind {rootfs} on itself")
     proc = os.path.join(rootfs, "proc")
     if os.path.isdir(proc) and not os.path.islink(proc):
         _check(_libc.mount(b"proc", os.fsencode(proc), b"proc", 0, None), "mount /proc")
@@ -144,38 +172,66 @@ def _enter(rootfs: str, cwd: str, hostname: str) -> None:
             _libc.mount(os.fsencode(f"/dev/{device}"), os.fsencode(target), None, MS_BIND, None)
     name = hostname.encode()
     _check(_libc.sethostname(name, len(name)), "sethostname")
-    with _step(f"chroot {rootfs}"):
-        os.chroot(rootfs)
-        os.chdir("/")
+    _pivot_root(rootfs)
     with _step(f"working directory {cwd}"):
         os.makedirs(cwd, 0o755, exist_ok=True)
         os.chdir(cwd)
 
 
-def _make_mounts_private(rootfs: str) -> None:
-    """In the child's new mount namespace: make every mount private, so nothing mounted leaks out.
+def _pivot_root(rootfs: str) -> None:
+    """Make the mount point ``rootfs`` our ``/`` and detach the old root with every mount below it.
 
-    When ``/`` is not a mount point (EINVAL: we run in a chroot), the namespace's real root is
-    reached by chrooting into ``rootfs`` (a directory below ``/``) while the working directory
-    stays above it, so that ``..`` climbs past the old root; the whole namespace is made private
-    from there, then the process returns to its ``/``. Raises SandboxError.
+    From the namespace's root (``pivot_root`` needs the current root to be a mount point with a parent):
+    ``pivot_root(".", ".")`` in the new root, then ``umount2(".", MNT_DETACH)`` of the old root stacked on
+    it. Where ``pivot_root`` answers EINVAL (an initial ramfs as the namespace's root), ``chroot`` instead.
+    Raises SandboxError.
     """
-    if _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0:
-        return
-    err = ctypes.get_errno()
-    if err != errno.EINVAL:
-        raise SandboxError(f"make mounts private: {os.strerror(err)}")
-    with _step("make mounts private (/ is not a mount point)"):
+    with _step(f"chroot {rootfs}"):
+        new_root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with _step(f"pivot_root {rootfs}"):
+            _to_namespace_root(rootfs)
+            os.fchdir(new_root)
+        if _libc.syscall(SYS_PIVOT_ROOT, b".", b".") == 0:
+            _check(_libc.umount2(b".", MNT_DETACH), "detach the old root")
+        else:
+            err = ctypes.get_errno()
+            if err != errno.EINVAL:
+                raise SandboxError(f"pivot_root {rootfs}: {os.strerror(err)}")
+        with _step(f"chroot {rootfs}"):
+            os.chroot(".")
+            os.chdir("/")
+    finally:
+        os.close(new_root)
+
+
+def _to_namespace_root(rootfs: str) -> None:
+    """Make the root of our mount namespace (the top-most mount at its ``/``) our root and working directory.
+
+    A chroot into ``rootfs`` (a directory below ``/``) while the working directory stays above it lets ``..``
+    climb past our old root, up to where it stays put. Raises OSError.
+    """
+    os.chdir("/")
+    os.chroot(rootfs)
+    for _ in range(4096):  # "..": up to the root of the namespace, where it stays put
+        here, parent = os.stat("."), os.stat("..")
+        if (here.st_dev, here.st_ino) == (parent.st_dev, parent.st_ino):
+            break
+        os.chdir("..")
+    os.chroot(".")
+
+
+def _make_mounts_private(rootfs: str) -> None:
+    """In the child's new mount namespace: make every mount private, so nothing mounted or unmounted leaks out.
+
+    From the namespace's real root, reached with :func:`_to_namespace_root` (our ``/`` may be a plain
+    directory, or a mount below the top: we run in a chroot), then the process returns to its ``/``.
+    Raises SandboxError.
+    """
+    with _step("make mounts private"):
         home = os.open("/", os.O_PATH | os.O_DIRECTORY)
         try:
-            os.chdir("/")
-            os.chroot(rootfs)
-            for _ in range(4096):  # "..": up to the root of the namespace, where it stays put
-                here, parent = os.stat("."), os.stat("..")
-                if (here.st_dev, here.st_ino) == (parent.st_dev, parent.st_ino):
-                    break
-                os.chdir("..")
-            os.chroot(".")
+            _to_namespace_root(rootfs)
             _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
             os.fchdir(home)
             os.chroot(".")
