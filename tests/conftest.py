@@ -2,8 +2,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.mounts import scratch_filesystem
 
 
 def _fuse_missing() -> str | None:
@@ -25,11 +29,31 @@ def _root_missing() -> str | None:
     return None
 
 
+def _stress_tools_missing() -> str | None:
+    missing = [tool for tool in ("fio", "stress-ng") if shutil.which(tool) is None]
+    return f"{' and '.join(missing)} not installed (apt-get install fio stress-ng)" if missing else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reasons = {"fuse": _fuse_missing(), "root": _root_missing()}
+    reasons = {"fuse": _fuse_missing(), "root": _root_missing(), "stress": _stress_tools_missing()}
     if os.environ.get("CI") == "true":
         return  # CI must run everything: a missing prerequisite fails there instead of skipping
     for item in items:
         for marker, reason in reasons.items():
             if reason and item.get_closest_marker(marker):
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A scratch directory on a fresh filesystem, for the layers of a kernel-differential test.
+
+    Parametrize it indirectly with the filesystem's name (``tests.mounts.BACKINGS``: ``tmpfs``, or
+    ``ext4`` on a loop-mounted image), usually as
+    ``@pytest.mark.parametrize("backing", backings(), indirect=True)`` with ``tests.mounts.backings``;
+    unparametrized, it is a tmpfs. The filesystem is unmounted (and its loop device detached) after the
+    test, whatever happened.
+    """
+    kind = getattr(request, "param", "tmpfs")
+    with scratch_filesystem(kind, str(tmp_path / f"{kind}-backing")) as mnt:
+        yield Path(mnt)

@@ -10,6 +10,8 @@ import sys
 import time
 from collections.abc import Iterator
 
+import pytest
+
 from pylayerfs.overlay.params import mountinfo
 
 PYLAYERFS = [sys.executable, "-m", "pylayerfs"]
@@ -76,6 +78,80 @@ def kernel_mount(
         yield mnt
     finally:
         force_unmount(mnt)
+
+
+# The filesystems the kernel-differential tests put their layers on: overlayfs behaves differently
+# over each (issue 12 item 7: truncate to the same size changes mtime on one and not the other), and
+# the kernel mounted over the same filesystem is the answer.
+BACKINGS = ("tmpfs", "ext4")
+EXT4_IMAGE_MIB = 64
+
+
+def backings(**xfail: str) -> list[object]:
+    """The parameters of ``backing``: every filesystem of ``BACKINGS``, in order.
+
+    ``xfail`` maps a filesystem's name to the reason pylayerfs still differs from the kernel over it
+    (an issue item): that case is marked ``xfail(strict=True)``, so it fails again once fixed.
+    """
+    unknown = set(xfail) - set(BACKINGS)
+    if unknown:
+        raise ValueError(f"unknown backing filesystems: {sorted(unknown)}")
+    return [
+        pytest.param(kind, marks=pytest.mark.xfail(strict=True, reason=xfail[kind])) if kind in xfail else kind
+        for kind in BACKINGS
+    ]
+
+
+def _run(*argv: str) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def _loop_devices(image: str) -> list[str]:
+    """The loop devices attached to ``image`` (``losetup -j``), normally none or one."""
+    out = subprocess.run(["losetup", "-j", image], capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    return [line.split(":", 1)[0] for line in out.stdout.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def scratch_filesystem(kind: str, where: str) -> Iterator[str]:
+    """A fresh, empty filesystem to put layers on; yields its mount point, ``where/mnt``.
+
+    ``kind``: ``"tmpfs"`` (a new tmpfs instance) or ``"ext4"`` (``mkfs.ext4`` on a
+    ``EXT4_IMAGE_MIB`` MiB image file ``where/ext4.img``, attached to a loop device and mounted).
+    Whatever happens inside (an exception, a mount left below it), on exit the filesystem is
+    unmounted (lazily as a last resort) and the loop device detached (if it is still busy, the kernel
+    detaches it when it is released: ``losetup -d`` sets autoclear). Raises ValueError for another
+    ``kind``, AssertionError when a command fails (nothing is left mounted or attached then).
+    """
+    if kind not in BACKINGS:
+        raise ValueError(f"unknown backing filesystem {kind!r}: one of {', '.join(BACKINGS)}")
+    mnt = os.path.join(where, "mnt")
+    os.makedirs(mnt, exist_ok=True)
+    image = os.path.join(where, "ext4.img")
+    try:
+        if kind == "tmpfs":
+            _run("mount", "-t", "tmpfs", "-o", "size=256m,mode=0755", "pylayerfs-test", mnt)
+        else:
+            with open(image, "wb") as f:
+                f.truncate(EXT4_IMAGE_MIB << 20)
+            _run("mkfs.ext4", "-q", "-F", image)
+            device = _run("losetup", "--find", "--show", image)
+            _run("mount", "-t", "ext4", device, mnt)
+        yield mnt
+    finally:
+        # the mounts the test made below it first (a daemon left running, a kernel overlay)
+        for entry in sorted(mountinfo(), key=lambda e: -len(e.mountpoint)):
+            if entry.mountpoint.startswith(os.path.realpath(mnt) + "/"):
+                force_unmount(entry.mountpoint)
+        force_unmount(mnt)
+        if kind == "ext4":
+            for device in _loop_devices(image):
+                subprocess.run(["losetup", "-d", device], capture_output=True, timeout=TIMEOUT, check=False)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(image)
 
 
 def _wait_unmounted(mnt: str) -> None:

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -24,6 +25,7 @@ from pylayerfs.overlay import copy_up, namespace, readdir
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.markers import is_whiteout
 from pylayerfs.testing import EngineTarget, ModelTarget, Options, OverlayMachine, Report, check, report, target
+from tests.mounts import BACKINGS
 
 ENGINE, MODEL = EngineTarget(), ModelTarget()
 
@@ -78,9 +80,17 @@ def test_engine_passes_against_the_model() -> None:
 @pytest.mark.root
 @pytest.mark.fuse
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("reference", ["model", "kernel"])
-def test_pylayerfs_mount_passes(reference: str) -> None:
-    result = check(target("pylayerfs"), target(reference), Options(examples=40, seed=11))
+@pytest.mark.parametrize(
+    ("reference", "backing"),
+    [pytest.param(reference, kind, id=f"{reference}-{kind}") for reference in ("model", "kernel") for kind in BACKINGS],
+    indirect=["backing"],
+)
+def test_pylayerfs_mount_passes(reference: str, backing: Path) -> None:
+    """Every scenario's layers (both sides') on a fresh tmpfs, then on a loop-mounted ext4.
+
+    Against the kernel, the answer is its overlay over the same filesystem (issue 12 item 7).
+    """
+    result = check(target("pylayerfs"), target(reference), Options(examples=40, seed=11, base=str(backing)))
     assert result.passed, report.text(result)
 
 

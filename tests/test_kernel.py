@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 from collections.abc import Callable, Sequence
 
 import pytest
 
 from pylayerfs.overlay import realfs
-from tests.mounts import kernel_mount, pylayerfs_mount
+from pylayerfs.overlay.params import mountinfo
+from tests.mounts import BACKINGS, backings, kernel_mount, pylayerfs_mount, scratch_filesystem
 from tests.trees import WHITEOUT, Spec, build, disk_form, tree_hash, view
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -141,9 +143,11 @@ def _fresh(tmp_path, name):
     return lowers, upper, work, mnt
 
 
-def test_same_operations_same_results_same_disk(tmp_path):
-    k_lowers, k_upper, k_work, k_mnt = _fresh(tmp_path, "kernel")
-    p_lowers, p_upper, p_work, p_mnt = _fresh(tmp_path, "pylayerfs")
+@pytest.mark.parametrize("backing", backings(), indirect=True)
+def test_same_operations_same_results_same_disk(backing):
+    """Over each backing filesystem (tmpfs, ext4), against the kernel's overlay over the same one."""
+    k_lowers, k_upper, k_work, k_mnt = _fresh(backing, "kernel")
+    p_lowers, p_upper, p_work, p_mnt = _fresh(backing, "pylayerfs")
     lower_hashes = [tree_hash(d) for d in p_lowers]
     with kernel_mount(k_mnt, k_lowers, k_upper, k_work):
         k_results = run(k_mnt)
@@ -167,3 +171,30 @@ def test_same_operations_same_results_same_disk(tmp_path):
     os.makedirs(p_work)
     with pylayerfs_mount(p_mnt, p_lowers, k_upper, k_work):
         assert view(p_mnt) == k_view, "pylayerfs reads the kernel's upper differently"
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", BACKINGS)
+def test_a_scratch_filesystem_is_fresh_and_left_unmounted_and_detached_even_on_failure(tmp_path, kind):
+    """The ``backing`` fixture's filesystems: what they say they are, and gone afterwards, whatever happened."""
+    where = str(tmp_path / "scratch")
+    with pytest.raises(_Boom), scratch_filesystem(kind, where) as root:
+        [entry] = [e for e in mountinfo() if e.mountpoint == os.path.realpath(root)]
+        assert entry.fstype == kind
+        assert sorted(os.listdir(root)) == (["lost+found"] if kind == "ext4" else [])
+        lower = build(f"{root}/l", {"f": "x"})
+        for d in ("u", "w"):
+            os.makedirs(f"{root}/{d}")
+        os.makedirs(f"{root}/m")
+        # a mount left below it, as a failing test would leave one
+        opts = f"lowerdir={lower},upperdir={root}/u,workdir={root}/w"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, f"{root}/m"], check=True, timeout=30)
+        os.setxattr(f"{root}/m/f", "user.k", b"v")  # user xattrs on the upper: ext4 and tmpfs both
+        raise _Boom
+    assert not [e for e in mountinfo() if e.mountpoint.startswith(os.path.realpath(where))]
+    assert not os.path.exists(f"{where}/ext4.img")
+    losetup = subprocess.run(["losetup", "--list", "--noheadings", "-O", "BACK-FILE"], capture_output=True, text=True)
+    assert where not in losetup.stdout, "a loop device is still attached to the image"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pylayerfs.overlay.filesystem import Overlay
-from tests.mounts import kernel_mount, pylayerfs_mount
+from tests.mounts import backings, kernel_mount, pylayerfs_mount
 from tests.test_kernel import run
 from tests.trees import build, disk_form, tree_hash, view
 
@@ -155,10 +155,11 @@ OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
 
 @pytest.mark.root
 @pytest.mark.fuse
-def test_same_metacopy_uppers_as_the_kernel_and_interop_both_ways(tmp_path):
+@pytest.mark.parametrize("backing", backings(), indirect=True)
+def test_same_metacopy_uppers_as_the_kernel_and_interop_both_ways(backing):
     def fresh(name: str) -> tuple[list[str], str, str, str]:
-        lower = build(str(tmp_path / name / "l"), LOWER)
-        dirs = [str(tmp_path / name / d) for d in ("u", "w", "m")]
+        lower = build(str(backing / name / "l"), LOWER)
+        dirs = [str(backing / name / d) for d in ("u", "w", "m")]
         for d in dirs:
             os.makedirs(d)
         return [lower], *dirs  # type: ignore[return-value]
@@ -248,23 +249,24 @@ def test_build_with_metacopy_makes_the_chmod_layer_0B_with_the_same_diff_id(tmp_
 
 @pytest.mark.root
 @pytest.mark.fuse
-def test_a_metacopy_file_the_kernel_renamed_is_refused_not_read_from_the_wrong_file(tmp_path):
+@pytest.mark.parametrize("backing", backings(), indirect=True)
+def test_a_metacopy_file_the_kernel_renamed_is_refused_not_read_from_the_wrong_file(backing):
     """The kernel (redirect_dir=on with metacopy) renames a lower file as metacopy plus a redirect.
 
     pylayerfs follows no redirects, so it must refuse that file (EPERM), never show the data of the
     file that now sits at the new name below. `pylayerfs check` found the wrong-data case.
     """
-    lower = build(str(tmp_path / "l"), {"a": "", "b": "1"})
-    upper, work = tmp_path / "u", tmp_path / "w"
+    lower = build(str(backing / "l"), {"a": "", "b": "1"})
+    upper, work = backing / "u", backing / "w"
     upper.mkdir()
     work.mkdir()
-    with kernel_mount(str(tmp_path / "k"), [lower], str(upper), str(work), "metacopy=on") as mnt:
+    with kernel_mount(str(backing / "k"), [lower], str(upper), str(work), "metacopy=on") as mnt:
         os.rename(f"{mnt}/b", f"{mnt}/a")
         assert Path(f"{mnt}/a").read_text() == "1"
     assert "trusted.overlay.redirect" in os.listxattr(upper / "a")
     shutil.rmtree(work)
     work.mkdir()
-    with pylayerfs_mount(str(tmp_path / "p"), [lower], str(upper), str(work), "metacopy=on") as mnt:
+    with pylayerfs_mount(str(backing / "p"), [lower], str(upper), str(work), "metacopy=on") as mnt:
         with pytest.raises(PermissionError):
             Path(f"{mnt}/a").read_text()
         assert not os.path.exists(f"{mnt}/b")
