@@ -44,6 +44,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """In CI nothing is skipped: a test that skips itself (a missing tool or install) fails there, with its reason."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where every prerequisite must be there: {report.longrepr}"
+
+
 @pytest.fixture
 def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     """A scratch directory on a fresh filesystem, for the layers of a kernel-differential test.

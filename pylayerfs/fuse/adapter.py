@@ -347,6 +347,11 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
         return 0
 
 
+def _fh(fip: Any) -> int | None:
+    """The file handle of libfuse's ``struct fuse_file_info *`` (None: a request by path)."""
+    return int(fip.contents.fh) if fip else None
+
+
 class _FUSE(fuse.FUSE):  # type: ignore[misc]
     """mfusepy with callbacks of our own.
 
@@ -360,8 +365,7 @@ class _FUSE(fuse.FUSE):  # type: ignore[misc]
     """
 
     def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
-        fh = fip.contents.fh if fip else None
-        attrs = self.operations.getattr(None if path is None else path.decode(self.encoding, self.errors), fh)
+        attrs = self.operations.getattr(self._path(path), _fh(fip))
         ctypes.memset(buf, 0, ctypes.sizeof(fuse.c_stat))
         st = buf.contents
         for key in _STAT_FIELDS:
@@ -375,22 +379,22 @@ class _FUSE(fuse.FUSE):  # type: ignore[misc]
         return None if path is None else path.decode(self.encoding, self.errors)
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
-        return int(self.operations.truncate(self._path(path), length, fip.contents.fh if fip else None) or 0)
+        return int(self.operations.truncate(self._path(path), length, _fh(fip)) or 0)
 
     def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
-        return int(self.operations.chmod(self._path(path), mode, fip.contents.fh if fip else None) or 0)
+        return int(self.operations.chmod(self._path(path), mode, _fh(fip)) or 0)
 
     def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip: Any) -> int:
         uid = -1 if fuse.c_uid_t(uid + 1).value == 0 else uid  # (uid_t)-1: leave it
         gid = -1 if fuse.c_gid_t(gid + 1).value == 0 else gid
-        return int(self.operations.chown(self._path(path), uid, gid, fip.contents.fh if fip else None) or 0)
+        return int(self.operations.chown(self._path(path), uid, gid, _fh(fip)) or 0)
 
     def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
         times = None
         if buf:
             spec = buf.contents
             times = (fuse.time_of_timespec(spec.actime, use_ns=True), fuse.time_of_timespec(spec.modtime, use_ns=True))
-        return int(self.operations.utimens(self._path(path), times, fip.contents.fh if fip else None) or 0)
+        return int(self.operations.utimens(self._path(path), times, _fh(fip)) or 0)
 
     def create(self, path: bytes, mode: int, fip: Any) -> int:
         fi = fip.contents

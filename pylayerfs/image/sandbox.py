@@ -160,7 +160,7 @@ def _enter(rootfs: str, cwd: str, hostname: str) -> None:
     with _step(f"chroot {rootfs}"):  # a missing root fails here, before any mount
         os.stat(rootfs)
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare")
-    _make_mounts_private(rootfs)
+    make_mounts_private(rootfs)
     root = os.fsencode(rootfs)
     _check(_libc.mount(root, root, None, MS_BIND | MS_REC, None), f"bind {rootfs} on itself")
     proc = os.path.join(rootfs, "proc")
@@ -221,17 +221,17 @@ def _to_namespace_root(rootfs: str) -> None:
     os.chroot(".")
 
 
-def _make_mounts_private(rootfs: str) -> None:
-    """In the child's new mount namespace: make every mount private, so nothing mounted or unmounted leaks out.
+def make_mounts_private(below: str) -> None:
+    """In a new mount namespace: make every mount private, so nothing mounted or unmounted leaks out.
 
-    From the namespace's real root, reached with :func:`_to_namespace_root` (our ``/`` may be a plain
-    directory, or a mount below the top: we run in a chroot), then the process returns to its ``/``.
-    Raises SandboxError.
+    From the namespace's real root, reached with :func:`_to_namespace_root` through ``below`` (any directory
+    below our ``/``: our ``/`` may be a plain directory, or a mount below the top, when we run in a chroot),
+    then the process returns to its ``/``. Raises SandboxError.
     """
     with _step("make mounts private"):
         home = os.open("/", os.O_PATH | os.O_DIRECTORY)
         try:
-            _to_namespace_root(rootfs)
+            _to_namespace_root(below)
             _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
             os.fchdir(home)
             os.chroot(".")

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pylayerfs.fuse.mount import remove_tree
+from pylayerfs.image.sandbox import CLONE_NEWNS, SandboxError, make_mounts_private
 from pylayerfs.testing.ops import FAMILIES
 
 if TYPE_CHECKING:
@@ -130,10 +132,7 @@ def _save(r: Report, directory: str | None) -> str | None:
     return path
 
 
-CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
 EXIT_KILLED = 137  # what a shell reports for a process killed by SIGKILL
 NEEDS_ROOT = ("pylayerfs check: needs root (its layers hold files of other owners, whiteouts and "
               "trusted.overlay.* xattrs, and it mounts)")  # fmt: skip
@@ -224,12 +223,12 @@ def isolated(work: Callable[[], int], scratch: str | None = None) -> int:
             os.close(keep)
             os.close(report_r)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker handles Ctrl-C and exits
-            if (
-                libc.unshare(CLONE_NEWNS | CLONE_NEWPID) != 0
-                or libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
-            ):
-                err = ctypes.get_errno()
-                os.write(report_w, f"{err} cannot make a namespace: {os.strerror(err)}".encode())
+            try:
+                if libc.unshare(CLONE_NEWNS | CLONE_NEWPID) != 0:
+                    raise SandboxError(f"unshare: {os.strerror(ctypes.get_errno())}")
+                make_mounts_private(scratch or tempfile.gettempdir())  # also in a chroot whose / is no mount
+            except SandboxError as exc:
+                os.write(report_w, f"cannot make a namespace: {exc}".encode())
                 os._exit(1)
             os.close(report_w)
             init = os.fork()
@@ -251,8 +250,7 @@ def isolated(work: Callable[[], int], scratch: str | None = None) -> int:
         os.close(report_r)
         os.close(keep)
     if message:
-        number, _, text = message.partition(" ")
-        raise OSError(int(number), text)
+        raise OSError(errno.EPERM, message)
     return code
 
 
