@@ -198,3 +198,32 @@ def test_a_scratch_filesystem_is_fresh_and_left_unmounted_and_detached_even_on_f
     assert not os.path.exists(f"{where}/ext4.img")
     losetup = subprocess.run(["losetup", "--list", "--noheadings", "-O", "BACK-FILE"], capture_output=True, text=True)
     assert where not in losetup.stdout, "a loop device is still attached to the image"
+
+
+def _device_and_setuid(mnt: str) -> tuple[object, ...]:
+    """Write to a character device made in the merged view, and run a set-user-ID copy of id(1) as nobody."""
+    os.mknod(f"{mnt}/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    fd = os.open(f"{mnt}/null", os.O_WRONLY)
+    written = os.write(fd, b"discarded")
+    os.close(fd)
+    shutil.copy("/usr/bin/id", f"{mnt}/id")
+    os.chmod(f"{mnt}/id", 0o4755)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"{mnt}/id", "-u"]
+    euid = subprocess.run(as_nobody, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    flags = os.statvfs(mnt).f_flag
+    return written, euid, bool(flags & os.ST_NODEV), bool(flags & os.ST_NOSUID)
+
+
+def test_devices_and_setuid_work_as_on_the_kernel_mount(tmp_path):
+    """As root, a mount honours device files and set-user-ID bits unless -o nodev/nosuid (mount -t overlay's
+    defaults; libfuse's own are nodev,nosuid, which left a container's /dev/null unopenable and su powerless)."""
+    answers = []
+    for name, mount in (("kernel", kernel_mount), ("pylayerfs", pylayerfs_mount)):
+        lowers, upper, work, mnt = _fresh(tmp_path, name)
+        os.chmod(mnt, 0o755)
+        with mount(mnt, lowers, upper, work):
+            answers.append(_device_and_setuid(mnt))
+    assert answers[0] == answers[1] == (9, "0", False, False)
+    lowers, upper, work, mnt = _fresh(tmp_path, "nodev")
+    with pylayerfs_mount(mnt, lowers, upper, work, "nodev,nosuid"), pytest.raises(PermissionError):
+        _device_and_setuid(mnt)

@@ -205,7 +205,15 @@ def build_overlay(config: MountConfig) -> tuple[Overlay, list[int]]:
 
 
 def fuse_options(config: MountConfig) -> dict[str, object]:
+    """libfuse's mount options for ``config``: its generic flags, allow_other, default_permissions.
+
+    As root, device files and set-user-ID bits work unless ``nodev``/``nosuid`` say otherwise, as on a
+    ``mount -t overlay`` (libfuse's own default is ``nodev,nosuid``: a container's ``/dev/null`` would refuse
+    to open and its ``su`` would not be set-user-ID).
+    """
     opts: dict[str, object] = {flag: True for flag in config.fuse_flags}
+    if os.geteuid() == 0:
+        opts |= {flag: True for flag in ("dev", "suid") if f"no{flag}" not in opts}
     if config.allow_other:
         opts["allow_other"] = True
     if config.default_permissions:

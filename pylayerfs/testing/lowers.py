@@ -187,7 +187,9 @@ def _object(node: Node, index: int) -> Obj:
     kind = "dir" if node.kind in DIR_KINDS else node.kind
     mode = 0o777 if kind == "symlink" else node.mode
     xattrs = {XATTR: node.xattr} if node.xattr is not None else {}
-    return Obj(kind, mode, node.uid, node.uid, layer_time(index), node.content, node.target, xattrs, kind == "dir")
+    obj = Obj(kind, mode, node.uid, node.uid, layer_time(index), node.content, node.target, xattrs, kind == "dir")
+    obj.lower_file = kind == "file"
+    return obj
 
 
 def describe(lowers: Sequence[Layer]) -> list[str]:

@@ -44,7 +44,8 @@ class OverlayMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def step(self, data: st.DataObject) -> None:
         assert self.run is not None
-        self.run.step(data.draw(operations(self.families, self.run.paths, self.run.fresh)))
+        run = self.run
+        self.run.step(data.draw(operations(self.families, run.paths, run.fresh, run.dirs, run.lacking)))
 
     def teardown(self) -> None:
         if self.run is not None:

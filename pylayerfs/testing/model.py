@@ -20,9 +20,10 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
+from pylayerfs.testing.ops import FALLOCATE_MODES, KIND_NAMES
 from pylayerfs.testing.vfs import EXCHANGE, Vfs, fail, within
 
-KINDS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "fifo": stat.S_IFIFO}
+KINDS = {name: fmt for fmt, name in KIND_NAMES.items()}
 _ids = itertools.count(1)
 
 
@@ -39,6 +40,7 @@ class Obj:
     target: str = ""
     xattrs: dict[str, bytes] = field(default_factory=dict)
     lower: bool = False  # a directory with a lower part: renaming it is EXDEV
+    lower_file: bool = False  # a regular file of a lower layer, not copied up yet
     id: int = field(default_factory=lambda: next(_ids))
 
 
@@ -85,8 +87,14 @@ class Model(Vfs):
         return None if obj is None else KINDS[obj.kind] | obj.mode
 
     def _stat(self, path: str) -> os.stat_result:
-        obj = self.objects[path]
+        return self._fstat(_Handle(self.objects[path]))
+
+    def _fstat(self, handle: _Handle) -> os.stat_result:
+        """An unnamed file has no links, but one never copied up shows its lower file's (overlayfs stats that)."""
+        obj = handle.obj
         nlink = 1 if obj.kind == "dir" else sum(o is obj for o in self.objects.values())
+        if obj.lower_file and not nlink:
+            nlink = 1
         size = len(obj.content) if obj.kind == "file" else len(obj.target)
         mtime = math.nan if obj.mtime is None else obj.mtime
         return os.stat_result((KINDS[obj.kind] | obj.mode, obj.id, 0, nlink, obj.uid, obj.gid, size, 0, mtime, 0))
@@ -103,30 +111,51 @@ class Model(Vfs):
     def _create(self, path: str, mode: int) -> _Handle:
         return _Handle(self._new(path, "file", mode))
 
+    def _tmpfile(self, directory: str, mode: int) -> _Handle:
+        parent = self.objects[directory]
+        uid, gid = self.caller
+        return _Handle(Obj("file", mode, uid, parent.gid if parent.mode & stat.S_ISGID else gid))
+
     def _open(self, path: str, flags: int) -> _Handle:
-        return _Handle(self.objects[path])
+        obj = self.objects[path]
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            obj.lower_file = False  # copied up
+        return _Handle(obj)
 
-    def _read(self, handle: _Handle) -> bytes:
-        return handle.obj.content
+    def _pread(self, handle: _Handle, size: int, offset: int) -> bytes:
+        return handle.obj.content[offset : offset + size]
 
-    def _write(self, handle: _Handle, data: bytes, append: bool) -> None:
+    def _pwrite(self, handle: _Handle, data: bytes, offset: int) -> None:
         obj = handle.obj
-        obj.content = obj.content + data if append else data + obj.content[len(data) :]
+        obj.content = obj.content[:offset].ljust(offset, b"\0") + data + obj.content[offset + len(data) :]
         obj.mtime = None
 
     def _release(self, handle: _Handle) -> None:
         pass
 
-    def _truncate(self, path: str, length: int, handle: _Handle | None) -> None:
-        obj = handle.obj if handle is not None else self.objects[path]
+    def _truncate(self, path: str | None, length: int, handle: _Handle | None) -> None:
+        obj = handle.obj if handle is not None else self._up(path)
         obj.content = obj.content[:length].ljust(length, b"\0")
         obj.mtime = None
+
+    def _fallocate(self, handle: _Handle, mode: int, offset: int, length: int) -> None:
+        obj = handle.obj
+        end = offset + length
+        if mode & FALLOCATE_MODES["punch"] == FALLOCATE_MODES["punch"]:
+            kept = obj.content[end:]
+            obj.content = obj.content[:offset] + b"\0" * max(0, min(end, len(obj.content)) - offset) + kept
+        elif not mode & FALLOCATE_MODES["keep"]:
+            obj.content = obj.content.ljust(end, b"\0")
+        obj.mtime = None  # whether the filesystem sets it depends on the filesystem: any time will do
+
+    def _fsync(self, handle: _Handle) -> None:
+        pass
 
     def _mkdir(self, path: str, mode: int) -> None:
         self._new(path, "dir", mode)
 
-    def _mkfifo(self, path: str, mode: int) -> None:
-        self._new(path, "fifo", mode)
+    def _mknod(self, path: str, kind: int, mode: int) -> None:
+        self._new(path, KIND_NAMES[kind], mode)
 
     def _symlink(self, target: str, path: str) -> None:
         self._new(path, "symlink", 0o777, target=target)
@@ -141,7 +170,7 @@ class Model(Vfs):
         self._changed(path)
 
     def _link(self, old: str, new: str) -> None:
-        self.objects[new] = self.objects[old]
+        self.objects[new] = self._up(old)
         self._changed(new)
 
     def _rename(self, old: str, new: str, flags: int) -> None:
@@ -150,6 +179,7 @@ class Model(Vfs):
             raise fail(errno.EXDEV, old)
         if target is not None and target.kind == "dir" and not flags & EXCHANGE and self._children(new):
             raise fail(errno.ENOTEMPTY, new)
+        self._up(old)
         moved = self._take(old)
         if flags & EXCHANGE:
             self.objects.update({old + p[len(new) :]: o for p, o in self._take(new).items()})
@@ -163,11 +193,36 @@ class Model(Vfs):
         """Remove ``path`` and everything below it; return them."""
         return {p: self.objects.pop(p) for p in [p for p in self.objects if within(p, path)]}
 
+    def _up(self, path: str | None) -> Obj:
+        """The object at ``path``, copied up: from now on it has an upper file of its own."""
+        assert path is not None
+        obj = self.objects[path]
+        obj.lower_file = False
+        return obj
+
+    def _changeable(self, handle: _Handle) -> Obj:
+        """The object behind an fd, for a change of its metadata.
+
+        A file never copied up whose names are all gone cannot be copied up: the kernel's copy-up meets the
+        whiteout (EEXIST).
+        """
+        obj = handle.obj
+        if obj.lower_file and not any(o is obj for o in self.objects.values()):
+            raise fail(errno.EEXIST, "")
+        obj.lower_file = False
+        return obj
+
     def _chmod(self, path: str, mode: int) -> None:
-        self.objects[path].mode = mode & 0o7777
+        self._fchmod(_Handle(self.objects[path]), mode)
+
+    def _fchmod(self, handle: _Handle, mode: int) -> None:
+        self._changeable(handle).mode = mode & 0o7777
 
     def _chown(self, path: str, uid: int, gid: int) -> None:
-        obj = self.objects[path]
+        self._fchown(_Handle(self.objects[path]), uid, gid)
+
+    def _fchown(self, handle: _Handle, uid: int, gid: int) -> None:
+        obj = self._changeable(handle)
         obj.uid, obj.gid = uid, gid
         if obj.kind != "dir":  # chown(2) clears set-user-ID, and set-group-ID when group-executable
             obj.mode &= ~stat.S_ISUID
@@ -175,14 +230,18 @@ class Model(Vfs):
                 obj.mode &= ~stat.S_ISGID
 
     def _utime(self, path: str, mtime_ns: int) -> None:
-        self.objects[path].mtime = mtime_ns // 10**9
+        self._futimens(_Handle(self.objects[path]), mtime_ns)
+
+    def _futimens(self, handle: _Handle, mtime_ns: int) -> None:
+        self._changeable(handle).mtime = mtime_ns // 10**9
 
     def _setxattr(self, path: str, name: str, value: bytes) -> None:
-        self.objects[path].xattrs[name] = value
+        self._up(path).xattrs[name] = value
 
     def _removexattr(self, path: str, name: str) -> None:
-        if self.objects[path].xattrs.pop(name, None) is None:
+        if name not in self.objects[path].xattrs:  # the kernel looks in the lower layer before any copy-up
             raise fail(errno.ENODATA, path)
+        del self._up(path).xattrs[name]
 
     def _listxattr(self, path: str) -> list[str]:
         return list(self.objects[path].xattrs)

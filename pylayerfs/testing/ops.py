@@ -34,6 +34,20 @@ OPEN_MODES = {
     "t": os.O_WRONLY | os.O_TRUNC,
 }
 OPEN_EXTRA = os.O_NONBLOCK | os.O_NOCTTY  # a FIFO must not block the checker
+# How FdOpen opens a descriptor it keeps across steps.
+FD_FLAGS = {
+    "r": os.O_RDONLY,
+    "rw": os.O_RDWR | os.O_CREAT,
+    "append": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+    "trunc": os.O_RDWR | os.O_TRUNC,
+    "tmpfile": os.O_RDWR | os.O_TMPFILE,  # PATH is the directory the unnamed file is made in
+}
+SLOTS = (0, 1, 2)  # the descriptors a scenario keeps open, by number
+FD_READ = 4  # bytes a read through a kept descriptor asks for: small, so the offset matters
+# fallocate(2) modes (linux/falloc.h); ZERO_RANGE is left out: tmpfs refuses it and ext4 does not.
+FALLOCATE_MODES = {"alloc": 0, "keep": 0x01, "punch": 0x02 | 0x01}
+MKNOD_TYPES = {"c": stat.S_IFCHR, "s": stat.S_IFSOCK}
+NULL_DEVICE = os.makedev(1, 3)  # what mknod c makes: /dev/null's numbers (0, 0 would be a whiteout)
 CREATE_MODE = 0o666  # what open(O_CREAT) and mkfifo ask for; the umask takes its bits away
 DIR_MODE = 0o777
 UMASK = 0o022
@@ -48,17 +62,29 @@ class FileSystem(Protocol):
     does (``lstat``, ``readlink``, ``unlink``, ``rename``, ``link`` do not).
     """
 
+    held: dict[int, int]  # the descriptors kept across steps: slot -> fd
+
     def lstat(self, path: str) -> os.stat_result: ...
     def stat(self, path: str) -> os.stat_result: ...
     def listdir(self, path: str) -> list[str]: ...
     def readlink(self, path: str) -> str: ...
     def open(self, path: str, flags: int, mode: int = CREATE_MODE) -> int: ...
-    def read(self, fd: int) -> bytes: ...
+    def read(self, fd: int, size: int = 1 << 16) -> bytes: ...
     def write(self, fd: int, data: bytes) -> None: ...
+    def pread(self, fd: int, size: int, offset: int) -> bytes: ...
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None: ...
+    def fstat(self, fd: int) -> os.stat_result: ...
+    def fchmod(self, fd: int, mode: int) -> None: ...
+    def fchown(self, fd: int, uid: int, gid: int) -> None: ...
+    def futimens(self, fd: int, mtime_ns: int) -> None: ...
+    def ftruncate(self, fd: int, length: int) -> None: ...
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None: ...
+    def fsync(self, fd: int) -> None: ...
     def close(self, fd: int) -> None: ...
     def truncate(self, path: str, length: int) -> None: ...
     def mkdir(self, path: str, mode: int = DIR_MODE) -> None: ...
     def mkfifo(self, path: str, mode: int = CREATE_MODE) -> None: ...
+    def mknod(self, path: str, kind: int, mode: int = CREATE_MODE) -> None: ...
     def rmdir(self, path: str) -> None: ...
     def unlink(self, path: str) -> None: ...
     def symlink(self, target: str, path: str) -> None: ...
@@ -78,8 +104,11 @@ class OsFileSystem:
 
     def __init__(self, root: str) -> None:
         self.root = root
+        self.held: dict[int, int] = {}
         libc = ctypes.CDLL(None, use_errno=True)
         self._renameat2 = libc.renameat2
+        self._fallocate = libc.fallocate
+        self._fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
     def _p(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
@@ -99,11 +128,40 @@ class OsFileSystem:
     def open(self, path: str, flags: int, mode: int = CREATE_MODE) -> int:
         return os.open(self._p(path), flags, mode)
 
-    def read(self, fd: int) -> bytes:
-        return os.read(fd, 1 << 16)
+    def read(self, fd: int, size: int = 1 << 16) -> bytes:
+        return os.read(fd, size)
 
     def write(self, fd: int, data: bytes) -> None:
         os.write(fd, data)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        os.pwrite(fd, data, offset)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
+    def fchmod(self, fd: int, mode: int) -> None:
+        os.fchmod(fd, mode)
+
+    def fchown(self, fd: int, uid: int, gid: int) -> None:
+        os.fchown(fd, uid, gid)
+
+    def futimens(self, fd: int, mtime_ns: int) -> None:
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        if self._fallocate(fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
 
     def close(self, fd: int) -> None:
         os.close(fd)
@@ -116,6 +174,9 @@ class OsFileSystem:
 
     def mkfifo(self, path: str, mode: int = CREATE_MODE) -> None:
         os.mkfifo(self._p(path), mode)
+
+    def mknod(self, path: str, kind: int, mode: int = CREATE_MODE) -> None:
+        os.mknod(self._p(path), kind | mode, NULL_DEVICE if kind == stat.S_IFCHR else 0)
 
     def rmdir(self, path: str) -> None:
         os.rmdir(self._p(path))
@@ -184,8 +245,13 @@ class Op(ABC):
         """Do the operation on ``fs``; what it returns is part of the outcome."""
 
     def __str__(self) -> str:
-        args = [getattr(self, f.name) for f in fields(self)]
-        return " ".join([self.verb] + [shlex.quote(a.decode() if isinstance(a, bytes) else str(a)) for a in args])
+        words = [self.verb]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "mode" and isinstance(value, int):  # permission bits, in octal as chmod takes them
+                value = f"{value:o}"
+            words.append(shlex.quote(value.decode() if isinstance(value, bytes) else str(value)))
+        return " ".join(words)
 
 
 @dataclass(frozen=True)
@@ -286,6 +352,19 @@ class Mkfifo(_OnPath):
 
 
 @dataclass(frozen=True)
+class Mknod(Op):
+    """mknod(2) of a character device (``c``: /dev/null's numbers) or a socket (``s``)."""
+
+    verb = "mknod"
+    family = "link"
+    path: str
+    type: str
+
+    def apply(self, fs: FileSystem) -> None:
+        fs.mknod(self.path, MKNOD_TYPES[self.type])
+
+
+@dataclass(frozen=True)
 class Chmod(Op):
     verb = "chmod"
     family = "meta"
@@ -294,9 +373,6 @@ class Chmod(Op):
 
     def apply(self, fs: FileSystem) -> None:
         fs.chmod(self.path, self.mode)
-
-    def __str__(self) -> str:
-        return f"chmod {shlex.quote(self.path)} {self.mode:o}"
 
 
 @dataclass(frozen=True)
@@ -412,11 +488,179 @@ class ReadAcrossCopyUp(Op):
             fs.close(reader)
 
 
+# -- descriptors kept across steps: the "fd" family ------------------------------------------
+
+
+@dataclass(frozen=True)
+class FdOpen(Op):
+    """open(2) with one of FD_FLAGS and keep the descriptor in ``slot`` (closing what the slot held).
+
+    Only regular files are kept: a directory or FIFO is closed again at once (``ok: dir``, ``ok: fifo``),
+    because what a removed one answers through its descriptor is the lower layer's business under the
+    kernel's overlayfs (fchmod: ENOTDIR, st_nlink of the lower) and out of the model's reach.
+    """
+
+    verb = "fopen"
+    family = "fd"
+    slot: int
+    path: str
+    flags: str
+
+    def apply(self, fs: FileSystem) -> str | None:
+        release(fs, self.slot)
+        fd = fs.open(self.path, FD_FLAGS[self.flags] | OPEN_EXTRA)
+        mode = fs.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            fs.close(fd)
+            return kind(mode)
+        fs.held[self.slot] = fd
+        return None
+
+
+def release(fs: FileSystem, slot: int | None = None) -> None:
+    """Close the descriptor kept in ``slot`` (every one when None); a free slot is fine."""
+    for s in list(fs.held) if slot is None else [slot]:
+        fd = fs.held.pop(s, None)
+        if fd is not None:
+            fs.close(fd)
+
+
+@dataclass(frozen=True)
+class _OnSlot(Op):
+    """An operation through the descriptor kept in ``slot``: EBADF when the slot is free."""
+
+    family = "fd"
+    slot: int
+
+    def apply(self, fs: FileSystem) -> object:
+        fd = fs.held.get(self.slot)
+        if fd is None:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return self.through(fs, fd)
+
+    @abstractmethod
+    def through(self, fs: FileSystem, fd: int) -> object: ...
+
+
+class FdClose(_OnSlot):
+    verb = "close"
+
+    def through(self, fs: FileSystem, fd: int) -> None:
+        release(fs, self.slot)
+
+
+class FdRead(_OnSlot):
+    """read(2) of FD_READ bytes at the descriptor's offset, which moves."""
+
+    verb = "fread"
+
+    def through(self, fs: FileSystem, fd: int) -> str:
+        return repr(fs.read(fd, FD_READ))
+
+
+@dataclass(frozen=True)
+class FdWrite(_OnSlot):
+    verb = "fwrite"
+    data: bytes
+
+    def through(self, fs: FileSystem, fd: int) -> None:
+        fs.write(fd, self.data)
+
+
+@dataclass(frozen=True)
+class FdPread(_OnSlot):
+    verb = "pread"
+    offset: int
+
+    def through(self, fs: FileSystem, fd: int) -> str:
+        return repr(fs.pread(fd, FD_READ, self.offset))
+
+
+@dataclass(frozen=True)
+class FdPwrite(_OnSlot):
+    verb = "pwrite"
+    offset: int
+    data: bytes
+
+    def through(self, fs: FileSystem, fd: int) -> None:
+        fs.pwrite(fd, self.data, self.offset)
+
+
+class FdStat(_OnSlot):
+    """fstat(2): the mode, size, link count (0 once every name is gone) and owner."""
+
+    verb = "fstat"
+
+    def through(self, fs: FileSystem, fd: int) -> str:
+        st = fs.fstat(fd)
+        owner = f"{st.st_uid}:{st.st_gid}"
+        return f"{kind(st.st_mode)} {stat.S_IMODE(st.st_mode):o} {st.st_size} nlink={st.st_nlink} {owner}"
+
+
+@dataclass(frozen=True)
+class FdChmod(_OnSlot):
+    verb = "fchmod"
+    mode: int
+
+    def through(self, fs: FileSystem, fd: int) -> None:
+        fs.fchmod(fd, self.mode)
+
+
+@dataclass(frozen=True)
+class FdChown(_OnSlot):
+    verb = "fchown"
+    uid: int
+    gid: int
+
+    def through(self, fs: FileSystem, fd: int) -> None:
+        fs.fchown(fd, self.uid, self.gid)
+
+
+@dataclass(frozen=True)
+class FdUtime(_OnSlot):
+    verb = "futimens"
+    mtime: int  # seconds; set as both atime and mtime
+
+    def through(self, fs: FileSystem, fd: int) -> None:
+        fs.futimens(fd, self.mtime * 10**9)
+
+
+@dataclass(frozen=True)
+class FdTruncate(_OnSlot):
+    verb = "ftruncate"
+    length: int
+
+    def through(self, fs: FileSystem, fd: int) -> None:
+        fs.ftruncate(fd, self.length)
+
+
+@dataclass(frozen=True)
+class FdAllocate(_OnSlot):
+    """fallocate(2) with one of FALLOCATE_MODES over ``length`` bytes from ``offset``."""
+
+    verb = "fallocate"
+    how: str
+    offset: int
+    length: int
+
+    def through(self, fs: FileSystem, fd: int) -> None:
+        fs.fallocate(fd, FALLOCATE_MODES[self.how], self.offset, self.length)
+
+
+class FdSync(_OnSlot):
+    verb = "fsync"
+
+    def through(self, fs: FileSystem, fd: int) -> None:
+        fs.fsync(fd)
+
+
 OPS: dict[str, type[Op]] = {
     cls.verb: cls
     for cls in (
-        *(Open, Truncate, Unlink, Rmdir, Mkdir, Rename, Link, Symlink, Mkfifo, Chmod, Chown, Utime, SetXattr),
-        *(RemoveXattr, Stat, Readdir, Readlink, Read, ReadAcrossCopyUp),
+        *(Open, Truncate, Unlink, Rmdir, Mkdir, Rename, Link, Symlink, Mkfifo, Mknod, Chmod, Chown, Utime),
+        *(SetXattr, RemoveXattr, Stat, Readdir, Readlink, Read, ReadAcrossCopyUp),
+        *(FdOpen, FdClose, FdRead, FdWrite, FdPread, FdPwrite, FdStat, FdChmod, FdChown, FdUtime, FdTruncate),
+        *(FdAllocate, FdSync),
     )
 }
 FAMILIES = sorted({cls.family for cls in OPS.values()})
@@ -431,17 +675,24 @@ def parse(line: str) -> Op:
         if f.type == "bytes":
             args.append(word.encode())
         elif f.type == "int":
-            args.append(int(word, 8) if cls is Chmod else int(word))
+            args.append(int(word, 8) if f.name == "mode" else int(word))
         else:
             args.append(word)
     return cls(*args)
 
 
+KIND_NAMES = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFCHR: "chardev",
+    stat.S_IFSOCK: "socket",
+}
+
+
 def kind(mode: int) -> str:
-    for test, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink")):
-        if test(mode):
-            return name
-    return "fifo" if stat.S_ISFIFO(mode) else "other"
+    return KIND_NAMES.get(stat.S_IFMT(mode), "other")
 
 
 @dataclass(frozen=True)
@@ -521,6 +772,7 @@ def main(argv: list[str]) -> int:
     fs = OsFileSystem(argv[1])
     for n, line in enumerate((line for line in sys.stdin if line.strip()), start=1):
         print(f"step {n}: {line.strip()} -> {parse(line).run(fs)}")
+    release(fs)
     entries, inodes = snapshot(fs)
     print("tree:")
     for path, e in entries.items():

@@ -22,10 +22,11 @@ def text(report: Report, script: str | None = None) -> str:
     if report.error is not None:
         return f"{head}: ERROR ({ran}): {report.error}"
     d = report.divergence
+    unchecked = [f"  not checked: {what}" for what in sorted(report.unchecked)]
     if d is None:
-        return f"{head}: pass ({ran})"
+        return "\n".join([f"{head}: pass ({ran})", *unchecked])
     assert report.scenario is not None
-    lines = [f"{head}: DIVERGES ({d.check}) ({ran})", f"  {d.message}", "  lower layers (top first):"]
+    lines = [f"{head}: DIVERGES ({d.check}) ({ran})", f"  {d.message}", *unchecked, "  lower layers (top first):"]
     lines += [_INDENT + line for line in describe(report.scenario.lowers)] or [_INDENT + "(all empty)"]
     lines.append("  steps:")
     for n, step in enumerate(d.steps, start=1):
@@ -48,6 +49,7 @@ def as_dict(report: Report, script: str | None = None) -> dict[str, Any]:
         "seed": report.options.seed,
         "families": list(report.options.families),
         "error": report.error,
+        "unchecked": sorted(report.unchecked),
         "divergence": None,
     }
     if d is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from pylayerfs.testing.lowers import NAMES, Layer, build, digest
-from pylayerfs.testing.ops import Entry, FileSystem, Op, snapshot
+from pylayerfs.testing.ops import FD_FLAGS, Entry, FileSystem, Op, release, snapshot
 from pylayerfs.testing.targets import Instance, Layout, ModelTarget, Target, TargetError
 
 if TYPE_CHECKING:
@@ -108,9 +109,12 @@ class Run:
         self._identity: dict[int, int] = {}  # model object id -> the subject's st_ino
         self.paths: list[str] = []  # what the tree holds now, to aim the next operations at
         self.fresh: list[str] = []  # names that are free in its directories
+        self.dirs: list[str] = [""]  # its directories
+        self.lacking: dict[str, str] = {}  # open flag (FD_FLAGS) -> which side does not support it
         try:
             self.subject = self._start(subject, "subject")
             self.reference = self._start(reference, "reference")
+            self._probe()
             self._compare("in the starting tree")
         except BaseException:
             self.close()
@@ -130,6 +134,15 @@ class Run:
         side.instance = target.start(layout, self.lowers)
         return side
 
+    def _probe(self) -> None:
+        """Which open flags a side does not support at all (EOPNOTSUPP at the root): they are not checked."""
+        for side in self.sides:
+            try:
+                side.fs.close(side.fs.open("", FD_FLAGS["tmpfile"], 0o600))
+            except OSError as exc:
+                if exc.errno == errno.EOPNOTSUPP:
+                    self.lacking["tmpfile"] = f"O_TMPFILE ({side.target.name}: EOPNOTSUPP)"
+
     def _fail(self, check: str, message: str, details: Sequence[str] = ()) -> Divergence:
         return Divergence(check, message, self.steps, details)
 
@@ -137,8 +150,9 @@ class Run:
         expected, expected_inodes = snapshot(self.reference.fs)
         actual, inodes = snapshot(self.subject.fs)
         self.paths = list(expected)
-        dirs = [""] + [p for p, e in expected.items() if e.kind == "dir"]
-        self.fresh = [f"{d}/{n}".lstrip("/") for d in dirs for n in NAMES if f"{d}/{n}".lstrip("/") not in expected]
+        self.dirs = [""] + [p for p, e in expected.items() if e.kind == "dir"]
+        names = (f"{d}/{n}".lstrip("/") for d in self.dirs for n in NAMES)
+        self.fresh = [p for p in names if p not in expected]
         diff = tree_diff(expected, actual)
         if diff:
             raise self._fail("tree", f"the merged tree differs {when}", diff)
@@ -169,7 +183,10 @@ class Run:
         self._compare(f"after step {n}")
 
     def finish(self) -> None:
-        """Lowers unchanged, then persistence across a remount, then interop."""
+        """Close the kept descriptors; then lowers unchanged, persistence across a remount, interop."""
+        for side in self.sides:
+            release(side.fs)
+        self._compare("after closing every descriptor")
         for side in self.sides:
             if "lowers" in self.skip or not side.target.on_disk:
                 continue
@@ -210,6 +227,8 @@ class Run:
 
     def _stop(self, side: _Side) -> None:
         if side.instance is not None:
+            with contextlib.suppress(OSError):  # a descriptor left open would keep the mount busy
+                release(side.instance.fs)
             instance, side.instance = side.instance, None
             instance.close()
 

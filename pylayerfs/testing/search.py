@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis import strategies as st
@@ -43,6 +43,7 @@ class Report:
     divergence: Divergence | None = None
     scenario: Scenario | None = None
     error: str | None = None  # the check could not run (a mount failed, ...)
+    unchecked: set[str] = field(default_factory=set)  # what was left out because a side does not support it
 
     @property
     def passed(self) -> bool:
@@ -81,8 +82,9 @@ def check(subject: Target, reference: Target, options: Options) -> Report:
         done: list[Op] = []
         try:
             with Run(lowers, subject, reference, options.base, options.skip) as run:
+                report.unchecked.update(run.lacking.values())
                 for _ in range(data.draw(st.integers(1, options.max_steps), label="steps")):
-                    done.append(data.draw(operations(options.families, run.paths, run.fresh)))
+                    done.append(data.draw(operations(options.families, run.paths, run.fresh, run.dirs, run.lacking)))
                     run.step(done[-1])
                 run.finish()
         except Divergence as divergence:

@@ -14,7 +14,37 @@ UTIMES = (1_000_000_000, 1_234_567_890)
 XATTR_NAMES = ("user.a", XATTR)
 
 
-def _families(src: st.SearchStrategy[str], dst: st.SearchStrategy[str]) -> dict[str, list[st.SearchStrategy[ops.Op]]]:
+def _fd_family(
+    src: st.SearchStrategy[str], dst: st.SearchStrategy[str], dirs: st.SearchStrategy[str], flags: Sequence[str]
+) -> list[st.SearchStrategy[ops.Op]]:
+    """Descriptors kept across steps, and what else happens to their files meanwhile (unlink, rename, link).
+
+    (The same ``builds`` in two families would be drawn as one or two branches depending on hypothesis's
+    strategy cache, which makes the search flaky: ``operations`` adds the name changes only when their own
+    families are not drawn.)
+    """
+    slot = st.sampled_from(ops.SLOTS)
+    data = st.sampled_from([b"x", b"yy"])
+    offset = st.sampled_from([0, 1, 4])
+    length = st.sampled_from([0, 1, 3, 6])
+    return [
+        st.builds(ops.FdOpen, slot, st.one_of(src, dst), st.sampled_from([f for f in flags if f != "tmpfile"])),
+        *([st.builds(ops.FdOpen, slot, dirs, st.just("tmpfile"))] if "tmpfile" in flags else []),
+        *(st.builds(cls, slot) for cls in (ops.FdClose, ops.FdRead, ops.FdStat, ops.FdSync)),
+        st.builds(ops.FdWrite, slot, data),
+        st.builds(ops.FdPread, slot, offset),
+        st.builds(ops.FdPwrite, slot, offset, data),
+        st.builds(ops.FdTruncate, slot, length),
+        st.builds(ops.FdAllocate, slot, st.sampled_from(list(ops.FALLOCATE_MODES)), offset, length),
+        st.builds(ops.FdChmod, slot, st.sampled_from(FILE_MODES)),
+        st.builds(ops.FdChown, slot, st.sampled_from(OWNERS), st.sampled_from(OWNERS)),
+        st.builds(ops.FdUtime, slot, st.sampled_from(UTIMES)),
+    ]
+
+
+def _families(
+    src: st.SearchStrategy[str], dst: st.SearchStrategy[str], dirs: st.SearchStrategy[str], flags: Sequence[str]
+) -> dict[str, list[st.SearchStrategy[ops.Op]]]:
     return {
         "write": [
             st.builds(ops.Open, dst, st.sampled_from(list(ops.OPEN_MODES)), st.sampled_from([b"", b"x", b"yy"])),
@@ -27,6 +57,7 @@ def _families(src: st.SearchStrategy[str], dst: st.SearchStrategy[str]) -> dict[
             st.builds(ops.Link, src, dst),
             st.builds(ops.Symlink, st.sampled_from(SYMLINK_TARGETS), dst),
             st.builds(ops.Mkfifo, dst),
+            st.builds(ops.Mknod, dst, st.sampled_from(list(ops.MKNOD_TYPES))),
         ],
         "meta": [
             st.builds(ops.Chmod, src, st.sampled_from(FILE_MODES)),
@@ -38,26 +69,38 @@ def _families(src: st.SearchStrategy[str], dst: st.SearchStrategy[str]) -> dict[
             st.builds(ops.RemoveXattr, src, st.sampled_from(XATTR_NAMES)),
         ],
         "read": [st.builds(cls, src) for cls in (ops.Stat, ops.Readdir, ops.Readlink, ops.Read, ops.ReadAcrossCopyUp)],
+        "fd": _fd_family(src, dst, dirs, flags),
     }
 
 
 def operations(
-    families: Iterable[str] = ops.FAMILIES, existing: Sequence[str] = (), fresh: Sequence[str] = ()
+    families: Iterable[str] = ops.FAMILIES,
+    existing: Sequence[str] = (),
+    fresh: Sequence[str] = (),
+    dirs: Sequence[str] = ("",),
+    lacking: Iterable[str] = (),
 ) -> st.SearchStrategy[ops.Op]:
     """One operation from the given families (see :data:`pylayerfs.testing.ops.FAMILIES`).
 
     Paths come from the shared names, from ``existing`` (what the tree has
-    now: what an operation works on) and from ``fresh`` (free names in an
-    existing directory: what it creates, links or renames to).
+    now: what an operation works on), from ``fresh`` (free names in an
+    existing directory: what it creates, links or renames to) and, for
+    ``O_TMPFILE``, from ``dirs`` (the directories). ``lacking`` names the
+    open flags (:data:`pylayerfs.testing.ops.FD_FLAGS`) not to use, because an
+    implementation does not support them.
     """
     names = st.sampled_from(PATHS)
     src = st.one_of(st.sampled_from(sorted(existing)), names) if existing else names
     dst = st.one_of([st.sampled_from(sorted(p)) for p in (fresh, existing) if p] + [names])
-    table = _families(src, dst)
+    flags = [f for f in ops.FD_FLAGS if f not in set(lacking)]
+    table = _families(src, dst, st.sampled_from(sorted(dirs)), flags)
     unknown = set(families) - table.keys()
     if unknown:
         raise ValueError(f"unknown operation families: {', '.join(sorted(unknown))} (known: {', '.join(table)})")
-    return st.one_of([s for name in table if name in families for s in table[name]])
+    drawn = [s for name in table if name in families for s in table[name]]
+    if "fd" in families:  # the names of open files change meanwhile
+        drawn += [s for name in ("remove", "rename", "link") if name not in families for s in table[name][:1]]
+    return st.one_of(drawn)
 
 
 @dataclass(frozen=True)

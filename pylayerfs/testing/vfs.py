@@ -49,9 +49,20 @@ def _components(path: str) -> list[str]:
 
 @dataclass
 class _Open:
+    """An open file description: what the kernel keeps for an fd (its handle, access mode and offset)."""
+
     handle: Any
     kind: int  # S_IFREG, S_IFDIR or S_IFIFO
-    append: bool
+    flags: int
+    offset: int = 0
+
+    @property
+    def readable(self) -> bool:
+        return self.flags & os.O_ACCMODE != os.O_WRONLY
+
+    @property
+    def writable(self) -> bool:
+        return self.flags & os.O_ACCMODE != os.O_RDONLY
 
 
 class Vfs(ABC):
@@ -60,6 +71,7 @@ class Vfs(ABC):
     def __init__(self) -> None:
         self._fds: dict[int, _Open] = {}
         self._next_fd = itertools.count(3)
+        self.held: dict[int, int] = {}
 
     # -- path walk -----------------------------------------------------------------
 
@@ -128,10 +140,17 @@ class Vfs(ABC):
         return self._readlink(real)
 
     def open(self, path: str, flags: int, mode: int = CREATE_MODE) -> int:
+        writes = flags & os.O_ACCMODE != os.O_RDONLY
+        if flags & os.O_TMPFILE == os.O_TMPFILE:  # an unnamed file in the directory PATH
+            directory, dir_mode = self._existing(path, True)
+            if not stat.S_ISDIR(dir_mode):
+                raise fail(errno.ENOTDIR, path)
+            if not writes:
+                raise fail(errno.EINVAL, path)
+            return self._add(self._tmpfile(directory, mode & ~UMASK), stat.S_IFREG, flags)
         exclusive = flags & os.O_CREAT and flags & os.O_EXCL
         real = self.resolve(path, follow=not exclusive)
         kind = self._mode(real)
-        writes = flags & os.O_ACCMODE != os.O_RDONLY
         if kind is None:
             if not flags & os.O_CREAT:
                 raise fail(errno.ENOENT, path)
@@ -141,30 +160,90 @@ class Vfs(ABC):
         if stat.S_ISDIR(kind) and (writes or flags & os.O_CREAT):
             raise fail(errno.EISDIR, path)
         if stat.S_ISFIFO(kind):
-            if writes:  # O_NONBLOCK and no reader
+            if flags & os.O_ACCMODE == os.O_WRONLY:  # O_NONBLOCK and no reader (O_RDWR is a reader)
                 raise fail(errno.ENXIO, path)
-            return self._add(None, stat.S_IFIFO, flags)
+            return self._add(self._stat(real), stat.S_IFIFO, flags)
         if stat.S_ISDIR(kind):
-            return self._add(None, stat.S_IFDIR, flags)
+            return self._add(self._stat(real), stat.S_IFDIR, flags)
+        if stat.S_ISSOCK(kind):
+            raise fail(errno.ENXIO, path)
+        if not stat.S_ISREG(kind):  # the checker's devices are /dev/null: opened, they are an empty stream
+            return self._add(self._stat(real), stat.S_IFIFO, flags)
         handle = self._open(real, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
         if flags & os.O_TRUNC and writes:
             self._truncate(real, 0, handle)
         return self._add(handle, stat.S_IFREG, flags)
 
     def _add(self, handle: Any, kind: int, flags: int) -> int:
+        """A new fd; a directory's or FIFO's handle is its stat (the checker keeps only files open)."""
         fd = next(self._next_fd)
-        self._fds[fd] = _Open(handle, kind, bool(flags & os.O_APPEND))
+        self._fds[fd] = _Open(handle, kind, flags)
         return fd
 
-    def read(self, fd: int) -> bytes:
-        of = self._fds[fd]
+    def _file(self, fd: int, need: str = "") -> _Open:
+        """The open file ``fd`` for an operation that needs it ``readable`` or ``writable`` (else EBADF)."""
+        of = self._fds.get(fd)
+        if of is None or (need and not getattr(of, need)):
+            raise fail(errno.EBADF, "")
+        return of
+
+    def read(self, fd: int, size: int = 1 << 16) -> bytes:
+        of = self._file(fd, "readable")
         if of.kind == stat.S_IFDIR:
             raise fail(errno.EISDIR, "")
-        return b"" if of.kind == stat.S_IFIFO else self._read(of.handle)
+        if of.kind == stat.S_IFIFO:
+            return b""
+        data = self._pread(of.handle, size, of.offset)
+        of.offset += len(data)
+        return data
 
     def write(self, fd: int, data: bytes) -> None:
-        of = self._fds[fd]
-        self._write(of.handle, data, of.append)
+        of = self._file(fd, "writable")
+        if of.kind != stat.S_IFREG:  # /dev/null (a FIFO the checker holds only to close it)
+            return
+        if of.flags & os.O_APPEND:
+            of.offset = self._fstat(of.handle).st_size
+        self._pwrite(of.handle, data, of.offset)
+        of.offset += len(data)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        of = self._file(fd, "readable")
+        if of.kind != stat.S_IFREG:
+            raise fail(errno.EISDIR if of.kind == stat.S_IFDIR else errno.ESPIPE, "")
+        return self._pread(of.handle, size, offset)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        of = self._file(fd, "writable")
+        if of.flags & os.O_APPEND:  # Linux appends whatever the offset (pwrite(2), BUGS)
+            offset = self._fstat(of.handle).st_size
+        self._pwrite(of.handle, data, offset)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        of = self._file(fd)
+        return self._fstat(of.handle) if of.kind == stat.S_IFREG else of.handle
+
+    def fchmod(self, fd: int, mode: int) -> None:
+        self._fchmod(self._file(fd).handle, mode)
+
+    def fchown(self, fd: int, uid: int, gid: int) -> None:
+        self._fchown(self._file(fd).handle, uid, gid)
+
+    def futimens(self, fd: int, mtime_ns: int) -> None:
+        self._futimens(self._file(fd).handle, mtime_ns)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        of = self._fds.get(fd)
+        if of is None:
+            raise fail(errno.EBADF, "")
+        if not of.writable:  # do_ftruncate: EINVAL, not EBADF
+            raise fail(errno.EINVAL, "")
+        self._truncate(None, length, of.handle)
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        self._fallocate(self._file(fd, "writable").handle, mode, offset, length)
+
+    def fsync(self, fd: int) -> None:
+        self._fsync(self._file(fd).handle)
 
     def close(self, fd: int) -> None:
         of = self._fds.pop(fd)
@@ -183,7 +262,13 @@ class Vfs(ABC):
         self._mkdir(self._absent(path), mode & ~UMASK)
 
     def mkfifo(self, path: str, mode: int = CREATE_MODE) -> None:
-        self._mkfifo(self._absent(path), mode & ~UMASK)
+        self._mknod(self._absent(path), stat.S_IFIFO, mode & ~UMASK)
+
+    def mknod(self, path: str, kind: int, mode: int = CREATE_MODE) -> None:
+        real = self._absent(path)
+        if kind == stat.S_IFCHR and os.geteuid() != 0:
+            raise fail(errno.EPERM, path)
+        self._mknod(real, kind, mode & ~UMASK)
 
     def symlink(self, target: str, path: str) -> None:
         self._symlink(target, self._absent(path))
@@ -282,17 +367,31 @@ class Vfs(ABC):
     @abstractmethod
     def _open(self, path: str, flags: int) -> Any: ...
     @abstractmethod
-    def _read(self, handle: Any) -> bytes: ...
+    def _tmpfile(self, directory: str, mode: int) -> Any: ...
     @abstractmethod
-    def _write(self, handle: Any, data: bytes, append: bool) -> None: ...
+    def _pread(self, handle: Any, size: int, offset: int) -> bytes: ...
+    @abstractmethod
+    def _pwrite(self, handle: Any, data: bytes, offset: int) -> None: ...
+    @abstractmethod
+    def _fstat(self, handle: Any) -> os.stat_result: ...
+    @abstractmethod
+    def _fchmod(self, handle: Any, mode: int) -> None: ...
+    @abstractmethod
+    def _fchown(self, handle: Any, uid: int, gid: int) -> None: ...
+    @abstractmethod
+    def _futimens(self, handle: Any, mtime_ns: int) -> None: ...
+    @abstractmethod
+    def _fallocate(self, handle: Any, mode: int, offset: int, length: int) -> None: ...
+    @abstractmethod
+    def _fsync(self, handle: Any) -> None: ...
     @abstractmethod
     def _release(self, handle: Any) -> None: ...
     @abstractmethod
-    def _truncate(self, path: str, length: int, handle: Any) -> None: ...
+    def _truncate(self, path: str | None, length: int, handle: Any) -> None: ...
     @abstractmethod
     def _mkdir(self, path: str, mode: int) -> None: ...
     @abstractmethod
-    def _mkfifo(self, path: str, mode: int) -> None: ...
+    def _mknod(self, path: str, kind: int, mode: int) -> None: ...
     @abstractmethod
     def _symlink(self, target: str, path: str) -> None: ...
     @abstractmethod
