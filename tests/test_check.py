@@ -15,6 +15,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from pylayerfs.testing import (
     report,
     target,
 )
-from tests.mounts import BACKINGS
+from tests.mounts import BACKINGS, pylayerfs_mount, run_pylayerfs
 
 ENGINE, MODEL = EngineTarget(), ModelTarget()
 
@@ -163,6 +164,9 @@ def test_json_report_and_exit_status() -> None:
     bad = check_cli("--impl", "nonsense")
     assert bad.returncode == 1 and bad.stderr.startswith("pylayerfs check: unknown implementation") and not bad.stdout
     assert "Traceback" not in bad.stderr
+    for usage in (["--deadline", "0"], ["--deadline", "nan"], ["--ops", "bogus"], ["--examples", "0"]):
+        wrong = check_cli(*usage)
+        assert wrong.returncode == 2 and len(wrong.stderr.splitlines()) == 1 and not wrong.stdout, (usage, wrong)
 
 
 class EngineMachine(OverlayMachine):
@@ -171,3 +175,51 @@ class EngineMachine(OverlayMachine):
 
 EngineMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=10, deadline=None)
 TestEngineMachine = pytest.mark.root(EngineMachine.TestCase)
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.timeout(120)
+def test_a_running_check_does_not_keep_host_mounts_alive(tmp_path: Path) -> None:
+    """The check's namespace drops its copies of the host's FUSE mounts (issue 12 item 8's kind), so a
+    `pylayerfs umount` elsewhere ends the daemon at once and the upper can be mounted again."""
+    layers = [str(tmp_path / d) for d in ("l", "u", "w")]
+    for d in layers:
+        os.makedirs(d)
+    lowers, upper, work = [layers[0]], layers[1], layers[2]
+    argv = [sys.executable, "-m", "pylayerfs", "check", "--impl", "engine", "--examples", "100000", "--seed", "1"]
+    with pylayerfs_mount(str(tmp_path / "m"), lowers, upper, work) as mnt:
+        daemon = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _serves(int(p), mnt))
+        checker = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30  # until the check's namespace exists
+            while not _in_other_namespace(checker.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            run_pylayerfs("umount", mnt)
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{daemon}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not os.path.exists(f"/proc/{daemon}"), "the daemon lives on while the check runs"
+            with pylayerfs_mount(mnt, lowers, upper, work):
+                pass
+        finally:
+            checker.terminate()
+            checker.wait(timeout=30)
+
+
+def _serves(pid: int, mountpoint: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"mount" in argv and os.fsencode(mountpoint) in argv
+
+
+def _in_other_namespace(pid: int) -> bool:
+    """Has a child of ``pid`` (the check's worker) entered a mount namespace of its own?"""
+    try:
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        return any(os.readlink(f"/proc/{c}/ns/mnt") != os.readlink("/proc/self/ns/mnt") for c in children)
+    except OSError:
+        return False

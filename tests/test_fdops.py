@@ -13,6 +13,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
+import mmap
 import os
 import socket
 import stat
@@ -392,3 +394,44 @@ def test_truncating_to_the_same_size_changes_mtime_exactly_when_the_kernel_does(
         return r
 
     differential(backing, scenario)
+
+
+# -- what a user trying real programs found ----------------------------------------------------------
+
+
+def _direct_io(m: str) -> dict[Any, Any]:
+    """O_DIRECT reads and writes (dd iflag=direct, fio --direct=1) of a new file and of a lower one."""
+    r: dict[Any, Any] = {}
+    buf = mmap.mmap(-1, 8192)  # page-aligned, as O_DIRECT wants
+    for what, path in (("new", f"{m}/direct"), ("lower", f"{m}/big")):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
+        try:
+            if what == "new":
+                buf[:] = b"d" * 8192
+                r[what, "write"] = attempt(functools.partial(os.pwritev, fd, [buf], 0))
+            r[what, "read"] = attempt(functools.partial(os.preadv, fd, [buf], 0), lambda: bytes(buf[:4]))
+        finally:
+            os.close(fd)
+    r["dd"] = subprocess.run(["dd", f"if={m}/big", "of=/dev/null", "bs=4096", "iflag=direct"],
+                             capture_output=True, check=False).returncode  # fmt: skip
+    return r
+
+
+def test_direct_io_works_as_on_the_kernel(backing):
+    """O_DIRECT stays with the FUSE file: the daemon's own I/O on ext4 answered EINVAL (alignment)."""
+    r = differential(backing, _direct_io, {**LOWER, "big": "b" * 65536})
+    assert (r["new", "read"], r["lower", "read"], r["dd"]) == (b"dddd", b"bbbb", 0)
+
+
+def _copies(m: str) -> dict[Any, Any]:
+    """cp -a and cp --preserve=mode set permission bits through an access ACL (fsetxattr system.posix_acl_access).
+
+    From a shell, as a user found it (a source made by Python did not show it).
+    """
+    script = 'cd "$1" && echo hi > src && chmod 664 src && cp -a src a && cp --preserve=mode src p && stat -c %a a p'
+    run = subprocess.run(["sh", "-c", script, "sh", m], capture_output=True, text=True, timeout=30, check=True)
+    return {"modes": run.stdout.split()}
+
+
+def test_cp_preserving_modes_shows_them_at_once(backing):
+    assert differential(backing, _copies)["modes"] == ["664", "664"]

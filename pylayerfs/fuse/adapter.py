@@ -66,6 +66,9 @@ def _caller() -> Caller:
     return Caller(uid, gid)
 
 
+ACL_PREFIX = "system.posix_acl_"
+
+
 class _Invalidator:
     """Makes the kernel drop what it caches of a path, from a helper thread.
 
@@ -339,12 +342,22 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
     @_answers_eio
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
         self.ov.setxattr(_rel(path), name, value, options)
+        self._acl_changed(path, name)
         return 0
 
     @_answers_eio
     def removexattr(self, path: str, name: str) -> int:
         self.ov.removexattr(_rel(path), name)
+        self._acl_changed(path, name)
         return 0
+
+    def _acl_changed(self, path: str, name: str) -> None:
+        """An access ACL also sets the permission bits (``cp -a`` sets them that way): drop the cached ones.
+
+        The kernel's FUSE module updates only ctime after a SETXATTR, unless the filesystem handles ACLs itself.
+        """
+        if name.startswith(ACL_PREFIX) and self._invalidator is not None:
+            self._invalidator.invalidate(path)
 
 
 def _fh(fip: Any) -> int | None:

@@ -72,8 +72,11 @@ def _raise_errno(what: str, path: str) -> None:
     raise OSError(err, os.strerror(err), f"{what} {path}")
 
 
-# The flags open(2) knows. openat2 refuses any other bit with EINVAL, and the kernel's FUSE passes
-# some of its own in an open request (__FMODE_EXEC, 0x20, when a program is executed).
+# The flags open(2) knows and the real file gets. openat2 refuses any other bit with EINVAL, and the
+# kernel's FUSE passes some of its own in an open request (__FMODE_EXEC, 0x20, when a program is
+# executed). O_DIRECT stays with the FUSE file (the kernel sends its I/O straight to us, bypassing
+# its page cache): the daemon's reads and writes use buffers that O_DIRECT's alignment rules would
+# refuse (EINVAL on ext4).
 _OPEN_FLAGS = (
     os.O_ACCMODE
     | os.O_CREAT
@@ -84,7 +87,6 @@ _OPEN_FLAGS = (
     | os.O_NONBLOCK
     | os.O_DSYNC
     | os.O_SYNC
-    | os.O_DIRECT
     | os.O_LARGEFILE
     | os.O_DIRECTORY
     | os.O_NOFOLLOW
@@ -96,7 +98,7 @@ _OPEN_FLAGS = (
 
 
 def open_flags(flags: int) -> int:
-    """``flags`` without the bits open(2) does not know (the kernel's own, from a FUSE request)."""
+    """``flags`` without the bits open(2) does not know (the kernel's own, from a FUSE request), nor O_DIRECT."""
     return flags & _OPEN_FLAGS
 
 

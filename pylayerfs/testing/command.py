@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 from pylayerfs.fuse.mount import remove_tree
 from pylayerfs.image.sandbox import CLONE_NEWNS, SandboxError, make_mounts_private
+from pylayerfs.overlay import realfs
+from pylayerfs.overlay.params import mountinfo
 from pylayerfs.testing.ops import FAMILIES
 
 if TYPE_CHECKING:
@@ -102,6 +104,8 @@ def _options(args: argparse.Namespace) -> Options:
     for name in ("examples", "layers", "steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
+    if args.deadline is not None and not 0 < args.deadline < float("inf"):
+        raise UsageError(f"--deadline: {args.deadline:g} is not a number of milliseconds above 0")
     if args.dir is not None and not os.path.isdir(args.dir):
         raise UsageError(f"--dir: '{args.dir}' is not a directory")
     return Options(
@@ -199,6 +203,20 @@ def _abandon(scratch: str | None) -> None:
         remove_tree(scratch)
 
 
+def _drop_fuse_mounts(keep: str) -> None:
+    """Detach the FUSE mounts the new namespace copied from the host (not one ``keep`` is on).
+
+    A copy keeps its daemon serving: the host's ``pylayerfs umount`` would leave the daemon alive and
+    its upper "in use" for as long as the check runs (the sandbox's pivot_root does this for containers).
+    """
+    real = os.path.realpath(keep)
+    for entry in sorted(mountinfo(), key=lambda e: e.mountpoint, reverse=True):
+        inside = real == entry.mountpoint or real.startswith(entry.mountpoint.rstrip("/") + "/")
+        if entry.fstype.startswith("fuse") and entry.fstype != "fusectl" and not inside:
+            with contextlib.suppress(OSError):
+                realfs.detach(entry.mountpoint)
+
+
 def isolated(work: Callable[[], int], scratch: str | None = None) -> int:
     """Run ``work`` in a new mount and PID namespace; return its exit code (as root only).
 
@@ -227,6 +245,7 @@ def isolated(work: Callable[[], int], scratch: str | None = None) -> int:
                 if libc.unshare(CLONE_NEWNS | CLONE_NEWPID) != 0:
                     raise SandboxError(f"unshare: {os.strerror(ctypes.get_errno())}")
                 make_mounts_private(scratch or tempfile.gettempdir())  # also in a chroot whose / is no mount
+                _drop_fuse_mounts(scratch or tempfile.gettempdir())
             except SandboxError as exc:
                 os.write(report_w, f"cannot make a namespace: {exc}".encode())
                 os._exit(1)
@@ -255,7 +274,7 @@ def isolated(work: Callable[[], int], scratch: str | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check every implementation; 0 when all pass, 1 when any diverges or cannot run.
+    """Check every implementation; 0 when all pass, 1 when any diverges or cannot run, 2 for a usage error.
 
     Needs root (one line on stderr and 1 otherwise); runs the check itself in :func:`isolated`.
     """
@@ -267,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         subjects = [target(spec) for spec in (args.impl or DEFAULT_IMPLEMENTATIONS)]
     except (UsageError, TargetError) as exc:
         print(f"pylayerfs check: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     if os.geteuid() != 0:
         print(NEEDS_ROOT, file=sys.stderr)
         return 1

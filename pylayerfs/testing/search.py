@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis import strategies as st
+from hypothesis.errors import DeadlineExceeded
 
 from pylayerfs.testing.lowers import Node, layers
 from pylayerfs.testing.ops import FAMILIES, Op
@@ -97,6 +98,10 @@ def check(subject: Target, reference: Target, options: Options) -> Report:
     except Divergence as divergence:
         report.divergence = divergence
         report.scenario = divergence.scenario
+    except DeadlineExceeded as exc:
+        report.error = (
+            f"a scenario took {exc.runtime.total_seconds() * 1000:.0f} ms, more than --deadline {options.deadline_ms:g}"
+        )
     except Exception as exc:
         report.error = f"{type(exc).__name__}: {exc}"
     report.seconds = time.monotonic() - start
