@@ -1,0 +1,241 @@
+"""The native FUSE transport (``-o binding=native``): what it does that the libfuse binding cannot.
+
+The rest of the suite runs on either binding (``PYLAYERFS_BINDING=native``); these tests always use
+the native one: the node table's lookup accounting (in-process, so the table can be read), one kernel
+inode for every name of a hard link, a killed daemon, and a user who is not root mounting through
+``fusermount3``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pylayerfs.fuse.native import session as native
+from pylayerfs.fuse.native.protocol import BATCH_FORGET_IN, FORGET_ONE, IN_HEADER, Op
+from pylayerfs.overlay.filesystem import Overlay
+from tests.mounts import _mounted, force_unmount, options, pylayerfs_mount, run_pylayerfs
+from tests.test_nonroot import AS_NOBODY, _nobody_python, nobody_dirs  # noqa: F401 (a fixture)
+from tests.trees import build
+
+pytestmark = pytest.mark.fuse
+NATIVE = "binding=native"
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> tuple[list[str], str, str, str]:
+    lower = build(str(tmp_path / "l"), {"d/a": "low a", "f": "low f", "big": "x" * 100000})
+    upper, work, mnt = (str(tmp_path / n) for n in ("u", "w", "m"))
+    for d in (upper, work, mnt):
+        os.makedirs(d)
+    return [lower], upper, work, mnt
+
+
+@contextlib.contextmanager
+def in_process(stack: tuple[list[str], str, str, str]) -> Iterator[native.Session]:
+    """A native mount served by a thread of this process: yields its session (the node table is readable)."""
+    lowers, upper, work, mnt = stack
+    sessions: list[native.Session] = []
+    ready = threading.Event()
+    overlay = Overlay(lowers, upper, work)
+    thread = threading.Thread(
+        target=native.serve,
+        args=(overlay, mnt),
+        kwargs={"fsname": "pylayerfs-test", "options": [], "allow_other": True, "default_permissions": True,
+                "timeout": 86400.0, "on_ready": ready.set, "on_session": sessions.append},
+        daemon=True,
+    )  # fmt: skip
+    thread.start()
+    try:
+        assert ready.wait(10), "the in-process mount did not become ready"
+        yield sessions[0]
+    finally:
+        force_unmount(mnt)
+        thread.join(10)
+        assert not thread.is_alive(), "the session did not end at unmount"
+
+
+def _drop_kernel_caches() -> None:
+    """Make the kernel evict unused dentries and inodes: it sends FORGET for every node it lets go."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def _wait_for(predicate: object, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return bool(predicate())  # type: ignore[operator]
+
+
+@pytest.mark.root
+def test_forget_returns_the_node_table_to_its_size_after_many_lookups_of_changing_names(stack):
+    mnt = stack[3]
+    with in_process(stack) as session:
+        os.stat(f"{mnt}/d/a")
+        _drop_kernel_caches()
+        assert _wait_for(lambda: len(session.nodes) == 1), f"only the root is left: {len(session.nodes)} nodes"
+        for i in range(2000):
+            with open(f"{mnt}/n{i}", "w") as f:
+                f.write(str(i))
+            os.stat(f"{mnt}/n{i}")
+            os.rename(f"{mnt}/n{i}", f"{mnt}/d/m{i}")
+            os.stat(f"{mnt}/d/m{i}")
+            os.stat(f"{mnt}/f")
+            if i % 2:
+                os.unlink(f"{mnt}/d/m{i}")
+        assert len(os.listdir(f"{mnt}/d")) == 1001
+        held = os.open(f"{mnt}/d/m0", os.O_RDONLY)  # an open file keeps its node
+        try:
+            _drop_kernel_caches()
+            assert _wait_for(lambda: len(session.nodes) <= 3), f"{len(session.nodes)} nodes after every FORGET"
+            assert session.nodes.at("d/m0") is not None and session.nodes.at("d/m2") is None
+        finally:
+            os.close(held)
+        _drop_kernel_caches()
+        assert _wait_for(lambda: len(session.nodes) == 1), f"{len(session.nodes)} nodes after every FORGET"
+        assert open(f"{mnt}/d/m1998").read() == "1998"
+
+
+def test_batch_forget_counts_every_node_of_the_batch():
+    """BATCH_FORGET (sent by the kernel when it drops many nodes at once) takes each node's count off."""
+    from pylayerfs.fuse.native.nodes import NodeTable
+
+    class Fake:
+        nodes = NodeTable(100)
+
+    table = Fake.nodes
+    a, b = table.found("a", 5), table.found("b", 6)
+    table.found("a", 5)
+    payload = BATCH_FORGET_IN.pack(2, 0) + FORGET_ONE.pack(a.nodeid, 2) + FORGET_ONE.pack(b.nodeid, 1)
+    session = object.__new__(native.Session)
+    session.nodes = table
+    request = native.Request(Op.BATCH_FORGET, 1, 0, 0, 0, 0)
+    session._batch_forget(request, memoryview(payload))
+    assert len(table) == 1 and table.at("a") is None and table.at("b") is None
+    assert IN_HEADER.size == 40
+
+
+def test_every_name_of_a_hard_link_is_one_kernel_inode(stack):
+    """One node per object: a change through one name shows at once through the other, and locks (which the
+    kernel keeps per inode) conflict across names. The libfuse binding gives each name an inode of its own."""
+    lowers, upper, work, mnt = stack
+    with pylayerfs_mount(mnt, lowers, upper, work, extra=NATIVE):
+        os.link(f"{mnt}/f", f"{mnt}/g")
+        os.stat(f"{mnt}/g")  # both names cached, attributes for a day
+        os.chmod(f"{mnt}/f", 0o604)
+        assert stat.S_IMODE(os.lstat(f"{mnt}/g").st_mode) == 0o604
+        with open(f"{mnt}/f", "a") as f:
+            f.write("+")
+        assert os.lstat(f"{mnt}/g").st_size == len("low f+")
+        with open(f"{mnt}/f") as one, open(f"{mnt}/g") as other:
+            fcntl.flock(one, fcntl.LOCK_EX)
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(f"{mnt}/f", f"{mnt}/d/h")
+        os.chmod(f"{mnt}/d/h", 0o640)
+        assert stat.S_IMODE(os.lstat(f"{mnt}/g").st_mode) == 0o640
+        os.unlink(f"{mnt}/g")
+        assert os.lstat(f"{mnt}/d/h").st_nlink == 1
+        assert open(f"{mnt}/d/h").read() == "low f+"
+
+
+def _daemon_pid(mnt: str) -> int:
+    """The pid of the daemon serving ``mnt``, from its mount record."""
+    from pylayerfs.fuse.mount import records_dir
+
+    real = os.path.realpath(mnt)
+    for name in os.listdir(records_dir()):
+        with contextlib.suppress(OSError, ValueError), open(os.path.join(records_dir(), name)) as f:
+            record = json.load(f)
+            if record["mountpoint"] == real:
+                return int(record["pid"])
+    raise AssertionError(f"no record for {mnt}")
+
+
+def test_a_killed_daemon_leaves_enotconn_that_umount_clears(stack):
+    lowers, upper, work, mnt = stack
+    run_pylayerfs("mount", "-o", options(lowers, upper, work, NATIVE), mnt)
+    try:
+        assert open(f"{mnt}/f").read() == "low f"
+        os.kill(_daemon_pid(mnt), signal.SIGKILL)
+        assert _wait_for(lambda: not _stat_works(mnt)), "the mount still answers after its daemon died"
+        with pytest.raises(OSError) as exc:
+            os.stat(f"{mnt}/f")
+        assert exc.value.errno == errno.ENOTCONN
+        result = run_pylayerfs("umount", mnt, check=False)
+        assert result.returncode == 0, result.stderr
+        assert not _mounted(mnt)
+        with pylayerfs_mount(mnt, lowers, upper, work, extra=NATIVE):  # the upper and workdir are free again
+            assert open(f"{mnt}/f").read() == "low f"
+    finally:
+        force_unmount(mnt)
+
+
+def _stat_works(path: str) -> bool:
+    try:
+        os.stat(os.path.join(path, "f"))
+    except OSError:
+        return False
+    return True
+
+
+def _nobody_script(top: str, python: str, pythonpath: str, fuse_mode: str) -> str:
+    q = shlex.quote
+    mnt, lower, upper, work = (q(f"{top}/{d}") for d in ("m", "l", "u", "w"))
+    nobody = " ".join([*AS_NOBODY, "env", "-i", "PATH=/usr/bin:/bin", f"PYTHONPATH={q(pythonpath)}",
+                       "PYLAYERFS_BINDING=native", q(python), "-m", "pylayerfs"])  # fmt: skip
+    as_nobody = " ".join(AS_NOBODY)
+    return f"""
+set -u
+trap 'fusermount3 -uz {mnt} 2>/dev/null' EXIT
+mount -t tmpfs -o mode=755 none {q(top)}/dev || exit 90
+mknod -m {fuse_mode} {q(top)}/dev/fuse c 10 229 && mount --bind {q(top)}/dev/fuse /dev/fuse || exit 91
+{nobody} mount -o lowerdir={lower},upperdir={upper},workdir={work},noallow_other {mnt}; echo "rc=$?"
+grep " {top}/m " /proc/self/mountinfo
+{as_nobody} cat {mnt}/f
+{as_nobody} sh -c 'echo written > {mnt}/new && cat {mnt}/new'
+{nobody} umount {mnt}; echo "umount rc=$?"
+grep -c " {top}/m " /proc/self/mountinfo
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fuse_mode", ["666", "600"])
+def test_a_user_mounts_through_fusermount3(nobody_dirs, fuse_mode):  # noqa: F811 (the imported fixture)
+    top = nobody_dirs
+    for d in ("u", "w"):
+        os.mkdir(f"{top}/{d}")
+        os.chown(f"{top}/{d}", 65534, 65534)
+    python, pythonpath = _nobody_python()
+    script = _nobody_script(top, python, pythonpath, fuse_mode)
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script], capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode not in (90, 91), result.stderr
+    if fuse_mode == "600":
+        assert "rc=1" in result.stdout, result.stdout
+        errors = [line for line in result.stderr.splitlines() if line.startswith("pylayerfs:")]
+        assert errors and "/dev/fuse is not readable and writable for this user" in errors[0], result.stderr
+        assert "Traceback" not in result.stderr
+        return
+    assert "rc=0" in result.stdout, (result.stdout, result.stderr)
+    assert "fuse.pylayerfs" in result.stdout and "user_id=65534" in result.stdout, result.stdout
+    assert "hello from nobody's layer" in result.stdout and "written" in result.stdout, result.stderr
+    assert "umount rc=0" in result.stdout and result.stdout.rstrip().endswith("0"), result.stdout
+    assert os.stat(f"{top}/u/new").st_uid == 65534
