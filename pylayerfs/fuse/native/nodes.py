@@ -36,6 +36,9 @@ class NodeEntry:
     @property
     def path(self) -> str | None:
         """A current path of the node (the shortest, then the first in order), None when it has none left."""
+        if len(self.paths) == 1:
+            for path in self.paths:
+                return path
         if not self.paths:
             return None
         return min(self.paths, key=lambda p: (len(p), p))
