@@ -239,3 +239,30 @@ def test_a_user_mounts_through_fusermount3(nobody_dirs, fuse_mode):  # noqa: F81
     assert "hello from nobody's layer" in result.stdout and "written" in result.stdout, result.stderr
     assert "umount rc=0" in result.stdout and result.stdout.rstrip().endswith("0"), result.stdout
     assert os.stat(f"{top}/u/new").st_uid == 65534
+
+
+def _listings(session: native.Session) -> int:
+    return session.counts[Op.READDIR] + session.counts[Op.READDIRPLUS]
+
+
+@pytest.mark.root
+def test_the_kernel_keeps_listings_and_every_change_through_the_mount_shows(stack):
+    """Directories are opened with FOPEN_CACHE_DIR: a second listing costs no READDIR; a change made through the
+    mount (create, unlink, rename in and out, mkdir) is seen by the very next listing."""
+    mnt = stack[3]
+    with in_process(stack) as session:
+        for i in range(300):
+            open(f"{mnt}/d/n{i}", "w").close()
+        expected = {"a", *(f"n{i}" for i in range(300))}
+        assert set(os.listdir(f"{mnt}/d")) == expected
+        served = _listings(session)
+        assert set(os.listdir(f"{mnt}/d")) == expected
+        assert _listings(session) == served, "the second listing came from the kernel's cache"
+        os.unlink(f"{mnt}/d/n7")
+        os.rename(f"{mnt}/f", f"{mnt}/d/f")
+        os.rename(f"{mnt}/d/a", f"{mnt}/a")
+        os.mkdir(f"{mnt}/d/sub")
+        open(f"{mnt}/d/new", "w").close()
+        expected = (expected - {"n7", "a"}) | {"f", "sub", "new"}
+        assert set(os.listdir(f"{mnt}/d")) == expected
+        assert set(os.listdir(mnt)) == {"a", "d", "big"}

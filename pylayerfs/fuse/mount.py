@@ -119,6 +119,7 @@ def write_record(config: MountConfig, mountpoint: str, before: set[int]) -> str 
         "workdir": os.path.abspath(config.workdir) if config.workdir is not None else None,
         "userxattr": config.userxattr,
         "metacopy": config.metacopy,
+        "binding": binding(config),
     }
     directory = records_dir()
     path = _record_path(directory, entry.mount_id)

@@ -14,6 +14,7 @@ The session ends when a read of the device fails with ENODEV (the filesystem was
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import logging
@@ -21,7 +22,7 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.device import DeviceError, unmount
@@ -93,6 +94,7 @@ class Session:
         self.nodes = NodeTable(overlay.getattr("")["st_ino"])
         self.negotiated: p.Negotiated | None = None
         self.requests = 0  # served so far (INIT included)
+        self.counts: collections.Counter[int] = collections.Counter()  # requests served, by opcode
         self._reading = False
         self._stopping = False
         self._ended = False
@@ -203,6 +205,7 @@ class Session:
             log.error("a request of %d bytes is shorter than its header: ignored", len(request))
             return
         self.requests += 1
+        self.counts[opcode] += 1
         req = Request(opcode, unique, nodeid, uid, gid, pid)
         arg = request[p.IN_HEADER.size : length - extlen * 8]
         handler = self._handlers.get(opcode)
@@ -299,7 +302,8 @@ class Session:
             log.error("%s", exc)
             self._ended = True
             raise OSError(errno.EPROTO, str(exc)) from None
-        log.debug("INIT: protocol 7.%d, flags %#x", self.negotiated.minor, self.negotiated.flags)
+        log.info("native FUSE transport: protocol 7.%d (the kernel offers 7.%d), flags %s", self.negotiated.minor,
+                 struct.unpack_from("=I", arg, 4)[0], _flag_names(self.negotiated.flags))  # fmt: skip
         if self._on_ready is not None:
             self._on_ready()
         return reply
@@ -475,8 +479,8 @@ class Session:
 
     def _write(self, req: Request, arg: memoryview) -> bytes:
         fh, offset, size, *_ = p.WRITE_IN.unpack_from(arg)
-        data = arg[p.WRITE_IN.size : p.WRITE_IN.size + size]
-        return p.WRITE_OUT.pack(self.ov.write(fh, bytes(data), offset), 0)
+        data = arg[p.WRITE_IN.size : p.WRITE_IN.size + size]  # pwrite takes the buffer as it is: no copy of 1 MiB
+        return p.WRITE_OUT.pack(self.ov.write(fh, cast(bytes, data), offset), 0)
 
     def _flush(self, req: Request, arg: memoryview) -> bytes:
         return b""
@@ -515,7 +519,9 @@ class Session:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         fh = next(self._next_dir)
         self._dirs[fh] = None
-        return p.OPEN_OUT.pack(fh, 0, 0)
+        # The kernel keeps listings while the directory's version (bumped by every change made through the mount)
+        # and mtime stay the same: nothing else changes a merged directory while mounted.
+        return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_CACHE_DIR if self.timeout > 0 else 0, 0)
 
     def _listing(self, req: Request, fh: int, offset: int) -> tuple[str, list[tuple[str, int, int]]]:
         """The directory's path and listing: read at offset 0 (a rewind reads again), then kept per handle."""
@@ -610,6 +616,10 @@ def _time(valid: int, given: int, now: int, seconds: int, nanoseconds: int) -> i
     if seconds >= 1 << 63:
         seconds -= 1 << 64  # before 1970
     return seconds * 1_000_000_000 + nanoseconds
+
+
+def _flag_names(flags: int) -> str:
+    return "|".join(flag.name or "?" for flag in p.Init if flags & flag) or "none"
 
 
 def _name(opcode: int) -> str:
