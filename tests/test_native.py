@@ -266,3 +266,47 @@ def test_the_kernel_keeps_listings_and_every_change_through_the_mount_shows(stac
         expected = (expected - {"n7", "a"}) | {"f", "sub", "new"}
         assert set(os.listdir(f"{mnt}/d")) == expected
         assert set(os.listdir(mnt)) == {"a", "d", "big"}
+
+
+def _passthrough_expected() -> bool:
+    """Does this kernel pass open files through (Linux 6.9, protocol 7.40, CONFIG_FUSE_PASSTHROUGH)?"""
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    return release >= (6, 9) and os.geteuid() == 0
+
+
+@pytest.mark.root
+def test_files_in_the_upper_layer_are_passed_through_and_stay_coherent_across_copy_up(stack):
+    """Reads and writes of an upper file never reach the daemon (passthrough); a lower file is served, so an fd
+    opened read-only before its copy-up reads what another fd writes after it; handles of one node share one
+    backing file, and a node whose served handles are all closed is passed through again."""
+    if not _passthrough_expected():
+        pytest.skip("passthrough needs Linux 6.9 and CAP_SYS_ADMIN")
+    mnt = stack[3]
+    with in_process(stack) as session:
+        assert session.negotiated is not None and session.negotiated.passthrough
+        data = os.urandom(3 << 20)
+        with open(f"{mnt}/new", "wb") as f:
+            f.write(data)
+        with open(f"{mnt}/new", "rb") as f, open(f"{mnt}/new", "r+b") as g:  # two handles, one backing file
+            g.write(b"ABCD")
+            g.flush()
+            assert f.read() == b"ABCD" + data[4:]
+        assert session.counts[Op.READ] == session.counts[Op.WRITE] == 0, "no READ or WRITE reached the daemon"
+        reader = os.open(f"{mnt}/big", os.O_RDONLY)  # on the lower file: served
+        try:
+            assert os.pread(reader, 5, 0) == b"xxxxx"
+            writer = os.open(f"{mnt}/big", os.O_WRONLY)  # copies it up; served too, the node has served handles
+            os.pwrite(writer, b"12345", 0)
+            os.close(writer)
+            assert os.pread(reader, 6, 0) == b"12345x", "the fd opened before the copy-up reads the new data"
+        finally:
+            os.close(reader)
+        served = session.counts[Op.READ]
+        assert served > 0
+        with open(f"{mnt}/big", "rb") as f:  # no served handle left: passed through to the upper copy
+            assert f.read(6) == b"12345x"
+        assert session.counts[Op.READ] == served
+        nodes = list(session.nodes._by_id.values())
+        assert _wait_for(lambda: all(node.backing == 0 for node in nodes)), "every backing file closed (RELEASE)"
+    with open(f"{stack[1]}/new", "rb") as f:
+        assert f.read() == b"ABCD" + data[4:]

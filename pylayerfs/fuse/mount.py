@@ -54,6 +54,7 @@ FUSE_CONF = "/etc/fuse.conf"
 FUSE_DEVICE = "/dev/fuse"
 DEFAULT_BINDING = "libfuse"
 BINDING_VARIABLE = "PYLAYERFS_BINDING"
+PASSTHROUGH_VARIABLE = "PYLAYERFS_PASSTHROUGH"  # "off": the native transport serves every read and write itself
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -322,7 +323,8 @@ def _serve_native(config: MountConfig, mountpoint: str, source: str, ready_fd: i
     try:
         stopped = native.serve(overlay, mountpoint, fsname=source, options=config.fuse_flags,
                                allow_other=config.allow_other, default_permissions=config.default_permissions,
-                               timeout=config.timeout, on_ready=ready, on_session=on_session)  # fmt: skip
+                               timeout=config.timeout, on_ready=ready, on_session=on_session,
+                               passthrough=os.environ.get(PASSTHROUGH_VARIABLE) != "off")  # fmt: skip
         if stopped:
             log.info("%s: stopped by a signal, unmounted", mountpoint)
     except DeviceError as exc:

@@ -32,6 +32,10 @@ class NodeEntry:
     nlookup: int = 0
     handles: set[int] = field(default_factory=set)  # open file handles (engine fhs) opened on this node
     is_dir: bool = False  # a directory: its rename moves the paths of the nodes below it
+    served: int = 0  # open handles whose reads and writes the daemon serves (the kernel's cached I/O mode)
+    passed: int = 0  # open handles passed through to the backing file ``backing`` (the kernel's uncached mode)
+    backing: int = 0  # the kernel's backing ID while ``passed`` > 0 (one backing file per inode)
+    backing_file: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of that backing file
 
     @property
     def path(self) -> str | None:

@@ -6,9 +6,11 @@ the structs are already padded to 64 bits). A request is a ``fuse_in_header`` fo
 opcode's argument struct and, for some, NUL-terminated names or data; a reply is a
 ``fuse_out_header`` (its ``error`` the negative errno, 0 for success) followed by the reply struct.
 
-The transport speaks protocol 7.31 to 7.38 (:data:`MINOR`): it takes the kernel's minor when lower,
-and answers 7.38 to a newer kernel, which then keeps to 7.38's structs. Older kernels than 7.31 are
-refused (:func:`negotiate` raises).
+The transport speaks protocol 7.31 to 7.40 (:data:`MINOR`): it takes the kernel's minor when lower,
+and answers 7.40 to a newer kernel, which then keeps to 7.40's structs. Older kernels than 7.31 are
+refused (:func:`negotiate` raises). 7.40 (Linux 6.9) brought passthrough: ``fuse_init_out`` gained
+``max_stack_depth``, ``fuse_open_out`` a ``backing_id``, and the device the ioctls of
+:data:`BACKING_OPEN` / :data:`BACKING_CLOSE`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAJOR = 7
-MINOR = 38  # the newest minor whose structs this module has (Debian 12's <linux/fuse.h>)
+MINOR = 40  # the newest minor whose structs this module has (7.38 is Debian 12's <linux/fuse.h>; 7.40 passthrough)
 MIN_MINOR = 31  # the oldest minor accepted: libfuse 3.14's, every struct below has its full size there
 ROOT_ID = 1  # FUSE_ROOT_ID: the node ID of the mount's root, never forgotten
 
@@ -107,6 +109,7 @@ class Init(enum.IntFlag):
     MAX_PAGES = 1 << 22
     CACHE_SYMLINKS = 1 << 23
     INIT_EXT = 1 << 30
+    PASSTHROUGH = 1 << 37  # flags2 bit 5 (7.40): reads and writes of an open file go to a backing file in the kernel
 
 
 # What this transport asks for: O_TRUNC in OPEN, 1 MiB requests, listings with attributes when the
@@ -140,6 +143,7 @@ FATTR_MTIME_NOW = 1 << 8
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_CACHE_DIR = 1 << 3
+FOPEN_PASSTHROUGH = 1 << 7  # 7.40: fuse_open_out.backing_id names the backing file
 
 GETATTR_FH = 1 << 0  # fuse_getattr_in.getattr_flags: fh is the open file's
 FSYNC_FDATASYNC = 1 << 0
@@ -151,7 +155,7 @@ NOTIFY_INVAL_ENTRY = 3
 IN_HEADER = struct.Struct("=IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
 OUT_HEADER = struct.Struct("=IiQ")  # len, error, unique
 INIT_IN = struct.Struct("=IIIII")  # major, minor, max_readahead, flags, flags2 (then unused[11])
-INIT_OUT = struct.Struct("=IIIIHHIIHHI28x")  # ... flags2, unused[7]: 64 bytes
+INIT_OUT = struct.Struct("=IIIIHHIIHHII24x")  # ... flags2, max_stack_depth (7.40), unused[6]: 64 bytes
 # fuse_attr: ino size blocks atime mtime ctime (u64; times signed), atimensec mtimensec ctimensec mode nlink uid gid
 # rdev blksize flags (u32)
 ATTR = struct.Struct("=QQQqqqIIIIIIIIII")
@@ -171,7 +175,7 @@ RENAME2_IN = struct.Struct("=QII")  # newdir flags padding
 LINK_IN = struct.Struct("=Q")  # oldnodeid
 OPEN_IN = struct.Struct("=II")  # flags open_flags
 CREATE_IN = struct.Struct("=IIII")  # flags mode umask open_flags
-OPEN_OUT = struct.Struct("=QII")  # fh open_flags padding
+OPEN_OUT = struct.Struct("=QIi")  # fh open_flags backing_id (7.40; padding before)
 RELEASE_IN = struct.Struct("=QIIQ")  # fh flags release_flags lock_owner
 READ_IN = struct.Struct("=QQIIQII")  # fh offset size read_flags lock_owner flags padding
 WRITE_IN = struct.Struct("=QQIIQII")  # fh offset size write_flags lock_owner flags padding; then the data
@@ -188,6 +192,10 @@ LSEEK_IN = struct.Struct("=QQII")  # fh offset whence padding
 LSEEK_OUT = struct.Struct("=Q")
 COPY_FILE_RANGE_IN = struct.Struct("=QQQQQQQ")  # fh_in off_in nodeid_out fh_out off_out len flags
 DIRENT = struct.Struct("=QQII")  # ino off namelen type; then the name, padded to 8 bytes
+BACKING_MAP = struct.Struct("=iIQ")  # fd flags padding (struct fuse_backing_map)
+BACKING_OPEN = 0x4010E501  # _IOW(229, 1, struct fuse_backing_map): returns the backing ID
+BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t)
+MAX_STACK_DEPTH = 1  # backing files on a filesystem that stacks on nothing (ext4, tmpfs, xfs...); else ELOOP
 NOTIFY_INVAL_INODE_OUT = struct.Struct("=Qqq")  # ino off len
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("=QII")  # parent namelen flags; then the name and a NUL
 
@@ -202,6 +210,11 @@ class Negotiated:
     max_write: int = MAX_WRITE
 
     @property
+    def passthrough(self) -> bool:
+        """May open files be passed through to a backing file (FUSE_PASSTHROUGH agreed)?"""
+        return bool(self.flags & Init.PASSTHROUGH)
+
+    @property
     def readdirplus(self) -> bool:
         """Does the kernel ask for READDIRPLUS (always, or per directory with READDIRPLUS_AUTO)?"""
         return bool(self.flags & Init.DO_READDIRPLUS)
@@ -211,20 +224,21 @@ class ProtocolError(Exception):
     """The kernel speaks a protocol this transport cannot (major other than 7, minor below 7.31)."""
 
 
-def negotiate(payload: bytes | memoryview) -> tuple[Negotiated, bytes]:
+def negotiate(payload: bytes | memoryview, passthrough: bool = False) -> tuple[Negotiated, bytes]:
     """Read the kernel's ``fuse_init_in`` and answer it: ``(what is agreed, the fuse_init_out payload)``.
 
     Takes the kernel's minor when it is older than :data:`MINOR`, else :data:`MINOR`; takes the flags of
-    :data:`WANTED` the kernel offers. Raises :class:`ProtocolError` for a major other than 7 or a minor
-    below :data:`MIN_MINOR` (the caller answers EPROTO).
+    :data:`WANTED` the kernel offers, and PASSTHROUGH with ``passthrough`` when offered (7.40 and newer).
+    Raises :class:`ProtocolError` for a major other than 7 or a minor below :data:`MIN_MINOR` (the caller
+    answers EPROTO).
     """
     major, minor, max_readahead, flags = struct.unpack_from("=IIII", payload)
     flags2 = INIT_IN.unpack_from(payload)[4] if len(payload) >= INIT_IN.size else 0
     if major != MAJOR or minor < MIN_MINOR:
         raise ProtocolError(f"the kernel speaks FUSE {major}.{minor}; pylayerfs needs 7.{MIN_MINOR} or newer")
     offered = flags | (flags2 << 32 if flags & Init.INIT_EXT else 0)
-    agreed = offered & int(WANTED)
     agreed_minor = min(minor, MINOR)
+    agreed = offered & (int(WANTED) | (Init.PASSTHROUGH if passthrough and agreed_minor >= 40 else 0))
     reply = INIT_OUT.pack(
         MAJOR,
         agreed_minor,
@@ -237,6 +251,7 @@ def negotiate(payload: bytes | memoryview) -> tuple[Negotiated, bytes]:
         MAX_PAGES,
         0,  # map_alignment
         agreed >> 32,
+        MAX_STACK_DEPTH if agreed & Init.PASSTHROUGH else 0,
     )
     return Negotiated(agreed_minor, agreed, max_readahead), reply
 

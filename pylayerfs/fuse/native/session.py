@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -84,12 +85,14 @@ class Session:
         timeout: float,
         on_ready: Callable[[], None] | None = None,
         by_fusermount: bool = False,
+        passthrough: bool = True,
     ) -> None:
         self.ov = overlay
         self.fd = fd
         self.mountpoint = mountpoint
         self.timeout = timeout
         self.by_fusermount = by_fusermount
+        self.passthrough = passthrough  # asked for; in force once INIT agreed and the first backing file opened
         self._on_ready = on_ready
         self.nodes = NodeTable(overlay.getattr("")["st_ino"])
         self.negotiated: p.Negotiated | None = None
@@ -102,6 +105,7 @@ class Session:
         self._dirs: dict[int, list[tuple[str, int, int]] | None] = {}  # open directory handle -> its listing
         self._next_dir = itertools.count(1)
         self._fh_node: dict[int, NodeEntry] = {}  # open file handle -> the node it was opened on
+        self._passed: set[int] = set()  # the open file handles passed through to a backing file
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._handlers: dict[int, Handler] = {
             p.Op.INIT: self._init,
@@ -297,13 +301,16 @@ class Session:
 
     def _init(self, req: Request, arg: memoryview) -> bytes:
         try:
-            self.negotiated, reply = p.negotiate(arg)
+            self.negotiated, reply = p.negotiate(arg, self.passthrough)
         except p.ProtocolError as exc:
             log.error("%s", exc)
             self._ended = True
             raise OSError(errno.EPROTO, str(exc)) from None
+        self.passthrough = self.negotiated.passthrough
         log.info("native FUSE transport: protocol 7.%d (the kernel offers 7.%d), flags %s", self.negotiated.minor,
                  struct.unpack_from("=I", arg, 4)[0], _flag_names(self.negotiated.flags))  # fmt: skip
+        if not self.passthrough:
+            log.info("passthrough is off: every read and write is served by the daemon")
         if self._on_ready is not None:
             self._on_ready()
         return reply
@@ -450,9 +457,49 @@ class Session:
     # -- files -------------------------------------------------------------------------------------
 
     def _opened(self, node: NodeEntry, fh: int) -> bytes:
+        """The OPEN/CREATE reply for handle ``fh`` on ``node``: passed through to its real file when it can be.
+
+        The kernel keeps one mode per inode: every open handle passed through to the same backing file, or
+        every one served (then its pages are cached: every name is this inode, so they stay valid). A file
+        still read from a lower layer (or a metacopy file's data) is served: its copy-up must switch every
+        handle on it to the upper copy, which the engine does for its own fds and the kernel could not do for a
+        backing file. So is every open of a node that has served handles open.
+        """
         node.handles.add(fh)
         self._fh_node[fh] = node
-        return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE, 0)  # every name is this inode: its pages stay valid
+        backing = self._backing(node, fh) if self.passthrough and not node.served else 0
+        if backing:
+            node.passed += 1
+            self._passed.add(fh)
+            return p.OPEN_OUT.pack(fh, p.FOPEN_PASSTHROUGH, backing)
+        node.served += 1
+        return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE, 0)
+
+    def _backing(self, node: NodeEntry, fh: int) -> int:
+        """The backing ID for handle ``fh`` on ``node`` (the node's, or a new one); 0 when it must be served.
+
+        Passthrough is turned off for the whole session when the kernel refuses it (EPERM: not CAP_SYS_ADMIN).
+        """
+        of = self.ov.files.get(fh)
+        if of.on_lower or of.metacopy:
+            return 0
+        st = os.fstat(of.fd)
+        if not stat.S_ISREG(st.st_mode):
+            return 0
+        real = (st.st_dev, st.st_ino)
+        if node.passed:
+            return node.backing if node.backing_file == real else 0
+        try:
+            backing = int(fcntl.ioctl(self.fd, p.BACKING_OPEN, bytearray(p.BACKING_MAP.pack(of.fd, 0, 0)), True))
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP):
+                log.warning("passthrough is off: the kernel refuses backing files (%s)", exc.strerror)
+                self.passthrough = False
+            else:
+                log.info("%r is served, not passed through: %s", of.path, exc.strerror)
+            return 0
+        node.backing, node.backing_file = backing, real
+        return backing
 
     def _open(self, req: Request, arg: memoryview) -> bytes:
         flags, _ = p.OPEN_IN.unpack_from(arg)
@@ -490,8 +537,22 @@ class Session:
         node = self._fh_node.pop(fh, None)
         if node is not None:
             node.handles.discard(fh)
+            if fh in self._passed:
+                self._passed.discard(fh)
+                node.passed -= 1
+                if not node.passed:
+                    self._close_backing(node)
+            else:
+                node.served -= 1
         self.ov.release(fh)
         return b""
+
+    def _close_backing(self, node: NodeEntry) -> None:
+        backing, node.backing = node.backing, 0
+        try:
+            fcntl.ioctl(self.fd, p.BACKING_CLOSE, struct.pack("=I", backing))
+        except OSError as exc:
+            log.warning("cannot close backing file %d of node %d: %s", backing, node.nodeid, exc.strerror)
 
     def _fsync(self, req: Request, arg: memoryview) -> bytes:
         fh, flags, _ = p.FSYNC_IN.unpack_from(arg)
@@ -640,18 +701,22 @@ def serve(
     timeout: float,
     on_ready: Callable[[], None] | None = None,
     on_session: Callable[[Session], None] | None = None,
+    passthrough: bool = True,
 ) -> bool:
     """Mount ``overlay`` on ``mountpoint`` and serve it until unmounted; True if stopped by :meth:`Session.stop`.
 
     ``fsname`` is the mount's source, ``options`` the generic mount options, ``timeout`` how long the
-    kernel may cache entries and attributes. ``on_session`` gets the session before the first request
-    (to route signals to :meth:`Session.stop`). Raises :class:`~pylayerfs.fuse.native.device.DeviceError`
-    when the mount cannot be made. The overlay is closed when the session ends.
+    kernel may cache entries and attributes, ``passthrough`` whether open files may be passed through to
+    their real files (where the kernel and the daemon's privileges allow). ``on_session`` gets the session
+    before the first request (to route signals to :meth:`Session.stop`). Raises
+    :class:`~pylayerfs.fuse.native.device.DeviceError` when the mount cannot be made. The overlay is closed when
+    the session ends.
     """
     from pylayerfs.fuse.native.device import mount
 
     try:
-        session = Session(overlay, -1, mountpoint=mountpoint, timeout=timeout, on_ready=on_ready)
+        session = Session(overlay, -1, mountpoint=mountpoint, timeout=timeout, on_ready=on_ready,
+                          passthrough=passthrough)  # fmt: skip
         session.fd, session.by_fusermount = mount(mountpoint, fsname=fsname, options=options,
                                                   allow_other=allow_other,
                                                   default_permissions=default_permissions)  # fmt: skip
