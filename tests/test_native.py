@@ -310,3 +310,27 @@ def test_files_in_the_upper_layer_are_passed_through_and_stay_coherent_across_co
         assert _wait_for(lambda: all(node.backing == 0 for node in nodes)), "every backing file closed (RELEASE)"
     with open(f"{stack[1]}/new", "rb") as f:
         assert f.read() == b"ABCD" + data[4:]
+
+
+def test_a_reply_whose_request_is_gone_takes_back_its_lookup_and_its_open_file(stack, monkeypatch):
+    """Writing a reply fails with ENOENT when its request was interrupted meanwhile: the kernel took nothing from
+    it, so neither the lookup counted for a CREATE's entry nor the file it opened may stay behind."""
+    lowers, upper, work, _ = stack
+    overlay = Overlay(lowers, upper, work)
+    try:
+        session = native.Session(overlay, -1, mountpoint="/nonexistent", timeout=1.0)
+
+        def gone(fd: int, buffers: list[bytes]) -> int:
+            raise FileNotFoundError(errno.ENOENT, "request gone")
+
+        monkeypatch.setattr(os, "writev", gone)
+        from pylayerfs.fuse.native.protocol import CREATE_IN
+
+        arg = CREATE_IN.pack(os.O_WRONLY | os.O_CREAT, 0o100644, 0, 0) + b"created\0"
+        header = IN_HEADER.pack(IN_HEADER.size + len(arg), Op.CREATE, 9, 1, 0, 0, 1, 0, 0)
+        session._serve(memoryview(header + arg))
+        assert len(session.nodes) == 1, "the entry's lookup was taken back"
+        assert overlay.files._by_fh == {}, "the open file was released"
+        assert os.path.exists(f"{upper}/created"), "the file itself was created, as the kernel's own create would"
+    finally:
+        overlay.close()

@@ -102,6 +102,7 @@ class Session:
         self._stopping = False
         self._ended = False
         self._counted: list[NodeEntry] = []  # lookups counted for the reply being made
+        self._opening: int | None = None  # the file handle opened for the reply being made (OPEN, CREATE)
         self._dirs: dict[int, list[tuple[str, int, int]] | None] = {}  # open directory handle -> its listing
         self._next_dir = itertools.count(1)
         self._fh_node: dict[int, NodeEntry] = {}  # open file handle -> the node it was opened on
@@ -214,6 +215,7 @@ class Session:
         arg = request[p.IN_HEADER.size : length - extlen * 8]
         handler = self._handlers.get(opcode)
         self._counted = []
+        self._opening = None
         error = 0
         payload = b""
         if handler is None:
@@ -241,17 +243,23 @@ class Session:
     def _reply(self, unique: int, error: int, payload: bytes) -> None:
         data = p.OUT_HEADER.pack(p.OUT_HEADER.size + (0 if error else len(payload)), -error, unique)
         try:
-            os.write(self.fd, data if error else data + payload)
+            os.writev(self.fd, [data] if error else [data, payload])  # one write: the kernel takes it whole
         except OSError as exc:
-            if exc.errno == errno.ENOENT:  # the request is gone (interrupted): the kernel took no lookup from it
+            if exc.errno == errno.ENOENT:  # the request is gone (interrupted): the kernel took nothing from it
                 for node in self._counted:
                     self.nodes.unfound(node)
+                if self._opening is not None:  # nor the open file: it will never be released
+                    try:
+                        self._forget_handle(self._opening)
+                    except Exception:
+                        log.exception("cannot release handle %d of an interrupted open", self._opening)
             elif exc.errno == errno.ENODEV:
                 self._ended = True
             else:
                 log.error("cannot write the reply to request %d: %s", unique, exc.strerror)
         finally:
             self._counted = []
+            self._opening = None
 
     # -- nodes and paths ---------------------------------------------------------------------------
 
@@ -467,6 +475,7 @@ class Session:
         """
         node.handles.add(fh)
         self._fh_node[fh] = node
+        self._opening = fh
         backing = self._backing(node, fh) if self.passthrough and not node.served else 0
         if backing:
             node.passed += 1
@@ -534,6 +543,11 @@ class Session:
 
     def _release(self, req: Request, arg: memoryview) -> bytes:
         fh, *_ = p.RELEASE_IN.unpack_from(arg)
+        self._forget_handle(fh)
+        return b""
+
+    def _forget_handle(self, fh: int) -> None:
+        """Close the open file ``fh`` and drop it from its node (its backing file too, with its last handle)."""
         node = self._fh_node.pop(fh, None)
         if node is not None:
             node.handles.discard(fh)
@@ -545,7 +559,6 @@ class Session:
             else:
                 node.served -= 1
         self.ov.release(fh)
-        return b""
 
     def _close_backing(self, node: NodeEntry) -> None:
         backing, node.backing = node.backing, 0
