@@ -17,35 +17,54 @@ reuse it) becomes a node of its own.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pylayerfs.fuse.native.protocol import ROOT_ID
 
 
 @dataclass(slots=True, eq=False)
 class NodeEntry:
-    """One kernel inode: its node ID, the overlay ``st_ino``, known paths, lookup count and open handles."""
+    """One kernel inode: its node ID, the overlay ``st_ino``, known paths, lookup count and open handles.
+
+    Small on purpose (a walk of 100,000 files keeps 100,000 of them until the kernel forgets them): one
+    path in ``path``, further names of a hard link in ``aliases``, open handles in a set made on first use.
+    """
 
     nodeid: int
     ino: int
-    paths: set[str] = field(default_factory=set)
+    path: str | None = None  # a current path of the node; None when it has none left (removed)
     nlookup: int = 0
-    handles: set[int] = field(default_factory=set)  # open file handles (engine fhs) opened on this node
     is_dir: bool = False  # a directory: its rename moves the paths of the nodes below it
+    aliases: set[str] | None = None  # the other paths the kernel knows it by (names of a hard link)
+    handles: set[int] | None = None  # open file handles (engine fhs) opened on this node
     served: int = 0  # open handles whose reads and writes the daemon serves (the kernel's cached I/O mode)
     passed: int = 0  # open handles passed through to the backing file ``backing`` (the kernel's uncached mode)
     backing: int = 0  # the kernel's backing ID while ``passed`` > 0 (one backing file per inode)
     backing_file: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of that backing file
+    no_caps: bool = False  # has no security.capability xattr (the kernel asks before every write)
 
     @property
-    def path(self) -> str | None:
-        """A current path of the node (the shortest, then the first in order), None when it has none left."""
-        if len(self.paths) == 1:
-            for path in self.paths:
-                return path
-        if not self.paths:
-            return None
-        return min(self.paths, key=lambda p: (len(p), p))
+    def paths(self) -> list[str]:
+        """Every path the kernel knows the node by."""
+        return ([self.path] if self.path is not None else []) + sorted(self.aliases or ())
+
+    def add_path(self, path: str) -> None:
+        """The node is (also) known by ``path``."""
+        if self.path is None:
+            self.path = path
+        elif path != self.path:
+            if self.aliases is None:
+                self.aliases = set()
+            self.aliases.add(path)
+
+    def discard_path(self, path: str) -> None:
+        """``path`` no longer names the node (another of its names, if known, becomes its path)."""
+        if path == self.path:
+            self.path = self.aliases.pop() if self.aliases else None
+        elif self.aliases is not None:
+            self.aliases.discard(path)
+        if not self.aliases:
+            self.aliases = None
 
 
 class NodeTable:
@@ -56,7 +75,7 @@ class NodeTable:
 
     def __init__(self, root_ino: int) -> None:
         self._next = itertools.count(ROOT_ID + 1)
-        self.root = NodeEntry(ROOT_ID, root_ino, {""}, 1, is_dir=True)
+        self.root = NodeEntry(ROOT_ID, root_ino, "", 1, is_dir=True)
         self._by_id: dict[int, NodeEntry] = {ROOT_ID: self.root}
         self._by_ino: dict[int, NodeEntry] = {root_ino: self.root}
         self._by_path: dict[str, NodeEntry] = {"": self.root}
@@ -114,9 +133,12 @@ class NodeTable:
         node = self._by_path.pop(path, None)
         if node is None:
             return
-        node.paths.discard(path)
+        node.discard_path(path)
         if last_name:
-            node.paths.clear()
+            for other in node.paths:
+                if self._by_path.get(other) is node:
+                    del self._by_path[other]
+            node.path = node.aliases = None
             if self._by_ino.get(node.ino) is node:
                 del self._by_ino[node.ino]
 
@@ -134,7 +156,7 @@ class NodeTable:
             below = [p for p in self._by_path if p.startswith(prefix)] if moved.is_dir else []
             for path in [src, *below]:
                 node = self._by_path.pop(path)
-                node.paths.discard(path)
+                node.discard_path(path)
                 changed.append((dst + path[len(src) :], node))
         for path, node in changed:
             self._bind(path, node)
@@ -144,6 +166,6 @@ class NodeTable:
         if previous is node:
             return
         if previous is not None:
-            previous.paths.discard(path)
+            previous.discard_path(path)
         self._by_path[path] = node
-        node.paths.add(path)
+        node.add_path(path)

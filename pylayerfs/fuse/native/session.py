@@ -35,6 +35,7 @@ log = logging.getLogger("pylayerfs.fuse.native")
 
 Handler = Callable[["Request", memoryview], bytes]
 _DOT_NAMES = (".", "..")
+_CAPS = "security.capability"
 
 
 class Stop(Exception):
@@ -423,6 +424,9 @@ class Session:
     def _getattr(self, req: Request, arg: memoryview) -> bytes:
         flags, _, fh = p.GETATTR_IN.unpack_from(arg)
         node = self._node(req.nodeid)
+        if not flags & p.GETATTR_FH and node.handles:
+            fh = min(node.handles)  # an fstat of an open handle: no lookup (fstat() sends no handle: it has a path)
+            flags |= p.GETATTR_FH
         attrs = self._attrs(node, fh if flags & p.GETATTR_FH else None)
         return p.attr_out(attrs, self.timeout)
 
@@ -473,6 +477,8 @@ class Session:
         handle on it to the upper copy, which the engine does for its own fds and the kernel could not do for a
         backing file. So is every open of a node that has served handles open.
         """
+        if node.handles is None:
+            node.handles = set()
         node.handles.add(fh)
         self._fh_node[fh] = node
         self._opening = fh
@@ -527,7 +533,9 @@ class Session:
         except BaseException:
             self.ov.release(fh)
             raise
-        return entry + self._opened(self._counted[-1], fh)
+        node = self._counted[-1]
+        node.no_caps = True  # a new file has no file capabilities
+        return entry + self._opened(node, fh)
 
     def _read(self, req: Request, arg: memoryview) -> bytes:
         fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
@@ -550,7 +558,8 @@ class Session:
         """Close the open file ``fh`` and drop it from its node (its backing file too, with its last handle)."""
         node = self._fh_node.pop(fh, None)
         if node is not None:
-            node.handles.discard(fh)
+            if node.handles is not None:
+                node.handles.discard(fh)
             if fh in self._passed:
                 self._passed.discard(fh)
                 node.passed -= 1
@@ -652,12 +661,30 @@ class Session:
         size, flags = p.SETXATTR_IN.unpack_from(arg)
         rest = bytes(arg[p.SETXATTR_IN.size :])
         name, _, value = rest.partition(b"\0")
+        node = self._node(req.nodeid)
+        node.no_caps = False
         self.ov.setxattr(self._path(req.nodeid), os.fsdecode(name), value[:size], flags)
         return b""
 
     def _getxattr(self, req: Request, arg: memoryview) -> bytes:
+        """An xattr's value; ``security.capability`` is known absent after the first ENODATA, until a SETXATTR.
+
+        The kernel asks for it before every write to a file (to drop file capabilities); only a SETXATTR
+        through the mount can add it, since copy-up keeps a file's xattrs.
+        """
         size, _ = p.GETXATTR_IN.unpack_from(arg)
-        value = self.ov.getxattr(self._path(req.nodeid), _cstring(arg[p.GETXATTR_IN.size :]))
+        name = _cstring(arg[p.GETXATTR_IN.size :])
+        node = self._node(req.nodeid)
+        if name == _CAPS:
+            if node.no_caps:
+                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+            try:
+                value = self.ov.getxattr(self._path(req.nodeid), name)
+            except OSError as exc:
+                node.no_caps = exc.errno == errno.ENODATA
+                raise
+        else:
+            value = self.ov.getxattr(self._path(req.nodeid), name)
         return _sized(value, size)
 
     def _listxattr(self, req: Request, arg: memoryview) -> bytes:
