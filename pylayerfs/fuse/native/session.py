@@ -36,6 +36,7 @@ log = logging.getLogger("pylayerfs.fuse.native")
 Handler = Callable[["Request", memoryview], bytes]
 _DOT_NAMES = (".", "..")
 _CAPS = "security.capability"
+RENAME_EXCHANGE = 2  # <linux/fs.h>: RENAME2's flag that swaps the two names
 
 
 class Stop(Exception):
@@ -411,7 +412,7 @@ class Session:
     def _do_rename(self, olddir: int, newdir: int, flags: int, names: memoryview) -> bytes:
         oldname, newname = p.names(names, 2)
         old, new = self._child(olddir, oldname), self._child(newdir, newname)
-        exchange = bool(flags & os.RENAME_EXCHANGE) if hasattr(os, "RENAME_EXCHANGE") else bool(flags & 2)
+        exchange = bool(flags & RENAME_EXCHANGE)
         replaced_last = not exchange and self._last_name(new)
         self.ov.rename(old, new, flags)
         if replaced_last:
