@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -335,3 +336,25 @@ def test_a_reply_whose_request_is_gone_takes_back_its_lookup_and_its_open_file(s
         assert os.path.exists(f"{upper}/created"), "the file itself was created, as the kernel's own create would"
     finally:
         overlay.close()
+
+
+def _init_in(minor: int, flags: int, flags2: int = 0) -> bytes:
+    return struct.pack("=IIIII44x", 7, minor, 131072, flags, flags2)
+
+
+def test_init_takes_the_older_minor_and_only_the_flags_both_sides_have():
+    from pylayerfs.fuse.native.protocol import INIT_OUT, Init, ProtocolError, negotiate
+
+    everything = 0xFFFFFFFF
+    agreed, reply = negotiate(_init_in(45, everything, 0xFFFFFFFF), passthrough=True)
+    fields = INIT_OUT.unpack(reply)
+    assert (agreed.minor, fields[1]) == (40, 40), "a newer kernel is answered with the newest minor we speak"
+    assert agreed.passthrough and fields[10] == Init.PASSTHROUGH >> 32 and fields[11] == 1, "max_stack_depth 1"
+    assert not agreed.flags & (Init.ASYNC_READ | Init.POSIX_LOCKS | Init.WRITEBACK_CACHE | Init.DONT_MASK)
+    assert fields[6] == 1 << 20 and fields[8] == 256, "1 MiB writes in 256 pages"
+    agreed, reply = negotiate(_init_in(38, everything, 0xFFFFFFFF), passthrough=True)
+    assert agreed.minor == 38 and not agreed.passthrough and INIT_OUT.unpack(reply)[11] == 0, "7.38 has none"
+    agreed, _ = negotiate(_init_in(45, Init.BIG_WRITES), passthrough=True)
+    assert agreed.flags == Init.BIG_WRITES, "only what the kernel offers (no INIT_EXT: no flags2)"
+    with pytest.raises(ProtocolError):
+        negotiate(_init_in(30, everything))

@@ -164,6 +164,7 @@ class Session:
         while not self._ended:
             if self._stopping:
                 self._unmount()
+                self._log_counts()
                 return True
             try:
                 self._reading = True
@@ -181,7 +182,14 @@ class Session:
             finally:
                 self._reading = False
             self._serve(view[:n])
+        self._log_counts()
         return False
+
+    def _log_counts(self) -> None:
+        """Say (at -o debug) how many requests of each kind the session served: what a workload cost in round trips."""
+        if log.isEnabledFor(logging.INFO):
+            counts = ", ".join(f"{_name(op)} {n}" for op, n in self.counts.most_common())
+            log.info("%s: %d requests served (%s)", self.mountpoint, self.requests, counts or "none")
 
     def stop(self) -> None:
         """End the session (from a signal handler): unmount lazily and return from :meth:`run`.
