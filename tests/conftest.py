@@ -34,6 +34,14 @@ def _stress_tools_missing() -> str | None:
     return f"{' and '.join(missing)} not installed (apt-get install fio stress-ng)" if missing else None
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which FUSE transport the mounts of this run use: ``PYLAYERFS_BINDING`` (read by every daemon) or the default."""
+    from pylayerfs.fuse.mount import BINDING_VARIABLE, DEFAULT_BINDING
+
+    chosen = os.environ.get(BINDING_VARIABLE)
+    return f"pylayerfs FUSE binding: {chosen or DEFAULT_BINDING} ({BINDING_VARIABLE}={chosen or 'unset'})"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reasons = {"fuse": _fuse_missing(), "root": _root_missing(), "stress": _stress_tools_missing()}
     if os.environ.get("CI") == "true":

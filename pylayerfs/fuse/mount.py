@@ -14,6 +14,13 @@ mounted (``pylayerfs mount``, ``mount -t fuse.pylayerfs``, fstab, the image
 builder). :func:`recorded_config` checks a record against ``mountinfo`` (the
 same mount ID, device and mountpoint, a live daemon), so a record left by a
 killed daemon is ignored.
+
+Two FUSE transports serve the same engine (``-o binding=``): ``libfuse``, the
+mfusepy adapter on libfuse's path-based API (:mod:`pylayerfs.fuse.adapter`),
+and ``native``, which speaks the kernel protocol on ``/dev/fuse`` itself
+(:mod:`pylayerfs.fuse.native`). Without the option, the environment variable
+``PYLAYERFS_BINDING`` chooses, else :data:`DEFAULT_BINDING`. Both end the same
+way: on unmount, or on SIGTERM/SIGINT/SIGHUP, after a lazy unmount.
 """
 
 from __future__ import annotations
@@ -29,13 +36,14 @@ import logging.handlers
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.filesystem import Overlay
-from pylayerfs.overlay.params import MountConfig, MountEntry, MountError, mountinfo, mounts_below
+from pylayerfs.overlay.params import BINDINGS, MountConfig, MountEntry, MountError, mountinfo, mounts_below
 
 log = logging.getLogger("pylayerfs")
 READY = b"ready\n"
@@ -44,6 +52,23 @@ FSTYPE = "fuse.pylayerfs"
 ROOT_RECORDS = "/run/pylayerfs/mounts"
 FUSE_CONF = "/etc/fuse.conf"
 FUSE_DEVICE = "/dev/fuse"
+DEFAULT_BINDING = "native"
+BINDING_VARIABLE = "PYLAYERFS_BINDING"
+PASSTHROUGH_VARIABLE = "PYLAYERFS_PASSTHROUGH"  # "off": the native transport serves every read and write itself
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def binding(config: MountConfig) -> str:
+    """The FUSE transport for ``config``: its ``binding=``, else ``$PYLAYERFS_BINDING``, else the default.
+
+    Raises MountError for a value of the variable that is not a binding.
+    """
+    if config.binding is not None:
+        return config.binding
+    chosen = os.environ.get(BINDING_VARIABLE) or DEFAULT_BINDING
+    if chosen not in BINDINGS:
+        raise MountError(f"{BINDING_VARIABLE}={chosen} is not a binding ({' or '.join(BINDINGS)})")
+    return chosen
 
 
 def is_mountpoint(path: str) -> bool:
@@ -95,6 +120,7 @@ def write_record(config: MountConfig, mountpoint: str, before: set[int]) -> str 
         "workdir": os.path.abspath(config.workdir) if config.workdir is not None else None,
         "userxattr": config.userxattr,
         "metacopy": config.metacopy,
+        "binding": binding(config),
     }
     directory = records_dir()
     path = _record_path(directory, entry.mount_id)
@@ -244,6 +270,8 @@ def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | Non
     ``mountpoint`` is absolute (``check`` returns it so). Raises MountError (one line) when libfuse
     cannot mount, with the reason when it is a known one (see :func:`mount_failure_hint`).
     """
+    if binding(config) == "native":
+        return _serve_native(config, mountpoint, source, ready_fd)
     from pylayerfs.fuse import adapter  # the binding is loaded only by the process that serves
 
     os.umask(0)  # modes of new objects come from the caller, already masked by the kernel
@@ -271,6 +299,49 @@ def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | Non
         reason = f": {hint}" if hint else f" (libfuse said: {exc})"
         raise MountError(f"FUSE could not mount '{mountpoint}'{reason}") from exc
     finally:
+        if record is not None:
+            remove_record(record)
+        for fd in locks:
+            os.close(fd)
+    return 0
+
+
+def _serve_native(config: MountConfig, mountpoint: str, source: str, ready_fd: int | None) -> int:
+    """:func:`serve` on the native transport (:mod:`pylayerfs.fuse.native`): the same life, records and signals."""
+    from pylayerfs.fuse.native import session as native
+    from pylayerfs.fuse.native.device import DeviceError
+
+    os.umask(0)
+    setup_logging(config, background=ready_fd is not None)
+    overlay, locks = build_overlay(config)
+    before = {e.mount_id for e in mountinfo()}
+    record: str | None = None
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def ready() -> None:
+        nonlocal record
+        record = write_record(config, mountpoint, before)
+        if ready_fd is not None:
+            os.write(ready_fd, READY)
+
+    def on_session(session: native.Session) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda _sig, _frame: session.stop())
+
+    try:
+        stopped = native.serve(overlay, mountpoint, fsname=source, options=config.fuse_flags,
+                               allow_other=config.allow_other, default_permissions=config.default_permissions,
+                               timeout=config.timeout, on_ready=ready, on_session=on_session,
+                               passthrough=os.environ.get(PASSTHROUGH_VARIABLE) != "off")  # fmt: skip
+        if stopped:
+            log.info("%s: stopped by a signal, unmounted", mountpoint)
+    except DeviceError as exc:
+        hint = mount_failure_hint(config)
+        reason = f": {hint}" if hint else f" ({exc})"
+        raise MountError(f"FUSE could not mount '{mountpoint}'{reason}") from exc
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if record is not None:
             remove_record(record)
         for fd in locks:

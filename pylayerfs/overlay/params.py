@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 MAX_LOWERS = 500  # the kernel's OVL_MAX_STACK
+BINDINGS = ("native", "libfuse")  # the FUSE transports (-o binding=): pylayerfs.fuse.native, pylayerfs.fuse.adapter
 
 # Options of the kernel's overlayfs that pylayerfs accepts at the value it implements.
 _KERNEL_DEFAULTS = {
@@ -55,6 +56,7 @@ class MountConfig:
     fuse_flags: list[str] = field(default_factory=list)
     metacopy: bool = False  # chmod, chown, utimes and xattrs copy a file's metadata only (the kernel's metacopy=on)
     timeout: float = 86400.0  # how long the kernel may cache entries and attributes (fuse-overlayfs's timeout=)
+    binding: str | None = None  # the FUSE transport, "native" or "libfuse" (None: the daemon's default)
 
     @property
     def read_only(self) -> bool:
@@ -125,6 +127,10 @@ def parse_options(options: list[str]) -> MountConfig:
                 raise MountError(f"timeout needs a number of seconds, not '{value}'") from None
             if config.timeout < 0:
                 raise MountError("timeout cannot be negative")
+        elif key == "binding":
+            if value not in BINDINGS:
+                raise MountError(f"binding needs {' or '.join(BINDINGS)}, not '{value}'")
+            config.binding = value
         elif key == "metacopy":
             if value not in ("on", "off"):
                 raise MountError(f"metacopy needs on or off, not '{value}'")

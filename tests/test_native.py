@@ -1,0 +1,360 @@
+"""The native FUSE transport (``-o binding=native``): what it does that the libfuse binding cannot.
+
+The rest of the suite runs on either binding (``PYLAYERFS_BINDING=native``); these tests always use
+the native one: the node table's lookup accounting (in-process, so the table can be read), one kernel
+inode for every name of a hard link, a killed daemon, and a user who is not root mounting through
+``fusermount3``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shlex
+import signal
+import stat
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pylayerfs.fuse.native import session as native
+from pylayerfs.fuse.native.protocol import BATCH_FORGET_IN, FORGET_ONE, IN_HEADER, Op
+from pylayerfs.overlay.filesystem import Overlay
+from tests.mounts import _mounted, force_unmount, options, pylayerfs_mount, run_pylayerfs
+from tests.test_nonroot import AS_NOBODY, _nobody_python, nobody_dirs  # noqa: F401 (a fixture)
+from tests.trees import build
+
+pytestmark = pytest.mark.fuse
+NATIVE = "binding=native"
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> tuple[list[str], str, str, str]:
+    lower = build(str(tmp_path / "l"), {"d/a": "low a", "f": "low f", "big": "x" * 100000})
+    upper, work, mnt = (str(tmp_path / n) for n in ("u", "w", "m"))
+    for d in (upper, work, mnt):
+        os.makedirs(d)
+    return [lower], upper, work, mnt
+
+
+@contextlib.contextmanager
+def in_process(stack: tuple[list[str], str, str, str]) -> Iterator[native.Session]:
+    """A native mount served by a thread of this process: yields its session (the node table is readable)."""
+    lowers, upper, work, mnt = stack
+    sessions: list[native.Session] = []
+    ready = threading.Event()
+    overlay = Overlay(lowers, upper, work)
+    thread = threading.Thread(
+        target=native.serve,
+        args=(overlay, mnt),
+        kwargs={"fsname": "pylayerfs-test", "options": [], "allow_other": True, "default_permissions": True,
+                "timeout": 86400.0, "on_ready": ready.set, "on_session": sessions.append},
+        daemon=True,
+    )  # fmt: skip
+    thread.start()
+    try:
+        assert ready.wait(10), "the in-process mount did not become ready"
+        yield sessions[0]
+    finally:
+        force_unmount(mnt)
+        thread.join(10)
+        assert not thread.is_alive(), "the session did not end at unmount"
+
+
+def _drop_kernel_caches() -> None:
+    """Make the kernel evict unused dentries and inodes: it sends FORGET for every node it lets go."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def _wait_for(predicate: object, seconds: float = 10.0, *, dropping: bool = False) -> bool:
+    """Poll ``predicate()`` until it holds (True) or ``seconds`` pass (False); ``dropping``: drop caches each time
+    (a RELEASE or FORGET the kernel sends late may keep an inode from the first drop)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if dropping:
+            _drop_kernel_caches()
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return bool(predicate())  # type: ignore[operator]
+
+
+@pytest.mark.root
+def test_forget_returns_the_node_table_to_its_size_after_many_lookups_of_changing_names(stack):
+    mnt = stack[3]
+    with in_process(stack) as session:
+        os.stat(f"{mnt}/d/a")
+        assert _wait_for(lambda: len(session.nodes) == 1, dropping=True), f"only the root left: {len(session.nodes)}"
+        for i in range(2000):
+            with open(f"{mnt}/n{i}", "w") as f:
+                f.write(str(i))
+            os.stat(f"{mnt}/n{i}")
+            os.rename(f"{mnt}/n{i}", f"{mnt}/d/m{i}")
+            os.stat(f"{mnt}/d/m{i}")
+            os.stat(f"{mnt}/f")
+            if i % 2:
+                os.unlink(f"{mnt}/d/m{i}")
+        assert len(os.listdir(f"{mnt}/d")) == 1001
+        held = os.open(f"{mnt}/d/m0", os.O_RDONLY)  # an open file keeps its node
+        try:
+            assert _wait_for(lambda: len(session.nodes) <= 3, dropping=True), f"{len(session.nodes)} nodes left"
+            assert session.nodes.at("d/m0") is not None and session.nodes.at("d/m2") is None
+        finally:
+            os.close(held)
+        assert _wait_for(lambda: len(session.nodes) == 1, dropping=True), f"{len(session.nodes)} nodes left"
+        assert open(f"{mnt}/d/m1998").read() == "1998"
+
+
+def test_batch_forget_counts_every_node_of_the_batch():
+    """BATCH_FORGET (sent by the kernel when it drops many nodes at once) takes each node's count off."""
+    from pylayerfs.fuse.native.nodes import NodeTable
+
+    class Fake:
+        nodes = NodeTable(100)
+
+    table = Fake.nodes
+    a, b = table.found("a", 5), table.found("b", 6)
+    table.found("a", 5)
+    payload = BATCH_FORGET_IN.pack(2, 0) + FORGET_ONE.pack(a.nodeid, 2) + FORGET_ONE.pack(b.nodeid, 1)
+    session = object.__new__(native.Session)
+    session.nodes = table
+    request = native.Request(Op.BATCH_FORGET, 1, 0, 0, 0, 0)
+    session._batch_forget(request, memoryview(payload))
+    assert len(table) == 1 and table.at("a") is None and table.at("b") is None
+    assert IN_HEADER.size == 40
+
+
+def test_every_name_of_a_hard_link_is_one_kernel_inode(stack):
+    """One node per object: a change through one name shows at once through the other, and locks (which the
+    kernel keeps per inode) conflict across names. The libfuse binding gives each name an inode of its own."""
+    lowers, upper, work, mnt = stack
+    with pylayerfs_mount(mnt, lowers, upper, work, extra=NATIVE):
+        os.link(f"{mnt}/f", f"{mnt}/g")
+        os.stat(f"{mnt}/g")  # both names cached, attributes for a day
+        os.chmod(f"{mnt}/f", 0o604)
+        assert stat.S_IMODE(os.lstat(f"{mnt}/g").st_mode) == 0o604
+        with open(f"{mnt}/f", "a") as f:
+            f.write("+")
+        assert os.lstat(f"{mnt}/g").st_size == len("low f+")
+        with open(f"{mnt}/f") as one, open(f"{mnt}/g") as other:
+            fcntl.flock(one, fcntl.LOCK_EX)
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(f"{mnt}/f", f"{mnt}/d/h")
+        os.chmod(f"{mnt}/d/h", 0o640)
+        assert stat.S_IMODE(os.lstat(f"{mnt}/g").st_mode) == 0o640
+        os.unlink(f"{mnt}/g")
+        assert os.lstat(f"{mnt}/d/h").st_nlink == 1
+        assert open(f"{mnt}/d/h").read() == "low f+"
+
+
+def _daemon_pid(mnt: str) -> int:
+    """The pid of the daemon serving ``mnt``, from its mount record."""
+    from pylayerfs.fuse.mount import records_dir
+
+    real = os.path.realpath(mnt)
+    for name in os.listdir(records_dir()):
+        with contextlib.suppress(OSError, ValueError), open(os.path.join(records_dir(), name)) as f:
+            record = json.load(f)
+            if record["mountpoint"] == real:
+                return int(record["pid"])
+    raise AssertionError(f"no record for {mnt}")
+
+
+def test_a_killed_daemon_leaves_enotconn_that_umount_clears(stack):
+    lowers, upper, work, mnt = stack
+    run_pylayerfs("mount", "-o", options(lowers, upper, work, NATIVE), mnt)
+    try:
+        assert open(f"{mnt}/f").read() == "low f"
+        os.kill(_daemon_pid(mnt), signal.SIGKILL)
+        assert _wait_for(lambda: not _stat_works(mnt)), "the mount still answers after its daemon died"
+        with pytest.raises(OSError) as exc:
+            os.stat(f"{mnt}/f")
+        assert exc.value.errno == errno.ENOTCONN
+        result = run_pylayerfs("umount", mnt, check=False)
+        assert result.returncode == 0, result.stderr
+        assert not _mounted(mnt)
+        with pylayerfs_mount(mnt, lowers, upper, work, extra=NATIVE):  # the upper and workdir are free again
+            assert open(f"{mnt}/f").read() == "low f"
+    finally:
+        force_unmount(mnt)
+
+
+def _stat_works(path: str) -> bool:
+    try:
+        os.stat(os.path.join(path, "f"))
+    except OSError:
+        return False
+    return True
+
+
+def _nobody_script(top: str, python: str, pythonpath: str, fuse_mode: str) -> str:
+    q = shlex.quote
+    mnt, lower, upper, work = (q(f"{top}/{d}") for d in ("m", "l", "u", "w"))
+    nobody = " ".join([*AS_NOBODY, "env", "-i", "PATH=/usr/bin:/bin", f"PYTHONPATH={q(pythonpath)}",
+                       "PYLAYERFS_BINDING=native", q(python), "-m", "pylayerfs"])  # fmt: skip
+    as_nobody = " ".join(AS_NOBODY)
+    return f"""
+set -u
+trap 'fusermount3 -uz {mnt} 2>/dev/null' EXIT
+mount -t tmpfs -o mode=755 none {q(top)}/dev || exit 90
+mknod -m {fuse_mode} {q(top)}/dev/fuse c 10 229 && mount --bind {q(top)}/dev/fuse /dev/fuse || exit 91
+{nobody} mount -o lowerdir={lower},upperdir={upper},workdir={work},noallow_other {mnt}; echo "rc=$?"
+grep " {top}/m " /proc/self/mountinfo
+{as_nobody} cat {mnt}/f
+{as_nobody} sh -c 'echo written > {mnt}/new && cat {mnt}/new'
+{nobody} umount {mnt}; echo "umount rc=$?"
+grep -c " {top}/m " /proc/self/mountinfo
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fuse_mode", ["666", "600"])
+def test_a_user_mounts_through_fusermount3(nobody_dirs, fuse_mode):  # noqa: F811 (the imported fixture)
+    top = nobody_dirs
+    for d in ("u", "w"):
+        os.mkdir(f"{top}/{d}")
+        os.chown(f"{top}/{d}", 65534, 65534)
+    python, pythonpath = _nobody_python()
+    script = _nobody_script(top, python, pythonpath, fuse_mode)
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script], capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode not in (90, 91), result.stderr
+    if fuse_mode == "600":
+        assert "rc=1" in result.stdout, result.stdout
+        errors = [line for line in result.stderr.splitlines() if line.startswith("pylayerfs:")]
+        assert errors and "/dev/fuse is not readable and writable for this user" in errors[0], result.stderr
+        assert "Traceback" not in result.stderr
+        return
+    assert "rc=0" in result.stdout, (result.stdout, result.stderr)
+    assert "fuse.pylayerfs" in result.stdout and "user_id=65534" in result.stdout, result.stdout
+    assert "hello from nobody's layer" in result.stdout and "written" in result.stdout, result.stderr
+    assert "umount rc=0" in result.stdout and result.stdout.rstrip().endswith("0"), result.stdout
+    assert os.stat(f"{top}/u/new").st_uid == 65534
+
+
+def _listings(session: native.Session) -> int:
+    return session.counts[Op.READDIR] + session.counts[Op.READDIRPLUS]
+
+
+@pytest.mark.root
+def test_the_kernel_keeps_listings_and_every_change_through_the_mount_shows(stack):
+    """Directories are opened with FOPEN_CACHE_DIR: a second listing costs no READDIR; a change made through the
+    mount (create, unlink, rename in and out, mkdir) is seen by the very next listing."""
+    mnt = stack[3]
+    with in_process(stack) as session:
+        for i in range(300):
+            open(f"{mnt}/d/n{i}", "w").close()
+        expected = {"a", *(f"n{i}" for i in range(300))}
+        assert set(os.listdir(f"{mnt}/d")) == expected
+        served = _listings(session)
+        assert set(os.listdir(f"{mnt}/d")) == expected
+        assert _listings(session) == served, "the second listing came from the kernel's cache"
+        os.unlink(f"{mnt}/d/n7")
+        os.rename(f"{mnt}/f", f"{mnt}/d/f")
+        os.rename(f"{mnt}/d/a", f"{mnt}/a")
+        os.mkdir(f"{mnt}/d/sub")
+        open(f"{mnt}/d/new", "w").close()
+        expected = (expected - {"n7", "a"}) | {"f", "sub", "new"}
+        assert set(os.listdir(f"{mnt}/d")) == expected
+        assert set(os.listdir(mnt)) == {"a", "d", "big"}
+
+
+def _passthrough_expected() -> bool:
+    """Does this kernel pass open files through (Linux 6.9, protocol 7.40, CONFIG_FUSE_PASSTHROUGH)?"""
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    return release >= (6, 9) and os.geteuid() == 0
+
+
+@pytest.mark.root
+def test_files_in_the_upper_layer_are_passed_through_and_stay_coherent_across_copy_up(stack):
+    """Reads and writes of an upper file never reach the daemon (passthrough); a lower file is served, so an fd
+    opened read-only before its copy-up reads what another fd writes after it; handles of one node share one
+    backing file, and a node whose served handles are all closed is passed through again."""
+    if not _passthrough_expected():
+        pytest.skip("passthrough needs Linux 6.9 and CAP_SYS_ADMIN")
+    mnt = stack[3]
+    with in_process(stack) as session:
+        assert session.negotiated is not None and session.negotiated.passthrough
+        data = os.urandom(3 << 20)
+        with open(f"{mnt}/new", "wb") as f:
+            f.write(data)
+        with open(f"{mnt}/new", "rb") as f, open(f"{mnt}/new", "r+b") as g:  # two handles, one backing file
+            g.write(b"ABCD")
+            g.flush()
+            assert f.read() == b"ABCD" + data[4:]
+        assert session.counts[Op.READ] == session.counts[Op.WRITE] == 0, "no READ or WRITE reached the daemon"
+        reader = os.open(f"{mnt}/big", os.O_RDONLY)  # on the lower file: served
+        try:
+            assert os.pread(reader, 5, 0) == b"xxxxx"
+            writer = os.open(f"{mnt}/big", os.O_WRONLY)  # copies it up; served too, the node has served handles
+            os.pwrite(writer, b"12345", 0)
+            os.close(writer)
+            assert os.pread(reader, 6, 0) == b"12345x", "the fd opened before the copy-up reads the new data"
+        finally:
+            os.close(reader)
+        served = session.counts[Op.READ]
+        assert served > 0
+        with open(f"{mnt}/big", "rb") as f:  # no served handle left: passed through to the upper copy
+            assert f.read(6) == b"12345x"
+        assert session.counts[Op.READ] == served
+        nodes = list(session.nodes._by_id.values())
+        assert _wait_for(lambda: all(node.backing == 0 for node in nodes)), "every backing file closed (RELEASE)"
+    with open(f"{stack[1]}/new", "rb") as f:
+        assert f.read() == b"ABCD" + data[4:]
+
+
+def test_a_reply_whose_request_is_gone_takes_back_its_lookup_and_its_open_file(stack, monkeypatch):
+    """Writing a reply fails with ENOENT when its request was interrupted meanwhile: the kernel took nothing from
+    it, so neither the lookup counted for a CREATE's entry nor the file it opened may stay behind."""
+    lowers, upper, work, _ = stack
+    overlay = Overlay(lowers, upper, work)
+    try:
+        session = native.Session(overlay, -1, mountpoint="/nonexistent", timeout=1.0)
+
+        def gone(fd: int, buffers: list[bytes]) -> int:
+            raise FileNotFoundError(errno.ENOENT, "request gone")
+
+        monkeypatch.setattr(os, "writev", gone)
+        from pylayerfs.fuse.native.protocol import CREATE_IN
+
+        arg = CREATE_IN.pack(os.O_WRONLY | os.O_CREAT, 0o100644, 0, 0) + b"created\0"
+        header = IN_HEADER.pack(IN_HEADER.size + len(arg), Op.CREATE, 9, 1, 0, 0, 1, 0, 0)
+        session._serve(memoryview(header + arg))
+        assert len(session.nodes) == 1, "the entry's lookup was taken back"
+        assert overlay.files._by_fh == {}, "the open file was released"
+        assert os.path.exists(f"{upper}/created"), "the file itself was created, as the kernel's own create would"
+    finally:
+        overlay.close()
+
+
+def _init_in(minor: int, flags: int, flags2: int = 0) -> bytes:
+    return struct.pack("=IIIII44x", 7, minor, 131072, flags, flags2)
+
+
+def test_init_takes_the_older_minor_and_only_the_flags_both_sides_have():
+    from pylayerfs.fuse.native.protocol import INIT_OUT, Init, ProtocolError, negotiate
+
+    everything = 0xFFFFFFFF
+    agreed, reply = negotiate(_init_in(45, everything, 0xFFFFFFFF), passthrough=True)
+    fields = INIT_OUT.unpack(reply)
+    assert (agreed.minor, fields[1]) == (40, 40), "a newer kernel is answered with the newest minor we speak"
+    assert agreed.passthrough and fields[10] == Init.PASSTHROUGH >> 32 and fields[11] == 1, "max_stack_depth 1"
+    assert not agreed.flags & (Init.ASYNC_READ | Init.POSIX_LOCKS | Init.WRITEBACK_CACHE | Init.DONT_MASK)
+    assert fields[6] == 1 << 20 and fields[8] == 256, "1 MiB writes in 256 pages"
+    agreed, reply = negotiate(_init_in(38, everything, 0xFFFFFFFF), passthrough=True)
+    assert agreed.minor == 38 and not agreed.passthrough and INIT_OUT.unpack(reply)[11] == 0, "7.38 has none"
+    agreed, _ = negotiate(_init_in(45, Init.BIG_WRITES), passthrough=True)
+    assert agreed.flags == Init.BIG_WRITES, "only what the kernel offers (no INIT_EXT: no flags2)"
+    with pytest.raises(ProtocolError):
+        negotiate(_init_in(30, everything))
