@@ -230,16 +230,23 @@ def build_overlay(config: MountConfig) -> tuple[Overlay, list[int]]:
     return overlay, locks
 
 
-def fuse_options(config: MountConfig) -> dict[str, object]:
-    """libfuse's mount options for ``config``: its generic flags, allow_other, default_permissions.
+def mount_flags(config: MountConfig) -> list[str]:
+    """The generic mount flags for ``config``: what ``-o`` gave, and as root ``dev`` and ``suid`` unless refused.
 
-    As root, device files and set-user-ID bits work unless ``nodev``/``nosuid`` say otherwise, as on a
-    ``mount -t overlay`` (libfuse's own default is ``nodev,nosuid``: a container's ``/dev/null`` would refuse
-    to open and its ``su`` would not be set-user-ID).
+    As on a ``mount -t overlay``, device files and set-user-ID bits work on a root mount unless ``nodev``/
+    ``nosuid`` say otherwise (FUSE's own default is ``nodev,nosuid``: a container's ``/dev/null`` would refuse
+    to open and its ``su`` would not be set-user-ID). Both transports take these.
     """
-    opts: dict[str, object] = {flag: True for flag in config.fuse_flags}
+    flags = list(config.fuse_flags)
     if os.geteuid() == 0:
-        opts |= {flag: True for flag in ("dev", "suid") if f"no{flag}" not in opts}
+        flags += [flag for flag in ("dev", "suid") if f"no{flag}" not in flags and flag not in flags]
+    return flags
+
+
+def fuse_options(config: MountConfig) -> dict[str, object]:
+    """libfuse's mount options for ``config``: the generic flags (:func:`mount_flags`), allow_other,
+    default_permissions."""
+    opts: dict[str, object] = dict.fromkeys(mount_flags(config), True)
     if config.allow_other:
         opts["allow_other"] = True
     if config.default_permissions:
@@ -329,7 +336,7 @@ def _serve_native(config: MountConfig, mountpoint: str, source: str, ready_fd: i
             signal.signal(sig, lambda _sig, _frame: session.stop())
 
     try:
-        stopped = native.serve(overlay, mountpoint, fsname=source, options=config.fuse_flags,
+        stopped = native.serve(overlay, mountpoint, fsname=source, options=mount_flags(config),
                                allow_other=config.allow_other, default_permissions=config.default_permissions,
                                timeout=config.timeout, on_ready=ready, on_session=on_session,
                                passthrough=os.environ.get(PASSTHROUGH_VARIABLE) != "off")  # fmt: skip
