@@ -73,7 +73,9 @@ def _script(top: str, python: str, pythonpath: str, fuse_mode: str) -> str:
     """Run as root in a private mount namespace: a /dev/fuse of mode ``fuse_mode``, then nobody's attempts."""
     q = shlex.quote
     mnt, lower = q(f"{top}/m"), q(f"{top}/l")
-    nobody = " ".join([*AS_NOBODY, "env", "-i", "PATH=/usr/bin:/bin", f"PYTHONPATH={q(pythonpath)}", q(python),
+    binding = os.environ.get("PYLAYERFS_BINDING")  # the transport this run tests
+    nobody = " ".join([*AS_NOBODY, "env", "-i", "PATH=/usr/bin:/bin", f"PYTHONPATH={q(pythonpath)}",
+                       *([f"PYLAYERFS_BINDING={q(binding)}"] if binding else []), q(python),
                        "-m", "pylayerfs"])  # fmt: skip
     return f"""
 set -u

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy as fuse
 
+from pylayerfs.overlay import xattrs
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.state import Caller
 
@@ -64,9 +65,6 @@ def _rel(path: str | None) -> str:
 def _caller() -> Caller:
     uid, gid, _ = fuse.fuse_get_context()
     return Caller(uid, gid)
-
-
-ACL_PREFIX = "system.posix_acl_"
 
 
 class _Invalidator:
@@ -356,7 +354,7 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
 
         The kernel's FUSE module updates only ctime after a SETXATTR, unless the filesystem handles ACLs itself.
         """
-        if name.startswith(ACL_PREFIX) and self._invalidator is not None:
+        if xattrs.changes_mode(name) and self._invalidator is not None:
             self._invalidator.invalidate(path)
 
 

@@ -16,6 +16,14 @@ from pylayerfs.overlay.copy_up import copy_up
 from pylayerfs.overlay.markers import Markers
 from pylayerfs.overlay.state import OverlayState
 
+# An access ACL holds the permission bits too: setting or removing one (cp -a, setfacl) changes the mode.
+POSIX_ACL_PREFIX = "system.posix_acl_"
+
+
+def changes_mode(name: str) -> bool:
+    """Does setting or removing the xattr ``name`` change the object's permission bits (a POSIX ACL)?"""
+    return name.startswith(POSIX_ACL_PREFIX)
+
 
 def _on_disk(markers: Markers, name: str) -> str:
     """The name a user's xattr ``name`` is stored under."""

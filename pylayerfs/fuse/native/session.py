@@ -15,6 +15,7 @@ The session ends when a read of the device fails with ENODEV (the filesystem was
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -28,6 +29,7 @@ from typing import Any, cast
 from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.device import DeviceError, unmount
 from pylayerfs.fuse.native.nodes import NodeEntry, NodeTable
+from pylayerfs.overlay import xattrs
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.state import Caller
 
@@ -673,6 +675,7 @@ class Session:
         node = self._node(req.nodeid)
         node.no_caps = False
         self.ov.setxattr(self._path(req.nodeid), os.fsdecode(name), value[:size], flags)
+        self._mode_changed(req.nodeid, os.fsdecode(name))
         return b""
 
     def _getxattr(self, req: Request, arg: memoryview) -> bytes:
@@ -703,7 +706,20 @@ class Session:
 
     def _removexattr(self, req: Request, arg: memoryview) -> bytes:
         self.ov.removexattr(self._path(req.nodeid), _cstring(arg))
+        self._mode_changed(req.nodeid, _cstring(arg))
         return b""
+
+    def _mode_changed(self, nodeid: int, name: str) -> None:
+        """After an ACL change (which sets the permission bits), make the kernel drop the node's attributes.
+
+        The kernel updates only ctime after a SETXATTR. FUSE_NOTIFY_INVAL_INODE with offset -1 touches
+        attributes only, no page, so writing it before the reply cannot wait on this request.
+        """
+        if xattrs.changes_mode(name):
+            out = p.NOTIFY_INVAL_INODE_OUT.pack(nodeid, -1, 0)
+            header = p.OUT_HEADER.pack(p.OUT_HEADER.size + len(out), p.NOTIFY_INVAL_INODE, 0)
+            with contextlib.suppress(OSError):  # ENOENT: the kernel no longer has the inode
+                os.writev(self.fd, [header, out])
 
 
 def _sized(value: bytes, size: int) -> bytes:
