@@ -12,14 +12,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+from pylayerfs.bench.run import CHOICES
 from pylayerfs.image.drivers import overlay as rootfs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a small data set and one round (seconds, not minutes)")
     parser.add_argument("--rounds", type=int, help="rounds of every workload (default 5; 1 with --quick)")
-    parser.add_argument("--impl", action="append", choices=("pylayerfs", "fuse-overlayfs", "kernel", "native"),
-                        help="implementations to measure (default: all available)")  # fmt: skip
+    parser.add_argument("--impl", action="append", choices=list(CHOICES),
+                        help="implementations to measure, repeatable (default: all available): pylayerfs (the "
+                             "native transport), libfuse (the mfusepy binding), no-passthrough (native, every read "
+                             "and write served), fuse-overlayfs, kernel, bare (the directory itself)")  # fmt: skip
     parser.add_argument("--no-builder", action="store_true", help="leave out B1 (the builder and ps -s)")
     parser.add_argument("--dir", help="where to put the data set (default: a new tmpfs, or a temporary directory)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -31,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @contextlib.contextmanager
 def _workspace(directory: str | None) -> Iterator[str]:
     """A tmpfs (as root), so that the layer under test is measured, not the disk."""
-    root = directory or tempfile.mkdtemp(prefix="pylayerfs-bench-")
+    root = os.path.abspath(directory) if directory else tempfile.mkdtemp(prefix="pylayerfs-bench-")
     os.makedirs(root, exist_ok=True)
     mounted = False
     if directory is None and os.geteuid() == 0:
@@ -58,7 +61,7 @@ def _mounts(path: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from pylayerfs.bench import data
     from pylayerfs.bench.builder import builder
-    from pylayerfs.bench.run import IMPLEMENTATIONS, BenchError, as_json, available, report
+    from pylayerfs.bench.run import IMPLEMENTATIONS, PYLAYERFS, BenchError, as_json, available, report
     from pylayerfs.bench.run import run as run_workloads
 
     sizes = data.QUICK if args.quick else data.FULL
@@ -76,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     try:
-        impls = available(args.impl or list(IMPLEMENTATIONS))
+        impls = available([CHOICES[name] for name in args.impl] if args.impl else list(IMPLEMENTATIONS))
         with _workspace(args.dir) as root:
             progress(f"making the data set in {root}")
             data.make(root, sizes)
             results = run_workloads(root, sizes, rounds, impls, progress)
-            if not args.no_builder and "pylayerfs" in impls:
+            if not args.no_builder and PYLAYERFS in impls:
                 progress("B1: the builder's cache and ps -s")
                 results.extra["B1"] = builder(root, sizes)
     except (BenchError, RuntimeError, OSError) as exc:
