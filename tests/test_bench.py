@@ -86,8 +86,9 @@ def test_quick_bench_counts_requests_and_says_where_passthrough_was_used(quick):
 
 @pytest.mark.timeout(300)
 def test_text_report_has_the_passthrough_column_and_the_requests(tmp_path):
-    argv = [sys.executable, "-m", "pylayerfs", "bench", "--quick", "--rounds", "1", "--no-builder", "--impl",
-            "pylayerfs", "--impl", "libfuse", "--dir", str(tmp_path)]  # fmt: skip
+    argv = [sys.executable, "-m", "pylayerfs", "bench", "--quick", "--rounds", "1", "--no-builder",
+            "--impl", "pylayerfs", "--impl", "libfuse",
+            "--dir", str(tmp_path / "d"), "--save", str(tmp_path / "r.json")]  # fmt: skip
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -100,6 +101,16 @@ def test_text_report_has_the_passthrough_column_and_the_requests(tmp_path):
         assert any(line.startswith("FUSE requests per workload") for line in lines)
         assert any(re.match(r"\s+W8 round trip\s+pylayerfs\s+[\d,]+: GETATTR", line) for line in lines)
     assert mounts_below(str(tmp_path)) == []
+    saved = json.loads((tmp_path / "r.json").read_text())  # --save: the JSON report beside the text one
+    assert saved["implementations"] == [PYLAYERFS, LIBFUSE] and saved["passthrough"][PYLAYERFS]["in_use"] is True
+
+
+def test_save_where_it_cannot_write_is_one_line_before_any_work(tmp_path):
+    argv = [sys.executable, "-m", "pylayerfs", "bench", "--quick", "--save", str(tmp_path / "no" / "r.json")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [f"pylayerfs bench: cannot write the report to {tmp_path}/no/r.json: "
+                                          "No such file or directory"]  # fmt: skip
 
 
 @pytest.mark.timeout(120)

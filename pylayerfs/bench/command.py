@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-builder", action="store_true", help="leave out B1 (the builder and ps -s)")
     parser.add_argument("--dir", help="where to put the data set (default: a new tmpfs, or a temporary directory)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--save", metavar="FILE", help="also write the JSON report (every sample) to FILE")
     parser.add_argument("--explain", action="store_true",
                         help="say what each workload (W1-W8, M1, B1) measures, with --quick's sizes or the full "
                              "run's, and exit")  # fmt: skip
@@ -75,6 +76,12 @@ def run(args: argparse.Namespace) -> int:
         print("pylayerfs bench: --rounds must be at least 1", file=sys.stderr)
         return 1
 
+    try:
+        save = open(args.save, "w") if args.save else None  # noqa: SIM115 (closed once the report is written)
+    except OSError as exc:
+        print(f"pylayerfs bench: cannot write the report to {args.save}: {exc.strerror}", file=sys.stderr)
+        return 1
+
     def progress(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -90,5 +97,8 @@ def run(args: argparse.Namespace) -> int:
     except (BenchError, RuntimeError, OSError) as exc:
         print(f"pylayerfs bench: {exc}", file=sys.stderr)
         return 1
+    if save is not None:
+        with save:
+            save.write(as_json(results) + "\n")
     print(as_json(results) if args.format == "json" else report(results))
     return 0
