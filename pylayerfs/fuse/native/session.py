@@ -131,6 +131,7 @@ class Session:
             p.Op.LINK: self._link,
             p.Op.OPEN: self._open,
             p.Op.CREATE: self._create,
+            p.Op.TMPFILE: self._tmpfile,
             p.Op.READ: self._read,
             p.Op.WRITE: self._write,
             p.Op.FLUSH: self._flush,
@@ -382,10 +383,19 @@ class Session:
         return self._entry(path)
 
     def _link(self, req: Request, arg: memoryview) -> bytes:
+        """LINK: a new name for node ``oldnodeid``; one without a name (an ``O_TMPFILE``) is linked through its handle.
+
+        The kernel sends LINK for a nameless node only for a file made by TMPFILE without ``O_EXCL`` (its VFS
+        answers ENOENT for one whose names were removed). The reply names the same node: one kernel inode.
+        """
         (old_id,) = p.LINK_IN.unpack_from(arg)
-        old = self._path(old_id)
+        node = self._node(old_id)
         new = self._child(req.nodeid, _cstring(arg[p.LINK_IN.size :]))
-        self.ov.link(old, new)
+        if node.path is None:
+            self.ov.link_handle(self._any_handle(node), new)
+            self.nodes.named(node)
+        else:
+            self.ov.link(node.path, new)
         return self._entry(new)
 
     def _last_name(self, path: str) -> bool:
@@ -548,6 +558,25 @@ class Session:
         node.no_caps = True  # a new file has no file capabilities
         return entry + self._opened(node, fh)
 
+    def _tmpfile(self, req: Request, arg: memoryview) -> bytes:
+        """TMPFILE (``open(dir, O_TMPFILE)``): the request and reply of CREATE, for a file that gets no name.
+
+        The kernel sends it at any negotiated minor from 7.37 on (Linux 6.1), with the name ``/``, which is
+        ignored; ENOSYS would make it answer EOPNOTSUPP for the rest of the mount. The node has no path: its requests
+        go through its open handles until a LINK names it.
+        """
+        flags, mode, _, _ = p.CREATE_IN.unpack_from(arg)
+        fh = self.ov.tmpfile(self._path(req.nodeid), mode, flags, req.caller)
+        try:
+            attrs = self.ov.getattr("", fh)
+        except BaseException:
+            self.ov.release(fh)
+            raise
+        node = self.nodes.unnamed(attrs["st_ino"])
+        self._counted.append(node)
+        node.no_caps = True  # a new file has no file capabilities
+        return p.entry_out(node.nodeid, attrs, self.timeout, self.timeout) + self._opened(node, fh)
+
     def _read(self, req: Request, arg: memoryview) -> bytes:
         fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
         return self.ov.read(fh, size, offset)
@@ -578,6 +607,8 @@ class Session:
                     self._close_backing(node)
             else:
                 node.served -= 1
+            if not node.handles:
+                self.nodes.closed_nameless(node)
         self.ov.release(fh)
 
     def _close_backing(self, node: NodeEntry) -> None:
