@@ -7,6 +7,14 @@ open unlinked files usable). An :class:`OSError` from the engine becomes its err
 other exception is a bug: it is logged with its traceback and answered with EIO, and the loop goes
 on. Nothing raised by a handler ever leaves the loop.
 
+INTERRUPT (the caller of a request got a signal) needs no work here, and is never answered. The kernel
+queues one only for a request the daemon has read, and this loop reads again only after answering, so the
+request it names is answered already (the kernel then drops the interrupt unread). A slow request (a copy-up)
+runs to its end and its caller gets its result: the kernel waits for a request it has sent even when the caller
+is killed (a request not yet read is taken back and never seen). A reply the kernel no longer takes fails with
+ENOENT and gives back what it counted (:meth:`Session._reply`). ENOSYS would stop the kernel sending interrupts,
+EAGAIN would make it send this one again: neither is wanted.
+
 The session ends when a read of the device fails with ENODEV (the filesystem was unmounted, with
 ``umount``, ``umount -l`` or ``fusermount3 -u``, or the connection aborted), after DESTROY, or when
 :meth:`Session.stop` is called (a signal): then it unmounts lazily itself, as libfuse does.
@@ -341,7 +349,8 @@ class Session:
         return b""
 
     def _interrupt(self, req: Request, arg: memoryview) -> bytes:
-        return b""  # one request at a time: the one interrupted has been answered already
+        """INTERRUPT: nothing to do, never answered (one request at a time: the one it names was answered)."""
+        return b""
 
     # -- names -------------------------------------------------------------------------------------
 
