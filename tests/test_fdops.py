@@ -435,3 +435,70 @@ def _copies(m: str) -> dict[Any, Any]:
 
 def test_cp_preserving_modes_shows_them_at_once(backing):
     assert differential(backing, _copies)["modes"] == ["664", "664"]
+
+
+# -- O_TMPFILE: an unnamed file, linked into the tree later (issue 13) -------------------------------
+
+
+AT_FDCWD, AT_SYMLINK_FOLLOW = -100, 0x400
+
+
+def _linkat(fd: int, path: str) -> Callable[[], None]:
+    """``linkat(AT_FDCWD, "/proc/self/fd/FD", AT_FDCWD, path, AT_SYMLINK_FOLLOW)``, as ``open(2)`` shows for O_TMPFILE.
+
+    (Python's ``os.link`` calls ``link(2)`` when given no directory fd, which links the /proc symlink itself: EXDEV.)
+    """
+
+    def link() -> None:
+        source = os.fsencode(f"/proc/self/fd/{fd}")
+        if _libc.linkat(AT_FDCWD, source, AT_FDCWD, os.fsencode(path), AT_SYMLINK_FOLLOW) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+
+    return link
+
+
+def _tmpfiles(m: str) -> dict[Any, Any]:
+    r: dict[Any, Any] = {}
+    before = os.stat(f"{m}/d").st_mtime_ns
+    fd = os.open(f"{m}/d", os.O_TMPFILE | os.O_RDWR, 0o640)
+    os.write(fd, b"unnamed data")
+    st = os.fstat(fd)
+    r["fstat"] = (st.st_nlink, st.st_size, oct(st.st_mode), st.st_uid, st.st_gid)
+    r["dir unchanged"] = os.stat(f"{m}/d").st_mtime_ns == before
+    r["fchmod"] = attempt(lambda: os.fchmod(fd, 0o604), lambda: oct(os.fstat(fd).st_mode))
+    r["fchown"] = attempt(lambda: os.fchown(fd, 5, 6), lambda: (os.fstat(fd).st_uid, os.fstat(fd).st_gid))
+    r["ftruncate"] = attempt(lambda: os.ftruncate(fd, 7), lambda: os.fstat(fd).st_size)
+    r["listing before"] = sorted(os.listdir(f"{m}/d"))
+    r["linkat"] = attempt(_linkat(fd, f"{m}/d/named"))
+    named = os.stat(f"{m}/d/named")
+    r["after link"] = (os.fstat(fd).st_nlink, named.st_nlink, named.st_ino == os.fstat(fd).st_ino, oct(named.st_mode))
+    os.pwrite(fd, b"!", 7)
+    r["read by name"] = Path(f"{m}/d/named").read_bytes()
+    r["second name"] = attempt(_linkat(fd, f"{m}/named2"), lambda: os.fstat(fd).st_nlink)
+    r["over an existing name"] = attempt(_linkat(fd, f"{m}/low"))
+    os.close(fd)
+    fd = os.open(m, os.O_TMPFILE | os.O_RDWR | os.O_EXCL, 0o600)  # O_EXCL: never to be linked
+    r["O_EXCL linkat"] = attempt(_linkat(fd, f"{m}/excl"))
+    os.close(fd)
+    os.unlink(f"{m}/low")  # a whiteout: the name is linked over it
+    fd = os.open(m, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    os.write(fd, b"over the whiteout")
+    r["over a whiteout"] = attempt(_linkat(fd, f"{m}/low"), lambda: Path(f"{m}/low").read_bytes())
+    os.close(fd)
+    fd = os.open(m, os.O_TMPFILE | os.O_WRONLY, 0o600)  # closed without a name: nothing is left
+    os.write(fd, b"gone")
+    os.close(fd)
+    r["read-only"] = attempt(lambda: os.open(m, os.O_TMPFILE | os.O_RDONLY))
+    r["in a file"] = attempt(lambda: os.open(f"{m}/empty", os.O_TMPFILE | os.O_RDWR, 0o600))
+    r["in a missing directory"] = attempt(lambda: os.open(f"{m}/nowhere", os.O_TMPFILE | os.O_RDWR, 0o600))
+    r["names"] = sorted(os.listdir(m)), sorted(os.listdir(f"{m}/d"))
+    return r
+
+
+def test_o_tmpfile_makes_an_unnamed_file_that_linkat_names_as_on_the_kernel(backing):
+    r = differential(backing, _tmpfiles)
+    assert r["fstat"][:3] == (0, 12, "0o100640")
+    assert r["after link"][:3] == (1, 1, True)
+    assert r["read by name"] == b"unnamed!"
+    assert r["O_EXCL linkat"] == "ENOENT"

@@ -358,3 +358,96 @@ def test_init_takes_the_older_minor_and_only_the_flags_both_sides_have():
     assert agreed.flags == Init.BIG_WRITES, "only what the kernel offers (no INIT_EXT: no flags2)"
     with pytest.raises(ProtocolError):
         negotiate(_init_in(30, everything))
+
+
+# -- O_TMPFILE (FUSE_TMPFILE) --------------------------------------------------------------------------
+
+
+def _tmpfile_link(fd: int, path: str) -> None:
+    """``linkat(AT_FDCWD, "/proc/self/fd/FD", AT_FDCWD, path, AT_SYMLINK_FOLLOW)`` (os.link would call link(2))."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(-100, os.fsencode(f"/proc/self/fd/{fd}"), -100, os.fsencode(path), 0x400) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
+@pytest.mark.root
+def test_an_o_tmpfile_named_by_linkat_persists_across_a_remount_and_under_the_kernel(stack, tmp_path):
+    """TMPFILE makes the file in the upper directory; LINK of its nameless node names it there, so a remount and
+    the kernel's overlayfs over the same layers see it. The libfuse binding has no tmpfile: EOPNOTSUPP."""
+    from tests.mounts import kernel_mount
+
+    lowers, upper, work, mnt = stack
+    with pylayerfs_mount(mnt, lowers, upper, work, extra=NATIVE):
+        fd = os.open(f"{mnt}/d", os.O_TMPFILE | os.O_RDWR, 0o640)
+        try:
+            os.write(fd, b"made unnamed")
+            assert os.fstat(fd).st_nlink == 0 and os.listdir(f"{mnt}/d") == ["a"]
+            _tmpfile_link(fd, f"{mnt}/d/kept")
+            os.pwrite(fd, b"M", 0)  # the same file: the name shows the write at once
+            assert Path(f"{mnt}/d/kept").read_bytes() == b"Made unnamed"
+            assert os.fstat(fd).st_nlink == 1 and os.stat(f"{mnt}/d/kept").st_ino == os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        dropped = os.open(mnt, os.O_TMPFILE | os.O_WRONLY, 0o600)  # closed with no name: nothing stays
+        os.write(dropped, b"gone")
+        os.close(dropped)
+    assert sorted(os.listdir(upper)) == ["d"] and os.listdir(f"{upper}/d") == ["kept"]
+    with pylayerfs_mount(mnt, lowers, upper, work, extra=NATIVE):
+        assert Path(f"{mnt}/d/kept").read_bytes() == b"Made unnamed"
+        assert stat.S_IMODE(os.stat(f"{mnt}/d/kept").st_mode) == 0o640
+    with kernel_mount(str(tmp_path / "k"), lowers, upper, work):
+        assert sorted(os.listdir(tmp_path / "k" / "d")) == ["a", "kept"]
+        assert (tmp_path / "k" / "d" / "kept").read_bytes() == b"Made unnamed"
+    with pylayerfs_mount(mnt, lowers, upper, work, extra="binding=libfuse"):
+        with pytest.raises(OSError) as raised:
+            os.open(f"{mnt}/d", os.O_TMPFILE | os.O_RDWR, 0o600)
+        assert raised.value.errno == errno.EOPNOTSUPP
+
+
+@pytest.mark.root
+def test_a_linked_o_tmpfile_is_one_kernel_inode_and_a_dropped_one_is_forgotten(stack):
+    """The LINK reply names the TMPFILE's own node (no second kernel inode for the new name), and a nameless
+    file closed without a name leaves the table when the kernel forgets it."""
+    mnt = stack[3]
+    with in_process(stack) as session:
+        os.stat(f"{mnt}/d")
+        fd = os.open(f"{mnt}/d", os.O_TMPFILE | os.O_RDWR, 0o600)
+        try:
+            held = len(session.nodes)  # the root, d and the nameless file
+            assert session.counts[Op.TMPFILE] == 1 and held == 3
+            _tmpfile_link(fd, f"{mnt}/d/named")
+            os.stat(f"{mnt}/d/named")
+            assert len(session.nodes) == held, "the new name is the same node"
+            node = session.nodes.at("d/named")
+            assert node is not None and node.handles
+            with open(f"{mnt}/d/named", "rb+") as other:  # flock()s are per kernel inode: they conflict across fds
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        dropped = os.open(f"{mnt}/d", os.O_TMPFILE | os.O_RDWR, 0o600)
+        assert len(session.nodes) == 4
+        os.close(dropped)
+        assert _wait_for(lambda: session.nodes.at("d/named") is None and len(session.nodes) == 1, dropping=True), (
+            f"{len(session.nodes)} nodes left"
+        )
+
+
+def test_a_nameless_node_is_found_by_its_st_ino_only_once_it_has_a_name():
+    """A TMPFILE's st_ino is its real file's, which the filesystem reuses once it is closed: while it has no name, a
+    LOOKUP of another object with that number must not land on it; after its LINK, the new name must."""
+    from pylayerfs.fuse.native.nodes import NodeTable
+
+    table = NodeTable(100)
+    unnamed = table.unnamed(7)
+    assert table.found("x", 7) is not unnamed  # a later file that got the number
+    table.forget(table.at("x").nodeid, 1)  # type: ignore[union-attr]
+    table.named(unnamed)
+    assert table.found("kept", 7) is unnamed and unnamed.nlookup == 2
+    other = table.unnamed(8)
+    table.closed_nameless(other)  # closed without a name: the number is free
+    assert table.found("y", 8) is not other

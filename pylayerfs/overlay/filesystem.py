@@ -275,6 +275,26 @@ class Overlay(OverlayState):
         self.listings.forget(path)
         return namespace.create(self, path, mode, flags, caller)
 
+    def tmpfile(self, directory: str, mode: int, flags: int, caller: Caller) -> int:
+        """Make and open an unnamed regular file in ``directory`` (``O_TMPFILE``); return its file handle.
+
+        The file is made in the upper directory (copied up first), owned by ``caller``, with the permission bits of
+        ``mode`` and ``st_nlink`` 0; :meth:`link_handle` names it. Raises EROFS on a read-only stack, ENOENT/ENOTDIR as
+        the lookup does, ENOTDIR for a non-directory, EINVAL for a read-only open, EOPNOTSUPP where the upper
+        filesystem has no ``O_TMPFILE``, and its errors (ENOSPC, EDQUOT...). See :func:`.namespace.tmpfile`.
+        """
+        return namespace.tmpfile(self, directory, mode, flags, caller)
+
+    def link_handle(self, fh: int, new: str) -> None:
+        """Give the file open as ``fh`` (made by :meth:`tmpfile`, so nameless) the name ``new``.
+
+        Raises ENOENT for a handle on a lower file or a file that may not be linked (``O_EXCL``), EROFS, EEXIST when
+        the merged view has ``new``, ENOENT/ENOTDIR as the lookup of its parent does, and the upper filesystem's errors
+        (EMLINK, ENOSPC...). See :func:`.namespace.link_open`.
+        """
+        self.listings.forget(new)
+        namespace.link_open(self, fh, new)
+
     def mknod(self, path: str, mode: int, rdev: int, caller: Caller) -> None:
         """Create the FIFO, socket or device ``path`` (``mode`` with its type bits, device ``rdev``), for ``caller``.
 

@@ -110,6 +110,57 @@ def create(ov: OverlayState, path: str, mode: int, flags: int, caller: Caller) -
     return ov.files.add(OpenFile(fd, path, ov.inodes.of_real(os.fstat(fd)), on_lower=False))
 
 
+def tmpfile(ov: OverlayState, directory: str, mode: int, flags: int, caller: Caller) -> int:
+    """Make an unnamed regular file in the directory ``directory`` (``open(2)``'s ``O_TMPFILE``); its file handle.
+
+    The directory is copied up first and the file made in its upper directory, as the kernel's ``ovl_tmpfile``
+    does: it has no name (``st_nlink`` 0) until :func:`link_open` gives it one, and is gone at its last close
+    otherwise. ``mode``'s permission bits are the file's, ``flags`` the open flags (access mode, ``O_EXCL``: never
+    to be linked), the owner ``caller`` (a setgid directory passes on its group). Raises EROFS on a read-only
+    stack, ENOENT/ENOTDIR as the lookup of ``directory`` does, ENOTDIR when it is not a directory, EINVAL for a
+    read-only open, EOPNOTSUPP where the upper filesystem has no ``O_TMPFILE``, and its errors (ENOSPC, EDQUOT...).
+    """
+    ov.writable(directory)
+    if not ov.lookup.lookup(directory).is_dir:
+        raise _error(errno.ENOTDIR, directory)
+    parent = copy_up(ov, directory)
+    real_flags = realfs.open_flags(flags) & ~(os.O_CREAT | os.O_TRUNC | os.O_TMPFILE) | os.O_TMPFILE
+    fd = realfs.openat2(parent.upper_fd, ".", real_flags, stat.S_IMODE(mode))
+    try:
+        parent_st = os.stat(parent.upper_fd)
+        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else caller.gid  # as _create_object
+        made = os.stat(fd).st_mode
+        realfs.chown(fd, None, caller.uid, gid)
+        if made & (stat.S_ISUID | stat.S_ISGID):
+            realfs.chmod(fd, None, stat.S_IMODE(made))  # chown cleared them
+    except BaseException:
+        os.close(fd)
+        raise
+    return ov.files.add(OpenFile(fd, directory, ov.inodes.of_real(os.fstat(fd)), on_lower=False))
+
+
+def link_open(ov: OverlayState, fh: int, new: str) -> None:
+    """Give the file open as ``fh`` the name ``new``: ``linkat`` of its ``/proc/self/fd`` link (an ``O_TMPFILE``).
+
+    The FUSE LINK of a node that has no name left, made by ``linkat(fd, "", ..., AT_EMPTY_PATH)`` or through
+    ``/proc/self/fd/N``; the kernel's VFS has already refused a file that was unlinked rather than made unnamed.
+    The new name keeps the file's owner. Raises ENOENT for a handle still on a lower file (it has no upper object to
+    link), EROFS on a read-only stack, EEXIST when the merged view has ``new``, ENOENT/ENOTDIR as the lookup of its
+    parent does, ENOENT for a file opened with ``O_EXCL`` or one whose last name was removed, and the upper
+    filesystem's errors (EMLINK, ENOSPC...). A handle that is not open raises KeyError (a caller's bug).
+    """
+    of = ov.files.get(fh)
+    if of.on_lower or of.metacopy:
+        raise _error(errno.ENOENT, new)
+
+    def make(dirfd: int, name: str) -> None:
+        # linkat(AT_FDCWD, "/proc/self/fd/N", dirfd, name, AT_SYMLINK_FOLLOW): AT_EMPTY_PATH would need
+        # CAP_DAC_READ_SEARCH, the /proc link needs nothing more than the fd.
+        os.link(realfs.fd_path(of.fd), name, dst_dir_fd=dirfd, follow_symlinks=True)
+
+    _create_object(ov, new, make, owner=None)
+
+
 def mknod(ov: OverlayState, path: str, mode: int, rdev: int, caller: Caller) -> None:
     """Create the FIFO, socket or device ``path`` (``mode`` with its type bits, ``rdev`` the device number).
 

@@ -7,7 +7,6 @@ which libfuse's path API knows by name), and through the handle once that name i
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -89,7 +88,10 @@ class EngineFileSystem(Vfs):
         return self._named(self.ov.create(path, stat.S_IFREG | mode, os.O_WRONLY, self.caller), path)
 
     def _tmpfile(self, directory: str, mode: int) -> _Handle:
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), directory)  # FUSE's high-level API has none
+        fh = self.ov.tmpfile(directory, stat.S_IFREG | mode, os.O_RDWR | os.O_TMPFILE, self.caller)
+        handle = _Handle(fh, None)  # no name: every change goes through the handle (the native transport's TMPFILE)
+        self._handles.append(handle)
+        return handle
 
     def _open(self, path: str, flags: int) -> _Handle:
         return self._named(self.ov.open(path, flags & ~os.O_APPEND), path)

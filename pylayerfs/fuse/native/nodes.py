@@ -106,6 +106,26 @@ class NodeTable:
         node.nlookup += 1
         return node
 
+    def unnamed(self, ino: int) -> NodeEntry:
+        """A new node for the object ``ino`` that has no name (``O_TMPFILE``: TMPFILE), its one lookup counted.
+
+        It stays out of the ``st_ino`` index until :meth:`named` (a LINK gives it a name): while nameless, no LOOKUP
+        can reach it, and the number is the real file's, which its filesystem reuses once the file is closed.
+        """
+        node = NodeEntry(next(self._next), ino, nlookup=1)
+        self._by_id[node.nodeid] = node
+        return node
+
+    def named(self, node: NodeEntry) -> None:
+        """The nameless ``node`` is about to get a name (LINK): let :meth:`found` find it by its ``st_ino``."""
+        if self._by_id.get(node.nodeid) is node:
+            self._by_ino[node.ino] = node
+
+    def closed_nameless(self, node: NodeEntry) -> None:
+        """The last open handle of ``node``, which has no name, is closed: its object is gone, its ``st_ino`` free."""
+        if node.path is None and self._by_ino.get(node.ino) is node:
+            del self._by_ino[node.ino]
+
     def unfound(self, node: NodeEntry) -> None:
         """Take back one lookup that was counted for a reply the kernel did not take (its request was gone)."""
         self.forget(node.nodeid, 1)

@@ -83,7 +83,7 @@ class Op(enum.IntEnum):
     SETUPMAPPING = 48
     REMOVEMAPPING = 49
     SYNCFS = 50
-    TMPFILE = 51
+    TMPFILE = 51  # 7.37 (Linux 6.1): sent for open(O_TMPFILE) whatever minor INIT agreed; ENOSYS means EOPNOTSUPP
     STATX = 52
 
 

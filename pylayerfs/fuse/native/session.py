@@ -7,6 +7,14 @@ open unlinked files usable). An :class:`OSError` from the engine becomes its err
 other exception is a bug: it is logged with its traceback and answered with EIO, and the loop goes
 on. Nothing raised by a handler ever leaves the loop.
 
+INTERRUPT (the caller of a request got a signal) needs no work here, and is never answered. The kernel
+queues one only for a request the daemon has read, and this loop reads again only after answering, so the
+request it names is answered already (the kernel then drops the interrupt unread). A slow request (a copy-up)
+runs to its end and its caller gets its result: the kernel waits for a request it has sent even when the caller
+is killed (a request not yet read is taken back and never seen). A reply the kernel no longer takes fails with
+ENOENT and gives back what it counted (:meth:`Session._reply`). ENOSYS would stop the kernel sending interrupts,
+EAGAIN would make it send this one again: neither is wanted.
+
 The session ends when a read of the device fails with ENODEV (the filesystem was unmounted, with
 ``umount``, ``umount -l`` or ``fusermount3 -u``, or the connection aborted), after DESTROY, or when
 :meth:`Session.stop` is called (a signal): then it unmounts lazily itself, as libfuse does.
@@ -131,6 +139,7 @@ class Session:
             p.Op.LINK: self._link,
             p.Op.OPEN: self._open,
             p.Op.CREATE: self._create,
+            p.Op.TMPFILE: self._tmpfile,
             p.Op.READ: self._read,
             p.Op.WRITE: self._write,
             p.Op.FLUSH: self._flush,
@@ -340,7 +349,8 @@ class Session:
         return b""
 
     def _interrupt(self, req: Request, arg: memoryview) -> bytes:
-        return b""  # one request at a time: the one interrupted has been answered already
+        """INTERRUPT: nothing to do, never answered (one request at a time: the one it names was answered)."""
+        return b""
 
     # -- names -------------------------------------------------------------------------------------
 
@@ -382,10 +392,19 @@ class Session:
         return self._entry(path)
 
     def _link(self, req: Request, arg: memoryview) -> bytes:
+        """LINK: a new name for node ``oldnodeid``; one without a name (an ``O_TMPFILE``) is linked through its handle.
+
+        The kernel sends LINK for a nameless node only for a file made by TMPFILE without ``O_EXCL`` (its VFS
+        answers ENOENT for one whose names were removed). The reply names the same node: one kernel inode.
+        """
         (old_id,) = p.LINK_IN.unpack_from(arg)
-        old = self._path(old_id)
+        node = self._node(old_id)
         new = self._child(req.nodeid, _cstring(arg[p.LINK_IN.size :]))
-        self.ov.link(old, new)
+        if node.path is None:
+            self.ov.link_handle(self._any_handle(node), new)
+            self.nodes.named(node)
+        else:
+            self.ov.link(node.path, new)
         return self._entry(new)
 
     def _last_name(self, path: str) -> bool:
@@ -548,6 +567,25 @@ class Session:
         node.no_caps = True  # a new file has no file capabilities
         return entry + self._opened(node, fh)
 
+    def _tmpfile(self, req: Request, arg: memoryview) -> bytes:
+        """TMPFILE (``open(dir, O_TMPFILE)``): the request and reply of CREATE, for a file that gets no name.
+
+        The kernel sends it at any negotiated minor from 7.37 on (Linux 6.1), with the name ``/``, which is
+        ignored; ENOSYS would make it answer EOPNOTSUPP for the rest of the mount. The node has no path: its requests
+        go through its open handles until a LINK names it.
+        """
+        flags, mode, _, _ = p.CREATE_IN.unpack_from(arg)
+        fh = self.ov.tmpfile(self._path(req.nodeid), mode, flags, req.caller)
+        try:
+            attrs = self.ov.getattr("", fh)
+        except BaseException:
+            self.ov.release(fh)
+            raise
+        node = self.nodes.unnamed(attrs["st_ino"])
+        self._counted.append(node)
+        node.no_caps = True  # a new file has no file capabilities
+        return p.entry_out(node.nodeid, attrs, self.timeout, self.timeout) + self._opened(node, fh)
+
     def _read(self, req: Request, arg: memoryview) -> bytes:
         fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
         return self.ov.read(fh, size, offset)
@@ -578,6 +616,8 @@ class Session:
                     self._close_backing(node)
             else:
                 node.served -= 1
+            if not node.handles:
+                self.nodes.closed_nameless(node)
         self.ov.release(fh)
 
     def _close_backing(self, node: NodeEntry) -> None:
