@@ -370,3 +370,13 @@ def test_chmod_of_a_symlink_is_refused_and_never_reaches_its_target(make, tmp_pa
         ov.chmod("l", 0o600)
     assert exc.value.errno == errno.EOPNOTSUPP
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "inf", "nan", "1e30"])
+def test_a_timeout_the_kernel_cannot_take_is_refused_in_one_line(value: str) -> None:
+    """timeout=inf mounted and then answered EIO to everything on the native transport (found by a user)."""
+    from pylayerfs.overlay.params import MountError, parse_options
+
+    with pytest.raises(MountError, match=r"^timeout needs a number of seconds"):
+        parse_options([f"lowerdir=a,timeout={value}"])
+    assert parse_options(["lowerdir=a,timeout=0"]).timeout == 0

@@ -451,3 +451,44 @@ def test_a_nameless_node_is_found_by_its_st_ino_only_once_it_has_a_name():
     other = table.unnamed(8)
     table.closed_nameless(other)  # closed without a name: the number is free
     assert table.found("y", 8) is not other
+
+
+def _split_links(mnt: str) -> dict[str, tuple[str, str]]:
+    """A hard link only the lower layer holds: write and chmod through one name, each after a lookup of the other."""
+    with open(f"{mnt}/a") as f:
+        f.read()
+    with open(f"{mnt}/b", "w") as f:
+        f.write("new")
+    os.stat(f"{mnt}/c")
+    os.chmod(f"{mnt}/d", 0o600)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+    names = ("a", "b", "c", "d")
+    return {n: (Path(f"{mnt}/{n}").read_text(), oct(os.stat(f"{mnt}/{n}").st_mode)) for n in names}
+
+
+@pytest.mark.timeout(60)
+def test_a_write_through_one_name_of_a_lower_hard_link_copies_up_that_name_only(tmp_path: Path) -> None:
+    """Found by a user: the names were one node, so the copy-up followed the name looked up first and the data
+    went into the other file. The kernel's overlayfs (index=off) splits the link: only the name written changes."""
+    results = []
+    for name in ("kernel", "pylayerfs"):
+        lower, upper, work, mnt = (tmp_path / name / d for d in ("l", "u", "w", "m"))
+        for d in (lower, upper, work, mnt):
+            d.mkdir(parents=True)
+        (lower / "a").write_text("old")
+        os.link(lower / "a", lower / "b")
+        (lower / "c").write_text("old")
+        os.link(lower / "c", lower / "d")
+        if name == "kernel":
+            opts = options([str(lower)], str(upper), str(work))
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True, timeout=30)
+            try:
+                results.append((_split_links(str(mnt)), sorted(os.listdir(upper))))
+            finally:
+                force_unmount(str(mnt))
+        else:
+            with pylayerfs_mount(str(mnt), [str(lower)], str(upper), str(work)):
+                results.append((_split_links(str(mnt)), sorted(os.listdir(upper))))
+    assert results[0] == results[1]
+    assert results[1][0]["a"] == ("old", "0o100644") and results[1][0]["b"][0] == "new"

@@ -42,6 +42,8 @@ options (-o, comma-separated; \\: and \\, escape a colon or comma in a path):
   timeout=SECONDS          how long the kernel may cache entries and attributes
                            (default a day; 0 for none)
   metacopy=on|off          on: chmod and chown copy up metadata only
+  binding=native|libfuse   the FUSE transport (default native, or
+                           $PYLAYERFS_BINDING)
   redirect_dir, index,     accepted with the values pylayerfs implements
   xino, nfs_export, uuid   (redirect_dir=off, index=off, ...)
 

@@ -33,6 +33,9 @@ _IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "g
             "diratime", "loud", "silent"}  # fmt: skip
 
 
+MAX_TIMEOUT = 2**32 - 1  # seconds: FUSE replies carry cache times as 64-bit seconds; a century is plenty
+
+
 class MountError(Exception):
     """A mount request that cannot be honoured; ``str()`` is the one-line message for the user."""
 
@@ -125,8 +128,8 @@ def parse_options(options: list[str]) -> MountConfig:
                 config.timeout = float(value)
             except ValueError:
                 raise MountError(f"timeout needs a number of seconds, not '{value}'") from None
-            if config.timeout < 0:
-                raise MountError("timeout cannot be negative")
+            if not 0 <= config.timeout <= MAX_TIMEOUT:  # nan too
+                raise MountError(f"timeout needs a number of seconds from 0 to {MAX_TIMEOUT}, not '{value}'")
         elif key == "binding":
             if value not in BINDINGS:
                 raise MountError(f"binding needs {' or '.join(BINDINGS)}, not '{value}'")

@@ -7,6 +7,11 @@ the node use one of them. A node is keyed by the overlay's ``st_ino``, which the
 across copy-up, so every name of a hard link is one node (one kernel inode: what one name changes
 shows through the others at once), and a copied-up file keeps its node.
 
+A hard link that only a lower layer holds is not one object of the merged view: copying up one of its
+names splits it (the kernel's overlayfs without ``index``), so each such name is a node of its own,
+keyed by ``(st_ino, path)`` (:func:`identity`); otherwise a write through one name would copy up the
+other.
+
 Renames and removals made through the mount move or drop the paths (a directory's rename moves its
 whole subtree). A node whose last known name is removed keeps its open handles: requests about it are
 served through one of them (an open unlinked file: ``fstat``, ``fchmod``, ``ftruncate``). Its
@@ -21,6 +26,14 @@ from dataclasses import dataclass
 
 from pylayerfs.fuse.native.protocol import ROOT_ID
 
+Identity = int | tuple[int, str]  # st_ino, or (st_ino, path) for a name of a lower-only hard link
+
+
+def identity(ino: int, path: str, split: bool) -> Identity:
+    """The key of the object ``ino`` found at ``path``: ``ino``, or ``(ino, path)`` when ``split`` (a lower-only
+    hard link, whose names copy-up separates)."""
+    return (ino, path) if split else ino
+
 
 @dataclass(slots=True, eq=False)
 class NodeEntry:
@@ -31,7 +44,7 @@ class NodeEntry:
     """
 
     nodeid: int
-    ino: int
+    ino: Identity
     path: str | None = None  # a current path of the node; None when it has none left (removed)
     nlookup: int = 0
     is_dir: bool = False  # a directory: its rename moves the paths of the nodes below it
@@ -77,7 +90,7 @@ class NodeTable:
         self._next = itertools.count(ROOT_ID + 1)
         self.root = NodeEntry(ROOT_ID, root_ino, "", 1, is_dir=True)
         self._by_id: dict[int, NodeEntry] = {ROOT_ID: self.root}
-        self._by_ino: dict[int, NodeEntry] = {root_ino: self.root}
+        self._by_ino: dict[Identity, NodeEntry] = {root_ino: self.root}
         self._by_path: dict[str, NodeEntry] = {"": self.root}
 
     def __len__(self) -> int:
@@ -91,7 +104,7 @@ class NodeTable:
         """The node the kernel knows by ``path``, if any."""
         return self._by_path.get(path)
 
-    def found(self, path: str, ino: int, is_dir: bool = False) -> NodeEntry:
+    def found(self, path: str, ino: Identity, is_dir: bool = False) -> NodeEntry:
         """The kernel found the object ``ino`` at ``path`` (a LOOKUP or a creation): count one lookup; return its node.
 
         A node already known by another path gets ``path`` too (a hard link); a path the kernel knew

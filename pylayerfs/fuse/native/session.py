@@ -36,7 +36,7 @@ from typing import Any, cast
 
 from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.device import DeviceError, unmount
-from pylayerfs.fuse.native.nodes import NodeEntry, NodeTable
+from pylayerfs.fuse.native.nodes import NodeEntry, NodeTable, identity
 from pylayerfs.overlay import xattrs
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.state import Caller
@@ -302,7 +302,9 @@ class Session:
         return f"{parent}/{name}" if parent else name
 
     def _found(self, path: str, attrs: dict[str, Any]) -> NodeEntry:
-        node = self.nodes.found(path, attrs["st_ino"], stat.S_ISDIR(attrs["st_mode"]))
+        is_dir = stat.S_ISDIR(attrs["st_mode"])
+        split = not is_dir and attrs["st_nlink"] > 1 and self.ov.lookup.lookup(path).upper is None
+        node = self.nodes.found(path, identity(attrs["st_ino"], path, split), is_dir)
         self._counted.append(node)
         return node
 
