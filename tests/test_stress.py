@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pylayerfs.fuse.mount import FSTYPE, records_dir
+from pylayerfs.fuse.mount import records_dir
+from pylayerfs.fuse.native.device import FSTYPE
 from pylayerfs.overlay.params import mountinfo
 from tests.mounts import kernel_mount, pylayerfs_mount
 from tests.trees import build, tree_hash, view

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 
+from pylayerfs.fuse.native.device import FSTYPE, FUSE_DEVICE
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.params import BINDINGS, MountConfig, MountEntry, MountError, mountinfo, mounts_below
@@ -48,10 +49,8 @@ from pylayerfs.overlay.params import BINDINGS, MountConfig, MountEntry, MountErr
 log = logging.getLogger("pylayerfs")
 READY = b"ready\n"
 START_TIMEOUT = 30.0
-FSTYPE = "fuse.pylayerfs"
 ROOT_RECORDS = "/run/pylayerfs/mounts"
 FUSE_CONF = "/etc/fuse.conf"
-FUSE_DEVICE = "/dev/fuse"
 DEFAULT_BINDING = "native"
 BINDING_VARIABLE = "PYLAYERFS_BINDING"
 PASSTHROUGH_VARIABLE = "PYLAYERFS_PASSTHROUGH"  # "off": the native transport serves every read and write itself

@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass, field
 
 from pylayerfs.container.records import Container
 from pylayerfs.container.runtime import Runtime
-from pylayerfs.fuse.mount import FSTYPE, recorded_config, records_dir
+from pylayerfs.fuse.mount import recorded_config, records_dir
+from pylayerfs.fuse.native.device import FSTYPE
 from pylayerfs.image.store import Store
 from pylayerfs.overlay import layers as engine
 from pylayerfs.overlay.lookup import Lookup, Node

@@ -37,7 +37,7 @@ from typing import Any, cast
 from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.device import DeviceError, unmount
 from pylayerfs.fuse.native.nodes import NodeEntry, NodeTable, identity
-from pylayerfs.overlay import xattrs
+from pylayerfs.overlay import realfs, xattrs
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.state import Caller
 
@@ -46,7 +46,6 @@ log = logging.getLogger("pylayerfs.fuse.native")
 Handler = Callable[["Request", memoryview], bytes]
 _DOT_NAMES = (".", "..")
 _CAPS = "security.capability"
-RENAME_EXCHANGE = 2  # <linux/fs.h>: RENAME2's flag that swaps the two names
 
 
 class Stop(Exception):
@@ -442,7 +441,7 @@ class Session:
     def _do_rename(self, olddir: int, newdir: int, flags: int, names: memoryview) -> bytes:
         oldname, newname = p.names(names, 2)
         old, new = self._child(olddir, oldname), self._child(newdir, newname)
-        exchange = bool(flags & RENAME_EXCHANGE)
+        exchange = bool(flags & realfs.RENAME_EXCHANGE)
         replaced_last = not exchange and self._last_name(new)
         self.ov.rename(old, new, flags)
         if replaced_last:
