@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from pylayerfs.fuse.native import session as native
+from pylayerfs.fuse.native.core import Request
 from pylayerfs.fuse.native.protocol import BATCH_FORGET_IN, FORGET_ONE, IN_HEADER, Op
 from pylayerfs.overlay.filesystem import Overlay
 from tests.mounts import _mounted, force_unmount, options, pylayerfs_mount, run_pylayerfs
@@ -128,7 +129,7 @@ def test_batch_forget_counts_every_node_of_the_batch():
     payload = BATCH_FORGET_IN.pack(2, 0) + FORGET_ONE.pack(a.nodeid, 2) + FORGET_ONE.pack(b.nodeid, 1)
     session = object.__new__(native.Session)
     session.nodes = table
-    request = native.Request(Op.BATCH_FORGET, 1, 0, 0, 0, 0)
+    request = Request(Op.BATCH_FORGET, 1, 0, 0, 0, 0)
     session._batch_forget(request, memoryview(payload))
     assert len(table) == 1 and table.at("a") is None and table.at("b") is None
     assert IN_HEADER.size == 40

@@ -1,0 +1,139 @@
+"""What every handler of the native transport shares: the request header, the session's state, nodes and paths.
+
+:class:`Core` holds one mount's state (the engine, the device, the node table, the open handles); the
+handlers are grouped by concern in mixins on it (:mod:`.names`, :mod:`.attributes`, :mod:`.files`,
+:mod:`.dirs`) and :class:`~pylayerfs.fuse.native.session.Session` puts them together with the loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+from pylayerfs.fuse.native import protocol as p
+from pylayerfs.fuse.native.nodes import NodeEntry, NodeTable, identity
+from pylayerfs.overlay.filesystem import Overlay
+from pylayerfs.overlay.state import Caller
+
+log = logging.getLogger("pylayerfs.fuse.native")
+
+
+class Request:
+    """The header of one request: its ID (``unique``), node, and the caller's uid, gid and pid."""
+
+    __slots__ = ("gid", "nodeid", "opcode", "pid", "uid", "unique")
+
+    def __init__(self, opcode: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> None:
+        self.opcode = opcode
+        self.unique = unique
+        self.nodeid = nodeid
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+
+    @property
+    def caller(self) -> Caller:
+        """Who asks: new objects are theirs."""
+        return Caller(self.uid, self.gid)
+
+
+def errno_of(exc: OSError) -> int:
+    return exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else 0
+
+
+def cstring(payload: memoryview) -> str:
+    """The NUL-terminated name at the start of ``payload``; raises ValueError when it has no NUL."""
+    return p.names(payload, 1)[0]
+
+
+class Core:
+    """One mount's state: ``fd`` is its FUSE device, ``overlay`` the engine, ``timeout`` the kernel's cache time.
+
+    ``on_ready`` is called once INIT is answered (the mount is usable then). ``mountpoint`` and
+    ``by_fusermount`` say how to unmount when the session is stopped.
+    """
+
+    def __init__(
+        self,
+        overlay: Overlay,
+        fd: int,
+        *,
+        mountpoint: str,
+        timeout: float,
+        on_ready: Callable[[], None] | None = None,
+        by_fusermount: bool = False,
+        passthrough: bool = True,
+    ) -> None:
+        self.ov = overlay
+        self.fd = fd
+        self.mountpoint = mountpoint
+        self.timeout = timeout
+        self.by_fusermount = by_fusermount
+        self.passthrough = passthrough  # asked for; in force once INIT agreed and the first backing file opened
+        self._on_ready = on_ready
+        self.nodes = NodeTable(overlay.getattr("")["st_ino"])
+        self.negotiated: p.Negotiated | None = None
+        self.requests = 0  # served so far (INIT included)
+        self.counts: collections.Counter[int] = collections.Counter()  # requests served, by opcode
+        self._reading = False
+        self._stopping = False
+        self._ended = False
+        self._counted: list[NodeEntry] = []  # lookups counted for the reply being made
+        self._opening: int | None = None  # the file handle opened for the reply being made (OPEN, CREATE)
+        self._dirs: dict[int, list[tuple[str, int, int]] | None] = {}  # open directory handle -> its listing
+        self._next_dir = itertools.count(1)
+        self._fh_node: dict[int, NodeEntry] = {}  # open file handle -> the node it was opened on
+        self._passed: set[int] = set()  # the open file handles passed through to a backing file
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
+    # -- nodes and paths ---------------------------------------------------------------------------
+
+    def _node(self, nodeid: int) -> NodeEntry:
+        node = self.nodes.get(nodeid)
+        if node is None:
+            log.error("the kernel asks about node %d, which is not in the table", nodeid)
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return node
+
+    def _path(self, nodeid: int) -> str:
+        """A path of node ``nodeid``; raises ENOENT when it has none left (removed), ESTALE for an unknown node."""
+        path = self._node(nodeid).path
+        if path is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return path
+
+    def _child(self, nodeid: int, name: str) -> str:
+        parent = self._path(nodeid)
+        return f"{parent}/{name}" if parent else name
+
+    def _found(self, path: str, attrs: dict[str, Any]) -> NodeEntry:
+        is_dir = stat.S_ISDIR(attrs["st_mode"])
+        split = not is_dir and attrs["st_nlink"] > 1 and self.ov.lookup.lookup(path).upper is None
+        node = self.nodes.found(path, identity(attrs["st_ino"], path, split), is_dir)
+        self._counted.append(node)
+        return node
+
+    def _entry(self, path: str, fh: int | None = None) -> bytes:
+        """The entry reply for the object now at ``path`` (a lookup counted for it)."""
+        attrs = self.ov.getattr(path, fh)
+        node = self._found(path, attrs)
+        return p.entry_out(node.nodeid, attrs, self.timeout, self.timeout)
+
+    def _attrs(self, node: NodeEntry, fh: int | None = None) -> dict[str, Any]:
+        """The attributes of ``node``: by its path, else through ``fh`` or one of its open handles (ENOENT if none)."""
+        path = node.path
+        if fh is None and path is None:
+            fh = self._any_handle(node)
+        return self.ov.getattr(path or "", fh)
+
+    @staticmethod
+    def _any_handle(node: NodeEntry) -> int:
+        if not node.handles:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return min(node.handles)

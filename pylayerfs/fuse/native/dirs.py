@@ -1,0 +1,84 @@
+"""The handlers of directories: OPENDIR, READDIR, READDIRPLUS, RELEASEDIR, FSYNCDIR."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from pylayerfs.fuse.native import protocol as p
+from pylayerfs.fuse.native.core import Core, Request
+
+_DOT_NAMES = (".", "..")
+
+
+class DirOps(Core):
+    """The handlers of directories: OPENDIR, READDIR, READDIRPLUS, RELEASEDIR, FSYNCDIR."""
+
+    # -- directories -------------------------------------------------------------------------------
+
+    def _opendir(self, req: Request, arg: memoryview) -> bytes:
+        if not stat.S_ISDIR(self._attrs(self._node(req.nodeid))["st_mode"]):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        fh = next(self._next_dir)
+        self._dirs[fh] = None
+        # The kernel keeps listings while the directory's version (bumped by every change made through the mount)
+        # and mtime stay the same: nothing else changes a merged directory while mounted.
+        return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_CACHE_DIR if self.timeout > 0 else 0, 0)
+
+    def _listing(self, req: Request, fh: int, offset: int) -> tuple[str, list[tuple[str, int, int]]]:
+        """The directory's path and listing: read at offset 0 (a rewind reads again), then kept per handle."""
+        path = self._path(req.nodeid)
+        entries = self._dirs.get(fh)
+        if entries is None or offset == 0:
+            entries = self.ov.readdir(path)
+            self._dirs[fh] = entries
+        return path, entries
+
+    def _readdir(self, req: Request, arg: memoryview) -> bytes:
+        fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
+        _, entries = self._listing(req, fh, offset)
+        out = bytearray()
+        for index in range(offset, len(entries)):
+            name, mode, ino = entries[index]
+            record = p.dirent(ino, index + 1, mode >> 12, os.fsencode(name))
+            if len(out) + len(record) > size:
+                break
+            out += record
+        return bytes(out)
+
+    def _readdirplus(self, req: Request, arg: memoryview) -> bytes:
+        fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
+        path, entries = self._listing(req, fh, offset)
+        out = bytearray()
+        for index in range(offset, len(entries)):
+            name, mode, ino = entries[index]
+            raw = os.fsencode(name)
+            record_size = p.ENTRY_OUT.size + p.DIRENT.size + len(raw) + (-(p.DIRENT.size + len(raw)) % 8)
+            if len(out) + record_size > size:
+                break
+            entry = b""
+            if name not in _DOT_NAMES:
+                child = f"{path}/{name}" if path else name
+                try:
+                    attrs = self.ov.getattr(child)
+                except OSError:
+                    pass  # gone since the listing was made: a plain entry, the kernel looks it up
+                else:
+                    entry = p.entry_out(self._found(child, attrs).nodeid, attrs, self.timeout, self.timeout)
+            out += entry or p.ENTRY_OUT.pack(*((0,) * 22))
+            out += p.dirent(ino, index + 1, mode >> 12, raw)
+        return bytes(out)
+
+    def _releasedir(self, req: Request, arg: memoryview) -> bytes:
+        fh, *_ = p.RELEASE_IN.unpack_from(arg)
+        self._dirs.pop(fh, None)
+        return b""
+
+    def _fsyncdir(self, req: Request, arg: memoryview) -> bytes:
+        """Nothing to do: directories are changed by calls that are synchronous in the upper filesystem.
+
+        (FLUSH has no handler: the ENOSYS the loop answers makes the kernel stop sending it at every close,
+        one request per file saved, as fuse-overlayfs does; this transport holds nothing to flush.)
+        """
+        return b""

@@ -1,0 +1,165 @@
+"""The handlers of open files: OPEN, CREATE, TMPFILE, READ, WRITE, RELEASE and passthrough."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from typing import cast
+
+from pylayerfs.fuse.native import protocol as p
+from pylayerfs.fuse.native.core import Core, Request, cstring, log
+from pylayerfs.fuse.native.nodes import NodeEntry
+
+
+class FileOps(Core):
+    """The handlers of open files: OPEN, CREATE, TMPFILE, READ, WRITE, RELEASE and passthrough."""
+
+    # -- files -------------------------------------------------------------------------------------
+
+    def _opened(self, node: NodeEntry, fh: int) -> bytes:
+        """The OPEN/CREATE reply for handle ``fh`` on ``node``: passed through to its real file when it can be.
+
+        The kernel keeps one mode per inode: every open handle passed through to the same backing file, or
+        every one served (then its pages are cached: every name is this inode, so they stay valid). A file
+        still read from a lower layer (or a metacopy file's data) is served: its copy-up must switch every
+        handle on it to the upper copy, which the engine does for its own fds and the kernel could not do for a
+        backing file. So is every open of a node that has served handles open.
+        """
+        if node.handles is None:
+            node.handles = set()
+        node.handles.add(fh)
+        self._fh_node[fh] = node
+        self._opening = fh
+        backing = self._backing(node, fh) if self.passthrough and not node.served else 0
+        if backing:
+            node.passed += 1
+            self._passed.add(fh)
+            return p.OPEN_OUT.pack(fh, p.FOPEN_PASSTHROUGH, backing)
+        node.served += 1
+        return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE, 0)
+
+    def _backing(self, node: NodeEntry, fh: int) -> int:
+        """The backing ID for handle ``fh`` on ``node`` (the node's, or a new one); 0 when it must be served.
+
+        Passthrough is turned off for the whole session when the kernel refuses it (EPERM: not CAP_SYS_ADMIN).
+        """
+        of = self.ov.files.get(fh)
+        if of.on_lower or of.metacopy:
+            return 0
+        st = os.fstat(of.fd)
+        if not stat.S_ISREG(st.st_mode):
+            return 0
+        real = (st.st_dev, st.st_ino)
+        if node.passed:
+            return node.backing if node.backing_file == real else 0
+        try:
+            backing = int(fcntl.ioctl(self.fd, p.BACKING_OPEN, bytearray(p.BACKING_MAP.pack(of.fd, 0, 0)), True))
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP):
+                log.warning("passthrough is off: the kernel refuses backing files (%s)", exc.strerror)
+                self.passthrough = False
+            else:
+                log.info("%r is served, not passed through: %s", of.path, exc.strerror)
+            return 0
+        node.backing, node.backing_file = backing, real
+        return backing
+
+    def _open(self, req: Request, arg: memoryview) -> bytes:
+        flags, _ = p.OPEN_IN.unpack_from(arg)
+        node = self._node(req.nodeid)
+        path = node.path
+        if path is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return self._opened(node, self.ov.open(path, flags))
+
+    def _create(self, req: Request, arg: memoryview) -> bytes:
+        flags, mode, _, _ = p.CREATE_IN.unpack_from(arg)
+        path = self._child(req.nodeid, cstring(arg[p.CREATE_IN.size :]))
+        fh = self.ov.create(path, mode, flags, req.caller)
+        try:
+            entry = self._entry(path)
+        except BaseException:
+            self.ov.release(fh)
+            raise
+        node = self._counted[-1]
+        node.no_caps = True  # a new file has no file capabilities
+        return entry + self._opened(node, fh)
+
+    def _tmpfile(self, req: Request, arg: memoryview) -> bytes:
+        """TMPFILE (``open(dir, O_TMPFILE)``): the request and reply of CREATE, for a file that gets no name.
+
+        The kernel sends it at any negotiated minor from 7.37 on (Linux 6.1), with the name ``/``, which is
+        ignored; ENOSYS would make it answer EOPNOTSUPP for the rest of the mount. The node has no path: its requests
+        go through its open handles until a LINK names it.
+        """
+        flags, mode, _, _ = p.CREATE_IN.unpack_from(arg)
+        fh = self.ov.tmpfile(self._path(req.nodeid), mode, flags, req.caller)
+        try:
+            attrs = self.ov.getattr("", fh)
+        except BaseException:
+            self.ov.release(fh)
+            raise
+        node = self.nodes.unnamed(attrs["st_ino"])
+        self._counted.append(node)
+        node.no_caps = True  # a new file has no file capabilities
+        return p.entry_out(node.nodeid, attrs, self.timeout, self.timeout) + self._opened(node, fh)
+
+    def _read(self, req: Request, arg: memoryview) -> bytes:
+        fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
+        return self.ov.read(fh, size, offset)
+
+    def _write(self, req: Request, arg: memoryview) -> bytes:
+        fh, offset, size, *_ = p.WRITE_IN.unpack_from(arg)
+        data = arg[p.WRITE_IN.size : p.WRITE_IN.size + size]  # pwrite takes the buffer as it is: no copy of 1 MiB
+        return p.WRITE_OUT.pack(self.ov.write(fh, cast(bytes, data), offset), 0)
+
+    def _release(self, req: Request, arg: memoryview) -> bytes:
+        fh, *_ = p.RELEASE_IN.unpack_from(arg)
+        self._forget_handle(fh)
+        return b""
+
+    def _forget_handle(self, fh: int) -> None:
+        """Close the open file ``fh`` and drop it from its node (its backing file too, with its last handle)."""
+        node = self._fh_node.pop(fh, None)
+        if node is not None:
+            if node.handles is not None:
+                node.handles.discard(fh)
+            if fh in self._passed:
+                self._passed.discard(fh)
+                node.passed -= 1
+                if not node.passed:
+                    self._close_backing(node)
+            else:
+                node.served -= 1
+            if not node.handles:
+                self.nodes.closed_nameless(node)
+        self.ov.release(fh)
+
+    def _close_backing(self, node: NodeEntry) -> None:
+        backing, node.backing = node.backing, 0
+        try:
+            fcntl.ioctl(self.fd, p.BACKING_CLOSE, struct.pack("=I", backing))
+        except OSError as exc:
+            log.warning("cannot close backing file %d of node %d: %s", backing, node.nodeid, exc.strerror)
+
+    def _fsync(self, req: Request, arg: memoryview) -> bytes:
+        fh, flags, _ = p.FSYNC_IN.unpack_from(arg)
+        self.ov.fsync(fh, bool(flags & p.FSYNC_FDATASYNC))
+        return b""
+
+    def _fallocate(self, req: Request, arg: memoryview) -> bytes:
+        fh, offset, length, mode, _ = p.FALLOCATE_IN.unpack_from(arg)
+        self.ov.fallocate(fh, mode, offset, length)
+        return b""
+
+    def _lseek(self, req: Request, arg: memoryview) -> bytes:
+        fh, offset, whence, _ = p.LSEEK_IN.unpack_from(arg)
+        return p.LSEEK_OUT.pack(os.lseek(self.ov.files.get(fh).fd, offset, whence))
+
+    def _copy_file_range(self, req: Request, arg: memoryview) -> bytes:
+        fh_in, off_in, _, fh_out, off_out, length, _ = p.COPY_FILE_RANGE_IN.unpack_from(arg)
+        fd_in, fd_out = self.ov.files.get(fh_in).fd, self.ov.files.get(fh_out).fd
+        return p.WRITE_OUT.pack(os.copy_file_range(fd_in, fd_out, length, off_in, off_out), 0)
