@@ -116,6 +116,30 @@ def test_forget_returns_the_node_table_to_its_size_after_many_lookups_of_changin
         assert open(f"{mnt}/d/m1998").read() == "1998"
 
 
+@pytest.mark.root
+def test_a_removed_object_is_held_while_the_kernel_knows_it_and_let_go_when_forgotten(stack):
+    """An O_PATH descriptor keeps a removed file's node: the session holds its object until FORGET, then lets go."""
+    mnt = stack[3]
+    with in_process(stack) as session:
+        Path(f"{mnt}/up").write_text("old")
+        fds = [os.open(f"{mnt}/{name}", os.O_PATH) for name in ("up", "f", "d/a")]
+        Path(f"{mnt}/tmp").write_text("new")
+        os.rename(f"{mnt}/tmp", f"{mnt}/up")
+        os.unlink(f"{mnt}/f")
+        os.unlink(f"{mnt}/d/a")
+        try:
+            assert len(session._held) == 3
+            assert [os.fstat(fd).st_nlink for fd in fds] == [0, 1, 1], "upper unlinked, lower ones as in their layer"
+            with open(f"/proc/self/fd/{fds[0]}") as f:
+                assert f.read() == "old", "the replaced object, not the name's new one"
+            assert _wait_for(lambda: len(session.ov.files._by_fh) == 3), "three holds (the reopened file released)"
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert _wait_for(lambda: not session._held and len(session.nodes) == 1, dropping=True), session._held
+        assert not session.ov.files._by_fh, "every hold released"
+
+
 def test_batch_forget_counts_every_node_of_the_batch():
     """BATCH_FORGET (sent by the kernel when it drops many nodes at once) takes each node's count off."""
     from pylayerfs.fuse.native.nodes import NodeTable

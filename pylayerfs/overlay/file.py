@@ -18,9 +18,9 @@ from dataclasses import dataclass
 class OpenFile:
     """One open file of the merged view: the real fd behind it (its number is the file handle), path, ``st_ino``.
 
-    ``on_lower``: a read-only handle on a lower file, switched to the upper copy on copy-up (while its name is that
-    file's: see :meth:`OpenFiles.forget`); ``metacopy``: its metadata are an upper metacopy file's, its data still the
-    lower file's.
+    ``on_lower``: a read-only handle on a lower object, switched to the upper copy on copy-up (while its name is that
+    object's: see :meth:`OpenFiles.forget`); ``metacopy``: its metadata are an upper metacopy file's, its data still the
+    lower file's; ``held``: an ``O_PATH`` fd that only keeps the object reachable once its names are gone.
     """
 
     fd: int
@@ -28,6 +28,8 @@ class OpenFile:
     ino: int
     on_lower: bool  # its fd is on a lower file (read-only; switched to upper on copy-up)
     metacopy: bool = False  # its metadata are an upper metacopy file's, not the lower file's
+    held: bool = False  # an O_PATH fd that keeps the object (see ``Overlay.hold``): no I/O through it
+    merged_dir: bool = False  # held on a merged directory, which reports st_nlink 1 (as the kernel does)
 
 
 class OpenFiles:
@@ -37,10 +39,14 @@ class OpenFiles:
         self._by_fh: dict[int, OpenFile] = {}
         self._lower_by_path: dict[str, list[OpenFile]] = {}
 
-    def add(self, of: OpenFile) -> int:
-        """Register ``of``; return its file handle (its fd number)."""
+    def add(self, of: OpenFile, *, named: bool = True) -> int:
+        """Register ``of``; return its file handle (its fd number).
+
+        ``named``: ``of.path`` still names its object, so a lower one is switched to the upper copy when that path is
+        copied up; False for one reached through a held object (:meth:`Overlay.hold`) whose names are gone.
+        """
         self._by_fh[of.fd] = of
-        if of.on_lower:
+        if of.on_lower and named:
             self._lower_by_path.setdefault(of.path, []).append(of)
         return of.fd
 

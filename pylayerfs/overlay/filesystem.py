@@ -64,17 +64,19 @@ class Overlay(OverlayState):
         of = self.files.get(fh) if fh is not None else None
         if of is not None and not (of.metacopy and path):  # a metacopy handle's metadata are the upper file's
             st = os.stat(of.fd)
-            return stat_dict(st, of.ino, st.st_nlink)
+            return stat_dict(st, of.ino, 1 if of.merged_dir else st.st_nlink)
         node = self.lookup.lookup(path)
         if node.upper_fd >= 0:  # a cached directory: its times and link count move
             node.upper = os.stat(node.upper_fd)
         return attributes(node, self.inodes.of_node(node))
 
-    def readlink(self, path: str) -> str:
-        """The target of the symlink ``path``, as stored (never resolved).
+    def readlink(self, path: str, fh: int | None = None) -> str:
+        """The target of the symlink ``path`` (or of the one held as ``fh``: :meth:`hold`), as stored (never resolved).
 
         Raises EINVAL when ``path`` is not a symlink, ENOENT/ENOTDIR as the lookup does.
         """
+        if fh is not None:
+            return os.readlink("", dir_fd=self.files.get(fh).fd)  # readlinkat(2) of an O_PATH fd, empty path
         node = self.lookup.lookup(path)
         if not stat.S_ISLNK(node.st.st_mode):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
@@ -146,7 +148,11 @@ class Overlay(OverlayState):
         for writing. The VFS refuses other non-regular files (EINVAL) before asking.
         """
         if fh is not None:
-            realfs.truncate(self.files.get(fh).fd, length)
+            of = self.files.get(fh)
+            if of.held:  # truncate(2) of /proc/self/fd/N: the object itself, an upper one only
+                os.truncate(realfs.fd_path(self._handle_object(fh)), length)
+            else:
+                realfs.truncate(of.fd, length)
             return
         node = copy_up(self, path)
         if node.is_dir:
@@ -168,14 +174,16 @@ class Overlay(OverlayState):
     def _handle_object(self, fh: int) -> int:
         """An fd on the upper file behind the open handle ``fh``, for a change of its metadata.
 
-        FUSE passes a handle for a file whose last name is gone (an unlinked file still open). A handle on an upper
-        file has its fd; one still reading a lower file (opened read-only, then its name removed) cannot be copied up
-        without a name: the kernel's overlayfs answers EEXIST there (its copy-up meets the whiteout), and so does this.
-        Raises KeyError for a handle that is not open.
+        FUSE passes a handle for a file whose last name is gone (an unlinked file still open, or an object held by
+        :meth:`hold`). A handle on an upper object has its fd; one on a lower object (opened read-only, then its name
+        removed) cannot be copied up without a name: the kernel's overlayfs answers EEXIST there (its copy-up meets the
+        whiteout; ENOTDIR for a directory), and so does this. Raises KeyError for a handle that is not open.
         """
         of = self.files.get(fh)
         if of.on_lower or of.metacopy:
-            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), of.path)
+            directory = stat.S_ISDIR(os.stat(of.fd).st_mode)  # a lower directory: its copy-up answers ENOTDIR
+            code = errno.ENOTDIR if directory else errno.EEXIST
+            raise OSError(code, os.strerror(code), of.path)
         return of.fd
 
     def statfs(self) -> dict[str, int]:
@@ -212,6 +220,40 @@ class Overlay(OverlayState):
         fd = (data[0] if data else self.top_layer(node)).open(path, real_flags)
         on_lower = (node.upper is None or node.metacopy) and stat.S_ISREG(node.st.st_mode)
         return self.files.add(OpenFile(fd, path, ino, on_lower, data is not None))
+
+    def hold(self, path: str) -> int:
+        """Keep the object at ``path`` reachable after its names are gone; return a handle on it.
+
+        The handle holds an ``O_PATH`` fd on the object's real upper or lower object (its metadata: ``getattr``,
+        ``chmod``... with ``fh``; :meth:`reopen` opens it again), as the kernel's dentry holds its inode: the FUSE
+        transport holds a node the kernel still knows before removing or replacing its last name, so that an
+        ``O_PATH`` descriptor, a ``/proc/self/fd/N`` reopened, or a process opening the name while another renames a
+        file over it still reach the old object. The fd also keeps the object's ``st_ino`` from being reused while
+        held. :meth:`release` drops it. Raises ENOENT/ENOTDIR as the lookup does.
+        """
+        node = self.lookup.lookup(path)
+        fd = self.top_layer(node).open(path, os.O_PATH | os.O_NOFOLLOW)
+        on_lower = node.upper is None or node.metacopy
+        held = OpenFile(fd, path, self.inodes.of_node(node), on_lower, node.metacopy, held=True,
+                        merged_dir=node.is_merged and node.is_dir)  # fmt: skip
+        return self.files.add(held, named=False)
+
+    def reopen(self, fh: int, flags: int) -> int:
+        """Open the object held as ``fh`` (:meth:`hold`) again with the ``open(2)`` ``flags``; return the new handle.
+
+        Through the fd's ``/proc/self/fd`` link, as the kernel opens ``/proc/self/fd/N`` of an ``O_PATH`` descriptor. An
+        upper object opens for reading and writing; a lower one (never copied up) only for reading: its copy-up without
+        a name fails, and the kernel's overlayfs answers EEXIST there (its copy-up meets the whiteout), as this does.
+        Raises EEXIST so, ENOENT for a metacopy file (its data have no name left), and ``open(2)``'s errors (ELOOP for a
+        symlink, EISDIR...). Raises KeyError for a handle that is not open.
+        """
+        of = self.files.get(fh)
+        if of.metacopy:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), of.path)
+        if of.on_lower and flags & _WRITE_FLAGS:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), of.path)
+        fd = os.open(realfs.fd_path(of.fd), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW) | os.O_CLOEXEC)
+        return self.files.add(OpenFile(fd, of.path, of.ino, of.on_lower), named=False)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes of the open file ``fh`` from byte ``offset`` (fewer at its end, ``b""`` past it).

@@ -53,7 +53,10 @@ class AttributeOps(Core):
         return p.attr_out(self._attrs(node, handle), self.timeout)
 
     def _readlink(self, req: Request, arg: memoryview) -> bytes:
-        return os.fsencode(self.ov.readlink(self._path(req.nodeid)))
+        node = self._node(req.nodeid)
+        if node.path is None:
+            return os.fsencode(self.ov.readlink("", self._held_handle(node)))
+        return os.fsencode(self.ov.readlink(node.path))
 
     def _statfs(self, req: Request, arg: memoryview) -> bytes:
         sv = self.ov.statfs()

@@ -77,7 +77,7 @@ class Core:
         self.by_fusermount = by_fusermount
         self.passthrough = passthrough  # asked for; in force once INIT agreed and the first backing file opened
         self._on_ready = on_ready
-        self.nodes = NodeTable(overlay.getattr("")["st_ino"])
+        self.nodes = NodeTable(overlay.getattr("")["st_ino"], on_drop=self._dropped)
         self.negotiated: p.Negotiated | None = None
         self.requests = 0  # served so far (INIT included)
         self.counts: collections.Counter[int] = collections.Counter()  # requests served, by opcode
@@ -90,6 +90,7 @@ class Core:
         self._next_dir = itertools.count(1)
         self._fh_node: dict[int, NodeEntry] = {}  # open file handle -> the node it was opened on
         self._passed: set[int] = set()  # the open file handles passed through to a backing file
+        self._held: dict[int, int] = {}  # node ID -> the engine's hold on its object, once no name of it is known
         self._debug = log.isEnabledFor(logging.DEBUG)
 
     # -- nodes and paths ---------------------------------------------------------------------------
@@ -132,8 +133,19 @@ class Core:
             fh = self._any_handle(node)
         return self.ov.getattr(path or "", fh)
 
-    @staticmethod
-    def _any_handle(node: NodeEntry) -> int:
-        if not node.handles:
+    def _any_handle(self, node: NodeEntry) -> int:
+        """An engine handle on ``node``'s object: one of its open files, else its hold; ENOENT when it has neither."""
+        return min(node.handles) if node.handles else self._held_handle(node)
+
+    def _held_handle(self, node: NodeEntry) -> int:
+        """The engine's hold on ``node``'s object, which has no name left (see NameOps._removing); ENOENT if none."""
+        held = self._held.get(node.nodeid)
+        if held is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-        return min(node.handles)
+        return held
+
+    def _dropped(self, node: NodeEntry) -> None:
+        """The kernel forgot ``node``: let go of its object (the engine's hold on it, if any)."""
+        held = self._held.pop(node.nodeid, None)
+        if held is not None:
+            self.ov.release(held)

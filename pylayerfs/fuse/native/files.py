@@ -70,10 +70,9 @@ class FileOps(Core):
     def _open(self, req: Request, arg: memoryview) -> bytes:
         flags, _ = p.OPEN_IN.unpack_from(arg)
         node = self._node(req.nodeid)
-        path = node.path
-        if path is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-        return self._opened(node, self.ov.open(path, flags))
+        if node.path is None:  # no name left: the object the kernel's dentry still holds (see NameOps._removing)
+            return self._opened(node, self.ov.reopen(self._held_handle(node), flags))
+        return self._opened(node, self.ov.open(node.path, flags))
 
     def _create(self, req: Request, arg: memoryview) -> bytes:
         flags, mode, _, _ = p.CREATE_IN.unpack_from(arg)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import stat
+from collections.abc import Callable
 
 from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.core import Core, Request, cstring
@@ -69,25 +71,47 @@ class NameOps(Core):
 
     def _last_name(self, path: str) -> bool:
         """Is ``path`` (about to be removed or replaced) its object's only name? (False if it cannot tell.)"""
-        if self.nodes.at(path) is None:
-            return False
         try:
             attrs = self.ov.getattr(path)
         except OSError:
             return False
         return stat.S_ISDIR(attrs["st_mode"]) or attrs["st_nlink"] <= 1
 
+    def _removing(self, path: str, change: Callable[[], None]) -> None:
+        """Make ``change``, which removes the name ``path`` or puts another object there, and update the node table.
+
+        A node the kernel knows by ``path`` alone is held first (:meth:`Overlay.hold`): the kernel may still reach it
+        without a name, through an ``O_PATH`` descriptor, ``/proc/self/fd/N``, or a dentry another process is opening
+        while a file is renamed over it (its OPEN then reopens the held object, as the kernel's overlayfs opens the
+        inode its dentry holds). The hold lasts until the kernel forgets the node.
+        """
+        node = self.nodes.at(path)
+        if node is None:
+            change()
+            return
+        last = self._last_name(path)
+        held = None
+        if node.paths == [path] and node.nodeid not in self._held:
+            with contextlib.suppress(OSError):
+                held = self.ov.hold(path)
+        try:
+            change()
+        except BaseException:
+            if held is not None:
+                self.ov.release(held)
+            raise
+        if held is not None:
+            self._held[node.nodeid] = held
+        self.nodes.removed(path, last_name=last)
+
     def _unlink(self, req: Request, arg: memoryview) -> bytes:
         path = self._child(req.nodeid, cstring(arg))
-        last = self._last_name(path)
-        self.ov.unlink(path)
-        self.nodes.removed(path, last_name=last)
+        self._removing(path, lambda: self.ov.unlink(path))
         return b""
 
     def _rmdir(self, req: Request, arg: memoryview) -> bytes:
         path = self._child(req.nodeid, cstring(arg))
-        self.ov.rmdir(path)
-        self.nodes.removed(path, last_name=True)
+        self._removing(path, lambda: self.ov.rmdir(path))
         return b""
 
     def _rename(self, req: Request, arg: memoryview) -> bytes:
@@ -101,10 +125,9 @@ class NameOps(Core):
     def _do_rename(self, olddir: int, newdir: int, flags: int, names: memoryview) -> bytes:
         oldname, newname = p.names(names, 2)
         old, new = self._child(olddir, oldname), self._child(newdir, newname)
-        exchange = bool(flags & realfs.RENAME_EXCHANGE)
-        replaced_last = not exchange and self._last_name(new)
-        self.ov.rename(old, new, flags)
-        if replaced_last:
-            self.nodes.removed(new, last_name=True)
-        self.nodes.renamed(old, new, exchange=exchange)
+        if flags & realfs.RENAME_EXCHANGE:
+            self.ov.rename(old, new, flags)
+        else:
+            self._removing(new, lambda: self.ov.rename(old, new, flags))
+        self.nodes.renamed(old, new, exchange=bool(flags & realfs.RENAME_EXCHANGE))
         return b""

@@ -22,6 +22,7 @@ reuse it) becomes a node of its own.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pylayerfs.fuse.native.protocol import ROOT_ID
@@ -83,10 +84,11 @@ class NodeEntry:
 class NodeTable:
     """The live nodes of one mount, by node ID, by ``st_ino`` and by path; the root is node 1, never forgotten.
 
-    ``root_ino`` is the ``st_ino`` of the merged root.
+    ``root_ino`` is the ``st_ino`` of the merged root; ``on_drop(node)`` is called for every node the kernel forgets.
     """
 
-    def __init__(self, root_ino: int) -> None:
+    def __init__(self, root_ino: int, on_drop: Callable[[NodeEntry], None] | None = None) -> None:
+        self._on_drop = on_drop
         self._next = itertools.count(ROOT_ID + 1)
         self.root = NodeEntry(ROOT_ID, root_ino, "", 1, is_dir=True)
         self._by_id: dict[int, NodeEntry] = {ROOT_ID: self.root}
@@ -157,6 +159,8 @@ class NodeTable:
         for path in node.paths:
             if self._by_path.get(path) is node:
                 del self._by_path[path]
+        if self._on_drop is not None:
+            self._on_drop(node)
 
     def removed(self, path: str, *, last_name: bool) -> None:
         """The name ``path`` was removed (UNLINK, RMDIR); ``last_name``: the object has no other name left.
