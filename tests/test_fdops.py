@@ -469,6 +469,9 @@ def _tmpfiles(m: str) -> dict[Any, Any]:
     r["fchmod"] = attempt(lambda: os.fchmod(fd, 0o604), lambda: oct(os.fstat(fd).st_mode))
     r["fchown"] = attempt(lambda: os.fchown(fd, 5, 6), lambda: (os.fstat(fd).st_uid, os.fstat(fd).st_gid))
     r["ftruncate"] = attempt(lambda: os.ftruncate(fd, 7), lambda: os.fstat(fd).st_size)
+    r["fsetxattr"] = attempt(lambda: os.setxattr(fd, "user.unnamed", b"x"), lambda: os.getxattr(fd, "user.unnamed"))
+    r["flistxattr"] = attempt(lambda: os.listxattr(fd))
+    r["fremovexattr"] = attempt(lambda: os.removexattr(fd, "user.unnamed"), lambda: os.listxattr(fd))
     r["listing before"] = sorted(os.listdir(f"{m}/d"))
     r["linkat"] = attempt(_linkat(fd, f"{m}/d/named"))
     named = os.stat(f"{m}/d/named")
@@ -508,6 +511,16 @@ def test_o_tmpfile_makes_an_unnamed_file_that_linkat_names_as_on_the_kernel(back
 
 
 # -- objects the kernel still reaches once their names are gone (native transport) -------------------
+
+
+def _xattrs_of(name: str, ref: str) -> dict[Any, Any]:
+    """Set, read, list and remove a user xattr of the object ``ref`` reaches."""
+    return {
+        (name, "setxattr"): attempt(lambda: os.setxattr(ref, "user.k", b"v")),
+        (name, "getxattr"): attempt(lambda: os.getxattr(ref, "user.k")),
+        (name, "listxattr"): attempt(lambda: os.listxattr(ref)),
+        (name, "removexattr"): attempt(lambda: os.removexattr(ref, "user.k")),
+    }
 
 
 def _through_descriptors(m: str) -> dict[Any, Any]:
@@ -564,6 +577,8 @@ def _through_descriptors(m: str) -> dict[Any, Any]:
         r["fifo", "fchmod"] = attempt(lambda: os.fchmod(fds["fifo"], 0o600))
         r["fifo", "after"] = attempt(lambda: fstat(fds["fifo"]))
         r["link", "readlink"] = attempt(lambda: os.readlink("", dir_fd=fds["link"]))
+        for name in ("up", "low", "fifo"):
+            r.update(_xattrs_of(name, f"/proc/self/fd/{fds[name]}"))
         r["names"] = sorted(os.listdir(m))
     finally:
         for fd in fds.values():

@@ -88,12 +88,12 @@ class Overlay(OverlayState):
         """Set the permission bits of ``path`` (``mode``'s, setuid/setgid/sticky included), copying it up first.
 
         The copy-up is of the metadata only with ``metacopy=on``. With an open handle ``fh``, those of the open file,
-        which may have no name left (:meth:`_handle_object`). Raises EOPNOTSUPP for a symlink (before any copy-up, as
+        which may have no name left (:meth:`upper_object_of`). Raises EOPNOTSUPP for a symlink (before any copy-up, as
         the kernel's VFS refuses it), EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, and the upper
         filesystem's errors (EPERM...).
         """
         if fh is not None:
-            realfs.chmod(self._handle_object(fh), None, stat.S_IMODE(mode))
+            realfs.chmod(self.upper_object_of(fh), None, stat.S_IMODE(mode))
             return
         if stat.S_ISLNK(self.lookup.lookup(path).st.st_mode):
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
@@ -107,7 +107,7 @@ class Overlay(OverlayState):
         ENOENT/ENOTDIR as the lookup does, and the upper filesystem's errors (EPERM...).
         """
         if fh is not None:
-            realfs.chown(self._handle_object(fh), None, uid, gid)
+            realfs.chown(self.upper_object_of(fh), None, uid, gid)
             return
         with self._upper_object(path) as (fd, name):
             realfs.chown(fd, name, uid, gid)
@@ -123,7 +123,7 @@ class Overlay(OverlayState):
         if times is None:
             times = (now, now)
         if fh is not None:
-            fd = self._handle_object(fh)
+            fd = self.upper_object_of(fh)
             st = os.stat(fd)
             realfs.utime(
                 fd,
@@ -150,7 +150,7 @@ class Overlay(OverlayState):
         if fh is not None:
             of = self.files.get(fh)
             if of.held:  # truncate(2) of /proc/self/fd/N: the object itself, an upper one only
-                os.truncate(realfs.fd_path(self._handle_object(fh)), length)
+                os.truncate(realfs.fd_path(self.upper_object_of(fh)), length)
             else:
                 realfs.truncate(of.fd, length)
             return
@@ -170,21 +170,6 @@ class Overlay(OverlayState):
             return
         parent = self.lookup.lookup(split(path)[0])
         yield parent.upper_fd, split(path)[1]
-
-    def _handle_object(self, fh: int) -> int:
-        """An fd on the upper file behind the open handle ``fh``, for a change of its metadata.
-
-        FUSE passes a handle for a file whose last name is gone (an unlinked file still open, or an object held by
-        :meth:`hold`). A handle on an upper object has its fd; one on a lower object (opened read-only, then its name
-        removed) cannot be copied up without a name: the kernel's overlayfs answers EEXIST there (its copy-up meets the
-        whiteout; ENOTDIR for a directory), and so does this. Raises KeyError for a handle that is not open.
-        """
-        of = self.files.get(fh)
-        if of.on_lower or of.metacopy:
-            directory = stat.S_ISDIR(os.stat(of.fd).st_mode)  # a lower directory: its copy-up answers ENOTDIR
-            code = errno.ENOTDIR if directory else errno.EEXIST
-            raise OSError(code, os.strerror(code), of.path)
-        return of.fd
 
     def statfs(self) -> dict[str, int]:
         """``statvfs`` of the upper layer's filesystem (the top lower layer's on a read-only stack), as a dict.
@@ -409,33 +394,37 @@ class Overlay(OverlayState):
         """
         return self.listings.get(path, lambda: readdir.merged_entries(self, path))
 
-    def listxattr(self, path: str) -> list[str]:
+    def listxattr(self, path: str, fh: int | None = None) -> list[str]:
         """The xattr names of ``path`` as the merged view shows them (overlay's private ones hidden).
 
         Raises ENOENT/ENOTDIR as the lookup does.
+        With ``fh``, those of that handle's object, which may have no name (see :mod:`.xattrs`).
         """
-        return xattrs.listxattr(self, path)
+        return xattrs.listxattr(self, path, fh)
 
-    def getxattr(self, path: str, name: str) -> bytes:
+    def getxattr(self, path: str, name: str, fh: int | None = None) -> bytes:
         """The value (bytes) of the xattr ``name`` of ``path``.
 
         Raises ENODATA when it is not set (overlay's private xattrs read as not set), ENOTSUP where the layer keeps no
         such xattrs, ENOENT/ENOTDIR as the lookup does.
+        With ``fh``, those of that handle's object, which may have no name (see :mod:`.xattrs`).
         """
-        return xattrs.getxattr(self, path, name)
+        return xattrs.getxattr(self, path, name, fh)
 
-    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
+    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0, fh: int | None = None) -> None:
         """Set the xattr ``name`` of ``path`` to ``value`` (``flags``: XATTR_CREATE/XATTR_REPLACE), copying it up.
 
         Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup does, EEXIST/ENODATA for the flags, ENOTSUP,
         EPERM for ``user.*`` on a symlink or special file, E2BIG/ENOSPC.
+        With ``fh``, those of that handle's object, which may have no name (see :mod:`.xattrs`).
         """
-        xattrs.setxattr(self, path, name, value, flags)
+        xattrs.setxattr(self, path, name, value, flags, fh)
 
-    def removexattr(self, path: str, name: str) -> None:
+    def removexattr(self, path: str, name: str, fh: int | None = None) -> None:
         """Remove the xattr ``name`` of ``path``, copying it up first.
 
         Raises ENODATA when it is not set (before any copy-up), EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup
         does.
+        With ``fh``, those of that handle's object, which may have no name (see :mod:`.xattrs`).
         """
-        xattrs.removexattr(self, path, name)
+        xattrs.removexattr(self, path, name, fh)

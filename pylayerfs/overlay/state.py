@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -162,3 +163,18 @@ class OverlayState:
                 return
         with layer.parent(node.path) as (fd, name):
             yield fd, name
+
+    def upper_object_of(self, fh: int) -> int:
+        """An fd on the upper file behind the open handle ``fh``, for a change of its metadata.
+
+        FUSE passes a handle for a file whose last name is gone (an unlinked file still open, or an object held by
+        ``Overlay.hold``). A handle on an upper object has its fd; one on a lower object (opened read-only, then its
+        name removed) cannot be copied up without a name: the kernel's overlayfs answers EEXIST there (its copy-up meets
+        the whiteout; ENOTDIR for a directory), and so does this. Raises KeyError for a handle that is not open.
+        """
+        of = self.files.get(fh)
+        if of.on_lower or of.metacopy:
+            directory = stat.S_ISDIR(os.stat(of.fd).st_mode)  # a lower directory: its copy-up answers ENOTDIR
+            code = errno.ENOTDIR if directory else errno.EEXIST
+            raise OSError(code, os.strerror(code), of.path)
+        return of.fd

@@ -53,10 +53,7 @@ class AttributeOps(Core):
         return p.attr_out(self._attrs(node, handle), self.timeout)
 
     def _readlink(self, req: Request, arg: memoryview) -> bytes:
-        node = self._node(req.nodeid)
-        if node.path is None:
-            return os.fsencode(self.ov.readlink("", self._held_handle(node)))
-        return os.fsencode(self.ov.readlink(node.path))
+        return os.fsencode(self.ov.readlink(*self._where(self._node(req.nodeid))))
 
     def _statfs(self, req: Request, arg: memoryview) -> bytes:
         sv = self.ov.statfs()
@@ -75,7 +72,8 @@ class AttributeOps(Core):
         name, _, value = rest.partition(b"\0")
         node = self._node(req.nodeid)
         node.no_caps = False
-        self.ov.setxattr(self._path(req.nodeid), os.fsdecode(name), value[:size], flags)
+        path, fh = self._where(node)
+        self.ov.setxattr(path, os.fsdecode(name), value[:size], flags, fh)
         self._mode_changed(req.nodeid, os.fsdecode(name))
         return b""
 
@@ -88,25 +86,27 @@ class AttributeOps(Core):
         size, _ = p.GETXATTR_IN.unpack_from(arg)
         name = cstring(arg[p.GETXATTR_IN.size :])
         node = self._node(req.nodeid)
+        path, fh = self._where(node)
         if name == _CAPS:
             if node.no_caps:
                 raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
             try:
-                value = self.ov.getxattr(self._path(req.nodeid), name)
+                value = self.ov.getxattr(path, name, fh)
             except OSError as exc:
                 node.no_caps = exc.errno == errno.ENODATA
                 raise
         else:
-            value = self.ov.getxattr(self._path(req.nodeid), name)
+            value = self.ov.getxattr(path, name, fh)
         return _sized(value, size)
 
     def _listxattr(self, req: Request, arg: memoryview) -> bytes:
         size, _ = p.GETXATTR_IN.unpack_from(arg)
-        names = self.ov.listxattr(self._path(req.nodeid))
+        names = self.ov.listxattr(*self._where(self._node(req.nodeid)))
         return _sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
 
     def _removexattr(self, req: Request, arg: memoryview) -> bytes:
-        self.ov.removexattr(self._path(req.nodeid), cstring(arg))
+        path, fh = self._where(self._node(req.nodeid))
+        self.ov.removexattr(path, cstring(arg), fh)
         self._mode_changed(req.nodeid, cstring(arg))
         return b""
 

@@ -126,12 +126,16 @@ class Core:
         node = self._found(path, attrs)
         return p.entry_out(node.nodeid, attrs, self.timeout, self.timeout)
 
+    def _where(self, node: NodeEntry) -> tuple[str, int | None]:
+        """How the engine reaches ``node``'s object: ``(path, None)``, or ``("", handle)`` once it has no name left
+        (an open handle, or its hold: see NameOps._removing); ENOENT when it has neither."""
+        return (node.path, None) if node.path is not None else ("", self._any_handle(node))
+
     def _attrs(self, node: NodeEntry, fh: int | None = None) -> dict[str, Any]:
-        """The attributes of ``node``: by its path, else through ``fh`` or one of its open handles (ENOENT if none)."""
-        path = node.path
-        if fh is None and path is None:
-            fh = self._any_handle(node)
-        return self.ov.getattr(path or "", fh)
+        """The attributes of ``node``: through ``fh`` if given, else as :meth:`_where` reaches it."""
+        if fh is not None:
+            return self.ov.getattr(node.path or "", fh)
+        return self.ov.getattr(*self._where(node))
 
     def _any_handle(self, node: NodeEntry) -> int:
         """An engine handle on ``node``'s object: one of its open files, else its hold; ENOENT when it has neither."""
