@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shlex
 import signal
 import stat
@@ -299,6 +300,26 @@ def _passthrough_expected() -> bool:
     """Does this kernel pass open files through (Linux 6.9, protocol 7.40, CONFIG_FUSE_PASSTHROUGH)?"""
     release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
     return release >= (6, 9) and os.geteuid() == 0
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("option", ["on", "off"])
+def test_passthrough_option_says_whether_writes_reach_the_daemon(stack, tmp_path, option):
+    """``-o passthrough=off`` makes the daemon serve every write; ``-o debug`` logs which is in use."""
+    if not _passthrough_expected():
+        pytest.skip("passthrough needs Linux 6.9 and CAP_SYS_ADMIN")
+    lowers, upper, work, mnt = stack
+    log = tmp_path / "daemon.log"
+    with pylayerfs_mount(mnt, lowers, upper, work, f"{NATIVE},passthrough={option},debug,logfile={log}"):
+        Path(f"{mnt}/new").write_bytes(b"x" * 4096)
+    text = log.read_text()
+    writes = re.search(r"requests served \(.*\bWRITE (\d+)", text)
+    if option == "off":
+        assert "passthrough is off" in text and writes is not None and int(writes.group(1)) >= 1
+    else:
+        assert "passthrough is off" not in text and writes is None, "no WRITE served"
+    bad = run_pylayerfs("mount", "-o", f"lowerdir={lowers[0]},passthrough=maybe", mnt, check=False)
+    assert bad.returncode == 1 and bad.stderr == "pylayerfs: passthrough needs on or off, not 'maybe'\n"
 
 
 @pytest.mark.root

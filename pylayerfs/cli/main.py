@@ -44,6 +44,9 @@ options (-o, comma-separated; \\: and \\, escape a colon or comma in a path):
   metacopy=on|off          on: chmod and chown copy up metadata only
   binding=native|libfuse   the FUSE transport (default native, or
                            $PYLAYERFS_BINDING)
+  passthrough=on|off       native: reads and writes of open files go to their
+                           real files in the kernel (default on, as root on
+                           Linux >= 6.9; -o debug logs whether it is in use)
   redirect_dir, index,     accepted with the values pylayerfs implements
   xino, nfs_export, uuid   (redirect_dir=off, index=off, ...)
 

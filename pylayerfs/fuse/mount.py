@@ -312,6 +312,14 @@ def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | Non
     return 0
 
 
+def passthrough(config: MountConfig) -> bool:
+    """May the native transport pass open files through to their real files? ``-o passthrough=on|off``, else
+    ``$PYLAYERFS_PASSTHROUGH`` ("off"), else yes (where the kernel and the daemon's privileges allow it)."""
+    if config.passthrough is not None:
+        return config.passthrough
+    return os.environ.get(PASSTHROUGH_VARIABLE) != "off"
+
+
 def _serve_native(config: MountConfig, mountpoint: str, source: str, ready_fd: int | None) -> int:
     """:func:`serve` on the native transport (:mod:`pylayerfs.fuse.native`): the same life, records and signals."""
     from pylayerfs.fuse.native import session as native
@@ -338,7 +346,7 @@ def _serve_native(config: MountConfig, mountpoint: str, source: str, ready_fd: i
         stopped = native.serve(overlay, mountpoint, fsname=source, options=mount_flags(config),
                                allow_other=config.allow_other, default_permissions=config.default_permissions,
                                timeout=config.timeout, on_ready=ready, on_session=on_session,
-                               passthrough=os.environ.get(PASSTHROUGH_VARIABLE) != "off")  # fmt: skip
+                               passthrough=passthrough(config))  # fmt: skip
         if stopped:
             log.info("%s: stopped by a signal, unmounted", mountpoint)
     except DeviceError as exc:

@@ -60,6 +60,9 @@ class MountConfig:
     metacopy: bool = False  # chmod, chown, utimes and xattrs copy a file's metadata only (the kernel's metacopy=on)
     timeout: float = 86400.0  # how long the kernel may cache entries and attributes (fuse-overlayfs's timeout=)
     binding: str | None = None  # the FUSE transport, "native" or "libfuse" (None: the daemon's default)
+    passthrough: bool | None = (
+        None  # native: open files passed through to their real files (None: $PYLAYERFS_PASSTHROUGH)
+    )
 
     @property
     def read_only(self) -> bool:
@@ -134,10 +137,10 @@ def parse_options(options: list[str]) -> MountConfig:
             if value not in BINDINGS:
                 raise MountError(f"binding needs {' or '.join(BINDINGS)}, not '{value}'")
             config.binding = value
-        elif key == "metacopy":
+        elif key in ("metacopy", "passthrough"):
             if value not in ("on", "off"):
-                raise MountError(f"metacopy needs on or off, not '{value}'")
-            config.metacopy = value == "on"
+                raise MountError(f"{key} needs on or off, not '{value}'")
+            setattr(config, key, value == "on")
         elif key in ("userxattr", "debug", "allow_other", "default_permissions") and not has_value:
             setattr(config, key, True)
         elif key in ("noallow_other", "nodefault_permissions") and not has_value:
