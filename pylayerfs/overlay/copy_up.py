@@ -48,13 +48,13 @@ def copy_up(ov: OverlayState, path: str, *, with_data: bool = True, meta_only: b
         return node
     parent_path, name = split(path)
     parent = copy_up(ov, parent_path)
-    metacopy = meta_only and ov.metacopy and stat.S_ISREG(node.st.st_mode)
+    metacopy = meta_only and ov.metacopy and stat.S_ISREG(node.mode)
     _copy_up_one(ov, parent, node, name, with_data and not metacopy, metacopy)
     if node.is_dir:
         ov.lookup.invalidate(path)
     elif metacopy:
         ov.files.metadata_copied_up(path)
-    elif stat.S_ISREG(node.st.st_mode):
+    elif stat.S_ISREG(node.mode):
         assert ov.upper is not None
         upper = ov.upper
         ov.files.copied_up(path, lambda: upper.open(path, os.O_RDONLY | os.O_NOFOLLOW))
@@ -68,9 +68,9 @@ def _copy_up_one(ov: OverlayState, parent: Node, node: Node, name: str, with_dat
     the top lower object too, except for the data copy-up of a metacopy file,
     whose metadata are its own (and which the new file replaces).
     """
-    layer, lower_st = node.lower.hits[0]
+    layer = node.lower.hits[0][0]
     replacing = node.upper is not None
-    st = node.upper if node.upper is not None else lower_st
+    st = node.st
     data_layer = node.data[0] if node.data is not None else layer
     work = ov.writable(node.path)[1]
     tmp = work.temp_name()

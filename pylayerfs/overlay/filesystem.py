@@ -24,7 +24,7 @@ from pylayerfs.overlay import namespace, readdir, realfs, xattrs
 from pylayerfs.overlay.copy_up import copy_up
 from pylayerfs.overlay.file import OpenFile
 from pylayerfs.overlay.inode import attributes, stat_dict
-from pylayerfs.overlay.layers import split
+from pylayerfs.overlay.layers import Entry, split
 from pylayerfs.overlay.state import Caller, OverlayState
 
 __all__ = ["Caller", "Overlay"]
@@ -39,7 +39,7 @@ def _requested_time(t: int, current: int, now: int) -> int:
     return now if t == UTIME_NOW else current if t == UTIME_OMIT else t
 
 
-def _identity(st: os.stat_result) -> tuple[int, int]:
+def _identity(st: os.stat_result | Entry) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
@@ -78,7 +78,7 @@ class Overlay(OverlayState):
         if fh is not None:
             return os.readlink("", dir_fd=self.files.get(fh).fd)  # readlinkat(2) of an O_PATH fd, empty path
         node = self.lookup.lookup(path)
-        if not stat.S_ISLNK(node.st.st_mode):
+        if not stat.S_ISLNK(node.mode):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         with self.real(node) as (fd, name):
             assert name is not None
@@ -95,7 +95,7 @@ class Overlay(OverlayState):
         if fh is not None:
             realfs.chmod(self.upper_object_of(fh), None, stat.S_IMODE(mode))
             return
-        if stat.S_ISLNK(self.lookup.lookup(path).st.st_mode):
+        if stat.S_ISLNK(self.lookup.lookup(path).mode):
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
         with self._upper_object(path) as (fd, name):
             realfs.chmod(fd, name, stat.S_IMODE(mode))
@@ -197,13 +197,13 @@ class Overlay(OverlayState):
         node = self.lookup.lookup(path)
         wants_write = bool(flags & _WRITE_FLAGS)
         real_flags = (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_NOFOLLOW
-        special = not (stat.S_ISREG(node.st.st_mode) or stat.S_ISDIR(node.st.st_mode))
+        special = not (stat.S_ISREG(node.mode) or stat.S_ISDIR(node.mode))
         if wants_write and not special:  # FIFOs, sockets and devices are never copied up
             node = copy_up(self, path, with_data=not flags & os.O_TRUNC)
         ino = self.inodes.of_node(node)
         data = node.data  # a metacopy file's data is in a layer below it
         fd = (data[0] if data else self.top_layer(node)).open(path, real_flags)
-        on_lower = (node.upper is None or node.metacopy) and stat.S_ISREG(node.st.st_mode)
+        on_lower = (node.upper is None or node.metacopy) and stat.S_ISREG(node.mode)
         return self.files.add(OpenFile(fd, path, ino, on_lower, data is not None))
 
     def hold(self, path: str) -> int:

@@ -19,6 +19,7 @@ import os
 import stat
 from typing import Any
 
+from pylayerfs.overlay.layers import Entry
 from pylayerfs.overlay.lookup import Node
 
 _FSID_SHIFT = 56
@@ -39,7 +40,7 @@ class InodeNumbers:
     def _fsid(self, dev: int) -> int:
         return self._fsids.setdefault(dev, len(self._fsids))
 
-    def of_real(self, st: os.stat_result) -> int:
+    def of_real(self, st: os.stat_result | Entry) -> int:
         """The ``st_ino`` the mount reports for a real object (``st`` its lstat): ``st_ino``, fsid in the top 8 bits.
 
         A filesystem first seen here gets the next fsid.
@@ -51,7 +52,7 @@ class InodeNumbers:
         """The ``st_ino`` of a merged object: the one recorded at copy-up, else its top-most real object's."""
         if node.origin is not None:
             return node.origin
-        return self.of_real(node.st)
+        return self.of_real(node.upper if node.upper is not None else node.lower.hits[0][1])
 
 
 def attributes(node: Node, ino: int) -> dict[str, Any]:
@@ -64,7 +65,7 @@ def attributes(node: Node, ino: int) -> dict[str, Any]:
     nlink = 1 if node.is_merged and stat.S_ISDIR(st.st_mode) else st.st_nlink
     attrs = stat_dict(st, ino, nlink)
     if node.data is not None:  # the blocks holding the data are the lower file's, as the kernel reports
-        attrs["st_blocks"] = node.data[1].st_blocks
+        attrs["st_blocks"] = node.data[0].lstat_found(node.path).st_blocks
     return attrs
 
 

@@ -45,10 +45,10 @@ import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from pylayerfs.overlay.layers import Layer, LowerLayer, join, split
+from pylayerfs.overlay.layers import Entry, Layer, LowerLayer, entry_of, join, split
 from pylayerfs.overlay.markers import Markers, is_whiteout
 
-LowerHit = tuple[LowerLayer, os.stat_result]
+LowerHit = tuple[LowerLayer, Entry]
 MAX_CACHED_DIRS = 4096  # the most directory fds the cache keeps, when the fd limit allows it
 _DIR_FD_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -124,20 +124,34 @@ class Node:
     origin: int | None = None  # inode number the upper object had before copy-up
     metacopy: bool = False  # the upper file holds metadata only: the data is the lower file's (lower.hits[0])
     fd_owner: DirFd | None = field(default=None, repr=False, compare=False)  # closes upper_fd with the node
+    lower_st: os.stat_result | None = field(default=None, repr=False, compare=False)  # read by ``st``, once
 
     @property
     def st(self) -> os.stat_result:
-        """The lstat of the top-most real object: what the merged view shows."""
-        return self.upper if self.upper is not None else self.lower.hits[0][1]
+        """The lstat of the top-most real object: what the merged view shows.
+
+        A lower object's is read from its layer on first use (the listings keep only an :class:`Entry`); raises
+        ``lstat``'s errors then (ENOENT, EIO), which a lower layer changed while mounted would cause.
+        """
+        if self.upper is not None:
+            return self.upper
+        if self.lower_st is None:
+            self.lower_st = self.lower.hits[0][0].lstat_found(self.path)
+        return self.lower_st
+
+    @property
+    def mode(self) -> int:
+        """The ``st_mode`` of the top-most real object (without reading a lower object's whole lstat)."""
+        return self.upper.st_mode if self.upper is not None else self.lower.hits[0][1].st_mode
 
     @property
     def is_dir(self) -> bool:
         """True when the merged object is a directory."""
-        return stat.S_ISDIR(self.st.st_mode)
+        return stat.S_ISDIR(self.mode)
 
     @property
     def data(self) -> LowerHit | None:
-        """Where a metacopy file's data is: ``(layer, lstat of the file holding it)``; None for any other object."""
+        """Where a metacopy file's data is: ``(layer, entry of the file holding it)``; None for any other object."""
         if self.metacopy or (self.upper is None and self.lower.metacopy):
             return self.lower.hits[-1]
         return None
@@ -191,7 +205,7 @@ class Lookup:
     def _root_lower_stack(self) -> LowerStack:
         hits: list[LowerHit] = []
         for layer in self.lowers:
-            hits.append((layer, layer.lstat("")))
+            hits.append((layer, entry_of(layer.lstat(""), layer.dev)))
             if layer.listing("").opaque:
                 break
         return LowerStack(tuple(hits))

@@ -68,7 +68,7 @@ def _merged(ov: OverlayState, node: Node, resolve: bool) -> Iterator[Entry]:
                         continue
                     child = ov.lookup.child(node, entry.name)
                     if child is not None:
-                        yield entry.name, stat.S_IFMT(child.st.st_mode), ov.inodes.of_node(child)
+                        yield entry.name, stat.S_IFMT(child.mode), ov.inodes.of_node(child)
         finally:
             os.close(fd)
     for layer, _ in node.lower.hits:

@@ -139,7 +139,7 @@ class _Walk:
                     return "metacopy file"
             except OSError:
                 return "metacopy file"  # one with a redirect, which pylayerfs refuses
-        return _kind(st)
+        return _kind(st.st_mode)
 
     def _upper_holds(self, layer: engine.Layer, rel: str) -> str:
         markers = self.lookup.markers
@@ -162,7 +162,7 @@ class _Walk:
                         return "metacopy file"
                 except OSError:
                     return "metacopy file"
-        return _kind(st)
+        return _kind(st.st_mode)
 
     # -- the engine's decisions -----------------------------------------------------------------
 
@@ -349,10 +349,10 @@ class _Walk:
         return out
 
 
-def _kind(st: os.stat_result) -> str:
+def _kind(mode: int) -> str:
     kinds = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"), (stat.S_ISFIFO, "fifo"),
              (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"), (stat.S_ISSOCK, "socket"))  # fmt: skip
-    return next((name for test, name in kinds if test(st.st_mode)), "special file")
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 @contextlib.contextmanager
