@@ -28,7 +28,7 @@ import pytest
 
 from pylayerfs.fuse.native import session as native
 from pylayerfs.fuse.native.core import Request
-from pylayerfs.fuse.native.protocol import BATCH_FORGET_IN, FORGET_ONE, IN_HEADER, Op
+from pylayerfs.fuse.native.protocol import BATCH_FORGET_IN, FORGET_ONE, IN_HEADER, MAX_READ, OUT_HEADER, READ_IN, Op
 from pylayerfs.overlay.filesystem import Overlay
 from tests.mounts import _mounted, force_unmount, options, pylayerfs_mount, run_pylayerfs
 from tests.test_nonroot import AS_NOBODY, _nobody_python, nobody_dirs  # noqa: F401 (a fixture)
@@ -360,6 +360,116 @@ def test_files_in_the_upper_layer_are_passed_through_and_stay_coherent_across_co
         assert f.read() == b"ABCD" + data[4:]
 
 
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.root
+def test_a_served_file_is_read_in_reads_of_about_1_mib(stack):
+    """Readahead raised after INIT (root writes the mount's read_ahead_kb) makes the kernel READ a served lower
+    file in pieces of up to MAX_READ (1020 KiB), not its default 128 KiB: 8 MiB in a dozen READs, not 64; the
+    bytes are the lower file's."""
+    lowers, mnt = stack[0], stack[3]
+    data = os.urandom(8 << 20)
+    with open(f"{lowers[0]}/eight", "wb") as f:
+        f.write(data)
+    with in_process(stack) as session:
+        fd = os.open(f"{mnt}/eight", os.O_RDONLY)
+        try:
+            assert _read_all(fd) == data
+        finally:
+            os.close(fd)
+        reads = session.counts[Op.READ]
+        assert len(data) // MAX_READ <= reads <= len(data) // MAX_READ + 4, f"{reads} READs for 8 MiB"
+
+
+def test_a_reader_opened_before_copy_up_reads_what_is_written_after_it_in_large_reads(stack):
+    """A served reader follows its file's copy-up: opened on the lower file, it reads (in spliced READs of about
+    1 MiB) what a writer opened after it wrote, in pages it had cached and in pages it had not read yet."""
+    lowers, mnt = stack[0], stack[3]
+    data = os.urandom(6 << 20)
+    with open(f"{lowers[0]}/six", "wb") as f:
+        f.write(data)
+    new = os.urandom(1 << 20)
+    with in_process(stack) as session:
+        reader = os.open(f"{mnt}/six", os.O_RDONLY)
+        try:
+            assert os.pread(reader, 1 << 20, 0) == data[: 1 << 20]
+            writer = os.open(f"{mnt}/six", os.O_WRONLY)  # copies it up
+            try:
+                os.pwrite(writer, new, 5 << 20)
+                os.pwrite(writer, b"head", 0)
+            finally:
+                os.close(writer)
+            os.lseek(reader, 0, os.SEEK_SET)
+            assert _read_all(reader) == b"head" + data[4 : 5 << 20] + new
+        finally:
+            os.close(reader)
+        assert session.counts[Op.READ] >= 4, "the reader's data came from the daemon"
+    with open(f"{stack[1]}/six", "rb") as f:
+        assert f.read() == b"head" + data[4 : 5 << 20] + new
+
+
+def test_served_reads_answer_with_the_real_file_bytes_at_any_offset_and_size(stack, monkeypatch):
+    """READ replies, spliced (64 KiB and more, when the pipe holds them) or copied, at odd offsets and sizes,
+    across page ends, at and past the end of the file, are the lower file's bytes; so is one whose splice comes
+    short (the file shrank meanwhile: the reply is copied instead); a handle open only for writing answers
+    EBADF. A pipe stands for the device."""
+    lowers, upper, work, _ = stack
+    data = os.urandom((3 << 20) + 123)
+    with open(f"{lowers[0]}/odd", "wb") as f:
+        f.write(data)
+    device_r, device_w = os.pipe()
+    fcntl.fcntl(device_w, fcntl.F_SETPIPE_SZ, 1 << 20)  # a whole reply fits: read after each request
+    spliced: list[int] = []  # the replies spliced to the device, by length
+    short = [False]
+    splice = os.splice
+
+    def counted(src: int, dst: int, count: int, *args: int) -> int:
+        if short[0] and dst != device_w:
+            return 0
+        n = splice(src, dst, count, *args)
+        if dst == device_w:
+            spliced.append(n)
+        return n
+
+    monkeypatch.setattr(os, "splice", counted)
+    overlay = Overlay(lowers, upper, work)
+    session = native.Session(overlay, device_w, mountpoint="/nonexistent", timeout=1.0)
+
+    def read(unique: int, fh: int, offset: int, size: int) -> bytes:
+        arg = READ_IN.pack(fh, offset, size, 0, 0, 0, 0)
+        session._serve(memoryview(IN_HEADER.pack(IN_HEADER.size + len(arg), Op.READ, unique, 2, 0, 0, 1, 0, 0) + arg))
+        reply = os.read(device_r, 2 << 20)
+        length, error, answered = OUT_HEADER.unpack_from(reply)
+        assert (length, answered) == (len(reply), unique), (offset, size)
+        return reply[OUT_HEADER.size :] if not error else os.strerror(-error).encode()
+
+    try:
+        fh = overlay.open("odd", os.O_RDONLY)
+        end = len(data)
+        for offset, size in [(0, 4096), (1, 1), (4095, 2), (12345, 65536), (4096, 3 * 65536 + 7),
+                             ((1 << 20) - 3, MAX_READ), (1 << 20, MAX_READ), (end - 100, 1 << 17),
+                             (end - 70000, 1 << 17), (end, 4096), (end + 5000, 1 << 17)]:  # fmt: skip
+            assert read(len(spliced), fh, offset, size) == data[offset : offset + size], (offset, size)
+        assert MAX_READ + OUT_HEADER.size in spliced, "the page-aligned 1020 KiB READ was spliced"
+        assert 70000 + OUT_HEADER.size in spliced, "the READ at the end of the file was spliced up to the end"
+        short[0] = True
+        assert read(1, fh, 8192, 1 << 18) == data[8192 : 8192 + (1 << 18)]
+        short[0] = False
+        assert read(2, fh, 0, 1 << 18) == data[: 1 << 18]
+        assert spliced[-1] == OUT_HEADER.size + (1 << 18), "a new pipe after the short splice"
+        assert read(3, overlay.open("f", os.O_WRONLY), 0, 1 << 17) == os.strerror(errno.EBADF).encode()
+    finally:
+        session._close_pipe()
+        overlay.close()
+        os.close(device_r)
+        os.close(device_w)
+
+
 def test_a_reply_whose_request_is_gone_takes_back_its_lookup_and_its_open_file(stack, monkeypatch):
     """Writing a reply fails with ENOENT when its request was interrupted meanwhile: the kernel took nothing from
     it, so neither the lookup counted for a CREATE's entry nor the file it opened may stay behind."""
@@ -396,7 +506,8 @@ def test_init_takes_the_older_minor_and_only_the_flags_both_sides_have():
     fields = INIT_OUT.unpack(reply)
     assert (agreed.minor, fields[1]) == (40, 40), "a newer kernel is answered with the newest minor we speak"
     assert agreed.passthrough and fields[10] == Init.PASSTHROUGH >> 32 and fields[11] == 1, "max_stack_depth 1"
-    assert not agreed.flags & (Init.ASYNC_READ | Init.POSIX_LOCKS | Init.WRITEBACK_CACHE | Init.DONT_MASK)
+    assert agreed.flags & Init.ASYNC_READ, "readahead does not wait for each READ"
+    assert not agreed.flags & (Init.POSIX_LOCKS | Init.WRITEBACK_CACHE | Init.DONT_MASK)
     assert fields[6] == 1 << 20 and fields[8] == 256, "1 MiB writes in 256 pages"
     agreed, reply = negotiate(_init_in(38, everything, 0xFFFFFFFF), passthrough=True)
     assert agreed.minor == 38 and not agreed.passthrough and INIT_OUT.unpack(reply)[11] == 0, "7.38 has none"

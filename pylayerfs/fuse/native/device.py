@@ -18,6 +18,8 @@ import shutil
 import socket
 import subprocess
 
+from pylayerfs.fuse.native.protocol import MAX_READ
+
 FUSE_DEVICE = "/dev/fuse"
 # mount(2) flags (<sys/mount.h>) for the generic options a user may give
 MS_RDONLY = 1
@@ -82,7 +84,7 @@ def mount_flags(options: list[str]) -> int:
 
 
 def _data(fd: int, allow_other: bool, default_permissions: bool) -> str:
-    data = f"fd={fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()}"
+    data = f"fd={fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()},max_read={MAX_READ}"
     return data + (",allow_other" if allow_other else "") + (",default_permissions" if default_permissions else "")
 
 
@@ -169,3 +171,26 @@ def unmount(mountpoint: str, *, lazy: bool = True, by_fusermount: bool | None = 
                             check=False, timeout=30)  # fmt: skip
     if result.returncode != 0:
         raise DeviceError(f"cannot unmount '{mountpoint}': {result.stderr.strip()}")
+
+
+def set_readahead(mountpoint: str, kib: int) -> bool:
+    """Set the kernel's readahead for the FUSE mount on ``mountpoint`` to ``kib`` KiB; False where it cannot.
+
+    Readahead decides the size of the kernel's READs of a cached file (at most the mount's max_read): its
+    default, 128 KiB, cannot be raised through INIT, so it is written to the mount's backing device
+    (``/sys/class/bdi/MAJOR:MINOR/read_ahead_kb``, found in ``/proc/self/mountinfo``; the kernel's
+    Documentation/ABI/testing/sysfs-class-bdi). Only root may write it. Never looks at the mountpoint
+    itself (its daemon may be the caller). Call it after INIT is answered: the INIT reply sets it again.
+    """
+    from pylayerfs.overlay.params import mountinfo
+
+    where = os.path.abspath(mountpoint)
+    devices = [entry.dev for entry in mountinfo() if entry.mountpoint == where and entry.fstype == FSTYPE]
+    if not devices:
+        return False
+    try:
+        with open(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb", "w") as f:
+            f.write(str(kib))
+    except OSError:
+        return False
+    return True

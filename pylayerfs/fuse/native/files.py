@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -13,9 +14,23 @@ from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.core import Core, Request, cstring, log
 from pylayerfs.fuse.native.nodes import NodeEntry
 
+PAGE_SIZE = 4096
+SPLICE_MIN = 64 << 10  # smaller READ replies are copied: two system calls instead of four
+
+
+def _pipe() -> tuple[int, int, int]:
+    """A non-blocking pipe for spliced READ replies, 1 MiB if allowed: ``(read end, write end, pages it holds)``."""
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    with contextlib.suppress(OSError):  # EPERM above /proc/sys/fs/pipe-max-size: the default size stays
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, p.MAX_WRITE)
+    return r, w, fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) // PAGE_SIZE
+
 
 class FileOps(Core):
     """The handlers of open files: OPEN, CREATE, TMPFILE, READ, WRITE, RELEASE and passthrough."""
+
+    _pipe: tuple[int, int, int] | None = None  # for spliced READ replies (:func:`_pipe`), made at the first
+    _read_buffer: memoryview | None = None  # for READ replies that are copied
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -106,9 +121,69 @@ class FileOps(Core):
         node.no_caps = True  # a new file has no file capabilities
         return p.entry_out(node.nodeid, attrs, self.timeout, self.timeout) + self._opened(node, fh)
 
-    def _read(self, req: Request, arg: memoryview) -> bytes:
+    def _read(self, req: Request, arg: memoryview) -> memoryview | None:
+        """READ of a served handle: ``size`` bytes from byte ``offset`` of its real file (fewer at its end).
+
+        Read from the engine's fd for the handle at the time of the request, which copy-up moves to the upper
+        copy. A reply of :data:`SPLICE_MIN` bytes or more (up to the file's end, by ``fstat``) is spliced
+        (:meth:`_splice_read`; None: replied); a smaller one, and one that cannot be spliced, is read into a
+        buffer kept for the session (two copies of the data, no allocation). Raises EBADF for a handle not open
+        for reading, and ``pread(2)``'s errors (EIO...).
+        """
         fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
-        return self.ov.read(fh, size, offset)
+        fd = self.ov.files.get(fh).fd
+        if size >= SPLICE_MIN:
+            length = min(size, os.fstat(fd).st_size - offset)
+            if length >= SPLICE_MIN and self._splice_read(req.unique, fd, offset, length):
+                return None
+        if self._read_buffer is None:
+            self._read_buffer = memoryview(bytearray(p.MAX_WRITE))
+        return self._read_buffer[: os.preadv(fd, [self._read_buffer[:size]], offset)]
+
+    def _splice_read(self, unique: int, fd: int, offset: int, size: int) -> bool:
+        """Answer READ ``unique`` with ``size`` bytes at ``offset`` of ``fd`` by splice(2); False: nothing was sent.
+
+        The reply header is written into a pipe, the file's pages are spliced in behind it (the pipe takes
+        references to them: no copy) and the pipe is spliced to the device, which copies each page once into
+        the FUSE file's page cache (fs/fuse/dev.c ``fuse_dev_splice_write``; libfuse's splice path does the
+        same). The header goes first, so the size must be known before the data is read: a splice shorter
+        than ``size`` (the file shrank meanwhile), a reply the pipe cannot hold or a file that cannot be
+        spliced (EINVAL) gives False, with the pipe made anew, and the caller reads the data by ``pread``.
+        Errors writing to the device are those of :meth:`~.session.Session._reply`: ENODEV ends the session,
+        ENOENT (the request is gone) is ignored.
+        """
+        if self._pipe is None:
+            self._pipe = _pipe()
+        r, w, capacity = self._pipe
+        if 1 + (offset + size - 1) // PAGE_SIZE - offset // PAGE_SIZE + 1 > capacity:  # the header's page, the data's
+            return False
+        total = p.OUT_HEADER.size + size
+        try:
+            os.write(w, p.OUT_HEADER.pack(total, 0, unique))
+            done = 0
+            while done < size:
+                n = os.splice(fd, w, size - done, offset + done)
+                if not n:
+                    raise EOFError
+                done += n
+        except (OSError, EOFError):
+            self._close_pipe()
+            return False
+        try:
+            os.splice(r, self.fd, total)
+        except OSError as exc:
+            self._close_pipe()
+            if exc.errno == errno.ENODEV:
+                self._ended = True
+            elif exc.errno != errno.ENOENT:
+                log.error("cannot splice the reply to request %d: %s", unique, exc.strerror)
+        return True
+
+    def _close_pipe(self) -> None:
+        if self._pipe is not None:
+            os.close(self._pipe[0])
+            os.close(self._pipe[1])
+            self._pipe = None
 
     def _write(self, req: Request, arg: memoryview) -> bytes:
         fh, offset, size, *_ = p.WRITE_IN.unpack_from(arg)

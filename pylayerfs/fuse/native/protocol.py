@@ -28,6 +28,12 @@ ROOT_ID = 1  # FUSE_ROOT_ID: the node ID of the mount's root, never forgotten
 
 MAX_PAGES = 256  # pages per request (FUSE_MAX_PAGES): 1 MiB writes and reads
 MAX_WRITE = MAX_PAGES * 4096
+# The largest READ (the mount's max_read): one page less than a pipe of the default pipe-max-size (1 MiB)
+# holds, so that a READ's reply, its header in a page of its own, is spliced whole (FileOps._read).
+MAX_READ = MAX_WRITE - 4096
+# Readahead asked of the kernel after INIT (/sys/class/bdi/0:N/read_ahead_kb): two READs of MAX_READ. INIT's
+# max_readahead can only lower the kernel's default of 128 KiB (fs/fuse/inode.c process_init_reply).
+READAHEAD_KIB = 2 * MAX_READ // 1024
 # What one read() of /dev/fuse may return: a request header, its argument and up to max_write bytes of data.
 BUFFER_SIZE = MAX_WRITE + 4096
 
@@ -113,11 +119,14 @@ class Init(enum.IntFlag):
 
 
 # What this transport asks for: O_TRUNC in OPEN, 1 MiB requests, listings with attributes when the
-# kernel finds them worth it. Not ASYNC_READ (one request at a time), not POSIX_LOCKS or FLOCK_LOCKS
+# kernel finds them worth it, and ASYNC_READ: readahead sends its READs without waiting for each (the loop
+# still serves one request at a time, but the kernel queues the next READ while the reader copies the last
+# one's pages: docs/performance.md, W3 cold). Not POSIX_LOCKS or FLOCK_LOCKS
 # (locks stay in the kernel, local to the mount), not DONT_MASK (the kernel applies the umask), not
 # WRITEBACK_CACHE (every write reaches the layers at once), not EXPORT_SUPPORT (no LOOKUP of "." / "..").
 WANTED = (
-    Init.ATOMIC_O_TRUNC
+    Init.ASYNC_READ
+    | Init.ATOMIC_O_TRUNC
     | Init.BIG_WRITES
     | Init.AUTO_INVAL_DATA
     | Init.DO_READDIRPLUS

@@ -31,13 +31,13 @@ from collections.abc import Callable
 from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.attributes import AttributeOps
 from pylayerfs.fuse.native.core import Request, errno_of, log
-from pylayerfs.fuse.native.device import DeviceError, unmount
+from pylayerfs.fuse.native.device import DeviceError, set_readahead, unmount
 from pylayerfs.fuse.native.dirs import DirOps
 from pylayerfs.fuse.native.files import FileOps
 from pylayerfs.fuse.native.names import NameOps
 from pylayerfs.overlay.filesystem import Overlay
 
-Handler = Callable[[Request, memoryview], bytes]
+Handler = Callable[[Request, memoryview], bytes | memoryview | None]  # None: the handler replied itself
 
 
 class Stop(Exception):
@@ -177,7 +177,7 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
         self._counted = []
         self._opening = None
         error = 0
-        payload = b""
+        payload: bytes | memoryview | None = b""
         if handler is None:
             error = errno.ENOSYS
         else:
@@ -195,12 +195,15 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
             node = self.nodes.get(nodeid)
             where = node.path if node is not None else None
             log.debug("%s #%d node %d (%r) pid %d -> %s", _name(opcode), unique, nodeid, where, pid,
-                      os.strerror(error) if error else f"{len(payload)} bytes")  # fmt: skip
-        if opcode in p.NO_REPLY:
+                      os.strerror(error) if error else "replied" if payload is None
+                      else f"{len(payload)} bytes")  # fmt: skip
+        if opcode in p.NO_REPLY or payload is None:
             return
         self._reply(unique, error, payload)
+        if opcode == p.Op.INIT and not error and not set_readahead(self.mountpoint, p.READAHEAD_KIB):
+            log.info("readahead stays at the kernel's default (128 KiB READs): only root can raise it")
 
-    def _reply(self, unique: int, error: int, payload: bytes) -> None:
+    def _reply(self, unique: int, error: int, payload: bytes | memoryview) -> None:
         data = p.OUT_HEADER.pack(p.OUT_HEADER.size + (0 if error else len(payload)), -error, unique)
         try:
             os.writev(self.fd, [data] if error else [data, payload])  # one write: the kernel takes it whole
@@ -300,5 +303,6 @@ def serve(
         session.abandon()  # a failing device: never leave a dead mount behind
         raise
     finally:
+        session._close_pipe()
         os.close(session.fd)
         overlay.close()
