@@ -18,21 +18,36 @@ class DirOps(Core):
     # -- directories -------------------------------------------------------------------------------
 
     def _opendir(self, req: Request, arg: memoryview) -> bytes:
+        """OPENDIR: ENOSYS when the kernel may cache (``timeout`` > 0), else a handle whose listing is read afresh.
+
+        After one ENOSYS the kernel sends no OPENDIR or RELEASEDIR for the rest of the mount (two requests per
+        directory opened) and opens every directory with FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR and handle 0
+        (``fuse_do_open``, fs/fuse/file.c; FUSE_NO_OPENDIR_SUPPORT): what this method answered before with
+        caching on. The kernel keeps a listing while the directory's version (bumped by every change made through
+        the mount) and mtime stay the same: nothing else changes a merged directory while mounted. With
+        ``timeout=0`` (layers may change underneath) every opendir gets a handle without those flags, so every
+        listing is read from the layers. Raises ENOTDIR for a non-directory, ENOENT for a removed one.
+        """
+        if self.timeout > 0:
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
         if not stat.S_ISDIR(self._attrs(self._node(req.nodeid))["st_mode"]):
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         fh = next(self._next_dir)
         self._dirs[fh] = None
-        # The kernel keeps listings while the directory's version (bumped by every change made through the mount)
-        # and mtime stay the same: nothing else changes a merged directory while mounted.
-        return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_CACHE_DIR if self.timeout > 0 else 0, 0)
+        return p.OPEN_OUT.pack(fh, 0, 0)
 
     def _listing(self, req: Request, fh: int, offset: int) -> tuple[str, list[tuple[str, int, int]]]:
-        """The directory's path and listing: read at offset 0 (a rewind reads again), then kept per handle."""
+        """The directory's path and listing: read at offset 0 (a rewind reads again), then kept per handle.
+
+        Handle 0 (no OPENDIR: the kernel caches the listing) reads the engine's listing, which is cached until
+        something in the directory changes.
+        """
         path = self._path(req.nodeid)
-        entries = self._dirs.get(fh)
+        entries = self._dirs.get(fh) if fh else None
         if entries is None or offset == 0:
             entries = self.ov.readdir(path)
-            self._dirs[fh] = entries
+            if fh:
+                self._dirs[fh] = entries
         return path, entries
 
     def _readdir(self, req: Request, arg: memoryview) -> bytes:
