@@ -74,6 +74,7 @@ class Core:
         self.fd = fd
         self.mountpoint = mountpoint
         self.timeout = timeout
+        self.valid = p.split_seconds(timeout)  # the kernel's cache time as the protocol gives it
         self.by_fusermount = by_fusermount
         self.passthrough = passthrough  # asked for; in force once INIT agreed and the first backing file opened
         self._on_ready = on_ready
@@ -123,7 +124,7 @@ class Core:
         """The entry reply for the object now at ``path`` (a lookup counted for it)."""
         attrs = self.ov.getattr(path, fh)
         node = self._found(path, attrs)
-        return p.entry_out(node.nodeid, attrs, self.timeout, self.timeout)
+        return p.entry_out(node.nodeid, attrs, self.valid)
 
     def _attrs(self, node: NodeEntry, fh: int | None = None) -> dict[str, Any]:
         """The attributes of ``node``: by its path, else through ``fh`` or one of its open handles (ENOENT if none)."""

@@ -10,6 +10,7 @@ from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.core import Core, Request
 
 _DOT_NAMES = (".", "..")
+_NO_ENTRY = bytes(p.ENTRY_OUT.size)  # node 0: the kernel looks the name up itself
 
 
 class DirOps(Core):
@@ -80,8 +81,8 @@ class DirOps(Core):
                 except OSError:
                     pass  # gone since the listing was made: a plain entry, the kernel looks it up
                 else:
-                    entry = p.entry_out(self._found(child, attrs).nodeid, attrs, self.timeout, self.timeout)
-            out += entry or p.ENTRY_OUT.pack(*((0,) * 22))
+                    entry = p.entry_out(self._found(child, attrs).nodeid, attrs, self.valid)
+            out += entry or _NO_ENTRY
             out += p.dirent(ino, index + 1, mode >> 12, raw)
         return bytes(out)
 

@@ -105,7 +105,7 @@ class FileOps(Core):
         node = self.nodes.unnamed(attrs["st_ino"])
         self._counted.append(node)
         node.no_caps = True  # a new file has no file capabilities
-        return p.entry_out(node.nodeid, attrs, self.timeout, self.timeout) + self._opened(node, fh)
+        return p.entry_out(node.nodeid, attrs, self.valid) + self._opened(node, fh)
 
     def _read(self, req: Request, arg: memoryview) -> bytes:
         fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
