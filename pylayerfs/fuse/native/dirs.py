@@ -64,8 +64,15 @@ class DirOps(Core):
         return bytes(out)
 
     def _readdirplus(self, req: Request, arg: memoryview) -> bytes:
+        """READDIRPLUS: the entries from ``offset`` that fit in ``size`` bytes, each with its attributes and a lookup.
+
+        An entry whose name is gone since the listing was made (or cannot be looked up) goes without them:
+        the kernel looks it up itself. ``.`` and ``..`` never carry attributes.
+        """
         fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
         path, entries = self._listing(req, fh, offset)
+        attrs_of = self.ov.getattr_entries(path, (e[0] for e in entries[offset:] if e[0] not in _DOT_NAMES))
+        prefix = f"{path}/" if path else ""
         out = bytearray()
         for index in range(offset, len(entries)):
             name, mode, ino = entries[index]
@@ -73,16 +80,13 @@ class DirOps(Core):
             record_size = p.ENTRY_OUT.size + p.DIRENT.size + len(raw) + (-(p.DIRENT.size + len(raw)) % 8)
             if len(out) + record_size > size:
                 break
-            entry = b""
+            entry = _NO_ENTRY
             if name not in _DOT_NAMES:
-                child = f"{path}/{name}" if path else name
-                try:
-                    attrs = self.ov.getattr(child)
-                except OSError:
-                    pass  # gone since the listing was made: a plain entry, the kernel looks it up
-                else:
+                attrs = next(attrs_of)  # the attributes of this entry: the names given skip the dots too
+                if attrs is not None:
+                    child = prefix + name
                     entry = p.entry_out(self._found(child, attrs).nodeid, attrs, self.valid)
-            out += entry or _NO_ENTRY
+            out += entry
             out += p.dirent(ino, index + 1, mode >> 12, raw)
         return bytes(out)
 

@@ -80,7 +80,7 @@ class FileOps(Core):
         path = self._child(req.nodeid, cstring(arg[p.CREATE_IN.size :]))
         fh = self.ov.create(path, mode, flags, req.caller)
         try:
-            entry = self._entry(path)
+            entry = self._entry(path, fh)  # the new file's fstat: no lookup of what was just made
         except BaseException:
             self.ov.release(fh)
             raise
