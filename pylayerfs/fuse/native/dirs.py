@@ -27,7 +27,7 @@ class DirOps(Core):
         caching on. The kernel keeps a listing while the directory's version (bumped by every change made through
         the mount) and mtime stay the same: nothing else changes a merged directory while mounted. With
         ``timeout=0`` (layers may change underneath) every opendir gets a handle without those flags, so every
-        listing is read from the layers. Raises ENOTDIR for a non-directory, ENOENT for a removed one.
+        listing is read from the layers; then raises ENOTDIR for a non-directory, ENOENT for a removed one.
         """
         if self.timeout > 0:
             raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))

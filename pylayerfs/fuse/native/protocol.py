@@ -161,8 +161,7 @@ INIT_OUT = struct.Struct("=IIIIHHIIHHII24x")  # ... flags2, max_stack_depth (7.4
 ATTR = struct.Struct("=QQQqqqIIIIIIIIII")
 ENTRY_HEAD = struct.Struct("=QQQQII")  # nodeid generation entry_valid attr_valid entry_valid_nsec attr_valid_nsec
 ENTRY_OUT = struct.Struct(ENTRY_HEAD.format + ATTR.format[1:])  # the head, then the attr
-ATTR_HEAD = struct.Struct("=QII")  # attr_valid attr_valid_nsec dummy
-ATTR_OUT = struct.Struct(ATTR_HEAD.format + ATTR.format[1:])  # the head, then the attr
+ATTR_HEAD = struct.Struct("=QII")  # fuse_attr_out: attr_valid attr_valid_nsec dummy, then the attr
 FORGET_IN = struct.Struct("=Q")
 BATCH_FORGET_IN = struct.Struct("=II")  # count, dummy; then count x (nodeid, nlookup)
 FORGET_ONE = struct.Struct("=QQ")
