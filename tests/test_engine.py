@@ -123,6 +123,23 @@ def test_readdir_has_dot_entries_and_inodes_agree_with_getattr(make):
         assert entries == ov.readdir(path)  # deterministic
 
 
+def test_getattr_entries_is_getattr_of_each_name_and_none_for_a_name_gone(make):
+    """READDIRPLUS's batch: what getattr says of each name (a merged directory, a whiteout, an upper file, a lower
+    symlink), None for a name the merged view does not have; ENOTDIR for a file."""
+    ov = make({"d/a": "1", "d/sub/x": "1", "d/w": "1"}, {"d/b": "2", "d/s": ("symlink", "a")},
+              upper={"d/c": "3", "d/sub/y": "4", "d/w": WHITEOUT})  # fmt: skip
+    names = ["a", "b", "c", "s", "sub", "w", "missing"]
+    got = list(ov.getattr_entries("d", names))
+    for name, attrs in zip(names, got, strict=True):
+        if name in ("w", "missing"):
+            assert attrs is None, name
+        else:
+            assert attrs == ov.getattr(f"d/{name}"), name
+    with pytest.raises(OSError) as exc:
+        list(ov.getattr_entries("d/a", ["x"]))
+    assert exc.value.errno == errno.ENOTDIR
+
+
 # -- copy-up -----------------------------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ def stack(tmp_path: Path) -> tuple[list[str], str, str, str]:
 
 
 @contextlib.contextmanager
-def in_process(stack: tuple[list[str], str, str, str]) -> Iterator[native.Session]:
+def in_process(stack: tuple[list[str], str, str, str], timeout: float = 86400.0) -> Iterator[native.Session]:
     """A native mount served by a thread of this process: yields its session (the node table is readable)."""
     lowers, upper, work, mnt = stack
     sessions: list[native.Session] = []
@@ -58,7 +58,7 @@ def in_process(stack: tuple[list[str], str, str, str]) -> Iterator[native.Sessio
         target=native.serve,
         args=(overlay, mnt),
         kwargs={"fsname": "pylayerfs-test", "options": [], "allow_other": True, "default_permissions": True,
-                "timeout": 86400.0, "on_ready": ready.set, "on_session": sessions.append},
+                "timeout": timeout, "on_ready": ready.set, "on_session": sessions.append},
         daemon=True,
     )  # fmt: skip
     thread.start()
@@ -275,8 +275,10 @@ def _listings(session: native.Session) -> int:
 
 @pytest.mark.root
 def test_the_kernel_keeps_listings_and_every_change_through_the_mount_shows(stack):
-    """Directories are opened with FOPEN_CACHE_DIR: a second listing costs no READDIR; a change made through the
-    mount (create, unlink, rename in and out, mkdir) is seen by the very next listing."""
+    """OPENDIR is answered ENOSYS once, then never sent again (nor RELEASEDIR): the kernel caches every listing
+    (FOPEN_CACHE_DIR), so a second listing costs no READDIR; a listing longer than one READDIR reply is read
+    whole without a handle; a change made through the mount (create, unlink, rename in and out and within,
+    mkdir, rmdir, link) is seen by the very next listing, also through a directory fd opened before it."""
     mnt = stack[3]
     with in_process(stack) as session:
         for i in range(300):
@@ -284,16 +286,43 @@ def test_the_kernel_keeps_listings_and_every_change_through_the_mount_shows(stac
         expected = {"a", *(f"n{i}" for i in range(300))}
         assert set(os.listdir(f"{mnt}/d")) == expected
         served = _listings(session)
+        assert served > 1, "300 entries take more than one READDIR reply"
         assert set(os.listdir(f"{mnt}/d")) == expected
         assert _listings(session) == served, "the second listing came from the kernel's cache"
+        held = os.open(f"{mnt}/d", os.O_RDONLY | os.O_DIRECTORY)  # a directory fd opened before the changes
         os.unlink(f"{mnt}/d/n7")
         os.rename(f"{mnt}/f", f"{mnt}/d/f")
         os.rename(f"{mnt}/d/a", f"{mnt}/a")
+        os.rename(f"{mnt}/d/n8", f"{mnt}/d/m8")
         os.mkdir(f"{mnt}/d/sub")
+        os.mkdir(f"{mnt}/d/gone")
+        os.rmdir(f"{mnt}/d/gone")
+        os.link(f"{mnt}/big", f"{mnt}/d/big2")
         open(f"{mnt}/d/new", "w").close()
-        expected = (expected - {"n7", "a"}) | {"f", "sub", "new"}
+        expected = (expected - {"n7", "a", "n8"}) | {"f", "sub", "new", "m8", "big2"}
         assert set(os.listdir(f"{mnt}/d")) == expected
+        assert set(os.listdir(held)) == expected  # fdopendir + rewind: the same cache, up to date
+        os.close(held)
         assert set(os.listdir(mnt)) == {"a", "d", "big"}
+        assert session.counts[Op.OPENDIR] == 1 and session.counts[Op.RELEASEDIR] == 0, session.counts
+
+
+@pytest.mark.root
+def test_with_caching_off_every_listing_is_read_from_the_layers(stack):
+    """``timeout=0``: directories get a handle without FOPEN_CACHE_DIR, so a name added to the upper layer
+    underneath the mount shows in the next listing, even with the directory's mtime put back (the kernel's
+    cache of listings, checked against mtime, would not see the change)."""
+    _, upper, _, mnt = stack
+    os.mkdir(f"{upper}/d")  # d is merged: its attributes are the upper directory's
+    with in_process(stack, timeout=0) as session:
+        assert set(os.listdir(f"{mnt}/d")) == {"a"}
+        before = os.stat(f"{upper}/d")
+        open(f"{upper}/d/under", "w").close()  # underneath the mount
+        os.utime(f"{upper}/d", ns=(before.st_atime_ns, before.st_mtime_ns))
+        session.ov.listings.forget("d/under")  # the engine's cache of listings knows nothing of it either
+        assert set(os.listdir(f"{mnt}/d")) == {"a", "under"}
+        assert session.counts[Op.OPENDIR] == 2
+        assert _wait_for(lambda: session.counts[Op.RELEASEDIR] == 2), "RELEASEDIR follows every close"
 
 
 def _passthrough_expected() -> bool:

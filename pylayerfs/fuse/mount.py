@@ -30,6 +30,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import gc
 import json
 import logging
 import logging.handlers
@@ -334,6 +335,9 @@ def _serve_native(config: MountConfig, mountpoint: str, source: str, ready_fd: i
 
     def ready() -> None:
         nonlocal record
+        # A cold walk makes objects that live until FORGET (nodes, cached lookups): at the default threshold (700) the
+        # collector took ~13% of a walk of 10,500 entries (W1 cold: 188 ms, 163 ms with it off, 176 ms at 20,000).
+        gc.set_threshold(20_000, 10, 10)
         record = write_record(config, mountpoint, before)
         if ready_fd is not None:
             os.write(ready_fd, READY)

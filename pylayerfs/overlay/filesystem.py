@@ -17,7 +17,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pylayerfs.overlay import namespace, readdir, realfs, xattrs
@@ -25,6 +25,7 @@ from pylayerfs.overlay.copy_up import copy_up
 from pylayerfs.overlay.file import OpenFile
 from pylayerfs.overlay.inode import attributes, stat_dict
 from pylayerfs.overlay.layers import Entry, split
+from pylayerfs.overlay.lookup import Node
 from pylayerfs.overlay.state import Caller, OverlayState
 
 __all__ = ["Caller", "Overlay"]
@@ -65,7 +66,27 @@ class Overlay(OverlayState):
         if of is not None and not (of.metacopy and path):  # a metacopy handle's metadata are the upper file's
             st = os.stat(of.fd)
             return stat_dict(st, of.ino, 1 if of.merged_dir else st.st_nlink)
-        node = self.lookup.lookup(path)
+        return self._attributes(self.lookup.lookup(path))
+
+    def getattr_entries(self, directory: str, names: Iterable[str]) -> Iterator[dict[str, Any] | None]:
+        """:meth:`getattr` of each of ``names`` in ``directory`` (READDIRPLUS), the directory looked up once.
+
+        Yields None for a name the merged view no longer has (or cannot look up: any OSError), so that one
+        entry gone since the listing was made does not fail the rest. Raises ENOENT/ENOTDIR for ``directory``
+        as the lookup does.
+        """
+        parent = self.lookup.lookup(directory)
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory)
+        for name in names:
+            try:
+                node = self.lookup.child(parent, name)
+                attrs = None if node is None else self._attributes(node)
+            except OSError:
+                attrs = None
+            yield attrs
+
+    def _attributes(self, node: Node) -> dict[str, Any]:
         if node.upper_fd >= 0:  # a cached directory: its times and link count move
             node.upper = os.stat(node.upper_fd)
         return attributes(node, self.inodes.of_node(node))

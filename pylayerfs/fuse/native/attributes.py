@@ -26,7 +26,7 @@ class AttributeOps(Core):
             fh = min(node.handles)  # an fstat of an open handle: no lookup (fstat() sends no handle: it has a path)
             flags |= p.GETATTR_FH
         attrs = self._attrs(node, fh if flags & p.GETATTR_FH else None)
-        return p.attr_out(attrs, self.timeout)
+        return p.attr_out(attrs, self.valid)
 
     def _setattr(self, req: Request, arg: memoryview) -> bytes:
         (valid, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid, gid, _) = (
@@ -50,7 +50,7 @@ class AttributeOps(Core):
                 _time(valid, p.FATTR_MTIME, p.FATTR_MTIME_NOW, mtime, mtimensec),
             )
             self.ov.utimens(where, times, handle)
-        return p.attr_out(self._attrs(node, handle), self.timeout)
+        return p.attr_out(self._attrs(node, handle), self.valid)
 
     def _readlink(self, req: Request, arg: memoryview) -> bytes:
         return os.fsencode(self.ov.readlink(*self._where(self._node(req.nodeid))))

@@ -48,8 +48,14 @@ def errno_of(exc: OSError) -> int:
 
 
 def cstring(payload: memoryview) -> str:
-    """The NUL-terminated name at the start of ``payload``; raises ValueError when it has no NUL."""
-    return p.names(payload, 1)[0]
+    """The NUL-terminated name at the start of ``payload``; raises ValueError when it has no NUL.
+
+    :func:`~.protocol.names` for one name, twice as fast (LOOKUP, CREATE and every request naming a child).
+    """
+    name, nul, _ = bytes(payload).partition(b"\0")
+    if not nul:
+        raise ValueError("a request is missing a name")
+    return os.fsdecode(name)
 
 
 class Core:
@@ -74,6 +80,7 @@ class Core:
         self.fd = fd
         self.mountpoint = mountpoint
         self.timeout = timeout
+        self.valid = p.split_seconds(timeout)  # the kernel's cache time as the protocol gives it
         self.by_fusermount = by_fusermount
         self.passthrough = passthrough  # asked for; in force once INIT agreed and the first backing file opened
         self._on_ready = on_ready
@@ -124,7 +131,7 @@ class Core:
         """The entry reply for the object now at ``path`` (a lookup counted for it)."""
         attrs = self.ov.getattr(path, fh)
         node = self._found(path, attrs)
-        return p.entry_out(node.nodeid, attrs, self.timeout, self.timeout)
+        return p.entry_out(node.nodeid, attrs, self.valid)
 
     def _where(self, node: NodeEntry) -> tuple[str, int | None]:
         """How the engine reaches ``node``'s object: ``(path, None)``, or ``("", handle)`` once it has no name left

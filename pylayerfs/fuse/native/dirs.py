@@ -10,6 +10,7 @@ from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.core import Core, Request
 
 _DOT_NAMES = (".", "..")
+_NO_ENTRY = bytes(p.ENTRY_OUT.size)  # node 0: the kernel looks the name up itself
 
 
 class DirOps(Core):
@@ -18,21 +19,36 @@ class DirOps(Core):
     # -- directories -------------------------------------------------------------------------------
 
     def _opendir(self, req: Request, arg: memoryview) -> bytes:
+        """OPENDIR: ENOSYS when the kernel may cache (``timeout`` > 0), else a handle whose listing is read afresh.
+
+        After one ENOSYS the kernel sends no OPENDIR or RELEASEDIR for the rest of the mount (two requests per
+        directory opened) and opens every directory with FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR and handle 0
+        (``fuse_do_open``, fs/fuse/file.c; FUSE_NO_OPENDIR_SUPPORT): what this method answered before with
+        caching on. The kernel keeps a listing while the directory's version (bumped by every change made through
+        the mount) and mtime stay the same: nothing else changes a merged directory while mounted. With
+        ``timeout=0`` (layers may change underneath) every opendir gets a handle without those flags, so every
+        listing is read from the layers; then raises ENOTDIR for a non-directory, ENOENT for a removed one.
+        """
+        if self.timeout > 0:
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
         if not stat.S_ISDIR(self._attrs(self._node(req.nodeid))["st_mode"]):
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         fh = next(self._next_dir)
         self._dirs[fh] = None
-        # The kernel keeps listings while the directory's version (bumped by every change made through the mount)
-        # and mtime stay the same: nothing else changes a merged directory while mounted.
-        return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_CACHE_DIR if self.timeout > 0 else 0, 0)
+        return p.OPEN_OUT.pack(fh, 0, 0)
 
     def _listing(self, req: Request, fh: int, offset: int) -> tuple[str, list[tuple[str, int, int]]]:
-        """The directory's path and listing: read at offset 0 (a rewind reads again), then kept per handle."""
+        """The directory's path and listing: read at offset 0 (a rewind reads again), then kept per handle.
+
+        Handle 0 (no OPENDIR: the kernel caches the listing) reads the engine's listing, which is cached until
+        something in the directory changes.
+        """
         path = self._path(req.nodeid)
-        entries = self._dirs.get(fh)
+        entries = self._dirs.get(fh) if fh else None
         if entries is None or offset == 0:
             entries = self.ov.readdir(path)
-            self._dirs[fh] = entries
+            if fh:
+                self._dirs[fh] = entries
         return path, entries
 
     def _readdir(self, req: Request, arg: memoryview) -> bytes:
@@ -48,8 +64,15 @@ class DirOps(Core):
         return bytes(out)
 
     def _readdirplus(self, req: Request, arg: memoryview) -> bytes:
+        """READDIRPLUS: the entries from ``offset`` that fit in ``size`` bytes, each with its attributes and a lookup.
+
+        An entry whose name is gone since the listing was made (or cannot be looked up) goes without them:
+        the kernel looks it up itself. ``.`` and ``..`` never carry attributes.
+        """
         fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
         path, entries = self._listing(req, fh, offset)
+        attrs_of = self.ov.getattr_entries(path, (e[0] for e in entries[offset:] if e[0] not in _DOT_NAMES))
+        prefix = f"{path}/" if path else ""
         out = bytearray()
         for index in range(offset, len(entries)):
             name, mode, ino = entries[index]
@@ -57,16 +80,13 @@ class DirOps(Core):
             record_size = p.ENTRY_OUT.size + p.DIRENT.size + len(raw) + (-(p.DIRENT.size + len(raw)) % 8)
             if len(out) + record_size > size:
                 break
-            entry = b""
+            entry = _NO_ENTRY
             if name not in _DOT_NAMES:
-                child = f"{path}/{name}" if path else name
-                try:
-                    attrs = self.ov.getattr(child)
-                except OSError:
-                    pass  # gone since the listing was made: a plain entry, the kernel looks it up
-                else:
-                    entry = p.entry_out(self._found(child, attrs).nodeid, attrs, self.timeout, self.timeout)
-            out += entry or p.ENTRY_OUT.pack(*((0,) * 22))
+                attrs = next(attrs_of)  # the attributes of this entry: the names given skip the dots too
+                if attrs is not None:
+                    child = prefix + name
+                    entry = p.entry_out(self._found(child, attrs).nodeid, attrs, self.valid)
+            out += entry
             out += p.dirent(ino, index + 1, mode >> 12, raw)
         return bytes(out)
 

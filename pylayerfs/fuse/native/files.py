@@ -94,7 +94,7 @@ class FileOps(Core):
         path = self._child(req.nodeid, cstring(arg[p.CREATE_IN.size :]))
         fh = self.ov.create(path, mode, flags, req.caller)
         try:
-            entry = self._entry(path)
+            entry = self._entry(path, fh)  # the new file's fstat: no lookup of what was just made
         except BaseException:
             self.ov.release(fh)
             raise
@@ -119,7 +119,7 @@ class FileOps(Core):
         node = self.nodes.unnamed(attrs["st_ino"])
         self._counted.append(node)
         node.no_caps = True  # a new file has no file capabilities
-        return p.entry_out(node.nodeid, attrs, self.timeout, self.timeout) + self._opened(node, fh)
+        return p.entry_out(node.nodeid, attrs, self.valid) + self._opened(node, fh)
 
     def _read(self, req: Request, arg: memoryview) -> memoryview | None:
         """READ of a served handle: ``size`` bytes from byte ``offset`` of its real file (fewer at its end).

@@ -21,7 +21,7 @@ class NameOps(Core):
         try:
             return self._entry(path)
         except FileNotFoundError:
-            return p.negative_entry(self.timeout)
+            return p.negative_entry(self.valid)
 
     def _forget(self, req: Request, arg: memoryview) -> bytes:
         (count,) = p.FORGET_IN.unpack_from(arg)

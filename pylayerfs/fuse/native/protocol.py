@@ -168,8 +168,9 @@ INIT_OUT = struct.Struct("=IIIIHHIIHHII24x")  # ... flags2, max_stack_depth (7.4
 # fuse_attr: ino size blocks atime mtime ctime (u64; times signed), atimensec mtimensec ctimensec mode nlink uid gid
 # rdev blksize flags (u32)
 ATTR = struct.Struct("=QQQqqqIIIIIIIIII")
-ENTRY_OUT = struct.Struct("=QQQQII" + ATTR.format[1:])  # nodeid generation entry_valid attr_valid (+nsec) attr
-ATTR_OUT = struct.Struct("=QII" + ATTR.format[1:])  # attr_valid attr_valid_nsec dummy attr
+ENTRY_HEAD = struct.Struct("=QQQQII")  # nodeid generation entry_valid attr_valid entry_valid_nsec attr_valid_nsec
+ENTRY_OUT = struct.Struct(ENTRY_HEAD.format + ATTR.format[1:])  # the head, then the attr
+ATTR_HEAD = struct.Struct("=QII")  # fuse_attr_out: attr_valid attr_valid_nsec dummy, then the attr
 FORGET_IN = struct.Struct("=Q")
 BATCH_FORGET_IN = struct.Struct("=II")  # count, dummy; then count x (nodeid, nlookup)
 FORGET_ONE = struct.Struct("=QQ")
@@ -273,48 +274,35 @@ def split_seconds(seconds: float) -> tuple[int, int]:
     return whole, int((seconds - whole) * 1_000_000_000)
 
 
-def attr_fields(attrs: dict[str, Any]) -> tuple[int, ...]:
-    """The engine's ``st_*`` dict (times in nanoseconds) as the fields of ``struct fuse_attr``, in order."""
+def fuse_attr(attrs: dict[str, Any]) -> bytes:
+    """The engine's ``st_*`` dict (times in nanoseconds) as a ``struct fuse_attr``.
+
+    Written out field by field: it is packed for every GETATTR and every entry of a READDIRPLUS.
+    """
     asec, ansec = divmod(attrs["st_atime"], 1_000_000_000)
     msec, mnsec = divmod(attrs["st_mtime"], 1_000_000_000)
     csec, cnsec = divmod(attrs["st_ctime"], 1_000_000_000)
-    return (
-        attrs["st_ino"],
-        attrs["st_size"],
-        attrs["st_blocks"],
-        asec,
-        msec,
-        csec,
-        ansec,
-        mnsec,
-        cnsec,
-        attrs["st_mode"],
-        attrs["st_nlink"],
-        attrs["st_uid"],
-        attrs["st_gid"],
-        attrs["st_rdev"] & 0xFFFFFFFF,  # the kernel's new_encode_dev: glibc's dev_t below 4096 majors
-        attrs["st_blksize"],
-        0,
-    )
+    return ATTR.pack(attrs["st_ino"], attrs["st_size"], attrs["st_blocks"], asec, msec, csec, ansec, mnsec, cnsec,
+                 attrs["st_mode"], attrs["st_nlink"], attrs["st_uid"], attrs["st_gid"],
+                 attrs["st_rdev"] & 0xFFFFFFFF,  # the kernel's new_encode_dev: glibc's dev_t below 4096 majors
+                 attrs["st_blksize"], 0)  # fmt: skip
 
 
-def entry_out(nodeid: int, attrs: dict[str, Any], entry_timeout: float, attr_timeout: float) -> bytes:
-    """``fuse_entry_out`` for ``nodeid`` (0: a negative entry, cached ``entry_timeout`` seconds) with ``attrs``."""
-    esec, ensec = split_seconds(entry_timeout)
-    asec, ansec = split_seconds(attr_timeout)
-    return ENTRY_OUT.pack(nodeid, 0, esec, asec, ensec, ansec, *attr_fields(attrs))
+def entry_out(nodeid: int, attrs: dict[str, Any], valid: tuple[int, int]) -> bytes:
+    """``fuse_entry_out`` for ``nodeid`` with ``attrs``; the name and the attributes cached ``valid`` (seconds,
+    nanoseconds: :func:`split_seconds`)."""
+    sec, nsec = valid
+    return ENTRY_HEAD.pack(nodeid, 0, sec, sec, nsec, nsec) + fuse_attr(attrs)
 
 
-def negative_entry(timeout: float) -> bytes:
-    """``fuse_entry_out`` saying "no such name", which the kernel may remember for ``timeout`` seconds."""
-    esec, ensec = split_seconds(timeout)
-    return ENTRY_OUT.pack(0, 0, esec, 0, ensec, 0, *((0,) * 16))
+def negative_entry(valid: tuple[int, int]) -> bytes:
+    """``fuse_entry_out`` saying "no such name", which the kernel may remember ``valid`` (seconds, nanoseconds)."""
+    return ENTRY_OUT.pack(0, 0, valid[0], 0, valid[1], 0, *((0,) * 16))
 
 
-def attr_out(attrs: dict[str, Any], timeout: float) -> bytes:
-    """``fuse_attr_out`` with ``attrs``, cached ``timeout`` seconds."""
-    sec, nsec = split_seconds(timeout)
-    return ATTR_OUT.pack(sec, nsec, 0, *attr_fields(attrs))
+def attr_out(attrs: dict[str, Any], valid: tuple[int, int]) -> bytes:
+    """``fuse_attr_out`` with ``attrs``, cached ``valid`` (seconds, nanoseconds)."""
+    return ATTR_HEAD.pack(valid[0], valid[1], 0) + fuse_attr(attrs)
 
 
 def dirent(ino: int, offset: int, dtype: int, name: bytes) -> bytes:
