@@ -117,7 +117,8 @@ def test_other_requests_are_served_while_a_large_copy_up_is_in_flight(stack, gat
             assert os.pread(before, 1, len(BIG)) == b"!", "an fd opened before the copy-up reads the upper copy"
         finally:
             os.close(before)
-        assert _work_entries(work) == [] and session._jobs is None
+        assert _wait_for(lambda: session._jobs is None)
+        assert _work_entries(work) == []
 
 
 def test_a_request_on_the_node_being_copied_up_or_changing_names_waits_for_it_in_order(stack, gate):
@@ -126,12 +127,19 @@ def test_a_request_on_the_node_being_copied_up_or_changing_names_waits_for_it_in
     with in_process(stack) as session:
         opener = _in_flight(session, gate, f"{mnt}/low")
         done: list[str] = []
-        chmod = threading.Thread(target=lambda: (os.chmod(f"{mnt}/low", 0o600), done.append("chmod")), daemon=True)
+
+        def chmod_low() -> None:
+            os.chmod(f"{mnt}/low", 0o600)
+            done.append("chmod")
+
+        def rename_a() -> None:
+            os.rename(f"{mnt}/other/a", f"{mnt}/other/c")
+            done.append("rename")
+
+        chmod = threading.Thread(target=chmod_low, daemon=True)
         chmod.start()
         assert _wait_for(lambda: len(session._waiting) == 1), "the chmod of the node being copied up waits"
-        rename = threading.Thread(
-            target=lambda: (os.rename(f"{mnt}/other/a", f"{mnt}/other/c"), done.append("rename")), daemon=True
-        )
+        rename = threading.Thread(target=rename_a, daemon=True)
         rename.start()
         assert _wait_for(lambda: len(session._waiting) == 2), "a rename waits while a copy-up is in flight"
         assert os.stat(f"{mnt}/f").st_size == len("low f"), "a lookup elsewhere goes on (the kernel holds other/)"
@@ -159,7 +167,8 @@ def test_a_failing_copy_up_answers_its_errno_and_leaves_nothing_behind(stack, mo
         with pytest.raises(OSError) as caught:
             os.open(f"{mnt}/low", os.O_WRONLY | os.O_APPEND)
         assert caught.value.errno == errno.ENOSPC
-        assert _work_entries(work) == [] and not os.path.exists(f"{upper}/low") and session._jobs is None
+        assert _wait_for(lambda: session._jobs is None)
+        assert _work_entries(work) == [] and not os.path.exists(f"{upper}/low")
         assert os.stat(f"{mnt}/f").st_size == len("low f"), "the mount goes on"
 
 

@@ -7,6 +7,7 @@ client cost is in every number; ratios between implementations are what count.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -88,13 +89,37 @@ def w5(scratch: str, sizes: Sizes) -> Iterator[Timing]:
     yield "W5 create", _timed(create)
 
 
-def w6(mnt: str) -> Iterator[Timing]:
-    def append() -> None:
-        fd = os.open(f"{mnt}/low", os.O_WRONLY | os.O_APPEND)
-        os.write(fd, b"!")
-        os.close(fd)
+def _append(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"!")
+    os.close(fd)
 
-    yield "W6 copy-up", _timed(append)
+
+def w6(mnt: str) -> Iterator[Timing]:
+    yield "W6 copy-up", _timed(lambda: _append(f"{mnt}/low"))
+
+
+W6_WALK_DELAY = 0.02  # seconds between the copy-up's open and the walk's start: the open reaches the daemon first
+
+
+def w6_walk(mnt: str) -> Iterator[Timing]:
+    """W6 with a concurrent walk, on a mount whose kernel caches nothing (timeout=0: every lstat asks the daemon).
+
+    Yields the time of a walk of ``tree`` alone (the second walk: the first learns the tree), then of one started
+    :data:`W6_WALK_DELAY` s after another thread opened ``low`` for append (the W6 copy-up), and that copy-up's
+    time (the open, the write of one byte and the close). A daemon that stalls during a copy-up makes the walk wait
+    for the copy to end.
+    """
+    walk(f"{mnt}/tree")
+    yield "W6 walk alone", _timed(lambda: walk(f"{mnt}/tree"))
+    copy: list[float] = []
+    thread = threading.Thread(target=lambda: copy.append(_timed(lambda: _append(f"{mnt}/low"))))
+    thread.start()
+    time.sleep(W6_WALK_DELAY)
+    during = _timed(lambda: walk(f"{mnt}/tree"))
+    thread.join()
+    yield "W6 walk during copy-up", during
+    yield "W6 copy-up during walk", copy[0]
 
 
 def w7(mnt: str, sizes: Sizes, depth: int) -> Iterator[Timing]:
