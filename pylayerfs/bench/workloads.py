@@ -105,12 +105,11 @@ W6_WALK_DELAY = 0.02  # seconds between the copy-up's open and the walk's start:
 def w6_walk(mnt: str) -> Iterator[Timing]:
     """W6 with a concurrent walk, on a mount whose kernel caches nothing (timeout=0: every lstat asks the daemon).
 
-    Yields the time of a walk of ``tree`` alone (the second walk: the first learns the tree), then of one started
-    :data:`W6_WALK_DELAY` s after another thread opened ``low`` for append (the W6 copy-up), and that copy-up's
-    time (the open, the write of one byte and the close). A daemon that stalls during a copy-up makes the walk wait
-    for the copy to end.
+    Yields the time of a walk of ``tree`` alone (the caller walked it once: the kernel knows the tree), then of one
+    started :data:`W6_WALK_DELAY` s after another thread opened ``low`` for append (the W6 copy-up), and that
+    copy-up's time (the open, the write of one byte and the close; its requests are counted with the walk's). A
+    daemon that stalls during a copy-up makes the walk wait for the copy to end.
     """
-    walk(f"{mnt}/tree")
     yield "W6 walk alone", _timed(lambda: walk(f"{mnt}/tree"))
     copy: list[float] = []
     thread = threading.Thread(target=lambda: copy.append(_timed(lambda: _append(f"{mnt}/low"))))
