@@ -187,7 +187,7 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
         its temporary file removed. A successful one serves its OPEN again, which now opens the upper copy.
         """
         assert self._jobs is not None
-        for _, job in self._jobs.finished():
+        for job in self._jobs.finished():
             error = 0
             try:
                 if job.error is not None:

@@ -110,14 +110,12 @@ class Jobs:
         """Whether a request must wait for the copy-ups in flight (see the module docstring)."""
         return bool(self.by_node) and (nodeid in self.by_node or opcode in WAIT)
 
-    def finished(self) -> list[tuple[int, Job]]:
-        """The jobs whose thread is done (node ID, job), taken out of the table; resets the eventfd."""
+    def finished(self) -> list[Job]:
+        """The jobs whose thread is done, taken out of the table; resets the eventfd."""
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.wake)
-        done = [(nodeid, job) for nodeid, job in self.by_node.items() if job.done]
-        for nodeid, _ in done:
-            del self.by_node[nodeid]
-        return done
+        done = [nodeid for nodeid, job in self.by_node.items() if job.done]
+        return [self.by_node.pop(nodeid) for nodeid in done]
 
     def interrupt(self, unique: int) -> None:
         """INTERRUPT of request ``unique``: cancel its copy if its caller is being killed (a fatal signal pending).
