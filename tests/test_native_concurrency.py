@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 
 from pylayerfs.fuse.native import session as native
+from pylayerfs.fuse.native.protocol import IN_HEADER, Op
 from pylayerfs.fuse.native.workers import MIN_SIZE
 from pylayerfs.overlay.copy_up import CopyUp
+from tests.mounts import _mounted
 from tests.test_native import _wait_for, in_process
 from tests.trees import build
 
@@ -142,13 +144,14 @@ def test_a_request_on_the_node_being_copied_up_or_changing_names_waits_for_it_in
         rename = threading.Thread(target=rename_a, daemon=True)
         rename.start()
         assert _wait_for(lambda: len(session._waiting) == 2), "a rename waits while a copy-up is in flight"
+        assert [IN_HEADER.unpack_from(r)[1] for r in session._waiting] == [Op.SETATTR, Op.RENAME], "queued in order"
         assert os.stat(f"{mnt}/f").st_size == len("low f"), "a lookup elsewhere goes on (the kernel holds other/)"
         assert done == [] and opener.is_alive()
         gate.open()
         for thread in (opener, chmod, rename):
             thread.join(30)
             assert not thread.is_alive()
-        assert opener.error is None and done == ["chmod", "rename"]
+        assert opener.error is None and sorted(done) == ["chmod", "rename"]
         assert os.stat(f"{mnt}/low").st_mode & 0o777 == 0o600
         with open(f"{upper}/low", "rb") as f:
             assert f.read() == BIG + b"!", "the chmod found the copied-up file: the data are all there"
@@ -207,7 +210,8 @@ def test_a_session_stopped_mid_copy_leaves_the_workdir_empty(stack, gate):
         assert session._jobs is not None
         session._stopping = True  # what stop() does; the signal's Stop exception wakes the loop, here the eventfd
         os.eventfd_write(session._jobs.wake, 1)
-        gate.open()
+        assert _wait_for(lambda: not _mounted(mnt)), "the session unmounts (lazily), then cancels the copy"
+        gate.open()  # only now: the open must not be answered (nor the daemon fork while the opener has an fd)
         opener.join(30)
         assert not opener.is_alive() and opener.error is not None
         assert _wait_for(lambda: session._jobs is None)
