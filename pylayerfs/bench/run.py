@@ -316,8 +316,8 @@ def legend(sizes: Sizes) -> list[str]:
         f"W3  read a lower file of {_mib(sizes.big_mib)} sequentially in {chunk} reads, cold then warm",
         f"W4  write a new {_mib(sizes.write_mib)} file in {chunk} writes",
         f"W5  create, write 1 KiB into and close {sizes.create_files:,} new files",
-        f"W6  copy-up: open a lower file of {_mib(sizes.low_mib)} for append and write one byte",
-        f"W6  walk alone / during copy-up: W1's walk with caching off (timeout=0), alone, then started "
+        f"W6  copy-up: open a lower file of {_mib(sizes.low_mib)} for append and write one byte; "
+        f"walk alone / during copy-up: W1's walk with caching off (timeout=0), alone, then started "
         f"{workloads.W6_WALK_DELAY * 1000:g} ms after W6's open in another thread (does a copy-up stall the mount?); "
         "copy-up during walk: that W6's time",
         f"W7  lstat {10 * sizes.depth_files:,} files that only the bottom layer holds, under {layers} lower layers "

@@ -14,6 +14,11 @@ copy-up of it (an open for write, a truncate, a rename, a link) copies the
 data in: a new file built in the workdir from the lower data and the upper
 metadata replaces the metacopy file by rename.
 
+A copy-up is made in three steps (:class:`CopyUp`): begun (:func:`start_copy_up`: ancestors, the
+temporary object), its data copied (:meth:`CopyUp.copy_data`: pure I/O between two fds, no engine
+state, so a transport may run it in another thread), installed (:meth:`CopyUp.install`: metadata, the
+rename, the engine's caches). :func:`copy_up` makes the three in a row.
+
 Objects whose lower inode can be reported after copy-up (directories, and files
 with a single link, as the kernel decides) keep their inode number: it is
 recorded in the ``pylayerfs.origin`` xattr.
