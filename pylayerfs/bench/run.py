@@ -319,7 +319,7 @@ def legend(sizes: Sizes) -> list[str]:
         f"W6  copy-up: open a lower file of {_mib(sizes.low_mib)} for append and write one byte; "
         f"walk alone / during copy-up: W1's walk with caching off (timeout=0), alone, then started "
         f"{workloads.W6_WALK_DELAY * 1000:g} ms after W6's open in another thread (does a copy-up stall the mount?); "
-        "copy-up during walk: that W6's time",
+        "copy-up during walk: that W6's time; longest wait: the longest time between two entries of the walk",
         f"W7  lstat {10 * sizes.depth_files:,} files that only the bottom layer holds, under {layers} lower layers "
         "whose directories all merge",
         f"W8  {sizes.round_trips:,} fstat calls on an open file with caching off (timeout=0): one request's cost",
@@ -402,7 +402,7 @@ def _requests(results: Results, fuse: list[str]) -> list[str]:
         for impl in fuse:
             counts = results.requests_median(workload, impl)
             if counts:
-                kinds.append(f"  {workload:<22} {impl:<35} {counts.summary()}")
+                kinds.append(f"  {workload:<37} {impl:<35} {counts.summary()}")
     lines = ["FUSE requests per workload (the kernel's count, the median round):", *_table(["workload", *fuse], rows)]
     return [*lines, "", "by kind:", *kinds, ""]
 
