@@ -25,7 +25,9 @@ from tests.mounts import pylayerfs_mount
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
 WORKLOADS = ("W1 cold", "W1 warm", "W2 cold", "W2 warm", "W3 cold", "W3 warm", "W4 write", "W5 create",
-             "W6 copy-up", "W7 1 layers", "W7 10 layers", "W8 round trip")  # fmt: skip
+             "W6 copy-up", "W6 walk alone", "W6 walk during copy-up", "W6 copy-up during walk",
+             "W6 walk's longest wait alone", "W6 walk's longest wait during copy-up", "W7 1 layers", "W7 10 layers",
+             "W8 round trip")  # fmt: skip
 
 
 def _kernel_counts_fuse_requests() -> bool:

@@ -273,7 +273,11 @@ def run(root: str, sizes: Sizes, rounds: int, impls: list[str], progress: Callab
                     for depth in sizes.depths:
                         with one.mount(data.depth_layers(root, depth, max(sizes.depths))) as mnt:
                             one.add(workloads.w7(mnt, sizes, depth))
-                timeout = 0.0 if impl in FUSE_ROWS else None
+                timeout = 0.0 if impl in FUSE_ROWS else None  # the kernel caches nothing: requests reach the daemon
+                if impl != BARE:
+                    with one.mount([dataset], timeout) as mnt:
+                        workloads.walk(f"{mnt}/tree")  # the kernel learns the tree (its requests are no workload's)
+                        one.add(workloads.w6_walk(mnt))
                 with one.mount([dataset], timeout) as mnt:
                     one.add(workloads.w8(mnt, sizes))
                 one.keep_log()
@@ -312,7 +316,10 @@ def legend(sizes: Sizes) -> list[str]:
         f"W3  read a lower file of {_mib(sizes.big_mib)} sequentially in {chunk} reads, cold then warm",
         f"W4  write a new {_mib(sizes.write_mib)} file in {chunk} writes",
         f"W5  create, write 1 KiB into and close {sizes.create_files:,} new files",
-        f"W6  copy-up: open a lower file of {_mib(sizes.low_mib)} for append and write one byte",
+        f"W6  copy-up: open a lower file of {_mib(sizes.low_mib)} for append and write one byte; "
+        f"walk alone / during copy-up: W1's walk with caching off (timeout=0), alone, then started "
+        f"{workloads.W6_WALK_DELAY * 1000:g} ms after W6's open in another thread (does a copy-up stall the mount?); "
+        "copy-up during walk: that W6's time; longest wait: the longest time between two entries of the walk",
         f"W7  lstat {10 * sizes.depth_files:,} files that only the bottom layer holds, under {layers} lower layers "
         "whose directories all merge",
         f"W8  {sizes.round_trips:,} fstat calls on an open file with caching off (timeout=0): one request's cost",
@@ -395,7 +402,7 @@ def _requests(results: Results, fuse: list[str]) -> list[str]:
         for impl in fuse:
             counts = results.requests_median(workload, impl)
             if counts:
-                kinds.append(f"  {workload:<14} {impl:<35} {counts.summary()}")
+                kinds.append(f"  {workload:<37} {impl:<35} {counts.summary()}")
     lines = ["FUSE requests per workload (the kernel's count, the median round):", *_table(["workload", *fuse], rows)]
     return [*lines, "", "by kind:", *kinds, ""]
 

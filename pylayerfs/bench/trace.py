@@ -12,7 +12,7 @@ round trip.
 The native transport counts the requests it serves too (``-o debug`` logs them by opcode when the
 session ends); ``tests/test_bench.py`` checks that both counts agree.
 
-Needs root and tracefs (mounted privately below the bench's workspace when it is not mounted already).
+Needs root and tracefs (mounted privately below the bench's workspace: another bench's mount may vanish).
 Where either is missing, :func:`open_tracer` returns None and the report says the counts are not
 available.
 """
@@ -135,22 +135,21 @@ class Tracer:
 def open_tracer(scratch: str) -> Iterator[Tracer | None]:
     """A :class:`Tracer` for the life of the block, or None where the kernel cannot count FUSE requests.
 
-    ``scratch`` is a directory of the caller's where tracefs is mounted privately when it is not mounted
-    already (unmounted on the way out). The trace instance is removed on the way out, even on failure.
+    ``scratch`` is a directory of the caller's where tracefs is mounted privately (unmounted on the way out): a
+    tracefs mounted elsewhere may be another bench's, below its own scratch directory, which vanishes when that bench
+    ends. Only when the private mount fails is an existing one used. The trace instance is removed on the way out,
+    even on failure.
     """
     if os.geteuid() != 0:
         yield None
         return
-    root = _tracefs()
-    private = None
+    private = os.path.join(scratch, "tracefs")
+    os.makedirs(private, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tracefs", "nodev", private], capture_output=True, check=False)
+    root = private if mounted.returncode == 0 else _tracefs()
     if root is None:
-        private = os.path.join(scratch, "tracefs")
-        os.makedirs(private, exist_ok=True)
-        done = subprocess.run(["mount", "-t", "tracefs", "nodev", private], capture_output=True, check=False)
-        if done.returncode != 0:
-            yield None
-            return
-        root = private
+        yield None
+        return
     instance = os.path.join(root, "instances", f"pylayerfs-bench-{os.getpid()}")
     try:
         if not os.path.isdir(os.path.join(root, EVENT)):
@@ -170,5 +169,5 @@ def open_tracer(scratch: str) -> Iterator[Tracer | None]:
                 Tracer(instance).stop()
             with contextlib.suppress(OSError):
                 os.rmdir(instance)
-        if private is not None:
+        if root == private:
             subprocess.run(["umount", private], capture_output=True, check=False)

@@ -7,6 +7,7 @@ client cost is in every number; ratios between implementations are what count.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -88,13 +89,55 @@ def w5(scratch: str, sizes: Sizes) -> Iterator[Timing]:
     yield "W5 create", _timed(create)
 
 
-def w6(mnt: str) -> Iterator[Timing]:
-    def append() -> None:
-        fd = os.open(f"{mnt}/low", os.O_WRONLY | os.O_APPEND)
-        os.write(fd, b"!")
-        os.close(fd)
+def _append(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"!")
+    os.close(fd)
 
-    yield "W6 copy-up", _timed(append)
+
+def w6(mnt: str) -> Iterator[Timing]:
+    yield "W6 copy-up", _timed(lambda: _append(f"{mnt}/low"))
+
+
+W6_WALK_DELAY = 0.02  # seconds between the copy-up's open and the walk's start: the open reaches the daemon first
+
+
+def _walk_waits(root: str) -> float:
+    """:func:`walk` of ``root``; return the longest wait between two entries (s): how long the mount stalled."""
+    longest, last = 0.0, time.perf_counter()
+    todo = [root]
+    while todo:
+        with os.scandir(todo.pop()) as it:
+            for entry in it:
+                os.lstat(entry.path)
+                now = time.perf_counter()
+                longest, last = max(longest, now - last), now
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+    return longest
+
+
+def w6_walk(mnt: str) -> Iterator[Timing]:
+    """W6 with a concurrent walk, on a mount whose kernel caches nothing (timeout=0: every lstat asks the daemon).
+
+    Yields the time of a walk of ``tree`` alone (the caller walked it once: the kernel knows the tree) and its
+    longest wait between two entries, then the same for a walk started :data:`W6_WALK_DELAY` s after another
+    thread opened ``low`` for append (the W6 copy-up), and that copy-up's time (the open, the write of one byte and
+    the close; its requests are counted with the walk's). A daemon that stalls during a copy-up makes the walk wait
+    for the copy to end: its longest wait is then about the copy-up's time.
+    """
+    waits: list[float] = []
+    yield "W6 walk alone", _timed(lambda: waits.append(_walk_waits(f"{mnt}/tree")))
+    copy: list[float] = []
+    thread = threading.Thread(target=lambda: copy.append(_timed(lambda: _append(f"{mnt}/low"))))
+    thread.start()
+    time.sleep(W6_WALK_DELAY)
+    during = _timed(lambda: waits.append(_walk_waits(f"{mnt}/tree")))
+    thread.join()
+    yield "W6 walk during copy-up", during
+    yield "W6 copy-up during walk", copy[0]
+    yield "W6 walk's longest wait alone", waits[0]
+    yield "W6 walk's longest wait during copy-up", waits[1]
 
 
 def w7(mnt: str, sizes: Sizes, depth: int) -> Iterator[Timing]:

@@ -14,6 +14,11 @@ copy-up of it (an open for write, a truncate, a rename, a link) copies the
 data in: a new file built in the workdir from the lower data and the upper
 metadata replaces the metacopy file by rename.
 
+A copy-up is made in three steps (:class:`CopyUp`): begun (:func:`start_copy_up`: ancestors, the
+temporary object), its data copied (:meth:`CopyUp.copy_data`: pure I/O between two fds, no engine
+state, so a transport may run it in another thread), installed (:meth:`CopyUp.install`: metadata, the
+rename, the engine's caches). :func:`copy_up` makes the three in a row.
+
 Objects whose lower inode can be reported after copy-up (directories, and files
 with a single link, as the kernel decides) keep their inode number: it is
 recorded in the ``pylayerfs.origin`` xattr.
@@ -25,13 +30,14 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.layers import split
 from pylayerfs.overlay.lookup import Node
 from pylayerfs.overlay.state import OverlayState
 
-_CHUNK = 1 << 30
+_CHUNK = 64 << 20  # bytes per copy_file_range call: how often a cancelled copy looks (~0.1 s)
 
 
 def copy_up(ov: OverlayState, path: str, *, with_data: bool = True, meta_only: bool = False) -> Node:
@@ -42,60 +48,155 @@ def copy_up(ov: OverlayState, path: str, *, with_data: bool = True, meta_only: b
     Raises EROFS on a read-only stack, ENOENT/ENOTDIR as the lookup of ``path`` does, and whatever
     the upper filesystem answers (ENOSPC, EDQUOT, EPERM...); on any error nothing is left in the upper layer.
     """
+    node, job = _start(ov, path, with_data, meta_only)
+    return node if job is None else job.run()
+
+
+def start_copy_up(ov: OverlayState, path: str, *, with_data: bool = True, meta_only: bool = False) -> CopyUp | None:
+    """Begin the copy-up :func:`copy_up` would make: its ancestors copied up, ``path`` built in the workdir.
+
+    Returns None when ``path`` needs none, else the :class:`CopyUp` whose data copy and install are the caller's.
+    Raises what :func:`copy_up` raises (for the ancestors and the creation of the temporary object).
+    """
+    return _start(ov, path, with_data, meta_only)[1]
+
+
+def _start(ov: OverlayState, path: str, with_data: bool, meta_only: bool) -> tuple[Node, CopyUp | None]:
     ov.writable(path)
     node = ov.lookup.lookup(path)
     if node.upper is not None and (meta_only or not node.metacopy):
-        return node
+        return node, None
     parent_path, name = split(path)
     parent = copy_up(ov, parent_path)
     metacopy = meta_only and ov.metacopy and stat.S_ISREG(node.mode)
-    _copy_up_one(ov, parent, node, name, with_data and not metacopy, metacopy)
-    if node.is_dir:
-        ov.lookup.invalidate(path)
-    elif metacopy:
-        ov.files.metadata_copied_up(path)
-    elif stat.S_ISREG(node.mode):
-        assert ov.upper is not None
-        upper = ov.upper
-        ov.files.copied_up(path, lambda: upper.open(path, os.O_RDONLY | os.O_NOFOLLOW))
-    return ov.lookup.lookup(path)
+    return node, CopyUp(ov, parent, node, name, with_data and not metacopy, metacopy)
 
 
-def _copy_up_one(ov: OverlayState, parent: Node, node: Node, name: str, with_data: bool, metacopy: bool) -> None:
-    """Build the upper object in the workdir, then rename it into place.
+class CopyUp:
+    """One object's copy-up under way: built in the workdir under a temporary name, not in the upper layer yet.
 
-    Data come from the top lower object (below a metacopy file: the file holding them); metadata from
-    the top lower object too, except for the data copy-up of a metacopy file,
-    whose metadata are its own (and which the new file replaces).
+    Made by :func:`start_copy_up` (the temporary object is created, empty; a regular file's source and
+    destination fds are open). Then, in this order: :meth:`copy_data`, the long part, pure I/O between those
+    two fds that touches no engine state (so a transport may run it in a worker thread while its loop serves
+    other requests), and :meth:`install` (owner, mode, xattrs, origin, times, the atomic rename into the upper
+    layer and the engine's caches: on the engine's thread). :meth:`abort` instead removes the temporary
+    object. Data come from the top lower object (below a metacopy file: the file holding them); metadata from
+    the top lower object too, except for the data copy-up of a metacopy file, whose metadata are its own (and
+    which the new file replaces). ``size`` is the number of bytes :meth:`copy_data` will copy (0: none).
     """
-    layer = node.lower.hits[0][0]
-    replacing = node.upper is not None
-    st = node.st
-    data_layer = node.data[0] if node.data is not None else layer
-    work = ov.writable(node.path)[1]
-    tmp = work.temp_name()
-    realfs.trace("copy_up", f"{data_layer.root}/{node.path}", to=tmp, metacopy=metacopy)
-    try:
-        with data_layer.parent(node.path) as (src_dirfd, src_name):
-            _create_copy(st, work.fd, tmp, with_data, metacopy, src_dirfd, src_name)
-        _copy_owner_and_mode(st, work.fd, tmp)
-        with contextlib.nullcontext((parent.upper_fd, name)) if replacing else layer.parent(node.path) as meta:
-            _copy_xattrs(ov, realfs.fd_path(*meta), realfs.fd_path(work.fd, tmp))
-        origin = node.origin
-        if not replacing and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
-            origin = ov.inodes.of_real(st)
-        if origin is not None:
-            ov.markers.set_origin(work.fd, tmp, origin)
-        if metacopy:
-            ov.markers.set_metacopy(work.fd, tmp)
-        realfs.utime(work.fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
-        parent_st = os.stat(parent.upper_fd)
-        realfs.renameat2(work.fd, tmp, parent.upper_fd, name, 0 if replacing else realfs.RENAME_NOREPLACE)
-    except BaseException:
+
+    def __init__(self, ov: OverlayState, parent: Node, node: Node, name: str, with_data: bool, metacopy: bool) -> None:
+        self._ov, self._parent, self._node, self._name, self._metacopy = ov, parent, node, name, metacopy
+        layer = node.lower.hits[0][0]
+        self._layer, self._replacing = layer, node.upper is not None
+        self._st = st = node.st
+        data_layer = node.data[0] if node.data is not None else layer
+        self._work = ov.writable(node.path)[1]
+        self._tmp = self._work.temp_name()
+        self._src: int | None = None
+        self._dst: int | None = None
+        realfs.trace("copy_up", f"{data_layer.root}/{node.path}", to=self._tmp, metacopy=metacopy)
+        try:
+            with data_layer.parent(node.path) as (src_dirfd, src_name):
+                self._create(src_dirfd, src_name, with_data)
+        except BaseException:
+            self.abort()
+            raise
+        self.size = st.st_size if self._src is not None else 0
+
+    def _create(self, src_dirfd: int, src_name: str, with_data: bool) -> None:
+        """Create the temporary object; for a regular file with data, open the source and keep both fds."""
+        mode = self._st.st_mode
+        workfd, tmp = self._work.fd, self._tmp
+        if stat.S_ISREG(mode):
+            self._dst = realfs.create(workfd, tmp, os.O_WRONLY, 0o600)
+            if with_data and self._st.st_size:
+                self._src = realfs.openat2(src_dirfd, src_name, os.O_RDONLY | os.O_NOFOLLOW)
+            elif self._metacopy:
+                realfs.truncate(self._dst, self._st.st_size)  # all hole: the size is metadata, the data stays below
+        elif stat.S_ISDIR(mode):
+            realfs.mkdir(workfd, tmp, 0o700)
+        elif stat.S_ISLNK(mode):
+            realfs.symlink(os.readlink(src_name, dir_fd=src_dirfd), workfd, tmp)
+        else:  # FIFO, socket, device
+            realfs.mknod(workfd, tmp, mode, self._st.st_rdev)
+
+    def copy_data(self, cancelled: Callable[[], bool] | None = None) -> None:
+        """Copy the data into the temporary file and close both fds (any thread: no engine state is touched).
+
+        ``cancelled()`` is asked between chunks (of :data:`_CHUNK` bytes): when it says True the copy stops with
+        EINTR (as the kernel's ``ovl_copy_up_file`` on a fatal signal). Raises the read and write errors (EIO,
+        ENOSPC, EDQUOT...); the temporary file stays until :meth:`abort`.
+        """
+        try:
+            if self._src is not None and self._dst is not None:
+                copy_data(self._src, self._dst, self.size, cancelled)
+        finally:
+            self._close()
+
+    def install(self) -> Node:
+        """Finish the object (owner, mode, xattrs, origin, times), rename it into place; return the fresh node.
+
+        On the engine's thread. Raises the upper filesystem's errors (EEXIST when a name appeared meanwhile,
+        ENOSPC, EPERM...), after removing the temporary object.
+        """
+        ov, parent, node, st, work, tmp = self._ov, self._parent, self._node, self._st, self._work, self._tmp
+        self._close()
+        try:
+            _copy_owner_and_mode(st, work.fd, tmp)
+            with (
+                contextlib.nullcontext((parent.upper_fd, self._name))
+                if self._replacing
+                else self._layer.parent(node.path) as meta
+            ):
+                _copy_xattrs(ov, realfs.fd_path(*meta), realfs.fd_path(work.fd, tmp))
+            origin = node.origin
+            if not self._replacing and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
+                origin = ov.inodes.of_real(st)
+            if origin is not None:
+                ov.markers.set_origin(work.fd, tmp, origin)
+            if self._metacopy:
+                ov.markers.set_metacopy(work.fd, tmp)
+            realfs.utime(work.fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
+            parent_st = os.stat(parent.upper_fd)
+            realfs.renameat2(
+                work.fd, tmp, parent.upper_fd, self._name, 0 if self._replacing else realfs.RENAME_NOREPLACE
+            )
+        except BaseException:
+            self.abort()
+            raise
+        _restore_times(parent.upper_fd, parent_st)
+        path = node.path
+        if node.is_dir:
+            ov.lookup.invalidate(path)
+        elif self._metacopy:
+            ov.files.metadata_copied_up(path)
+        elif stat.S_ISREG(st.st_mode):
+            assert ov.upper is not None
+            upper = ov.upper
+            ov.files.copied_up(path, lambda: upper.open(path, os.O_RDONLY | os.O_NOFOLLOW))
+        return ov.lookup.lookup(path)
+
+    def run(self) -> Node:
+        """:meth:`copy_data` then :meth:`install` in this thread (:meth:`abort` on failure); the fresh node."""
+        try:
+            self.copy_data()
+        except BaseException:
+            self.abort()
+            raise
+        return self.install()
+
+    def abort(self) -> None:
+        """Give up: close the fds and remove the temporary object (never raises; the workdir is emptied at mount)."""
+        self._close()
         with contextlib.suppress(OSError):
-            work.remove(tmp)
-        raise
-    _restore_times(parent.upper_fd, parent_st)
+            self._work.remove(self._tmp)
+
+    def _close(self) -> None:
+        for fd in (self._src, self._dst):
+            if fd is not None:
+                os.close(fd)
+        self._src = self._dst = None
 
 
 def _restore_times(dirfd: int, st: os.stat_result) -> None:
@@ -103,43 +204,12 @@ def _restore_times(dirfd: int, st: os.stat_result) -> None:
     realfs.utime(dirfd, None, (st.st_atime_ns, st.st_mtime_ns))
 
 
-def _create_copy(
-    st: os.stat_result,
-    workfd: int,
-    tmp: str,
-    with_data: bool,
-    metacopy: bool,
-    src_dirfd: int,
-    src_name: str,
-) -> None:
-    mode = st.st_mode
-    if stat.S_ISREG(mode):
-        dst = realfs.create(workfd, tmp, os.O_WRONLY, 0o600)
-        try:
-            if with_data and st.st_size:
-                src = realfs.openat2(src_dirfd, src_name, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    copy_data(src, dst, st.st_size)
-                finally:
-                    os.close(src)
-            elif metacopy:
-                realfs.truncate(dst, st.st_size)  # all hole: the size is metadata, the data stays below
-        finally:
-            os.close(dst)
-    elif stat.S_ISDIR(mode):
-        realfs.mkdir(workfd, tmp, 0o700)
-    elif stat.S_ISLNK(mode):
-        realfs.symlink(os.readlink(src_name, dir_fd=src_dirfd), workfd, tmp)
-    else:  # FIFO, socket, device
-        realfs.mknod(workfd, tmp, mode, st.st_rdev)
-
-
-def copy_data(src: int, dst: int, size: int) -> None:
+def copy_data(src: int, dst: int, size: int, cancelled: Callable[[], bool] | None = None) -> None:
     """Copy ``size`` bytes from fd ``src`` to fd ``dst`` in the kernel, keeping holes (SEEK_DATA/SEEK_HOLE).
 
     Both are read and written at the same offsets, from 0; ``dst`` ends ``size`` bytes long. ``copy_file_range`` falls
     back to ``sendfile`` where it cannot copy (EXDEV, ENOSYS, EINVAL, EOPNOTSUPP). Raises the read and write errors
-    (EIO, ENOSPC, EDQUOT, EFBIG...).
+    (EIO, ENOSPC, EDQUOT, EFBIG...), and EINTR when ``cancelled()`` (asked before each chunk) says True.
     """
     offset = 0
     while offset < size:
@@ -150,14 +220,16 @@ def copy_data(src: int, dst: int, size: int) -> None:
                 raise
             break
         hole = os.lseek(src, data, os.SEEK_HOLE)
-        _copy_range(src, dst, data, min(hole, size) - data)
+        _copy_range(src, dst, data, min(hole, size) - data, cancelled)
         offset = hole
     os.ftruncate(dst, size)
 
 
-def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+def _copy_range(src: int, dst: int, offset: int, count: int, cancelled: Callable[[], bool] | None) -> None:
     end = offset + count
     while offset < end:
+        if cancelled is not None and cancelled():
+            raise InterruptedError(errno.EINTR, os.strerror(errno.EINTR))
         try:
             n = os.copy_file_range(src, dst, min(end - offset, _CHUNK), offset, offset)
         except OSError as exc:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pylayerfs.overlay import namespace, readdir, realfs, xattrs
-from pylayerfs.overlay.copy_up import copy_up
+from pylayerfs.overlay.copy_up import CopyUp, copy_up, start_copy_up
 from pylayerfs.overlay.file import OpenFile
 from pylayerfs.overlay.inode import attributes, stat_dict
 from pylayerfs.overlay.layers import Entry, split
@@ -260,6 +260,18 @@ class Overlay(OverlayState):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), of.path)
         fd = os.open(realfs.fd_path(of.fd), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW) | os.O_CLOEXEC)
         return self.files.add(OpenFile(fd, of.path, of.ino, of.on_lower), named=False)
+
+    def open_copy_up(self, path: str, flags: int) -> CopyUp | None:
+        """The data copy-up :meth:`open` of ``path`` with ``flags`` would make, begun (see :class:`CopyUp`); else None.
+
+        For a transport that runs the data copy off its loop: it calls :meth:`CopyUp.copy_data` (any thread),
+        :meth:`CopyUp.install` (here), then :meth:`open`, which finds the upper copy. None when the open copies no
+        data: not for writing, ``O_TRUNC``, not a regular file, or already in the upper layer. Raises what
+        :meth:`open` raises before its copy-up (ENOENT, ENOTDIR, EROFS) and what copy-up raises for the ancestors.
+        """
+        if not flags & _WRITE_FLAGS or flags & os.O_TRUNC or not stat.S_ISREG(self.lookup.lookup(path).mode):
+            return None
+        return start_copy_up(self, path)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes of the open file ``fh`` from byte ``offset`` (fewer at its end, ``b""`` past it).

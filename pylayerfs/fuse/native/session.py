@@ -1,19 +1,20 @@
 """The request loop: read a request from the FUSE device, call the engine, write the reply.
 
-One request at a time, in one thread (the engine needs no locks). Each request names its node by ID;
-:class:`~pylayerfs.fuse.native.nodes.NodeTable` gives the node's path, and the handlers call
-:class:`~pylayerfs.overlay.filesystem.Overlay` with it (or with the open file's handle, which keeps
-open unlinked files usable). An :class:`OSError` from the engine becomes its errno in the reply; any
-other exception is a bug: it is logged with its traceback and answered with EIO, and the loop goes
-on. Nothing raised by a handler ever leaves the loop.
+One request at a time, in one thread (the engine needs no locks), but for the data copy of a large copy-up, which
+runs in a worker thread while the loop goes on (:mod:`.workers`: requests that depend on it wait, replies go out
+of order). Each request names its node by ID; :class:`~pylayerfs.fuse.native.nodes.NodeTable` gives the node's
+path, and the handlers call :class:`~pylayerfs.overlay.filesystem.Overlay` with it (or with the open file's
+handle, which keeps open unlinked files usable). An :class:`OSError` from the engine becomes its errno in the
+reply; any other exception is a bug: it is logged with its traceback and answered with EIO, and the loop goes on.
+Nothing raised by a handler ever leaves the loop.
 
-INTERRUPT (the caller of a request got a signal) needs no work here, and is never answered. The kernel
-queues one only for a request the daemon has read, and this loop reads again only after answering, so the
-request it names is answered already (the kernel then drops the interrupt unread). A slow request (a copy-up)
-runs to its end and its caller gets its result: the kernel waits for a request it has sent even when the caller
-is killed (a request not yet read is taken back and never seen). A reply the kernel no longer takes fails with
-ENOENT and gives back what it counted (:meth:`Session._reply`). ENOSYS would stop the kernel sending interrupts,
-EAGAIN would make it send this one again: neither is wanted.
+INTERRUPT (the caller of a request got a signal) is never answered. The kernel queues one only for a request
+the daemon has read; the request it names is answered already (the kernel then drops the interrupt unread),
+or it is an OPEN whose copy-up runs in a worker: that copy stops if the caller is being killed (see
+:mod:`.workers`), else it runs to its end and its caller gets its result. The kernel waits for a request it has
+sent even when the caller is killed (a request not yet read is taken back and never seen). A reply the kernel
+no longer takes fails with ENOENT and gives back what it counted (:meth:`Session._reply`). ENOSYS would stop the
+kernel sending interrupts, EAGAIN would make it send this one again: neither is wanted.
 
 The session ends when a read of the device fails with ENODEV (the filesystem was unmounted, with
 ``umount``, ``umount -l`` or ``fusermount3 -u``, or the connection aborted), after DESTROY, or when
@@ -35,6 +36,7 @@ from pylayerfs.fuse.native.device import DeviceError, set_readahead, unmount
 from pylayerfs.fuse.native.dirs import DirOps
 from pylayerfs.fuse.native.files import FileOps
 from pylayerfs.fuse.native.names import NameOps
+from pylayerfs.fuse.native.workers import MIN_SIZE, Deferred, Jobs
 from pylayerfs.overlay.filesystem import Overlay
 
 Handler = Callable[[Request, memoryview], bytes | memoryview | None]  # None: the handler replied itself
@@ -60,6 +62,8 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
     ) -> None:
         super().__init__(overlay, fd, mountpoint=mountpoint, timeout=timeout, on_ready=on_ready,
                          by_fusermount=by_fusermount, passthrough=passthrough)  # fmt: skip
+        self._jobs: Jobs | None = None  # the copy-ups in flight in worker threads (None: none)
+        self._waiting: list[bytes] = []  # the requests that wait for them, in order
         self._handlers: dict[int, Handler] = {
             p.Op.INIT: self._init,
             p.Op.DESTROY: self._destroy,
@@ -107,8 +111,18 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
         """Serve until the mount is gone; return True if it ended by :meth:`stop` (a signal), False by unmount.
 
         Never raises for a request: see the module docstring. Raises OSError only for a device read
-        failing with an errno other than ENODEV/ENOENT/EINTR (the device is unusable).
+        failing with an errno other than ENODEV/ENOENT/EINTR (the device is unusable). Copy-ups still in
+        flight when it ends are cancelled, their temporary files removed.
         """
+        try:
+            return self._loop()
+        finally:
+            if self._jobs is not None:
+                self._jobs.close()
+                self._jobs = None
+
+    def _loop(self) -> bool:
+        """:meth:`run`'s loop: with copy-ups in flight, poll the device and the workers' eventfd before reading."""
         buf = bytearray(p.BUFFER_SIZE)
         view = memoryview(buf)
         while not self._ended:
@@ -119,6 +133,8 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
             try:
                 self._reading = True
                 if self._stopping:
+                    continue
+                if self._jobs is not None and not self._poll():
                     continue
                 n = os.readv(self.fd, [buf])
             except Stop:
@@ -131,9 +147,74 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
                 raise
             finally:
                 self._reading = False
+            if self._jobs is not None and self._jobs.must_wait(*_HEAD.unpack_from(buf)):
+                self._waiting.append(bytes(view[:n]))  # served once the copy-ups it depends on are installed
+                continue
             self._serve(view[:n])
         self._log_counts()
         return False
+
+    def _poll(self) -> bool:
+        """Wait for a request or a finished copy-up; install those finished; True when the device is readable."""
+        assert self._jobs is not None
+        readable, finished = self._jobs.poll()
+        if finished:
+            self._finish_jobs()
+        return readable
+
+    def _open(self, req: Request, arg: memoryview) -> bytes:
+        """OPEN: as :meth:`FileOps._open`, but a copy-up of :data:`~.workers.MIN_SIZE` bytes or more copies its data
+        in a worker thread (raises :class:`Deferred`: the loop answers when it is installed, see
+        :meth:`_finish_jobs`)."""
+        flags, _ = p.OPEN_IN.unpack_from(arg)
+        path = self._node(req.nodeid).path  # None: a held object, reopened as it is (FileOps._open)
+        copy = self.ov.open_copy_up(path, flags) if path is not None else None
+        if copy is not None:
+            if copy.size < MIN_SIZE:
+                copy.run()
+            else:
+                if self._jobs is None:
+                    self._jobs = Jobs(self.fd)
+                header = p.IN_HEADER.pack(p.IN_HEADER.size + len(arg), req.opcode, req.unique, req.nodeid,
+                                          req.uid, req.gid, req.pid, 0, 0)  # fmt: skip
+                self._jobs.start(req.nodeid, copy, header + arg, req.unique, req.pid)
+                raise Deferred
+        return super()._open(req, arg)
+
+    def _finish_jobs(self) -> None:
+        """Install the copy-ups whose data are copied and answer their OPEN; then serve the requests that waited.
+
+        A copy that failed (ENOSPC, EINTR when cancelled...) or an install that failed is answered with its errno,
+        its temporary file removed. A successful one serves its OPEN again, which now opens the upper copy.
+        """
+        assert self._jobs is not None
+        for job in self._jobs.finished():
+            error = 0
+            try:
+                if job.error is not None:
+                    job.copy.abort()
+                    raise job.error
+                job.copy.install()
+            except OSError as exc:
+                error = errno_of(exc) or errno.EIO
+            except Exception:
+                log.exception("the copy-up for request %d failed, answering EIO", job.unique)
+                error = errno.EIO
+            if error:
+                self._reply(job.unique, error, b"")
+            else:
+                self.requests -= 1  # served again: counted once
+                self.counts[p.Op.OPEN] -= 1
+                self._serve(memoryview(job.request))
+        if not self._jobs.by_node:
+            self._jobs.close()
+            self._jobs = None
+        waiting, self._waiting = self._waiting, []
+        for request in waiting:  # in order; those that must wait for a copy-up started meanwhile wait again
+            if self._jobs is not None and self._jobs.must_wait(*_HEAD.unpack_from(request)):
+                self._waiting.append(request)
+            else:
+                self._serve(memoryview(request))
 
     def _log_counts(self) -> None:
         """Say (at -o debug) how many requests of each kind the session served: what a workload cost in round trips."""
@@ -183,6 +264,8 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
         else:
             try:
                 payload = handler(req, arg)
+            except Deferred:
+                return  # answered when its copy-up is installed
             except OSError as exc:
                 error = errno_of(exc)
                 if not error:
@@ -247,8 +330,13 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
         return b""
 
     def _interrupt(self, req: Request, arg: memoryview) -> bytes:
-        """INTERRUPT: nothing to do, never answered (one request at a time: the one it names was answered)."""
+        """INTERRUPT: never answered; it may stop a copy-up in flight (see :meth:`.workers.Jobs.interrupt`)."""
+        if self._jobs is not None:
+            self._jobs.interrupt(p.INTERRUPT_IN.unpack_from(arg)[0])
         return b""
+
+
+_HEAD = struct.Struct("=4xIxxxxxxxxQ")  # a request's opcode and node ID (for Jobs.must_wait)
 
 
 def _flag_names(flags: int) -> str:
