@@ -104,6 +104,11 @@ class CopyUp:
             raise
         self.size = st.st_size if self._src is not None else 0
 
+    @property
+    def path(self) -> str:
+        """The merged path of the object being copied up."""
+        return self._node.path
+
     def _create(self, src_dirfd: int, src_name: str, with_data: bool) -> None:
         """Create the temporary object; for a regular file with data, open the source and keep both fds."""
         mode = self._st.st_mode

@@ -36,7 +36,7 @@ from pylayerfs.fuse.native.device import DeviceError, set_readahead, unmount
 from pylayerfs.fuse.native.dirs import DirOps
 from pylayerfs.fuse.native.files import FileOps
 from pylayerfs.fuse.native.names import NameOps
-from pylayerfs.fuse.native.workers import MIN_SIZE, Deferred, Jobs
+from pylayerfs.fuse.native.workers import MIN_SIZE, NAMES, Deferred, Jobs
 from pylayerfs.overlay.filesystem import Overlay
 
 Handler = Callable[[Request, memoryview], bytes | memoryview | None]  # None: the handler replied itself
@@ -147,12 +147,31 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
                 raise
             finally:
                 self._reading = False
-            if self._jobs is not None and self._jobs.must_wait(*_HEAD.unpack_from(buf)):
+            if self._jobs is not None and self._must_wait(view[:n]):
                 self._waiting.append(bytes(view[:n]))  # served once the copy-ups it depends on are installed
                 continue
             self._serve(view[:n])
         self._log_counts()
         return False
+
+    def _must_wait(self, request: memoryview) -> bool:
+        """Must ``request`` wait for the copy-ups in flight? (:meth:`Jobs.must_wait` with the names it changes.)"""
+        assert self._jobs is not None
+        opcode, nodeid = _HEAD.unpack_from(request)
+        offset = NAMES.get(opcode)
+        if offset is None:
+            return self._jobs.must_wait(nodeid, [])
+        arg = request[p.IN_HEADER.size :]
+        try:
+            if opcode in (p.Op.RENAME, p.Op.RENAME2):
+                (newdir,) = p.RENAME_IN.unpack_from(arg)  # RENAME2_IN starts with newdir too
+                old, new = p.names(arg[offset:], 2)
+                changed = [self._child(nodeid, old), self._child(newdir, new)]
+            else:
+                changed = [self._child(nodeid, p.names(arg[offset:], 1)[0])]
+        except (OSError, ValueError, struct.error):
+            return self._jobs.must_wait(nodeid, [])  # a parent without a name, or a bad request: its handler says
+        return self._jobs.must_wait(nodeid, changed)
 
     def _poll(self) -> bool:
         """Wait for a request or a finished copy-up; install those finished; True when the device is readable."""
@@ -211,7 +230,7 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
             self._jobs = None
         waiting, self._waiting = self._waiting, []
         for request in waiting:  # in order; those that must wait for a copy-up started meanwhile wait again
-            if self._jobs is not None and self._jobs.must_wait(*_HEAD.unpack_from(request)):
+            if self._jobs is not None and self._must_wait(memoryview(request)):
                 self._waiting.append(request)
             else:
                 self._serve(memoryview(request))

@@ -9,10 +9,12 @@ polls together with the FUSE device), then serves the OPEN again, which now open
 replies go out of order, as the protocol allows (each is matched to its request by ``unique``).
 
 While a copy-up is in flight, :class:`Jobs` says which requests must wait (:meth:`Jobs.must_wait`): every request
-on the node being copied up (it sees the copy-up's result), and every request of :data:`WAIT`, which may change the
-namespace or an object (a rename, unlink, chmod... could move or change what the install renames into place). They
-are queued and served after the install, in order. The others go on: LOOKUP, GETATTR, READDIR, OPEN, READ, WRITE,
-RELEASE... Only copies of at least :data:`MIN_SIZE` bytes go to a thread: a small copy costs less than the hand-over.
+on the node being copied up (it sees the copy-up's result), and every change of a name (:data:`NAMES`) that is the
+copied file's path or one of its ancestors (a rename or removal of its directory, a name made or removed in its
+place: the install renames the copy into place by that path). They are queued and served after the install, in
+order. The others go on: LOOKUP, GETATTR, READDIR, OPEN, READ, WRITE, RELEASE, and every change elsewhere in the
+mount (a file created in another directory, or beside the copied one). Only copies of at least :data:`MIN_SIZE`
+bytes go to a thread: a small copy costs less than the hand-over.
 
 A caller killed mid-copy (INTERRUPT while a fatal signal is pending for it, as the kernel's ``ovl_copy_up_file``
 checks) stops the copy between chunks: the temporary file is removed and the OPEN answered EINTR (the kernel
@@ -32,13 +34,14 @@ from pylayerfs.fuse.native import protocol as p
 from pylayerfs.overlay.copy_up import CopyUp
 
 MIN_SIZE = 1 << 20  # bytes: smaller copy-ups are made on the loop thread
-# The requests that wait while a copy-up is in flight (besides every request on the node being copied up): they
-# change names, metadata or data of some object, which the install may depend on. The others (LOOKUP, GETATTR,
-# READDIR, OPEN, READ, WRITE and RELEASE of open files...) only read the engine's state or use open files.
-WAIT = frozenset({
-    p.Op.SETATTR, p.Op.SYMLINK, p.Op.MKNOD, p.Op.MKDIR, p.Op.UNLINK, p.Op.RMDIR, p.Op.RENAME, p.Op.RENAME2,
-    p.Op.LINK, p.Op.CREATE, p.Op.TMPFILE, p.Op.SETXATTR, p.Op.REMOVEXATTR, p.Op.FALLOCATE, p.Op.COPY_FILE_RANGE,
-})  # fmt: skip
+# The requests that change names: the offset of the names in their argument, and how many name a path (RENAME:
+# two, in two directories; SYMLINK: the first of two). A change to another object's metadata or data (SETATTR,
+# SETXATTR, FALLOCATE...) waits only when it is on the node being copied up.
+NAMES = {
+    p.Op.MKNOD: p.MKNOD_IN.size, p.Op.MKDIR: p.MKDIR_IN.size, p.Op.SYMLINK: 0, p.Op.UNLINK: 0, p.Op.RMDIR: 0,
+    p.Op.CREATE: p.CREATE_IN.size, p.Op.LINK: p.LINK_IN.size, p.Op.RENAME: p.RENAME_IN.size,
+    p.Op.RENAME2: p.RENAME2_IN.size,
+}  # fmt: skip
 _SIGKILL_BIT = 1 << (9 - 1)  # SIGKILL in /proc/PID/status's SigPnd mask
 
 
@@ -106,9 +109,14 @@ class Jobs:
         job = self.by_node[nodeid] = Job(copy, request, unique, pid, self.wake)
         job.start()
 
-    def must_wait(self, opcode: int, nodeid: int) -> bool:
-        """Whether a request must wait for the copy-ups in flight (see the module docstring)."""
-        return bool(self.by_node) and (nodeid in self.by_node or opcode in WAIT)
+    def must_wait(self, nodeid: int, changed: list[str]) -> bool:
+        """Whether a request on ``nodeid`` that changes the names ``changed`` (merged paths) must wait for the
+        copy-ups in flight: it is on a node being copied up, or one of those names is the path of a file being
+        copied up or one of its directories (see the module docstring)."""
+        if nodeid in self.by_node:
+            return True
+        targets = [job.copy.path for job in self.by_node.values()]
+        return any(t == name or t.startswith(name + "/") for name in changed for t in targets)
 
     def finished(self) -> list[Job]:
         """The jobs whose thread is done, taken out of the table; resets the eventfd."""
