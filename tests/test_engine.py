@@ -397,3 +397,13 @@ def test_a_timeout_the_kernel_cannot_take_is_refused_in_one_line(value: str) -> 
     with pytest.raises(MountError, match=r"^timeout needs a number of seconds"):
         parse_options([f"lowerdir=a,timeout={value}"])
     assert parse_options(["lowerdir=a,timeout=0"]).timeout == 0
+
+
+def test_nodefault_permissions_needs_noallow_other() -> None:
+    """Without default_permissions nothing checks permissions: other users may not use such a mount."""
+    from pylayerfs.overlay.params import MountError, parse_options
+
+    with pytest.raises(MountError, match="needs noallow_other"):
+        parse_options(["lowerdir=a,nodefault_permissions"])
+    config = parse_options(["lowerdir=a,nodefault_permissions,noallow_other"])
+    assert not config.default_permissions and not config.allow_other

@@ -678,3 +678,14 @@ def test_a_write_through_one_name_of_a_lower_hard_link_copies_up_that_name_only(
                 results.append((_split_links(str(mnt)), sorted(os.listdir(upper))))
     assert results[0] == results[1]
     assert results[1][0]["a"] == ("old", "0o100644") and results[1][0]["b"][0] == "new"
+
+
+@pytest.mark.root
+def test_a_log_file_that_cannot_be_written_is_named_in_one_line(stack, tmp_path):
+    lowers, upper, work, mnt = stack
+    result = run_pylayerfs("mount", "-o", options(lowers, upper, work, f"logfile={tmp_path}/missing/x.log"), mnt,
+                           check=False)  # fmt: skip
+    assert result.returncode == 1 and not _mounted(mnt)
+    assert (
+        result.stderr == f"pylayerfs: cannot write the log file '{tmp_path}/missing/x.log': No such file or directory\n"
+    )

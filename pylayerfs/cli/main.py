@@ -37,6 +37,7 @@ options (-o, comma-separated; \\: and \\, escape a colon or comma in a path):
                            stderr, or to logfile=PATH
   noallow_other            only the mounting user may use the mount
   nodefault_permissions    the kernel does not check permissions on the view
+                           (nobody does: needs noallow_other)
   ro, nodev, nosuid,       generic mount flags, passed to the mount
   noexec, noatime, ...
   timeout=SECONDS          how long the kernel may cache entries and attributes

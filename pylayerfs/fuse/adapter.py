@@ -37,6 +37,7 @@ CACHE_TIMEOUT = 86400.0
 _STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_rdev", "st_blocks", "st_blksize")
 # The longest a request waits for the kernel to take an invalidation (see _Invalidator).
 INVALIDATE_WAIT = 1.0
+FUSE_CAP_POSIX_ACL = 1 << 19  # libfuse 3's fuse_common.h (the kernel's FUSE_POSIX_ACL, 1 << 20)
 # The names libfuse gives an open file whose name is removed (fuse.c, hidden_name): ".fuse_hidden" node id, counter.
 _HIDDEN_NAME = re.compile(r"\.fuse_hidden[0-9a-f]{16}")
 
@@ -121,6 +122,7 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
     ) -> None:
         self.ov = overlay
         self.timeout = timeout
+        self.acl = True  # ask the kernel to enforce POSIX ACLs (only with default_permissions, which it turns on)
         self._on_ready = on_ready
         self._dirs: dict[int, str] = {}  # open directory handle -> path (readdir gets no path)
         self._next_dir = itertools.count(1)
@@ -129,6 +131,8 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
         self._hidden: dict[str, set[int]] = {}  # hidden path of an unlinked open file -> its open handles
 
     def init_with_config(self, conn: Any, config: Any) -> None:
+        if self.acl and conn is not None and conn.capable & FUSE_CAP_POSIX_ACL:
+            conn.want |= FUSE_CAP_POSIX_ACL  # the kernel enforces ACLs (it turns default_permissions on)
         if config is not None:
             config.nullpath_ok = 1  # open files stay usable after their name is gone (hard_remove)
             self._config = config  # libfuse's own settings: read again for every reply
@@ -441,8 +445,10 @@ def serve(
     timeout: float = CACHE_TIMEOUT,
 ) -> None:
     """Mount and serve requests until unmounted (single-threaded, in the foreground)."""
+    operations = FuseOperations(overlay, on_ready, timeout)
+    operations.acl = bool(fuse_options.get("default_permissions"))
     _FUSE(
-        FuseOperations(overlay, on_ready, timeout),
+        operations,
         mountpoint,
         foreground=True,
         nothreads=True,

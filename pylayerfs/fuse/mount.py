@@ -255,10 +255,16 @@ def fuse_options(config: MountConfig) -> dict[str, object]:
 
 
 def setup_logging(config: MountConfig, background: bool) -> None:
-    """Where the daemon's log goes: ``logfile=``; else stderr in the foreground or with ``debug``; else syslog."""
+    """Where the daemon's log goes: ``logfile=``; else stderr in the foreground or with ``debug``; else syslog.
+
+    Raises MountError naming the log file when it cannot be opened for appending (ENOENT, EACCES, EINVAL...).
+    """
     handler: logging.Handler
     if config.logfile:
-        handler = logging.FileHandler(config.logfile)
+        try:
+            handler = logging.FileHandler(config.logfile)
+        except OSError as exc:
+            raise MountError(f"cannot write the log file '{config.logfile}': {exc.strerror}") from None
     elif not background or config.debug:
         handler = logging.StreamHandler(sys.stderr)
     elif os.path.exists("/dev/log"):

@@ -158,6 +158,11 @@ def parse_options(options: list[str]) -> MountConfig:
             raise MountError(f"unknown mount option '{opt}'")
     if config.metacopy and config.userxattr:
         raise MountError("metacopy=on conflicts with userxattr (as in the kernel)")
+    if not config.default_permissions and config.allow_other:
+        # Without default_permissions no one checks permissions (the daemon does not): with allow_other, every user
+        # of the machine could read and change everything in the mount with the daemon's rights.
+        raise MountError("nodefault_permissions turns off every permission check: it needs noallow_other "
+                         "(only the mounting user may use the mount)")  # fmt: skip
     return config
 
 

@@ -62,7 +62,8 @@ class Core:
     """One mount's state: ``fd`` is its FUSE device, ``overlay`` the engine, ``timeout`` the kernel's cache time.
 
     ``on_ready`` is called once INIT is answered (the mount is usable then). ``mountpoint`` and
-    ``by_fusermount`` say how to unmount when the session is stopped.
+    ``by_fusermount`` say how to unmount when the session is stopped; ``passthrough`` whether open files may be passed
+    through, ``acl`` whether the kernel is asked to enforce POSIX ACLs (the mount has ``default_permissions``).
     """
 
     def __init__(
@@ -75,8 +76,10 @@ class Core:
         on_ready: Callable[[], None] | None = None,
         by_fusermount: bool = False,
         passthrough: bool = True,
+        acl: bool = True,
     ) -> None:
         self.ov = overlay
+        self.acl = acl  # ask the kernel to enforce POSIX ACLs (FUSE_POSIX_ACL: only with default_permissions)
         self.fd = fd
         self.mountpoint = mountpoint
         self.timeout = timeout

@@ -91,7 +91,7 @@ class NameOps(Core):
             return
         last = self._last_name(path)
         held = None
-        if node.paths == [path] and node.nodeid not in self._held:
+        if node.path == path and not node.aliases and node.nodeid not in self._held:
             with contextlib.suppress(OSError):
                 held = self.ov.hold(path)
         try:

@@ -112,6 +112,7 @@ class Init(enum.IntFlag):
     READDIRPLUS_AUTO = 1 << 14
     WRITEBACK_CACHE = 1 << 16
     PARALLEL_DIROPS = 1 << 18
+    POSIX_ACL = 1 << 20
     MAX_PAGES = 1 << 22
     CACHE_SYMLINKS = 1 << 23
     INIT_EXT = 1 << 30
@@ -124,6 +125,7 @@ class Init(enum.IntFlag):
 # one's pages: docs/performance.md, W3 cold). Not POSIX_LOCKS or FLOCK_LOCKS
 # (locks stay in the kernel, local to the mount), not DONT_MASK (the kernel applies the umask), not
 # WRITEBACK_CACHE (every write reaches the layers at once), not EXPORT_SUPPORT (no LOOKUP of "." / "..").
+# POSIX_ACL is asked for besides (negotiate's acl): the kernel then enforces ACLs and caches them per inode.
 WANTED = (
     Init.ASYNC_READ
     | Init.ATOMIC_O_TRUNC
@@ -234,11 +236,12 @@ class ProtocolError(Exception):
     """The kernel speaks a protocol this transport cannot (major other than 7, minor below 7.31)."""
 
 
-def negotiate(payload: bytes | memoryview, passthrough: bool = False) -> tuple[Negotiated, bytes]:
+def negotiate(payload: bytes | memoryview, passthrough: bool = False, acl: bool = True) -> tuple[Negotiated, bytes]:
     """Read the kernel's ``fuse_init_in`` and answer it: ``(what is agreed, the fuse_init_out payload)``.
 
     Takes the kernel's minor when it is older than :data:`MINOR`, else :data:`MINOR`; takes the flags of
     :data:`WANTED` the kernel offers, and PASSTHROUGH with ``passthrough`` when offered (7.40 and newer).
+    ``acl``: POSIX_ACL too (the mount has ``default_permissions``, which POSIX_ACL turns on in the kernel).
     Raises :class:`ProtocolError` for a major other than 7 or a minor below :data:`MIN_MINOR` (the caller
     answers EPROTO).
     """
@@ -248,7 +251,8 @@ def negotiate(payload: bytes | memoryview, passthrough: bool = False) -> tuple[N
         raise ProtocolError(f"the kernel speaks FUSE {major}.{minor}; pylayerfs needs 7.{MIN_MINOR} or newer")
     offered = flags | (flags2 << 32 if flags & Init.INIT_EXT else 0)
     agreed_minor = min(minor, MINOR)
-    agreed = offered & (int(WANTED) | (Init.PASSTHROUGH if passthrough and agreed_minor >= 40 else 0))
+    wanted = int(WANTED) | (Init.POSIX_ACL if acl else 0)
+    agreed = offered & (wanted | (Init.PASSTHROUGH if passthrough and agreed_minor >= 40 else 0))
     reply = INIT_OUT.pack(
         MAJOR,
         agreed_minor,

@@ -59,9 +59,10 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
         on_ready: Callable[[], None] | None = None,
         by_fusermount: bool = False,
         passthrough: bool = True,
+        acl: bool = True,
     ) -> None:
         super().__init__(overlay, fd, mountpoint=mountpoint, timeout=timeout, on_ready=on_ready,
-                         by_fusermount=by_fusermount, passthrough=passthrough)  # fmt: skip
+                         by_fusermount=by_fusermount, passthrough=passthrough, acl=acl)  # fmt: skip
         self._jobs: Jobs | None = None  # the copy-ups in flight in worker threads (None: none)
         self._waiting: list[bytes] = []  # the requests that wait for them, in order
         self._handlers: dict[int, Handler] = {
@@ -330,7 +331,7 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
 
     def _init(self, req: Request, arg: memoryview) -> bytes:
         try:
-            self.negotiated, reply = p.negotiate(arg, self.passthrough)
+            self.negotiated, reply = p.negotiate(arg, self.passthrough, self.acl)
         except p.ProtocolError as exc:
             log.error("%s", exc)
             self._ended = True
@@ -386,7 +387,8 @@ def serve(
 
     ``fsname`` is the mount's source, ``options`` the generic mount options, ``timeout`` how long the
     kernel may cache entries and attributes, ``passthrough`` whether open files may be passed through to
-    their real files (where the kernel and the daemon's privileges allow). ``on_session`` gets the session
+    their real files (where the kernel and the daemon's privileges allow). With ``default_permissions`` the kernel
+    checks permissions, POSIX ACLs included (FUSE_POSIX_ACL). ``on_session`` gets the session
     before the first request (to route signals to :meth:`Session.stop`). Raises
     :class:`~pylayerfs.fuse.native.device.DeviceError` when the mount cannot be made. The overlay is closed when
     the session ends.
@@ -395,7 +397,7 @@ def serve(
 
     try:
         session = Session(overlay, -1, mountpoint=mountpoint, timeout=timeout, on_ready=on_ready,
-                          passthrough=passthrough)  # fmt: skip
+                          passthrough=passthrough, acl=default_permissions)  # fmt: skip
         session.fd, session.by_fusermount = mount(mountpoint, fsname=fsname, options=options,
                                                   allow_other=allow_other,
                                                   default_permissions=default_permissions)  # fmt: skip
