@@ -86,8 +86,7 @@ class Job:
 
 class Jobs:
     """The copy-ups in flight, by node ID, the eventfd their threads wake the loop with, and the poll of that eventfd
-    and the FUSE device ``fd`` (see the module). The device is non-blocking meanwhile (a request the kernel takes
-    back between the poll and the read must not block the loop); :meth:`close` makes it blocking again.
+    and the FUSE device ``fd`` (see the module), which the session keeps non-blocking.
     """
 
     def __init__(self, fd: int) -> None:
@@ -97,7 +96,6 @@ class Jobs:
         self.poller = select.poll()
         self.poller.register(fd, select.POLLIN)
         self.poller.register(self.wake, select.POLLIN)
-        os.set_blocking(fd, False)
 
     def poll(self) -> tuple[bool, bool]:
         """Wait for a request or a finished copy: (the device is readable or failed, a thread is done)."""
@@ -135,13 +133,11 @@ class Jobs:
                 job.cancelled = True
 
     def close(self) -> None:
-        """Cancel every copy in flight (their temporary files removed), close the eventfd, make the device blocking."""
+        """Cancel every copy in flight (their temporary files removed) and close the eventfd."""
         for job in self.by_node.values():
             job.cancel()
         self.by_node.clear()
         os.close(self.wake)
-        with contextlib.suppress(OSError):  # the device is closed or gone: nothing reads it any more
-            os.set_blocking(self.fd, True)
 
 
 def _dying(pid: int) -> bool:
