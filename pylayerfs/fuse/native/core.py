@@ -18,6 +18,7 @@ from typing import Any
 
 from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.nodes import NodeEntry, NodeTable, identity
+from pylayerfs.fuse.native.workers import Jobs
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.state import Caller
 
@@ -56,6 +57,9 @@ def cstring(payload: memoryview) -> str:
     if not nul:
         raise ValueError("a request is missing a name")
     return os.fsdecode(name)
+
+
+Handler = Callable[[Request, memoryview], bytes | memoryview | None]  # None: the handler replied itself
 
 
 class Core:
@@ -102,6 +106,13 @@ class Core:
         self._passed: set[int] = set()  # the open file handles passed through to a backing file
         self._held: dict[int, int] = {}  # node ID -> the engine's hold on its object, once no name of it is known
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._jobs: Jobs | None = None  # the copy-ups in flight in worker threads (None: none)
+        self._waiting: list[bytes] = []  # the requests that wait for them, in order
+        self._handlers = self._handler_table()
+
+    def _handler_table(self) -> dict[int, Handler]:
+        """The handler of each opcode served (the session's; none here)."""
+        return {}
 
     # -- nodes and paths ---------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.attributes import AttributeOps
-from pylayerfs.fuse.native.core import Request, errno_of, log
+from pylayerfs.fuse.native.core import Handler, Request, errno_of, log
 from pylayerfs.fuse.native.device import DeviceError, set_readahead, unmount
 from pylayerfs.fuse.native.dirs import DirOps
 from pylayerfs.fuse.native.files import FileOps
@@ -43,7 +43,6 @@ from pylayerfs.fuse.native.workers import MIN_SIZE, NAMES, Deferred, Jobs
 from pylayerfs.overlay.filesystem import Overlay
 
 SPIN_NS = 50_000  # how long the loop reads again without sleeping after a request (see Session._next)
-Handler = Callable[[Request, memoryview], bytes | memoryview | None]  # None: the handler replied itself
 
 
 class Stop(Exception):
@@ -53,23 +52,9 @@ class Stop(Exception):
 class Session(NameOps, AttributeOps, FileOps, DirOps):
     """Serves one mount: the loop, INIT and DESTROY; the handlers come from the mixins (see :class:`~.core.Core`)."""
 
-    def __init__(
-        self,
-        overlay: Overlay,
-        fd: int,
-        *,
-        mountpoint: str,
-        timeout: float,
-        on_ready: Callable[[], None] | None = None,
-        by_fusermount: bool = False,
-        passthrough: bool = True,
-        acl: bool = True,
-    ) -> None:
-        super().__init__(overlay, fd, mountpoint=mountpoint, timeout=timeout, on_ready=on_ready,
-                         by_fusermount=by_fusermount, passthrough=passthrough, acl=acl)  # fmt: skip
-        self._jobs: Jobs | None = None  # the copy-ups in flight in worker threads (None: none)
-        self._waiting: list[bytes] = []  # the requests that wait for them, in order
-        self._handlers: dict[int, Handler] = {
+    def _handler_table(self) -> dict[int, Handler]:
+        """The handler of each opcode the transport serves (the others are answered ENOSYS)."""
+        return {
             p.Op.INIT: self._init,
             p.Op.DESTROY: self._destroy,
             p.Op.LOOKUP: self._lookup,
