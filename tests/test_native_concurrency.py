@@ -124,9 +124,10 @@ def test_other_requests_are_served_while_a_large_copy_up_is_in_flight(stack, gat
         assert _work_entries(work) == []
 
 
-@pytest.mark.parametrize("change", ["chmod", "rename over"])
+@pytest.mark.parametrize("change", ["chmod", "rename over", "link"])
 def test_a_change_of_the_copied_file_or_its_name_waits_and_changes_elsewhere_go_on(stack, gate, change):
-    """A chmod of the file being copied up, or a rename over its name, waits for the install and then applies; a
+    """A chmod of the file being copied up, a rename over its name, or a new name for it waits for the install and
+    then applies; a
     rename elsewhere (with a copy-up of its own, inline) is done at once. (One change at a time: the kernel holds the
     locks of a request it has sent, the file's for a chmod, both directories' for a rename, until answered.)"""
     _, _, work, mnt = stack
@@ -139,6 +140,8 @@ def test_a_change_of_the_copied_file_or_its_name_waits_and_changes_elsewhere_go_
         def make_change() -> None:
             if change == "chmod":
                 os.chmod(f"{mnt}/low", 0o600)
+            elif change == "link":
+                os.link(f"{mnt}/low", f"{mnt}/other/hl")
             else:
                 os.rename(f"{mnt}/other/b", f"{mnt}/low")
             done.append(change)
@@ -156,6 +159,10 @@ def test_a_change_of_the_copied_file_or_its_name_waits_and_changes_elsewhere_go_
             assert os.stat(f"{mnt}/low").st_mode & 0o777 == 0o600
             assert Path(f"{mnt}/low").read_bytes() == BIG + b"!", "the chmod found the copied-up file, all its data"
             assert sorted(os.listdir(f"{mnt}/other")) == ["b", "c"]
+        elif change == "link":  # found by a user's try: the writer's open failed with EEXIST and its data were lost
+            assert Path(f"{mnt}/other/hl").read_bytes() == BIG + b"!"
+            assert os.stat(f"{mnt}/other/hl").st_ino == os.stat(f"{mnt}/low").st_ino
+            assert os.stat(f"{mnt}/low").st_nlink == 2
         else:
             assert Path(f"{mnt}/low").read_text() == "b"
             assert sorted(os.listdir(f"{mnt}/other")) == ["c"]

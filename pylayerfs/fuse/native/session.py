@@ -177,6 +177,8 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
             return self._jobs.must_wait(nodeid, [])
         arg = request[p.IN_HEADER.size :]
         try:
+            if opcode == p.Op.LINK and self._jobs.must_wait(p.LINK_IN.unpack_from(arg)[0], []):
+                return True  # a new name for the file being copied up: its copy-up must be installed first
             if opcode in (p.Op.RENAME, p.Op.RENAME2):
                 (newdir,) = p.RENAME_IN.unpack_from(arg)  # RENAME2_IN starts with newdir too
                 old, new = p.names(arg[offset:], 2)
