@@ -475,7 +475,7 @@ def _acls(m: str) -> dict[Any, Any]:
     return r
 
 
-def test_posix_acls_are_enforced_and_inherited_as_on_the_kernel(backing):
+def test_posix_acls_are_enforced_as_on_the_kernel(backing):
     r = differential(backing, _acls)
     assert r["denied by an ACL"] != 0 and r["granted by an ACL"] == (0, "") and r["create granted by an ACL"] == 0
 

@@ -207,6 +207,8 @@ def test_a_killed_daemon_leaves_enotconn_that_umount_clears(stack):
         with pytest.raises(OSError) as exc:
             os.stat(f"{mnt}/f")
         assert exc.value.errno == errno.ENOTCONN
+        explained = run_pylayerfs("explain", f"{mnt}/f", check=False)  # its record is stale: never believed
+        assert explained.returncode != 0 and "left no record" in explained.stderr, explained.stderr
         result = run_pylayerfs("umount", mnt, check=False)
         assert result.returncode == 0, result.stderr
         assert not _mounted(mnt)

@@ -148,6 +148,16 @@ def remove_record(path: str) -> None:
         os.unlink(path)
 
 
+def _alive(pid: int) -> bool:
+    """Is process ``pid`` running (not gone, and not a zombie that no one has reaped: a killed daemon)?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
 def recorded_config(entry: MountEntry) -> MountConfig | None:
     """The options the live daemon of the pylayerfs mount ``entry`` serves, from its record.
 
@@ -164,7 +174,7 @@ def recorded_config(entry: MountEntry) -> MountConfig | None:
             record = json.load(f)
         if (record["mount_id"], record["dev"], record["mountpoint"]) != (entry.mount_id, entry.dev, entry.mountpoint):
             return None
-        if not os.path.exists(f"/proc/{int(record['pid'])}"):
+        if not _alive(int(record["pid"])):
             return None
         lowers, upper, work = record["lowerdirs"], record["upperdir"], record["workdir"]
         if not (isinstance(lowers, list) and lowers and all(isinstance(d, str) and os.path.isabs(d) for d in lowers)):
