@@ -269,8 +269,11 @@ class Overlay(OverlayState):
         data: not for writing, ``O_TRUNC``, not a regular file, or already in the upper layer. Raises what
         :meth:`open` raises before its copy-up (ENOENT, ENOTDIR, EROFS) and what copy-up raises for the ancestors.
         """
-        if not flags & _WRITE_FLAGS or flags & os.O_TRUNC or not stat.S_ISREG(self.lookup.lookup(path).mode):
+        if not flags & _WRITE_FLAGS or flags & os.O_TRUNC:
             return None
+        node = self.lookup.lookup(path)
+        if not stat.S_ISREG(node.mode) or (node.upper is not None and not node.metacopy):
+            return None  # nothing to copy (the rule of copy_up's own first step, without looking it up again)
         return start_copy_up(self, path)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:

@@ -52,7 +52,7 @@ class InodeNumbers:
         """The ``st_ino`` of a merged object: the one recorded at copy-up, else its top-most real object's."""
         if node.origin is not None:
             return node.origin
-        return self.of_real(node.upper if node.upper is not None else node.lower.hits[0][1])
+        return self.of_real(node.top)
 
 
 def attributes(node: Node, ino: int) -> dict[str, Any]:

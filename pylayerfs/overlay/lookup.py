@@ -140,9 +140,15 @@ class Node:
         return self.lower_st
 
     @property
+    def top(self) -> os.stat_result | Entry:
+        """The top-most real object's upper lstat, or its lower listing's :class:`Entry` (mode, inode, device, size):
+        enough for its type and inode number without reading a lower object's whole lstat."""
+        return self.upper if self.upper is not None else self.lower.hits[0][1]
+
+    @property
     def mode(self) -> int:
-        """The ``st_mode`` of the top-most real object (without reading a lower object's whole lstat)."""
-        return self.upper.st_mode if self.upper is not None else self.lower.hits[0][1].st_mode
+        """The ``st_mode`` of the top-most real object."""
+        return self.top.st_mode
 
     @property
     def is_dir(self) -> bool:

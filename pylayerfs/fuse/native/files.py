@@ -149,8 +149,7 @@ class FileOps(Core):
         same). The header goes first, so the size must be known before the data is read: a splice shorter
         than ``size`` (the file shrank meanwhile), a reply the pipe cannot hold or a file that cannot be
         spliced (EINVAL) gives False, with the pipe made anew, and the caller reads the data by ``pread``.
-        Errors writing to the device are those of :meth:`~.session.Session._reply`: ENODEV ends the session,
-        ENOENT (the request is gone) is ignored.
+        Errors writing to the device go to :meth:`_unsent`, as a written reply's do.
         """
         if self._pipe is None:
             self._pipe = _pipe()
@@ -173,11 +172,28 @@ class FileOps(Core):
             os.splice(r, self.fd, total)
         except OSError as exc:
             self._close_pipe()
-            if exc.errno == errno.ENODEV:
-                self._ended = True
-            elif exc.errno != errno.ENOENT:
-                log.error("cannot splice the reply to request %d: %s", unique, exc.strerror)
+            self._unsent(unique, exc)
         return True
+
+    def _unsent(self, unique: int, exc: OSError) -> None:
+        """The reply to request ``unique`` could not be written (``exc``): take back what it gave the kernel.
+
+        ENOENT: the request is gone (interrupted) and the kernel took nothing from it, neither the lookups counted
+        for it nor the file it opened (which will never be released). ENODEV: the session is over. Anything
+        else is logged.
+        """
+        if exc.errno == errno.ENOENT:
+            for node in self._counted:
+                self.nodes.unfound(node)
+            if self._opening is not None:
+                try:
+                    self._forget_handle(self._opening)
+                except Exception:
+                    log.exception("cannot release handle %d of an interrupted open", self._opening)
+        elif exc.errno == errno.ENODEV:
+            self._ended = True
+        else:
+            log.error("cannot write the reply to request %d: %s", unique, exc.strerror)
 
     def _close_pipe(self) -> None:
         if self._pipe is not None:

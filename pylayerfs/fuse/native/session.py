@@ -326,18 +326,7 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
         try:
             os.writev(self.fd, [data] if error else [data, payload])  # one write: the kernel takes it whole
         except OSError as exc:
-            if exc.errno == errno.ENOENT:  # the request is gone (interrupted): the kernel took nothing from it
-                for node in self._counted:
-                    self.nodes.unfound(node)
-                if self._opening is not None:  # nor the open file: it will never be released
-                    try:
-                        self._forget_handle(self._opening)
-                    except Exception:
-                        log.exception("cannot release handle %d of an interrupted open", self._opening)
-            elif exc.errno == errno.ENODEV:
-                self._ended = True
-            else:
-                log.error("cannot write the reply to request %d: %s", unique, exc.strerror)
+            self._unsent(unique, exc)
         finally:
             self._counted = []
             self._opening = None
