@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.dockerd import Docker, DockerUnavailable, private_docker
 from tests.mounts import scratch_filesystem
 
 
@@ -75,3 +76,14 @@ def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     kind = getattr(request, "param", "tmpfs")
     with scratch_filesystem(kind, str(tmp_path / f"{kind}-backing")) as mnt:
         yield Path(mnt)
+
+
+@pytest.fixture(scope="session")
+def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
+    """The session's private dockerd (``tests/dockerd.py``), with ``busybox:base`` imported; skips with the reason
+    when it cannot start (fails in CI). Tests using it are marked ``docker``."""
+    try:
+        with private_docker(str(tmp_path_factory.mktemp("dockerd"))) as daemon:
+            yield daemon
+    except DockerUnavailable as exc:
+        pytest.skip(str(exc))

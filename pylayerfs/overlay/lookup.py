@@ -200,10 +200,21 @@ class Lookup:
             return cached
         if not path:
             result = self._root_lower_stack()
-        else:
-            parent_path, name = split(path)
-            parent = self.lower_stack(parent_path)
-            result = self._lower_child(parent, parent_path, name) if parent.is_dir else NO_LOWER
+            self._lower_stacks[path] = result
+            return result
+        parent_path, name = split(path)
+        return self.lower_stack_in(self.lower_stack(parent_path), parent_path, name)
+
+    def lower_stack_in(self, parent: LowerStack, parent_path: str, name: str) -> LowerStack:
+        """What the lower layers hold at ``name`` in ``parent_path``, given ``parent``: the stack the lookup found
+        for that directory (:data:`NO_LOWER` for an opaque upper directory); cached as :meth:`lower_stack`."""
+        if not parent.is_dir:
+            return NO_LOWER  # checked first: the cache may hold the path from before its parent became opaque
+        path = join(parent_path, name)
+        cached = self._lower_stacks.get(path)
+        if cached is not None:
+            return cached
+        result = self._lower_child(parent, parent_path, name)
         if result.hits:
             self._lower_stacks[path] = result
         return result
@@ -299,7 +310,7 @@ class Lookup:
                 upper_st = os.stat(name, dir_fd=parent.upper_fd, follow_symlinks=False)
             if upper_st is not None and is_whiteout(upper_st):
                 return None
-        lower = self.lower_stack(path) if parent.lower.is_dir else NO_LOWER
+        lower = self.lower_stack_in(parent.lower, parent.path, name)
         if upper_st is None:
             if not lower.hits:
                 return None
@@ -342,7 +353,7 @@ class Lookup:
 
         Raises as :meth:`lower_stack`.
         """
-        return parent.lower.is_dir and bool(self.lower_stack(join(parent.path, name)).hits)
+        return bool(self.lower_stack_in(parent.lower, parent.path, name).hits)
 
     def _upper_opaque(self, fd: int) -> bool:
         return self.markers.is_opaque(fd)
