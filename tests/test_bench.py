@@ -101,7 +101,7 @@ def test_text_report_has_the_passthrough_column_and_the_requests(tmp_path):
     assert re.search(r"\slibfuse\s+no\s", rows[LIBFUSE]), rows
     if _kernel_counts_fuse_requests():
         assert any(line.startswith("FUSE requests per workload") for line in lines)
-        assert any(re.match(r"\s+W8 round trip\s+pylayerfs\s+[\d,]+: GETATTR", line) for line in lines)
+        assert any(re.match(r"\s+W8 round trip\s+pylayerfs\s+[\d,]+ waited [\d.]+ ms: GETATTR", line) for line in lines)
     assert mounts_below(str(tmp_path)) == []
     saved = json.loads((tmp_path / "r.json").read_text())  # --save: the JSON report beside the text one
     assert saved["implementations"] == [PYLAYERFS, LIBFUSE] and saved["passthrough"][PYLAYERFS]["in_use"] is True
@@ -117,7 +117,8 @@ def test_save_where_it_cannot_write_is_one_line_before_any_work(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_kernel_count_agrees_with_the_native_daemons_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tracepoint counts what the daemon serves: the same CREATE, MKDIR, WRITE, UNLINK as its own log."""
+    """The tracepoint counts what the daemon serves: the same CREATE, MKDIR, WRITE, UNLINK as its own log; the
+    requests' summed waits are within the calls' time."""
     if not _kernel_counts_fuse_requests():
         pytest.skip("this kernel has no fuse_request_send tracepoint")
     lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
@@ -129,6 +130,7 @@ def test_kernel_count_agrees_with_the_native_daemons_own(tmp_path: Path, monkeyp
         assert tracer is not None
         with pylayerfs_mount(str(mnt), [str(lower)], str(upper), str(work), f"binding=native,debug,logfile={log}"):
             tracer.watch(str(mnt))
+            started = time.perf_counter()
             os.mkdir(mnt / "d")
             for i in range(20):
                 with open(mnt / "d" / f"f{i}", "wb", buffering=0) as f:
@@ -136,10 +138,13 @@ def test_kernel_count_agrees_with_the_native_daemons_own(tmp_path: Path, monkeyp
                     f.write(b"y" * 100)
             for i in range(5):
                 os.unlink(mnt / "d" / f"f{i}")
+            elapsed = time.perf_counter() - started
             traced = tracer.take()
     served = _served(log)
     for op, n in (("MKDIR", 1), ("CREATE", 20), ("WRITE", 40), ("UNLINK", 5)):
         assert traced[op] == served[op] == n, (op, traced[op], served[op])
+    # Every request here is synchronous: their waits (send to reply) are a part of the calls' time, and no wait is 0.
+    assert traced.total() * 1e-6 <= traced.waited_s < elapsed + 0.01, (traced.waited_s, elapsed)
 
 
 def _served(log: Path) -> dict[str, int]:

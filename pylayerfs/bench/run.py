@@ -404,7 +404,7 @@ def _requests(results: Results, fuse: list[str]) -> list[str]:
             if counts:
                 kinds.append(f"  {workload:<37} {impl:<35} {counts.summary()}")
     lines = ["FUSE requests per workload (the kernel's count, the median round):", *_table(["workload", *fuse], rows)]
-    return [*lines, "", "by kind:", *kinds, ""]
+    return [*lines, "", "by kind, and the requests' summed waits (send to reply, from the kernel):", *kinds, ""]
 
 
 def as_json(results: Results) -> str:
@@ -424,6 +424,7 @@ def as_json(results: Results) -> str:
             if rounds:
                 entry[impl]["requests"] = [dict(c.most_common()) for c in rounds]
                 entry[impl]["requests_lost"] = any(c.lost for c in rounds)
+                entry[impl]["waited_s"] = [round(c.waited_s, 6) for c in rounds]
         for other in (FUSE_OVERLAYFS, KERNEL):  # the default row's ratios, at the workload's level too
             ratio = results.ratio(workload, PYLAYERFS, other)
             if ratio is not None:

@@ -1,4 +1,5 @@
-"""Counting the FUSE requests a workload costs, as the kernel sends them (its ``fuse_request_send`` tracepoint).
+"""Counting the FUSE requests a workload costs, as the kernel sends them (its ``fuse_request_send`` tracepoint),
+and how long the kernel waited for their replies (``fuse_request_end``).
 
 Every FUSE request the kernel sends to a daemon passes the tracepoint ``fuse:fuse_request_send`` (kernel
 6.15 and later), which names the connection (the mount's anonymous device) and the opcode. The bench
@@ -7,7 +8,11 @@ other tracing on the machine is untouched), filtered to the one mount being meas
 buffer after each workload. The count is the kernel's, so it is the same measure for every FUSE
 implementation (pylayerfs on either binding, fuse-overlayfs) and costs the daemons nothing; the event
 itself costs the kernel well under a microsecond per request, against tens of microseconds for the
-round trip.
+round trip. The tracepoint ``fuse:fuse_request_end`` marks each reply (or abort) with the same request
+number: the time between the two is the request's wait, whatever the daemon did meanwhile (its own work,
+being woken, the reply's way back); their sum over a workload, against the workload's time, says how much
+of it the client spent waiting for the daemon. Requests the kernel sends without waiting (FORGET, async
+READs) end too, so their waits overlap the workload's other time.
 
 The native transport counts the requests it serves too (``-o debug`` logs them by opcode when the
 session ends); ``tests/test_bench.py`` checks that both counts agree.
@@ -28,22 +33,25 @@ import time
 from collections.abc import Iterator
 
 EVENT = "events/fuse/fuse_request_send"
-_LINE = re.compile(r"opcode \d+ \(FUSE_(\w+)\)")
+END_EVENT = "events/fuse/fuse_request_end"
+_LINE = re.compile(r" (\d+\.\d+): fuse_request_(send|end): connection \d+ req (\d+)(?: opcode \d+ \(FUSE_(\w+)\))?")
 _ENTRIES = re.compile(r"entries-in-buffer/entries-written: (\d+)/(\d+)")
 BUFFER_KIB = 8192  # per CPU: the largest full-run workload (W5, ~35,000 requests) needs ~1.5 MiB
 
 
 class Counts(collections.Counter[str]):
-    """Requests by opcode name (``LOOKUP``, ``READDIRPLUS``...); ``lost`` is True when the buffer overflowed."""
+    """Requests by opcode name (``LOOKUP``, ``READDIRPLUS``...); ``lost`` is True when the buffer overflowed;
+    ``waited_s`` the sum of the requests' waits (send to end, seconds), over the requests whose end was seen."""
 
     lost: bool = False
+    waited_s: float = 0.0
 
     def summary(self, top: int = 4) -> str:
-        """``1,234: LOOKUP 1,000, GETATTR 200, ...`` (the ``top`` most frequent opcodes)."""
+        """``1,234 waited 56.7 ms: LOOKUP 1,000, GETATTR 200, ...`` (the ``top`` most frequent opcodes)."""
         parts = [f"{name} {n:,}" for name, n in self.most_common(top)]
         if len(self) > top:
             parts.append(f"{len(self) - top} more kinds")
-        total = f"{'≥' if self.lost else ''}{self.total():,}"
+        total = f"{'≥' if self.lost else ''}{self.total():,} waited {self.waited_s * 1000:.1f} ms"
         return f"{total}: {', '.join(parts)}" if parts else total
 
 
@@ -83,10 +91,12 @@ class Tracer:
 
         Raises OSError when the mount cannot be stat'ed or the filter is refused.
         """
-        self._write(f"{EVENT}/enable", "0")
-        self._write(f"{EVENT}/filter", f"connection == {connection(mountpoint)}")
+        for event in (EVENT, END_EVENT):
+            self._write(f"{event}/enable", "0")
+            self._write(f"{event}/filter", f"connection == {connection(mountpoint)}")
         self._write("trace", "")
-        self._write(f"{EVENT}/enable", "1")
+        for event in (EVENT, END_EVENT):
+            self._write(f"{event}/enable", "1")
 
     def take(self) -> Counts:
         """The requests counted since :meth:`watch` or the last :meth:`take`, by opcode; the buffer is emptied.
@@ -105,6 +115,7 @@ class Tracer:
                 break
             last = written
         counts = Counts()
+        sent: dict[str, float] = {}
         with open(os.path.join(self.instance, "trace")) as f:
             for line in f:
                 if line.startswith("#"):
@@ -112,7 +123,12 @@ class Tracer:
                         counts.lost = True
                     continue
                 if m := _LINE.search(line):
-                    counts[m.group(1)] += 1
+                    when, kind, unique, opcode = m.groups()
+                    if kind == "send":
+                        counts[opcode] += 1
+                        sent[unique] = float(when)
+                    elif unique in sent:
+                        counts.waited_s += float(when) - sent.pop(unique)
         self._write("trace", "")
         return counts
 
@@ -127,8 +143,9 @@ class Tracer:
 
     def stop(self) -> None:
         """Stop counting (until the next :meth:`watch`)."""
-        with contextlib.suppress(OSError):
-            self._write(f"{EVENT}/enable", "0")
+        for event in (EVENT, END_EVENT):
+            with contextlib.suppress(OSError):
+                self._write(f"{event}/enable", "0")
 
 
 @contextlib.contextmanager
