@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native import session as native
 from pylayerfs.fuse.native.workers import MIN_SIZE
 from pylayerfs.overlay.copy_up import CopyUp
@@ -167,6 +168,59 @@ def test_a_change_of_the_copied_file_or_its_name_waits_and_changes_elsewhere_go_
             assert Path(f"{mnt}/low").read_text() == "b"
             assert sorted(os.listdir(f"{mnt}/other")) == ["c"]
         assert _work_entries(work) == []
+
+
+# Every change that copies up a regular file's data, besides OPEN for writing, and how to see it was made.
+COPYING_CHANGES: dict[str, tuple[Callable[[str], None], Callable[[str], bool]]] = {
+    "chmod": (lambda m: os.chmod(f"{m}/low", 0o600), lambda m: os.stat(f"{m}/low").st_mode & 0o777 == 0o600),
+    "chown": (lambda m: os.chown(f"{m}/low", 1234, 5678), lambda m: os.stat(f"{m}/low").st_uid == 1234),
+    "utime": (lambda m: os.utime(f"{m}/low", (1, 2)), lambda m: os.stat(f"{m}/low").st_mtime == 2),
+    "truncate": (lambda m: os.truncate(f"{m}/low", 10), lambda m: os.stat(f"{m}/low").st_size == 10),
+    "setxattr": (lambda m: os.setxattr(f"{m}/low", "user.k", b"v"),
+                 lambda m: os.getxattr(f"{m}/low", "user.k") == b"v"),
+    "removexattr": (lambda m: os.removexattr(f"{m}/low", "user.lower"),
+                    lambda m: "user.lower" not in os.listxattr(f"{m}/low")),
+    "link": (lambda m: os.link(f"{m}/low", f"{m}/other/hl"), lambda m: os.stat(f"{m}/low").st_nlink == 2),
+    "rename": (lambda m: os.rename(f"{m}/low", f"{m}/other/moved"), lambda m: os.path.exists(f"{m}/other/moved")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", sorted(COPYING_CHANGES))
+def test_every_change_that_copies_up_a_large_file_does_it_off_the_loop(stack, gate, change):
+    """A chmod, chown, utime, truncate, setxattr, removexattr, link or rename of a large lower file copies it up in a
+    worker (the copy held at the gate) while a listing, a stat and a read of other files are served (in a directory
+    whose lock the kernel does not hold for the change); then the change applies to the upper copy, which has all the
+    data, and the workdir is empty."""
+    lowers, upper, work, mnt = stack
+    os.setxattr(f"{lowers[0]}/low", "user.lower", b"1")
+    build(f"{lowers[0]}/elsewhere", {"x": "x", "y": "yy"})  # the change holds the locks of its directories: not these
+    make, made = COPYING_CHANGES[change]
+    with in_process(stack) as session:
+        errors: list[OSError] = []
+
+        def run() -> None:
+            try:
+                make(mnt)
+            except OSError as exc:
+                errors.append(exc)
+
+        os.stat(f"{mnt}/elsewhere")  # looked up now: a rename holds the lock of the root, where a lookup would wait
+        changer = threading.Thread(target=run, daemon=True)
+        changer.start()
+        assert gate.held.wait(10), f"the {change}'s copy-up did not reach a worker"
+        assert sorted(os.listdir(f"{mnt}/elsewhere")) == ["x", "y"]
+        assert os.stat(f"{mnt}/elsewhere/y").st_size == 2
+        assert Path(f"{mnt}/elsewhere/x").read_text() == "x"
+        assert changer.is_alive() and not os.path.exists(f"{upper}/low"), ("the change waits for its copy-up", errors)
+        gate.open()
+        changer.join(30)
+        assert not changer.is_alive() and errors == []
+        assert made(mnt), f"the {change} was made"
+        name = "other/moved" if change == "rename" else "low"
+        assert Path(f"{upper}/{name}").read_bytes() == (BIG[:10] if change == "truncate" else BIG)
+        assert _wait_for(lambda: session._jobs is None)
+        assert _work_entries(work) == []
+        assert session.counts[{"link": p.Op.LINK, "rename": p.Op.RENAME}.get(change, p.Op.SETATTR)] <= 2
 
 
 def test_a_failing_copy_up_answers_its_errno_and_leaves_nothing_behind(stack, monkeypatch):

@@ -261,20 +261,33 @@ class Overlay(OverlayState):
         fd = os.open(realfs.fd_path(of.fd), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW) | os.O_CLOEXEC)
         return self.files.add(OpenFile(fd, of.path, of.ino, of.on_lower), named=False)
 
-    def open_copy_up(self, path: str, flags: int) -> CopyUp | None:
-        """The data copy-up :meth:`open` of ``path`` with ``flags`` would make, begun (see :class:`CopyUp`); else None.
+    def open_copy_up(self, path: str, flags: int, min_size: int = 0) -> CopyUp | None:
+        """The data copy-up :meth:`open` of ``path`` with ``flags`` would make, begun (see :meth:`copy_up_ahead`).
 
-        For a transport that runs the data copy off its loop: it calls :meth:`CopyUp.copy_data` (any thread),
-        :meth:`CopyUp.install` (here), then :meth:`open`, which finds the upper copy. None when the open copies no
-        data: not for writing, ``O_TRUNC``, not a regular file, or already in the upper layer. Raises what
-        :meth:`open` raises before its copy-up (ENOENT, ENOTDIR, EROFS) and what copy-up raises for the ancestors.
+        None when the open copies no data: not for writing, ``O_TRUNC``, not a regular file, already in the upper
+        layer, or fewer than ``min_size`` bytes. Raises as :meth:`copy_up_ahead`.
         """
         if not flags & _WRITE_FLAGS or flags & os.O_TRUNC:
             return None
+        return self.copy_up_ahead(path, min_size=min_size)
+
+    def copy_up_ahead(self, path: str, *, meta_only: bool = False, min_size: int = 0) -> CopyUp | None:
+        """The data copy-up a change of ``path`` makes before anything else, begun (see :class:`CopyUp`); else None.
+
+        For a transport that runs the data copy off its loop: it calls :meth:`CopyUp.copy_data` (any thread),
+        :meth:`CopyUp.install` (here), then the change itself, which finds the upper copy. ``meta_only`` is the
+        change's kind (True for a metadata change: chmod, chown, times, xattrs; False for one that needs the data:
+        open for writing, truncate, link, rename). None, with nothing begun, when the change copies no data: not a
+        regular file, already in the upper layer (a metacopy file for a data change apart), a metadata change with
+        ``metacopy=on``, or fewer than ``min_size`` bytes to copy. Raises ENOENT/ENOTDIR as the lookup does, EROFS
+        on a read-only stack, and what copy-up raises for the ancestors.
+        """
         node = self.lookup.lookup(path)
-        if not stat.S_ISREG(node.mode) or (node.upper is not None and not node.metacopy):
+        if not stat.S_ISREG(node.mode) or (node.upper is not None and (meta_only or not node.metacopy)):
             return None  # nothing to copy (the rule of copy_up's own first step, without looking it up again)
-        return start_copy_up(self, path)
+        if (meta_only and self.metacopy) or node.st.st_size < min_size:
+            return None
+        return start_copy_up(self, path, meta_only=meta_only)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes of the open file ``fh`` from byte ``offset`` (fewer at its end, ``b""`` past it).

@@ -11,7 +11,7 @@ for :data:`SPIN_NS` before it sleeps in ``poll`` (:meth:`Session._next`), which 
 
 INTERRUPT (the caller of a request got a signal) is never answered. The kernel queues one only for a request
 the daemon has read; the request it names is answered already (the kernel then drops the interrupt unread),
-or it is an OPEN whose copy-up runs in a worker: that copy stops if the caller is being killed (see
+or it is one whose copy-up runs in a worker (an OPEN, a chmod...): that copy stops if the caller is being killed (see
 :mod:`.workers`), else it runs to its end and its caller gets its result. The kernel waits for a request it has
 sent even when the caller is killed (a request not yet read is taken back and never seen). A reply the kernel
 no longer takes fails with ENOENT and gives back what it counted (:meth:`Session._reply`). ENOSYS would stop the
@@ -40,6 +40,7 @@ from pylayerfs.fuse.native.dirs import DirOps
 from pylayerfs.fuse.native.files import FileOps
 from pylayerfs.fuse.native.names import NameOps
 from pylayerfs.fuse.native.workers import MIN_SIZE, NAMES, Deferred, Jobs
+from pylayerfs.overlay.copy_up import CopyUp
 from pylayerfs.overlay.filesystem import Overlay
 
 SPIN_NS = 50_000  # how long the loop reads again without sleeping after a request (see Session._next)
@@ -197,30 +198,72 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
             self._finish_jobs()
         return readable
 
+    # Every request that copies up a regular file's data hands a large copy to a worker first: OPEN for writing,
+    # SETATTR by path, SETXATTR, REMOVEXATTR, LINK, RENAME, RENAME2 (tests/test_native_concurrency.py checks each).
+
+    def _hand_over(self, req: Request, arg: memoryview, copy: CopyUp | None, nodeid: int | None = None) -> None:
+        """Hand ``copy``, the copy-up serving ``req`` (``arg``) would make inline, to a worker, and the request with
+        it: raises :class:`Deferred` (the loop serves the request again once the copy is installed, and the request
+        then finds the upper copy: see :meth:`_finish_jobs`). The job is on the copied object's node ``nodeid`` (default
+        the request's). Returns when ``copy`` is None."""
+        if copy is None:
+            return
+        if self._jobs is None:
+            self._jobs = Jobs(self.fd)
+        header = p.IN_HEADER.pack(p.IN_HEADER.size + len(arg), req.opcode, req.unique, req.nodeid,
+                                  req.uid, req.gid, req.pid, 0, 0)  # fmt: skip
+        self._jobs.start(req.nodeid if nodeid is None else nodeid, copy, header + arg, req.unique, req.pid)
+        raise Deferred
+
+    def _ahead(self, path: str | None, meta_only: bool) -> CopyUp | None:
+        """The large copy-up a change of ``path`` would make (:meth:`Overlay.copy_up_ahead`), begun; None for none."""
+        return None if path is None else self.ov.copy_up_ahead(path, meta_only=meta_only, min_size=MIN_SIZE)
+
     def _open(self, req: Request, arg: memoryview) -> bytes:
-        """OPEN: as :meth:`FileOps._open`, but a copy-up of :data:`~.workers.MIN_SIZE` bytes or more copies its data
-        in a worker thread (raises :class:`Deferred`: the loop answers when it is installed, see
-        :meth:`_finish_jobs`)."""
         flags, _ = p.OPEN_IN.unpack_from(arg)
         path = self._node(req.nodeid).path  # None: a held object, reopened as it is (FileOps._open)
-        copy = self.ov.open_copy_up(path, flags) if path is not None else None
-        if copy is not None:
-            if copy.size < MIN_SIZE:
-                copy.run()
-            else:
-                if self._jobs is None:
-                    self._jobs = Jobs(self.fd)
-                header = p.IN_HEADER.pack(p.IN_HEADER.size + len(arg), req.opcode, req.unique, req.nodeid,
-                                          req.uid, req.gid, req.pid, 0, 0)  # fmt: skip
-                self._jobs.start(req.nodeid, copy, header + arg, req.unique, req.pid)
-                raise Deferred
+        self._hand_over(req, arg, None if path is None else self.ov.open_copy_up(path, flags, MIN_SIZE))
         return super()._open(req, arg)
 
+    def _setattr(self, req: Request, arg: memoryview) -> bytes:
+        valid, *_ = p.SETATTR_IN.unpack_from(arg)
+        if valid & _SETATTR_CHANGES and not valid & p.FATTR_FH:  # with a handle: a file open for writing, upper
+            self._hand_over(req, arg, self._ahead(self._node(req.nodeid).path, meta_only=not valid & p.FATTR_SIZE))
+        return super()._setattr(req, arg)
+
+    def _setxattr(self, req: Request, arg: memoryview) -> bytes:
+        self._hand_over(req, arg, self._ahead(self._node(req.nodeid).path, meta_only=True))
+        return super()._setxattr(req, arg)
+
+    def _removexattr(self, req: Request, arg: memoryview) -> bytes:
+        self._hand_over(req, arg, self._ahead(self._node(req.nodeid).path, meta_only=True))
+        return super()._removexattr(req, arg)
+
+    def _link(self, req: Request, arg: memoryview) -> bytes:
+        (old_id,) = p.LINK_IN.unpack_from(arg)
+        self._hand_over(req, arg, self._ahead(self._node(old_id).path, meta_only=False), old_id)
+        return super()._link(req, arg)
+
+    def _rename(self, req: Request, arg: memoryview) -> bytes:
+        self._rename_first(req, arg, p.RENAME_IN.size)
+        return super()._rename(req, arg)
+
+    def _rename2(self, req: Request, arg: memoryview) -> bytes:
+        self._rename_first(req, arg, p.RENAME2_IN.size)
+        return super()._rename2(req, arg)
+
+    def _rename_first(self, req: Request, arg: memoryview, offset: int) -> None:
+        """A rename copies its source up first: hand a large one over (the job on the source's node, if the kernel
+        holds one, else on the directory)."""
+        old = self._child(req.nodeid, p.names(arg[offset:], 2)[0])
+        node = self.nodes.at(old)
+        self._hand_over(req, arg, self._ahead(old, meta_only=False), node.nodeid if node is not None else None)
+
     def _finish_jobs(self) -> None:
-        """Install the copy-ups whose data are copied and answer their OPEN; then serve the requests that waited.
+        """Install the copy-ups whose data are copied and serve their requests again; then the requests that waited.
 
         A copy that failed (ENOSPC, EINTR when cancelled...) or an install that failed is answered with its errno,
-        its temporary file removed. A successful one serves its OPEN again, which now opens the upper copy.
+        its temporary file removed. A successful one serves its request again, which now finds the upper copy.
         """
         assert self._jobs is not None
         for job in self._jobs.finished():
@@ -239,7 +282,7 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
                 self._reply(job.unique, error, b"")
             else:
                 self.requests -= 1  # served again: counted once
-                self.counts[p.Op.OPEN] -= 1
+                self.counts[_HEAD.unpack_from(job.request)[0]] -= 1
                 self._serve(memoryview(job.request))
         if not self._jobs.by_node:
             self._jobs.close()
@@ -360,6 +403,7 @@ class Session(NameOps, AttributeOps, FileOps, DirOps):
         return b""
 
 
+_SETATTR_CHANGES = p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_SIZE | p.FATTR_ATIME | p.FATTR_MTIME  # copy up
 _HEAD = struct.Struct("=4xIxxxxxxxxQ")  # a request's opcode and node ID (for Jobs.must_wait)
 
 

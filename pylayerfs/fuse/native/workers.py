@@ -1,12 +1,13 @@
 """Copy-ups off the loop: the data copy of a large file runs in a thread while the loop serves other requests.
 
-An OPEN for writing of a lower regular file copies its data up first (W6: 256 MiB, ~0.6 s). With one loop
-thread, every request of the mount would wait for it. Instead the engine's copy-up is split
+An OPEN for writing of a lower regular file copies its data up first (W6: 256 MiB, ~0.6 s), and so do a chmod,
+chown, utimes, setxattr or removexattr (without ``metacopy=on``), a truncate, a link and a rename of it. With one
+loop thread, every request of the mount would wait for it. Instead the engine's copy-up is split
 (:class:`~pylayerfs.overlay.copy_up.CopyUp`): the loop begins it (ancestors copied up, the temporary file
 created), a :class:`Job` thread copies the data (pure I/O between two fds: no engine state, so the engine stays
 single-threaded and needs no lock), and the loop installs it when told (the thread writes to an eventfd the loop
-polls together with the FUSE device), then serves the OPEN again, which now opens the upper copy, and answers it:
-replies go out of order, as the protocol allows (each is matched to its request by ``unique``).
+polls together with the FUSE device), then serves the request again, which now finds the upper copy, and answers
+it: replies go out of order, as the protocol allows (each is matched to its request by ``unique``).
 
 While a copy-up is in flight, :class:`Jobs` says which requests must wait (:meth:`Jobs.must_wait`): every request
 on the node being copied up (it sees the copy-up's result), and every change of a name (:data:`NAMES`) that is the
@@ -17,7 +18,7 @@ mount (a file created in another directory, or beside the copied one). Only copi
 bytes go to a thread: a small copy costs less than the hand-over.
 
 A caller killed mid-copy (INTERRUPT while a fatal signal is pending for it, as the kernel's ``ovl_copy_up_file``
-checks) stops the copy between chunks: the temporary file is removed and the OPEN answered EINTR (the kernel
+checks) stops the copy between chunks: the temporary file is removed and the request answered EINTR (the kernel
 drops that reply). A failing copy (ENOSPC) is answered with its errno, its temporary file removed. When the
 session ends with copies in flight (a signal, an aborted connection), they are cancelled and their temporary
 files removed before :meth:`Session.run` returns.
