@@ -438,10 +438,7 @@ def test_cp_preserving_modes_shows_them_at_once(backing):
 
 
 def _acls(m: str) -> dict[Any, Any]:
-    """POSIX ACLs set through the mount, then enforced on another user (nobody); the umask of a new file.
-
-    (A new file in a directory with a default ACL is left out: FUSE's kernel side applies the umask before asking,
-    which narrows the inherited mask; docs/overlay.md lists it.)"""
+    """POSIX ACLs set through the mount, then enforced on another user (nobody); the umask of a new file."""
 
     top = os.open(m, os.O_PATH | os.O_DIRECTORY)  # nobody reaches the mount through it (tmp_path is root's, 0700)
 
@@ -478,6 +475,39 @@ def _acls(m: str) -> dict[Any, Any]:
 def test_posix_acls_are_enforced_as_on_the_kernel(backing):
     r = differential(backing, _acls)
     assert r["denied by an ACL"] != 0 and r["granted by an ACL"] == (0, "") and r["create granted by an ACL"] == 0
+
+
+def _default_acls(m: str) -> dict[Any, Any]:
+    """New objects in a directory with a default ACL inherit it, and the umask does not narrow them (the ACL decides,
+    as on a local filesystem); over a whiteout too (built in the workdir); without a default ACL the umask applies."""
+    subprocess.run(["setfacl", "-d", "-m", "u:nobody:rwx,g::rwx,m::rwx,o::r", f"{m}/shared"], check=True)
+    os.unlink(f"{m}/shared/gone")
+    os.unlink(f"{m}/shared/gonedir/f")
+    os.rmdir(f"{m}/shared/gonedir")
+    old = os.umask(0o077)
+    try:
+        for name in ("new", "gone"):
+            os.close(os.open(f"{m}/shared/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
+        for name in ("newdir", "gonedir"):
+            os.mkdir(f"{m}/shared/{name}", 0o777)
+        os.mkfifo(f"{m}/shared/fifo", 0o666)
+        os.umask(0o027)
+        os.close(os.open(f"{m}/plain", os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir(f"{m}/plaindir", 0o777)
+    finally:
+        os.umask(old)
+    names = ["shared/new", "shared/gone", "shared/newdir", "shared/gonedir", "shared/fifo", "plain", "plaindir"]
+    getfacl = ["getfacl", "-cp", *(f"{m}/{n}" for n in names)]
+    return {
+        "acls": subprocess.run(getfacl, capture_output=True, text=True, check=True).stdout,
+        "modes": {n: oct(os.stat(f"{m}/{n}").st_mode) for n in names},
+    }
+
+
+def test_new_objects_inherit_default_acls_and_the_umask_as_on_the_kernel(backing):
+    r = differential(backing, _default_acls, {"shared/gone": "x", "shared/gonedir/f": "y", "low": "l"})
+    assert r["modes"]["shared/new"] == oct(0o100664) and r["modes"]["plain"] == oct(0o100640), r["modes"]
+    assert "user:nobody:rwx" in r["acls"] and "default:user:nobody:rwx" in r["acls"]
 
 
 # -- O_TMPFILE: an unnamed file, linked into the tree later (issue 13) -------------------------------

@@ -38,6 +38,7 @@ _STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", 
 # The longest a request waits for the kernel to take an invalidation (see _Invalidator).
 INVALIDATE_WAIT = 1.0
 FUSE_CAP_POSIX_ACL = 1 << 19  # libfuse 3's fuse_common.h (the kernel's FUSE_POSIX_ACL, 1 << 20)
+FUSE_CAP_DONT_MASK = 1 << 6  # same header: the kernel does not apply the umask, the request carries it
 # The names libfuse gives an open file whose name is removed (fuse.c, hidden_name): ".fuse_hidden" node id, counter.
 _HIDDEN_NAME = re.compile(r"\.fuse_hidden[0-9a-f]{16}")
 
@@ -64,8 +65,9 @@ def _rel(path: str | None) -> str:
 
 
 def _caller() -> Caller:
-    uid, gid, _ = fuse.fuse_get_context()
-    return Caller(uid, gid)
+    """Who asks, with the umask of a creating request (the kernel leaves it to us: FUSE_CAP_DONT_MASK)."""
+    context = fuse._libfuse.fuse_get_context().contents  # mfusepy's fuse_get_context() leaves the umask out
+    return Caller(context.uid, context.gid, context.umask)
 
 
 class _Invalidator:
@@ -133,6 +135,8 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
     def init_with_config(self, conn: Any, config: Any) -> None:
         if self.acl and conn is not None and conn.capable & FUSE_CAP_POSIX_ACL:
             conn.want |= FUSE_CAP_POSIX_ACL  # the kernel enforces ACLs (it turns default_permissions on)
+        if conn is not None and conn.capable & FUSE_CAP_DONT_MASK:
+            conn.want |= FUSE_CAP_DONT_MASK  # a default ACL, not the umask, decides a new object's mode
         if config is not None:
             config.nullpath_ok = 1  # open files stay usable after their name is gone (hard_remove)
             self._config = config  # libfuse's own settings: read again for every reply

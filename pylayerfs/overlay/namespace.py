@@ -17,10 +17,11 @@ The upper-layer rules they follow:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.copy_up import copy_up, upper_parent
@@ -30,6 +31,7 @@ from pylayerfs.overlay.lookup import Node
 from pylayerfs.overlay.markers import is_whiteout, make_whiteout
 from pylayerfs.overlay.readdir import merged_names
 from pylayerfs.overlay.state import Caller, OverlayState
+from pylayerfs.overlay.workdir import Workdir
 
 
 def _error(code: int, path: str) -> OSError:
@@ -67,25 +69,82 @@ def _create_object(
     ):
         raise _error(errno.EEXIST, path)
     parent_st = os.stat(parent.upper_fd)
-    dirfd, tmp = (parent.upper_fd, name) if existing is None else (work.fd, work.temp_name())
-    make(dirfd, tmp)
-    if is_dir and parent_st.st_mode & stat.S_ISGID:  # passed on, also to a directory built in the workdir
-        realfs.chmod(dirfd, tmp, stat.S_IMODE(os.stat(tmp, dir_fd=dirfd, follow_symlinks=False).st_mode) | stat.S_ISGID)
-    if owner is not None:
-        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else owner.gid  # setgid dirs pass on their group
-        made = os.stat(tmp, dir_fd=dirfd, follow_symlinks=False) if special_bits or is_dir else None
-        realfs.chown(dirfd, tmp, owner.uid, gid)
-        if made and made.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(made.st_mode):
-            realfs.chmod(dirfd, tmp, stat.S_IMODE(made.st_mode))  # chown cleared them
-    if existing is not None:  # over a whiteout: built in the workdir, now swapped in
-        assert is_whiteout(existing)
-        if is_dir:
-            ov.markers.set_opaque(work.fd, tmp)
-            realfs.renameat2(work.fd, tmp, parent.upper_fd, name, realfs.RENAME_EXCHANGE)
-            work.remove(tmp)
-        else:
-            realfs.renameat2(work.fd, tmp, parent.upper_fd, name)
+    dirfd, tmp, inheriting = parent.upper_fd, name, None
+    if existing is not None:  # built in the workdir, in a directory of its own when the parent has a default ACL
+        acl = _default_acl(parent.upper_fd)
+        inheriting = None if acl is None else _inheriting_dir(work, acl)
+        dirfd, tmp = (work.fd, work.temp_name()) if inheriting is None else (inheriting[0], name)
+    try:
+        with _umask(owner):
+            make(dirfd, tmp)
+        if is_dir and parent_st.st_mode & stat.S_ISGID:  # passed on, also to a directory built in the workdir
+            mode = stat.S_IMODE(os.stat(tmp, dir_fd=dirfd, follow_symlinks=False).st_mode)
+            realfs.chmod(dirfd, tmp, mode | stat.S_ISGID)
+        if owner is not None:
+            gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else owner.gid  # setgid dirs pass on their group
+            made = os.stat(tmp, dir_fd=dirfd, follow_symlinks=False) if special_bits or is_dir else None
+            realfs.chown(dirfd, tmp, owner.uid, gid)
+            if made and made.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(made.st_mode):
+                realfs.chmod(dirfd, tmp, stat.S_IMODE(made.st_mode))  # chown cleared them
+        if existing is not None:  # over a whiteout: built in the workdir, now swapped in
+            assert is_whiteout(existing)
+            if is_dir:
+                ov.markers.set_opaque(dirfd, tmp)
+                realfs.renameat2(dirfd, tmp, parent.upper_fd, name, realfs.RENAME_EXCHANGE)
+                realfs.rmtree(dirfd, tmp)
+            else:
+                realfs.renameat2(dirfd, tmp, parent.upper_fd, name)
+    finally:
+        if inheriting is not None:
+            os.close(inheriting[0])
+            work.remove(inheriting[1])
     ov.files.forget(path)
+
+
+_DEFAULT_ACL = "system.posix_acl_default"
+
+
+def _default_acl(dirfd: int) -> bytes | None:
+    """The default ACL of the directory ``dirfd`` (its xattr's value), None when it has none or ACLs are off."""
+    try:
+        return os.getxattr(realfs.fd_path(dirfd), _DEFAULT_ACL)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def _inheriting_dir(work: Workdir, acl: bytes) -> tuple[int, str]:
+    """A new directory in the workdir with the default ACL ``acl``: an object made in it inherits as in the directory
+    it came from (the kernel's overlayfs computes the same with ``posix_acl_create`` in ``ovl_create_over_whiteout``).
+    Returns an fd on it and its name, for the caller to close and remove."""
+    name = work.temp_name()
+    realfs.mkdir(work.fd, name, 0o700)
+    fd = -1
+    try:
+        fd = realfs.openat2(work.fd, name, os.O_RDONLY | os.O_DIRECTORY)
+        os.setxattr(realfs.fd_path(fd), _DEFAULT_ACL, acl)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        work.remove(name)
+        raise
+    return fd, name
+
+
+@contextlib.contextmanager
+def _umask(owner: Caller | None) -> Iterator[None]:
+    """The process's umask set to ``owner``'s while an object is made, so that the upper filesystem applies it unless
+    the directory has a default ACL, as a local filesystem does for the caller (``Caller.umask``). The engine makes
+    objects on one thread (copy-up workers only copy data)."""
+    if owner is None or not owner.umask:
+        yield
+        return
+    old = os.umask(owner.umask)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def create(ov: OverlayState, path: str, mode: int, flags: int, caller: Caller) -> int:
@@ -125,7 +184,8 @@ def tmpfile(ov: OverlayState, directory: str, mode: int, flags: int, caller: Cal
         raise _error(errno.ENOTDIR, directory)
     parent = copy_up(ov, directory)
     real_flags = realfs.open_flags(flags) & ~(os.O_CREAT | os.O_TRUNC | os.O_TMPFILE) | os.O_TMPFILE
-    fd = realfs.openat2(parent.upper_fd, ".", real_flags, stat.S_IMODE(mode))
+    with _umask(caller):
+        fd = realfs.openat2(parent.upper_fd, ".", real_flags, stat.S_IMODE(mode))
     try:
         parent_st = os.stat(parent.upper_fd)
         gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else caller.gid  # as _create_object

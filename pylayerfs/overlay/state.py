@@ -33,10 +33,16 @@ MAX_CACHED_ENTRIES = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who asks: new objects are owned by the caller, as in the kernel (uid, and gid unless the parent is setgid)."""
+    """Who asks: new objects are owned by the caller, as in the kernel (uid, and gid unless the parent is setgid).
+
+    ``umask`` is the caller's, for a transport whose kernel leaves it to the server (FUSE_DONT_MASK): a new object's
+    mode loses its bits unless the directory has a default ACL, which then decides (``posix_acl_create``). 0 when the
+    mode given is final (masked by the kernel already, or the in-process engine's caller).
+    """
 
     uid: int
     gid: int
+    umask: int = 0
 
     @classmethod
     def me(cls) -> Caller:

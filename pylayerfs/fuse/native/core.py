@@ -43,6 +43,10 @@ class Request:
         """Who asks: new objects are theirs."""
         return Caller(self.uid, self.gid)
 
+    def creator(self, umask: int) -> Caller:
+        """Who asks for a new object, with the umask the request carries (the kernel leaves it to us: DONT_MASK)."""
+        return Caller(self.uid, self.gid, umask)
+
 
 def errno_of(exc: OSError) -> int:
     return exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else 0

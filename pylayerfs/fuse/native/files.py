@@ -90,9 +90,9 @@ class FileOps(Core):
         return self._opened(node, self.ov.open(node.path, flags))
 
     def _create(self, req: Request, arg: memoryview) -> bytes:
-        flags, mode, _, _ = p.CREATE_IN.unpack_from(arg)
+        flags, mode, umask, _ = p.CREATE_IN.unpack_from(arg)
         path = self._child(req.nodeid, cstring(arg[p.CREATE_IN.size :]))
-        fh = self.ov.create(path, mode, flags, req.caller)
+        fh = self.ov.create(path, mode, flags, req.creator(umask))
         try:
             entry = self._entry(path, fh)  # the new file's fstat: no lookup of what was just made
         except BaseException:
@@ -109,8 +109,8 @@ class FileOps(Core):
         ignored; ENOSYS would make it answer EOPNOTSUPP for the rest of the mount. The node has no path: its requests
         go through its open handles until a LINK names it.
         """
-        flags, mode, _, _ = p.CREATE_IN.unpack_from(arg)
-        fh = self.ov.tmpfile(self._path(req.nodeid), mode, flags, req.caller)
+        flags, mode, umask, _ = p.CREATE_IN.unpack_from(arg)
+        fh = self.ov.tmpfile(self._path(req.nodeid), mode, flags, req.creator(umask))
         try:
             attrs = self.ov.getattr("", fh)
         except BaseException:

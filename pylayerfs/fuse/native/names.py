@@ -36,15 +36,15 @@ class NameOps(Core):
         return b""
 
     def _mknod(self, req: Request, arg: memoryview) -> bytes:
-        mode, rdev, _, _ = p.MKNOD_IN.unpack_from(arg)
+        mode, rdev, umask, _ = p.MKNOD_IN.unpack_from(arg)
         path = self._child(req.nodeid, cstring(arg[p.MKNOD_IN.size :]))
-        self.ov.mknod(path, mode, rdev, req.caller)
+        self.ov.mknod(path, mode, rdev, req.creator(umask))
         return self._entry(path)
 
     def _mkdir(self, req: Request, arg: memoryview) -> bytes:
-        mode, _ = p.MKDIR_IN.unpack_from(arg)
+        mode, umask = p.MKDIR_IN.unpack_from(arg)
         path = self._child(req.nodeid, cstring(arg[p.MKDIR_IN.size :]))
-        self.ov.mkdir(path, mode, req.caller)
+        self.ov.mkdir(path, mode, req.creator(umask))
         return self._entry(path)
 
     def _symlink(self, req: Request, arg: memoryview) -> bytes:

@@ -123,8 +123,9 @@ class Init(enum.IntFlag):
 # kernel finds them worth it, and ASYNC_READ: readahead sends its READs without waiting for each (the loop
 # still serves one request at a time, but the kernel queues the next READ while the reader copies the last
 # one's pages: docs/performance.md, W3 cold). Not POSIX_LOCKS or FLOCK_LOCKS
-# (locks stay in the kernel, local to the mount), not DONT_MASK (the kernel applies the umask), not
-# WRITEBACK_CACHE (every write reaches the layers at once), not EXPORT_SUPPORT (no LOOKUP of "." / "..").
+# (locks stay in the kernel, local to the mount), not WRITEBACK_CACHE (every write reaches the layers at once), not
+# EXPORT_SUPPORT (no LOOKUP of "." / ".."). DONT_MASK: the kernel leaves the caller's umask to the daemon (a new
+# object in a directory with a default ACL must not lose its bits to it: the ACL decides, as on a local filesystem).
 # POSIX_ACL is asked for besides (negotiate's acl): the kernel then enforces ACLs and caches them per inode.
 WANTED = (
     Init.ASYNC_READ
@@ -137,6 +138,7 @@ WANTED = (
     | Init.MAX_PAGES
     | Init.CACHE_SYMLINKS
     | Init.INIT_EXT
+    | Init.DONT_MASK
 )
 
 # fuse_setattr_in.valid
