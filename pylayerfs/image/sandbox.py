@@ -265,12 +265,13 @@ class Process:
     etc: str | None = None
 
 
-def _enter(rootfs: str, cwd: str, hostname: str, etc: str | None = None) -> None:
+def _enter(rootfs: str, cwd: str, hostname: str, etc: str | None = None, *, runtime_mounts: bool = True) -> None:
     """In the child: private mounts, Docker's mounts, hostname, pivot_root into the root, working directory.
 
     ``rootfs`` is an absolute path to the root; ``cwd`` a path inside it (created if missing); ``etc`` the
-    directory of the files bind-mounted on ``/etc`` (None: none). Afterwards the process's mount namespace
-    holds the root and what was mounted into it, nothing of the host's.
+    directory of the files bind-mounted on ``/etc`` (None: none); ``runtime_mounts=False``: none of Docker's
+    mounts (the bare root, as the builder's COPY sees it). Afterwards the process's mount namespace holds the
+    root and what was mounted into it, nothing of the host's.
     Raises SandboxError naming the step that failed and its errno text.
     """
     with _step(f"chroot {rootfs}"):  # a missing root fails here, before any mount
@@ -279,7 +280,8 @@ def _enter(rootfs: str, cwd: str, hostname: str, etc: str | None = None) -> None
     make_mounts_private(rootfs)
     root = os.fsencode(rootfs)
     _check(_libc.mount(root, root, None, MS_BIND | MS_REC, None), f"bind {rootfs} on itself")
-    _mount_defaults(rootfs)
+    if runtime_mounts:
+        _mount_defaults(rootfs)
     for file in ETC_FILES if etc else ():
         target = os.path.join(rootfs, "etc", file)
         if os.path.isfile(target) and not os.path.islink(target):
@@ -643,7 +645,8 @@ def call(rootfs: str, work: Callable[[], None], cwd: str = "/", *, mounts: bool 
     """Run ``work`` in a child process inside ``rootfs``; re-raise its error here as SandboxError.
 
     The message is the child's error text (for entering the root: the step and its errno text).
-    ``mounts=False``: only ``chroot``, no /proc or devices mounted (to work on the tree itself).
+    The root is bare, as Docker's builder copies into it: nothing mounted on /proc, /dev... (a COPY to
+    ``/dev/x`` lands in the layer). ``mounts=False``: only ``chroot`` (to work on the tree itself).
     """
     read, write = os.pipe()
     pid = os.fork()
@@ -652,7 +655,7 @@ def call(rootfs: str, work: Callable[[], None], cwd: str = "/", *, mounts: bool 
         status = 0
         try:
             if mounts:
-                _enter(rootfs, cwd, "pylayerfs")
+                _enter(rootfs, cwd, "pylayerfs", runtime_mounts=False)
             else:
                 with _step(f"chroot {rootfs}"):
                     os.chroot(rootfs)
