@@ -489,8 +489,8 @@ class Started:
 
     def wait(self) -> int:
         """Wait for the command (and every process of its namespace); its exit status, a signal n as 128+n."""
-        _, status = os.waitpid(self.shim, 0)
-        return os.waitstatus_to_exitcode(status)
+        code = os.waitstatus_to_exitcode(os.waitpid(self.shim, 0)[1])
+        return 128 - code if code < 0 else code  # the shim itself killed
 
     def kill(self) -> None:
         """SIGKILL the command and wait for it (PID 1 takes its namespace with it)."""
