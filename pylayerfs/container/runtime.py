@@ -113,7 +113,6 @@ class Runtime:
             if top is not None:
                 write_value(os.path.join(mounts, "parent"), top)
             self.containers.save(container)
-            sandbox.write_etc(self.containers.dir(container_id), container.short_id)
         return container
 
     def remove(self, container: Container, force: bool = False) -> None:
@@ -231,6 +230,7 @@ class Runtime:
         try:
             with self._mounted(container) as root:
                 process = self._process(container, root, container.command, [], None, None)
+                sandbox.write_etc(self.containers.dir(container.id), container.short_id)  # at each start, as Docker
                 try:
                     started = sandbox.start(process, capture=True)
                 except sandbox.SandboxError as exc:
