@@ -22,9 +22,10 @@ paths: pylayerfs is about the filesystem.
 Between the caller and PID 1 sits a *shim* (a forked child, as containerd's
 shim): it creates the PID namespace, forks PID 1 into it, reports its pid
 (as the host sees it, for signals), and waits for it; its own exit status is
-the command's (128+n for a signal n). PID 1 dies with the shim
-(``PR_SET_PDEATHSIG``), and the shim ignores the terminal's signals: a
-foreground ``run`` forwards them to PID 1, as ``docker run`` does.
+the command's (128+n for a signal n). PID 1 dies with the shim, and the shim
+with its caller (``PR_SET_PDEATHSIG``): a killed build leaves nothing running.
+The shim ignores the terminal's signals: a foreground ``run`` forwards them to
+PID 1, as ``docker run`` does.
 
 Paths from the image are only ever used inside the root, so an image's
 absolute symlinks resolve inside the image, never on the host.
@@ -514,10 +515,11 @@ def start(process: Process, capture: bool = False, join: int = 0) -> Started:
         write_etc(etc, process.hostname)
     out_r, out_w = os.pipe() if capture else (-1, -1)
     report_r, report_w = os.pipe()  # close-on-exec: "pid N" from the shim, "error CODE text" from the child
+    caller = os.getpid()
     try:
         shim = os.fork()
         if shim == 0:
-            _shim(process, etc, join, report_w, out_w)
+            _shim(process, etc, join, report_w, out_w, caller)
         os.close(report_w)
         if capture:
             os.close(out_w)
@@ -539,11 +541,15 @@ def start(process: Process, capture: bool = False, join: int = 0) -> Started:
     return Started(pid, shim, os.fdopen(out_r, "rb") if capture else None)
 
 
-def _shim(process: Process, etc: str | None, join: int, report: int, out: int) -> NoReturn:
+def _shim(process: Process, etc: str | None, join: int, report: int, out: int, caller: int) -> NoReturn:
     """In the forked shim: a session of its own, the PID namespace, PID 1 forked into it, its pid reported;
-    then wait for it and exit with its status. Never returns."""
+    then wait for it and exit with its status. The shim dies with ``caller`` (a killed build or monitor leaves
+    no command running), and PID 1 with the shim. Never returns."""
     code = 125
     try:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != caller:
+            raise SandboxError("the caller exited")
         os.setsid()
         if out >= 0:
             os.dup2(out, 1)
