@@ -170,6 +170,7 @@ def test_exit_statuses_and_messages_as_dockers(both: Both, command: list[str]) -
 def test_run_errors_answer_125(both: Both) -> None:
     theirs, ours = both.run("run", "--rm", BASE)
     assert (theirs.returncode, ours.returncode) == (125, 125)
+    assert _message(ours.stderr) in theirs.stderr
     ours = pylayerfs(both.root, "run", "--rm", "nosuchimage", check=False)  # Docker would try to pull it
     assert ours.returncode == 125
 
@@ -246,16 +247,24 @@ def test_ctrl_c_goes_to_pid_1_as_dockers(both: Both) -> None:
     trap = ["sh", "-c", "trap 'echo got; exit 5' INT; sleep 600 & wait"]
     for name, command in (("trapping", trap), ("ignoring", ["sleep", _unique_sleep()])):
         clients = both.popen("run", "--rm", "--name", name, BASE, *command)
-        _wait_running(both, name)
-        for client in clients:
-            client.send_signal(signal.SIGINT)
-        if name == "ignoring":
-            time.sleep(1)
-            assert [c.poll() for c in clients] == [None, None], "still running on both sides"
+        try:
+            _wait_running(both, name)
+            for client in clients:
+                client.send_signal(signal.SIGINT)
+            if name == "ignoring":
+                time.sleep(1)
+                assert [c.poll() for c in clients] == [None, None], "still running on both sides"
+                both.run("rm", "-f", name)
+            results = [c.communicate(timeout=15)[0] for c in clients]
+            assert list(zip([c.returncode for c in clients], results, strict=True)) == 2 * [
+                (5, "got\n") if name == "trapping" else (137, "")
+            ]
+            assert _status(both, name) == ("", ""), "removed on both sides"
+        finally:
             both.run("rm", "-f", name)
-        results = [(c.wait(15), c.stdout.read() if c.stdout else "") for c in clients]
-        assert results[1] == results[0] == ((5, "got\n") if name == "trapping" else (137, ""))
-        assert _status(both, name) == ("", ""), "removed on both sides"
+            for client in clients:
+                client.kill()
+                client.communicate()
 
 
 def _wait_running(both: Both, name: str) -> None:

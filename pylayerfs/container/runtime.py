@@ -87,7 +87,7 @@ class Runtime:
             config["Cmd"] = command
         argv = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
         if not argv:
-            raise StoreError("no command specified")
+            raise StoreError("No command specified")
         if name is not None:
             self.containers.check_name(name)
             name = name.removeprefix("/")  # Docker's names are stored without it
