@@ -214,9 +214,10 @@ def test_exec_joins_the_containers_namespaces(both: Both) -> None:
         theirs, ours = both.run("exec", "joined", *args)
         assert ours.returncode == theirs.returncode == code
         assert _message(ours.stderr) in theirs.stdout + theirs.stderr  # docker prints the runtime's error on stdout
-    theirs, ours = both.run("exec", "--user", "nosuch", "joined", "true")
-    assert ours.returncode == theirs.returncode == 126
-    assert _message(ours.stderr) in theirs.stdout + theirs.stderr
+    for options in (["--user", "nosuch"], ["-w", "/nosuch"]):
+        theirs, ours = both.run("exec", *options, "joined", "true")
+        assert ours.returncode == theirs.returncode == 126
+        assert _message(ours.stderr) in theirs.stdout + theirs.stderr
     both.run("rm", "-f", "joined")
 
 

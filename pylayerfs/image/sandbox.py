@@ -465,8 +465,7 @@ def look_path(name: str, path: str) -> str:
         try:
             st = os.stat(name)
         except OSError as exc:
-            text = os.strerror(exc.errno or errno.ENOENT)
-            raise CommandNotFound(f'exec: "{name}": stat {name}: {text[:1].lower()}{text[1:]}') from exc
+            raise CommandNotFound(f'exec: "{name}": stat {name}: {_go_text(exc)}') from exc
         if stat.S_ISDIR(st.st_mode) or not st.st_mode & 0o111:
             raise CommandNotFound(f'exec: "{name}": permission denied', 126)
         return name
@@ -587,8 +586,11 @@ def _child(process: Process, etc: str | None, join: int, report: int) -> NoRetur
         if join:
             for name, kind in (("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("mnt", CLONE_NEWNS)):
                 _setns(join, name, kind)  # the mount namespace last: its root becomes ours
-            with _step(f'chdir to cwd ("{process.cwd}") set in config.json failed'):
+            try:
                 os.chdir(process.cwd)
+            except OSError as exc:
+                text = f'chdir to cwd ("{process.cwd}") set in config.json failed: {_go_text(exc)}'
+                raise SandboxError(text) from exc
         else:
             _enter(process.rootfs, process.cwd, process.hostname, etc)
         user = exec_user(process.user)
@@ -603,11 +605,17 @@ def _child(process: Process, etc: str | None, join: int, report: int) -> NoRetur
         try:
             os.execve(path, list(process.argv), env)
         except OSError as exc:
-            raise CommandNotFound(f"exec {path}: {os.strerror(exc.errno or 0).lower()}", 126) from exc
+            raise CommandNotFound(f"exec {path}: {_go_text(exc)}", 126) from exc
     except BaseException as exc:
         code = exc.exit_code if isinstance(exc, SandboxError) else 125
         _report(report, code, exc)
     os._exit(code)
+
+
+def _go_text(exc: OSError) -> str:
+    """The errno text as Go writes it (runc's messages): ``no such file or directory``."""
+    text = os.strerror(exc.errno or errno.EIO)
+    return text[:1].lower() + text[1:]
 
 
 def _report(fd: int, code: int, exc: BaseException) -> None:
