@@ -247,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
         runtime = Runtime(Store(args.root), StorageDriver(getattr(args, "storage_driver", StorageDriver.FUSE)))
         find = runtime.containers.find
         if args.command in ("create", "run"):
-            container = runtime.create(args.image, args.command_args, args.name, args.env, args.workdir)
+            container = runtime.create(args.image, args.command_args, args.name, args.env, args.workdir,
+                                       args.user)  # fmt: skip
             if args.command == "create" or args.detach:
                 if args.command == "run":
                     runtime.start_detached(container)
@@ -293,5 +294,5 @@ def run(args: argparse.Namespace) -> int:
         return exc.code
     except (StoreError, SandboxError, MountError, OSError) as exc:
         print(f"pylayerfs {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return 125 if args.command == "run" else 1  # docker run answers 125 for its own errors
     return 0

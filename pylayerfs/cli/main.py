@@ -142,6 +142,7 @@ def _container_parsers(sub: Any) -> None:
         p.add_argument("--name")
         p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
         p.add_argument("-w", "--workdir")
+        p.add_argument("-u", "--user", help="name|uid[:group|gid], looked up in the image")
         p.add_argument("--storage-driver", choices=DRIVERS, default=StorageDriver.FUSE.value, help=DRIVERS_HELP)
         p.add_argument("image")
         p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND")

@@ -6,7 +6,12 @@ layer, whose ``lower`` lists the init layer and the image's layers). While it
 runs, a *monitor* process holds the mount (pylayerfs or the kernel's overlay)
 on ``overlay2/<mount-id>/merged``, runs the command there, writes its output
 to the log and its exit status to the record, then unmounts. ``run`` without
-``-d`` is its own monitor, in the foreground.
+``-d`` is its own monitor, in the foreground, and forwards the signals it gets
+(Ctrl-C) to the command, as ``docker run`` does. The command is PID 1 of its
+own PID namespace (:mod:`pylayerfs.image.sandbox`), so ``stop`` and ``rm -f``
+stop everything it started; ``exec`` joins its namespaces. The container's
+directory holds the ``hosts``, ``hostname`` and ``resolv.conf`` mounted on its
+``/etc``, as Docker's.
 
 A container whose monitor died (a reboot, ``kill -9``) is found by
 :func:`reconcile`: its process is killed, its mount detached, and it is
@@ -20,7 +25,6 @@ import datetime
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +32,6 @@ from typing import IO
 
 from pylayerfs.container.records import Container, ContainerStatus, ContainerStore, State
 from pylayerfs.image import sandbox
-from pylayerfs.image.builder import imageconfig as cfg
 from pylayerfs.image.drivers import StorageDriver
 from pylayerfs.image.drivers import overlay as rootfs
 from pylayerfs.image.drivers import vfs as vfsdriver
@@ -46,9 +49,10 @@ READY = b"ready\n"
 
 
 class StartError(StoreError):
-    """The command could not be started; ``code`` is the exit status to report (127: not found)."""
+    """The command could not be started; ``code`` is the exit status to report, as Docker's: 127 (not found),
+    126 (not executable; any failure of ``exec``), 125 (pylayerfs's own error)."""
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = 125) -> None:
         super().__init__(message)
         self.code = code
 
@@ -68,7 +72,7 @@ class Runtime:
 
     def create(
         self, image_ref: str, command: list[str], name: str | None = None, env: list[str] | None = None,
-        workdir: str | None = None,
+        workdir: str | None = None, user: str | None = None,
     ) -> Container:  # fmt: skip
         image = self.store.resolve(image_ref)
         config = image.run_config
@@ -77,11 +81,13 @@ class Runtime:
             config["Env"] = [e for e in config.get("Env") or [] if e.partition("=")[0] not in keys] + env
         if workdir:
             config["WorkingDir"] = workdir
+        if user is not None:
+            config["User"] = user
         if command:
             config["Cmd"] = command
         argv = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
         if not argv:
-            raise StoreError("no command specified")
+            raise StoreError("No command specified")
         if name is not None:
             self.containers.check_name(name)
             name = name.removeprefix("/")  # Docker's names are stored without it
@@ -166,13 +172,12 @@ class Runtime:
 
     def _process(self, container: Container, root: str, argv: list[str], env: list[str], user: str | None,
                  workdir: str | None) -> sandbox.Process:  # fmt: skip
+        """What to run in the container: its Env then ``env`` (``KEY=VALUE``) over Docker's PATH and HOSTNAME."""
         config = container.config
         variables = dict(e.partition("=")[::2] for e in [*(config.get("Env") or []), *env])
-        variables.setdefault("PATH", cfg.DEFAULT_PATH.partition("=")[2])
-        variables.setdefault("HOSTNAME", container.short_id)
         cwd = workdir or config.get("WorkingDir") or "/"
         return sandbox.Process(root, argv, variables, cwd, user if user is not None else config.get("User") or "",
-                               container.short_id)  # fmt: skip
+                               container.short_id, self.containers.dir(container.id))  # fmt: skip
 
     # -- running -------------------------------------------------------------------------------
 
@@ -180,7 +185,7 @@ class Runtime:
         """Run in the foreground (``run`` without ``-d``): output here and in the log; the command's status."""
         try:
             return self._monitor(container, echo=sys.stdout.buffer)
-        except sandbox.CommandNotFound as exc:
+        except sandbox.SandboxError as exc:
             raise StartError(str(exc), exc.exit_code) from exc
 
     def start_detached(self, container: Container) -> None:
@@ -200,7 +205,7 @@ class Runtime:
             try:
                 code = self._monitor(container, ready_fd=write_fd)
             except BaseException as exc:  # reported through the pipe
-                failure = exc.exit_code if isinstance(exc, sandbox.CommandNotFound) else 1
+                failure = exc.exit_code if isinstance(exc, sandbox.SandboxError) else 125
                 with contextlib.suppress(OSError):
                     os.write(write_fd, f"error {failure}: {exc}\n".encode())
             os._exit(code)
@@ -213,28 +218,34 @@ class Runtime:
             status, _, text = message.decode(errors="replace").removeprefix("error ").partition(": ")
             if not text:
                 raise StartError("the container's monitor exited before the command started")
-            raise StartError(text.strip(), int(status) if status.isdigit() else 1)
+            raise StartError(text.strip(), int(status) if status.isdigit() else 125)
 
     def _monitor(self, container: Container, ready_fd: int | None = None, echo: IO[bytes] | None = None) -> int:
-        """Mount, run the command, log its output, record its exit, unmount. Returns its status."""
+        """Mount, run the command, log its output, record its exit, unmount. Returns its status.
+
+        Attached (``echo``), the signals of :data:`sandbox.FORWARDED` we get go to the command (PID 1): it decides,
+        as under ``docker run`` (a shell or ``sleep`` as PID 1 ignores SIGINT and SIGTERM).
+        """
         code = 0
         try:
             with self._mounted(container) as root:
                 process = self._process(container, root, container.command, [], None, None)
+                sandbox.write_etc(self.containers.dir(container.id), container.short_id)  # at each start, as Docker
                 try:
-                    proc = sandbox.start(process, stdout=subprocess.PIPE)
-                except sandbox.CommandNotFound as exc:
+                    started = sandbox.start(process, capture=True)
+                except sandbox.SandboxError as exc:
                     self._record(container, State(ContainerStatus.CREATED, exit_code=exc.exit_code))
                     raise
-                self._record(container, State(ContainerStatus.RUNNING, True, proc.pid, os.getpid(), 0, now()))
+                self._record(container, State(ContainerStatus.RUNNING, True, started.pid, os.getpid(), 0, now()))
                 if ready_fd is not None:
                     os.write(ready_fd, READY)
                     os.close(ready_fd)
                     ready_fd = None
-                assert proc.stdout is not None
-                self._pump(container, proc.stdout, echo)
-                status = proc.wait()
-                code = 128 - status if status < 0 else status
+                assert started.stdout is not None
+                with _forwarding(started.pid) if echo is not None else contextlib.nullcontext():
+                    with started.stdout:
+                        self._pump(container, started.stdout, echo)
+                    code = started.wait()
         finally:
             if ready_fd is not None:
                 os.close(ready_fd)
@@ -263,10 +274,21 @@ class Runtime:
         container = self.reconcile(container)
         if not container.state.running:
             raise StoreError(f"Container {container.id} is not running")
-        return sandbox.run(self._process(container, self.merged(container), argv, env, user, workdir))
+        try:
+            started = sandbox.start(self._process(container, self.merged(container), argv, env, user, workdir),
+                                    join=container.state.pid)  # fmt: skip
+        except sandbox.SandboxError as exc:
+            raise StartError(str(exc), 126) from exc  # docker exec answers 126 for every failure to start
+        try:
+            return started.wait()
+        except BaseException:
+            started.kill()
+            raise
 
     def stop(self, container: Container, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``; returns once the monitor has recorded the exit."""
+        """SIGTERM, then SIGKILL after ``timeout`` (seconds), to the command, PID 1 of its namespace (when it exits,
+        the kernel kills the rest); returns once the monitor has recorded the exit (or a foreground ``run --rm``
+        removed the container). Raises StoreError when it did not exit."""
         container = self.reconcile(container)
         if not container.state.running:
             return
@@ -277,8 +299,11 @@ class Runtime:
                 os.kill(container.state.pid, sig)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                if not self.reconcile(self.containers.load(container.id)).state.running:
-                    return
+                if not os.path.exists(self.containers.dir(container.id)):
+                    return  # its own ``run --rm`` removed it once it exited
+                with contextlib.suppress(StoreError):  # half-removed: the next round sees it gone
+                    if not self.reconcile(self.containers.load(container.id)).state.running:
+                        return
                 time.sleep(0.05)
         raise StoreError(f"cannot stop container {container.short_id}")
 
@@ -303,6 +328,22 @@ class Runtime:
                 realfs.detach(mountpoint)
         self._record(container, State(ContainerStatus.EXITED, False, 0, 0, EXIT_DIED, state.started_at, now()))
         return container
+
+
+@contextlib.contextmanager
+def _forwarding(pid: int) -> Iterator[None]:
+    """For the ``with`` block, the signals of :data:`sandbox.FORWARDED` that we get go to ``pid`` instead."""
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in sandbox.FORWARDED}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _alive(pid: int) -> bool:

@@ -93,6 +93,7 @@ class Builder:
         self.stages: list[Stage] = []
         self.global_args: dict[str, str] = {}
         self.consumed: set[str] = set()
+        self.container_id = ""  # the step's intermediate container: a RUN step's hostname, as Docker's
 
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -269,9 +270,8 @@ class Builder:
         env = {**args, **stage.env}
 
         def run(root: str) -> None:
-            process = sandbox.Process(
-                root, command, env, stage.run.get("WorkingDir") or "/", stage.run.get("User") or ""
-            )
+            process = sandbox.Process(root, command, env, stage.run.get("WorkingDir") or "/",
+                                      stage.run.get("User") or "", self.container_id[:12])  # fmt: skip
             code = sandbox.run(process)
             if code != 0:
                 raise BuildError(f"The command '{' '.join(command)}' returned a non-zero code: {code}", code)
@@ -332,7 +332,7 @@ class Builder:
         """Mount the stage's layers with a fresh upper, do ``work(root)``, keep the upper as the new layer."""
         if self._probe(stage, cmd):
             return
-        container_id = random_id()
+        container_id = self.container_id = random_id()
         if container:
             self._say(f" ---> Running in {container_id[:12]}")
         parent = stage.image.top_layer if stage.image else None
