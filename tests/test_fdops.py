@@ -680,12 +680,14 @@ def _renames_over_a_name_being_opened(m: str) -> dict[Any, Any]:
         "    try:\n"
         "        with open(m + '/name') as f: f.read()\n"
         "        os.stat(m + '/name'); ok += 1\n"
+        "        if ok == 1: print('reading', flush=True)\n"
         "    except OSError as e:\n"
         "        fails[e.strerror] = fails.get(e.strerror, 0) + 1\n"
         "print(ok > 0, fails)\n"
     )
     reader = subprocess.Popen(["python3", "-c", script, m], stdout=subprocess.PIPE, text=True)
     try:
+        assert reader.stdout is not None and reader.stdout.readline() == "reading\n"  # a loaded machine: wait for it
         for i in range(1500):
             Path(f"{m}/tmp").write_text(f"v{i}")
             os.rename(f"{m}/tmp", f"{m}/name")
