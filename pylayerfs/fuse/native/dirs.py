@@ -2,15 +2,55 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import stat
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from pylayerfs.fuse.native import protocol as p
 from pylayerfs.fuse.native.core import Core, Request
 
 _DOT_NAMES = (".", "..")
 _NO_ENTRY = bytes(p.ENTRY_OUT.size)  # node 0: the kernel looks the name up itself
+_COOKIE_MASK = (1 << 63) - 1  # offsets are a signed 64-bit off_t: the kernel and telldir(3) take positive ones
+_HASHED_KEPT = 16  # listings kept in hash order (READDIRs of one directory come one after another)
+
+
+class Listing(NamedTuple):
+    """A directory's entries ``(name, st_mode type bits, st_ino)`` and the offset of each (``fuse_dirent.off``: where a
+    READDIR that stopped after it resumes)."""
+
+    entries: Sequence[tuple[str, int, int]]
+    offsets: Sequence[int]
+
+
+def _cookie(name: str) -> int:
+    """The offset of the entry ``name`` in a listing given in hash order: a 63-bit hash of the name, above those of
+    ``.`` (1) and ``..`` (2). The same for the life of the daemon (Python's string hash is fixed per process), and
+    distinct for distinct names as far as 63 bits go (two names with one hash would make a resumed READDIR skip the
+    second: as likely as a collision of a 63-bit hash)."""
+    return max(hash(name) & _COOKIE_MASK, 3)
+
+
+_hashed_cache: OrderedDict[int, tuple[list[tuple[str, int, int]], Listing]] = OrderedDict()
+
+
+def _hashed(entries: list[tuple[str, int, int]]) -> Listing:
+    """``entries`` (``.`` and ``..`` first, as the engine gives them) in the order of their offsets, with them
+    (:func:`_cookie`); the last :data:`_HASHED_KEPT` are kept, by the identity of the engine's listing (a new one
+    whenever the directory changes)."""
+    kept = _hashed_cache.get(id(entries))
+    if kept is not None and kept[0] is entries:
+        return kept[1]
+    rest = sorted(((_cookie(e[0]), e) for e in entries[2:]), key=lambda pair: pair[0])
+    listing = Listing([*entries[:2], *(e for _, e in rest)], [1, 2, *(c for c, _ in rest)])
+    _hashed_cache[id(entries)] = (entries, listing)
+    while len(_hashed_cache) > _HASHED_KEPT:
+        _hashed_cache.popitem(last=False)
+    return listing
 
 
 class DirOps(Core):
@@ -37,27 +77,34 @@ class DirOps(Core):
         self._dirs[fh] = None
         return p.OPEN_OUT.pack(fh, 0, 0)
 
-    def _listing(self, req: Request, fh: int, offset: int) -> tuple[str, list[tuple[str, int, int]]]:
-        """The directory's path and listing: read at offset 0 (a rewind reads again), then kept per handle.
+    def _listing(self, req: Request, fh: int, offset: int) -> tuple[str, Listing, int]:
+        """The directory's path, its listing with each entry's offset, and the index of the first entry after
+        ``offset`` (where a READDIR resumes).
 
-        Handle 0 (no OPENDIR: the kernel caches the listing) reads the engine's listing, which is cached until
-        something in the directory changes.
+        With a handle (``timeout=0``), the listing read at offset 0 (a rewind reads again) is kept for the handle, as
+        the kernel's overlayfs keeps one per open directory: an entry's offset is its place in it. Handle 0 (no
+        OPENDIR: the kernel caches the listing) reads the engine's listing, cached until something in the directory
+        changes, which a reader may be half-way through: there an entry's offset is a hash of its name
+        (:func:`_cookie`), in the order of which the listing is given, so that removing or adding other entries moves
+        no offset and a READDIR resumes where the last one stopped (``rm -rf`` of a large directory, ``seekdir``),
+        as a hashed directory of ext4 does. Raises ENOENT/ENOTDIR as the engine's readdir.
         """
         path = self._path(req.nodeid)
-        entries = self._dirs.get(fh) if fh else None
-        if entries is None or offset == 0:
-            entries = self.ov.readdir(path)
-            if fh:
-                self._dirs[fh] = entries
-        return path, entries
+        if fh:
+            entries = self._dirs.get(fh)
+            if entries is None or offset == 0:
+                entries = self._dirs[fh] = self.ov.readdir(path)
+            return path, Listing(entries, range(1, len(entries) + 1)), offset
+        listing = _hashed(self.ov.readdir(path))
+        return path, listing, bisect.bisect_right(listing.offsets, offset)
 
     def _readdir(self, req: Request, arg: memoryview) -> bytes:
         fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
-        _, entries = self._listing(req, fh, offset)
+        _, (entries, offsets), start = self._listing(req, fh, offset)
         out = bytearray()
-        for index in range(offset, len(entries)):
+        for index in range(start, len(entries)):
             name, mode, ino = entries[index]
-            record = p.dirent(ino, index + 1, mode >> 12, os.fsencode(name))
+            record = p.dirent(ino, offsets[index], mode >> 12, os.fsencode(name))
             if len(out) + len(record) > size:
                 break
             out += record
@@ -70,11 +117,11 @@ class DirOps(Core):
         the kernel looks it up itself. ``.`` and ``..`` never carry attributes.
         """
         fh, offset, size, *_ = p.READ_IN.unpack_from(arg)
-        path, entries = self._listing(req, fh, offset)
-        attrs_of = self.ov.getattr_entries(path, (e[0] for e in entries[offset:] if e[0] not in _DOT_NAMES))
+        path, (entries, offsets), start = self._listing(req, fh, offset)
+        attrs_of = self.ov.getattr_entries(path, (e[0] for e in entries[start:] if e[0] not in _DOT_NAMES))
         prefix = f"{path}/" if path else ""
         out = bytearray()
-        for index in range(offset, len(entries)):
+        for index in range(start, len(entries)):
             name, mode, ino = entries[index]
             raw = os.fsencode(name)
             record_size = p.ENTRY_OUT.size + p.DIRENT.size + len(raw) + (-(p.DIRENT.size + len(raw)) % 8)
@@ -87,7 +134,7 @@ class DirOps(Core):
                     child = prefix + name
                     entry = p.entry_out(self._found(child, attrs).nodeid, attrs, self.valid)
             out += entry
-            out += p.dirent(ino, index + 1, mode >> 12, raw)
+            out += p.dirent(ino, offsets[index], mode >> 12, raw)
         return bytes(out)
 
     def _releasedir(self, req: Request, arg: memoryview) -> bytes:
