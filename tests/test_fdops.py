@@ -295,6 +295,33 @@ def test_hard_linked_objects_of_every_type_show_changes_through_every_name(tmp_p
     assert r["changed through n1"][1:3] == (65534, 65533)
 
 
+def _lower_hard_link_names(m: str) -> dict[Any, Any]:
+    """A lower file with two names (a, b): a new name for one of them is that name's copy-up, one object with it (its
+    mode, data and number seen through both at once); a write through the other splits it off as an object of its own
+    (found by a user's try: a and c were two kernel inodes, and a showed the old mode 644 of root's 0600 file)."""
+
+    def seen(name: str) -> tuple[Any, ...]:
+        st = os.stat(f"{m}/{name}")
+        return oct(st.st_mode), st.st_nlink, st.st_size
+
+    r: dict[Any, Any] = {"before": (seen("a"), seen("b"))}
+    os.link(f"{m}/a", f"{m}/c")
+    Path(f"{m}/c").write_text("secret\n")
+    os.chmod(f"{m}/c", 0o600)
+    r["a and c"] = seen("a"), seen("c"), Path(f"{m}/a").read_text()
+    r["a is c"] = os.stat(f"{m}/a").st_ino == os.stat(f"{m}/c").st_ino
+    with open(f"{m}/b", "a") as f:
+        f.write("more\n")
+    r["b after a write"] = seen("b"), Path(f"{m}/b").read_text()
+    r["b is a"] = os.stat(f"{m}/b").st_ino == os.stat(f"{m}/a").st_ino
+    return r
+
+
+def test_names_of_a_lower_hard_link_split_and_join_as_on_the_kernel(backing):
+    r = differential(backing, _lower_hard_link_names, {"a": "data\n", "b": ("link", "a")})
+    assert r["a is c"] and r["a and c"][0][0] == oct(0o100600)
+
+
 # -- 5. deep paths -----------------------------------------------------------------------------------
 
 

@@ -40,6 +40,8 @@ def build(root: str, spec: Spec, prefix: str = TRUSTED_PREFIX) -> str:
             os.setxattr(full, prefix + "opaque", b"y")
         elif value[0] == "fifo":
             os.mkfifo(full)
+        elif value[0] == "link":  # a hard link to a path given earlier in sorted order
+            os.link(os.path.join(root, value[1]), full)
     return root
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 
@@ -50,6 +49,7 @@ class AttributeOps(Core):
                 _time(valid, p.FATTR_MTIME, p.FATTR_MTIME_NOW, mtime, mtimensec),
             )
             self.ov.utimens(where, times, handle)
+        self._unsplit(node)
         return p.attr_out(self._attrs(node, handle), self.valid)
 
     def _readlink(self, req: Request, arg: memoryview) -> bytes:
@@ -74,6 +74,7 @@ class AttributeOps(Core):
         node.no_caps = False
         path, fh = self._where(node)
         self.ov.setxattr(path, os.fsdecode(name), value[:size], flags, fh)
+        self._unsplit(node)
         self._mode_changed(req.nodeid, os.fsdecode(name))
         return b""
 
@@ -105,8 +106,10 @@ class AttributeOps(Core):
         return _sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
 
     def _removexattr(self, req: Request, arg: memoryview) -> bytes:
-        path, fh = self._where(self._node(req.nodeid))
+        node = self._node(req.nodeid)
+        path, fh = self._where(node)
         self.ov.removexattr(path, cstring(arg), fh)
+        self._unsplit(node)
         self._mode_changed(req.nodeid, cstring(arg))
         return b""
 
@@ -117,10 +120,7 @@ class AttributeOps(Core):
         attributes only, no page, so writing it before the reply cannot wait on this request.
         """
         if xattrs.changes_mode(name):
-            out = p.NOTIFY_INVAL_INODE_OUT.pack(nodeid, -1, 0)
-            header = p.OUT_HEADER.pack(p.OUT_HEADER.size + len(out), p.NOTIFY_INVAL_INODE, 0)
-            with contextlib.suppress(OSError):  # ENOENT: the kernel no longer has the inode
-                os.writev(self.fd, [header, out])
+            self._notify_inval_inode(nodeid)
 
 
 def _sized(value: bytes, size: int) -> bytes:

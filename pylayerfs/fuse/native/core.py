@@ -8,6 +8,7 @@ handlers are grouped by concern in mixins on it (:mod:`.names`, :mod:`.attribute
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import itertools
 import logging
@@ -144,6 +145,31 @@ class Core:
         node = self.nodes.found(path, identity(attrs["st_ino"], path, split), is_dir)
         self._counted.append(node)
         return node
+
+    def _unsplit(self, node: NodeEntry) -> None:
+        """After a change that may have copied ``node``'s object up: a name of a lower-only hard link (a node keyed by
+        ``(st_ino, path)``: :func:`~.nodes.identity`) that is in the upper layer now is an object of its own, with its
+        own number and link count. Key the node by its ``st_ino`` (a new name for it, LINK, then finds this node: one
+        kernel inode) and make the kernel drop the attributes it holds (FUSE_NOTIFY_INVAL_INODE, attributes only).
+        Never raises: a name gone meanwhile leaves the node as it is."""
+        if not isinstance(node.ino, tuple) or node.path is None:
+            return
+        try:
+            if self.ov.lookup.lookup(node.path).upper is None:
+                return
+            ino = self.ov.getattr(node.path)["st_ino"]
+        except OSError:
+            return
+        self.nodes.rekey(node, ino)
+        self._notify_inval_inode(node.nodeid)
+
+    def _notify_inval_inode(self, nodeid: int) -> None:
+        """FUSE_NOTIFY_INVAL_INODE of ``nodeid``'s attributes (offset -1: no page, so written before a reply it cannot
+        wait on that request); the kernel may no longer have the inode (ENOENT: nothing to drop)."""
+        out = p.NOTIFY_INVAL_INODE_OUT.pack(nodeid, -1, 0)
+        header = p.OUT_HEADER.pack(p.OUT_HEADER.size + len(out), p.NOTIFY_INVAL_INODE, 0)
+        with contextlib.suppress(OSError):
+            os.writev(self.fd, [header, out])
 
     def _entry(self, path: str, fh: int | None = None) -> bytes:
         """The entry reply for the object now at ``path`` (a lookup counted for it)."""

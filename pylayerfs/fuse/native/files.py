@@ -87,7 +87,9 @@ class FileOps(Core):
         node = self._node(req.nodeid)
         if node.path is None:  # no name left: the object the kernel's dentry still holds (see NameOps._removing)
             return self._opened(node, self.ov.reopen(self._held_handle(node), flags))
-        return self._opened(node, self.ov.open(node.path, flags))
+        fh = self.ov.open(node.path, flags)
+        self._unsplit(node)  # opened for writing: copied up
+        return self._opened(node, fh)
 
     def _create(self, req: Request, arg: memoryview) -> bytes:
         flags, mode, umask, _ = p.CREATE_IN.unpack_from(arg)

@@ -67,6 +67,7 @@ class NameOps(Core):
             self.nodes.named(node)
         else:
             self.ov.link(node.path, new)
+            self._unsplit(node)  # copied up: the new name is this node's object
         return self._entry(new)
 
     def _last_name(self, path: str) -> bool:
@@ -130,4 +131,6 @@ class NameOps(Core):
         else:
             self._removing(new, lambda: self.ov.rename(old, new, flags))
         self.nodes.renamed(old, new, exchange=bool(flags & realfs.RENAME_EXCHANGE))
+        for moved in filter(None, (self.nodes.at(new), self.nodes.at(old))):
+            self._unsplit(moved)  # a rename copies up (both names, exchanged)
         return b""

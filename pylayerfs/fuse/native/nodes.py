@@ -136,6 +136,16 @@ class NodeTable:
         if self._by_id.get(node.nodeid) is node:
             self._by_ino[node.ino] = node
 
+    def rekey(self, node: NodeEntry, ino: Identity) -> None:
+        """``node``'s object is now the object ``ino`` (a name of a lower-only hard link that copy-up made an object of
+        its own): :meth:`found` finds the node by it from now on, unless another node has it already."""
+        if node.ino == ino:
+            return
+        if self._by_ino.get(node.ino) is node:
+            del self._by_ino[node.ino]
+        node.ino = ino
+        self._by_ino.setdefault(ino, node)
+
     def closed_nameless(self, node: NodeEntry) -> None:
         """The last open handle of ``node``, which has no name, is closed: its object is gone, its ``st_ino`` free."""
         if node.path is None and self._by_ino.get(node.ino) is node:
