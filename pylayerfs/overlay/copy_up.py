@@ -127,15 +127,19 @@ class CopyUp:
             realfs.mknod(workfd, tmp, mode, self._st.st_rdev)
 
     def copy_data(self, cancelled: Callable[[], bool] | None = None) -> None:
-        """Copy the data into the temporary file and close both fds (any thread: no engine state is touched).
+        """Copy the data into the temporary file, ``fsync`` it, and close both fds (any thread: no engine state is
+        touched).
 
         ``cancelled()`` is asked between chunks (of :data:`_CHUNK` bytes): when it says True the copy stops with
-        EINTR (as the kernel's ``ovl_copy_up_file`` on a fatal signal). Raises the read and write errors (EIO,
-        ENOSPC, EDQUOT...); the temporary file stays until :meth:`abort`.
+        EINTR (as the kernel's ``ovl_copy_up_file`` on a fatal signal). The ``fsync`` is the kernel's too (before the
+        rename into place, unless mounted ``volatile``): after a crash the upper layer holds the whole copy or none,
+        never an empty or partial file hiding the lower one. Raises the read, write and ``fsync`` errors (EIO, ENOSPC,
+        EDQUOT...); the temporary file stays until :meth:`abort`.
         """
         try:
             if self._src is not None and self._dst is not None:
                 copy_data(self._src, self._dst, self.size, cancelled)
+                os.fsync(self._dst)
         finally:
             self._close()
 
