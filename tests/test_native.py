@@ -30,7 +30,7 @@ from pylayerfs.fuse.native import session as native
 from pylayerfs.fuse.native.core import Request
 from pylayerfs.fuse.native.protocol import BATCH_FORGET_IN, FORGET_ONE, IN_HEADER, MAX_READ, OUT_HEADER, READ_IN, Op
 from pylayerfs.overlay.filesystem import Overlay
-from tests.mounts import _mounted, force_unmount, options, pylayerfs_mount, run_pylayerfs
+from tests.mounts import PYLAYERFS, _mounted, force_unmount, options, pylayerfs_mount, run_pylayerfs
 from tests.test_nonroot import AS_NOBODY, _nobody_python, nobody_dirs  # noqa: F401 (a fixture)
 from tests.trees import build
 
@@ -351,6 +351,10 @@ def test_passthrough_option_says_whether_writes_reach_the_daemon(stack, tmp_path
         assert "passthrough is off" not in text and writes is None, "no WRITE served"
     bad = run_pylayerfs("mount", "-o", f"lowerdir={lowers[0]},passthrough=maybe", mnt, check=False)
     assert bad.returncode == 1 and bad.stderr == "pylayerfs: passthrough needs on or off, not 'maybe'\n"
+    bad = subprocess.run([*PYLAYERFS, "mount", "-o", f"lowerdir={lowers[0]}", mnt], capture_output=True, text=True,
+                         env={**os.environ, "PYLAYERFS_PASSTHROUGH": "maybe"}, timeout=60, check=False)  # fmt: skip
+    assert bad.returncode == 1 and bad.stderr == "pylayerfs: PYLAYERFS_PASSTHROUGH=maybe is neither on nor off\n"
+    assert not os.path.ismount(mnt)
 
 
 @pytest.mark.root

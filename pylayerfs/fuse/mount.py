@@ -294,6 +294,7 @@ def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | Non
     cannot mount, with the reason when it is a known one (see :func:`mount_failure_hint`).
     """
     if binding(config) == "native":
+        passthrough(config)  # a bad $PYLAYERFS_PASSTHROUGH fails here, before anything is mounted
         return _serve_native(config, mountpoint, source, ready_fd)
     from pylayerfs.fuse import adapter  # the binding is loaded only by the process that serves
 
@@ -331,10 +332,16 @@ def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | Non
 
 def passthrough(config: MountConfig) -> bool:
     """May the native transport pass open files through to their real files? ``-o passthrough=on|off``, else
-    ``$PYLAYERFS_PASSTHROUGH`` ("off"), else yes (where the kernel and the daemon's privileges allow it)."""
+    ``$PYLAYERFS_PASSTHROUGH`` ("on" or "off"), else yes (where the kernel and the daemon's privileges allow it).
+
+    Raises MountError for a value of the variable other than "on" and "off".
+    """
     if config.passthrough is not None:
         return config.passthrough
-    return os.environ.get(PASSTHROUGH_VARIABLE) != "off"
+    chosen = os.environ.get(PASSTHROUGH_VARIABLE) or "on"
+    if chosen not in ("on", "off"):
+        raise MountError(f"{PASSTHROUGH_VARIABLE}={chosen} is neither on nor off")
+    return chosen == "on"
 
 
 def _serve_native(config: MountConfig, mountpoint: str, source: str, ready_fd: int | None) -> int:
