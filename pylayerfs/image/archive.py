@@ -27,18 +27,21 @@ that goes through a symlink the archive made.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import functools
 import grp
+import gzip
 import hashlib
 import io
+import lzma
 import os
 import pwd
 import stat
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.markers import (
@@ -377,6 +380,56 @@ def is_archive(fd: int) -> bool:
         return False
 
 
+class _Tee(io.RawIOBase):
+    """A reader of ``source`` that writes every byte it reads to ``copy`` and hashes it."""
+
+    def __init__(self, source: io.BufferedIOBase, copy: BinaryIO) -> None:
+        self.source, self.copy, self.hash = source, copy, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.source.read(len(buffer))
+        buffer[: len(data)] = data
+        self.copy.write(data)
+        self.hash.update(data)
+        return len(data)
+
+
+def _decompressed(source: BinaryIO) -> io.BufferedIOBase:
+    """``source`` uncompressed: gzip, bzip2 or xz by their magic (moby's ``DecompressStream``), else as it is."""
+    buffered = io.BufferedReader(cast(io.RawIOBase, source))
+    head = buffered.peek(6)[:6]
+    if head.startswith(b"\x1f\x8b\x08"):
+        return gzip.GzipFile(fileobj=buffered)
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(buffered)
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(buffered)
+    return buffered
+
+
+def extract_keeping(source: BinaryIO, name: str, dest: str, copy: BinaryIO) -> str:
+    """Extract the (maybe compressed) tar ``source`` into ``dest`` (as :func:`extract`) and write its uncompressed
+    bytes to ``copy``, every one of them: what follows the end-of-archive blocks too, as moby's layer store reads the
+    stream to its end. Returns their ``sha256:<hex>``: the layer's DiffID, as ``docker import`` gives it.
+
+    Raises ArchiveError for a stream that is not a tar or cannot be extracted safely, OSError for ``copy``'s writes.
+    """
+    tee = _Tee(_decompressed(source), copy)
+    try:
+        with tarfile.open(fileobj=tee, mode="r|") as tar:
+            extract(tar, dest)
+        while tee.read(1 << 20):
+            pass
+    except (OSError, EOFError, tarfile.TarError, lzma.LZMAError) as exc:
+        if isinstance(exc, ArchiveError):
+            raise
+        raise ArchiveError(f"cannot read '{name}' as a tar archive: {exc}") from exc
+    return "sha256:" + tee.hash.hexdigest()
+
+
 def _clean(name: str) -> str:
     """The member's path relative to the destination; ArchiveError when it would leave it."""
     if name.startswith("/"):
@@ -416,8 +469,7 @@ def extract(tar: tarfile.TarFile, dest: str) -> Extracted:
                     whiteouts += 1
                 else:
                     _extract_one(tar, member, root, dirfd, name)
-                    if not member.issym():
-                        times.append((rel, int(member.mtime)))
+                    times.append((rel, int(member.mtime)))  # a symlink's too (utimensat AT_SYMLINK_NOFOLLOW)
                     entries += 1
             finally:
                 os.close(dirfd)

@@ -56,10 +56,12 @@ def image_config(
     history: list[dict[str, Any]],
     diff_ids: list[str],
 ) -> dict[str, Any]:
+    """An image config as moby's ``image.Image`` (keys sorted when encoded); ``container`` left out when empty
+    (``omitempty``: a COPY step or an import has none)."""
     return {
         "architecture": architecture(),
         "config": run_config(run),
-        "container": container,
+        **({"container": container} if container else {}),
         "container_config": run_config(container_config),
         "created": created,
         "docker_version": f"pylayerfs-{__version__}",
