@@ -140,7 +140,7 @@ def headers(data: bytes, start: int, masked: bool) -> list[tuple[bytes, bytes]]:
     out, offset = [], 0
     while data[offset : offset + 512] != b"\0" * 512:
         block = bytearray(data[offset : offset + 512])
-        size = int(block[124:136].rstrip(b"\0") or b"0", 8) if block[156:157] not in (b"1", b"2", b"5") else 0
+        size = int(block[124:136].rstrip(b"\0") or b"0", 8) if bytes(block[156:157]) not in (b"1", b"2", b"5") else 0
         if masked and int(block[136:148].rstrip(b"\0"), 8) >= start:
             block[136:156] = b"m" * 20
         out.append((bytes(block), data[offset + 512 : offset + 512 + size]))
