@@ -1,28 +1,38 @@
 """Layer tars: writing a layer's diff directory as the tar Docker hashes, and extracting tars safely.
 
 A layer's **DiffID** is the sha256 of its uncompressed tar. pylayerfs writes
-that tar the way moby's overlay2 driver does (go-archive, ``ConvertWrite``):
+that tar byte for byte as moby's overlay2 driver does (``pkg/archive``
+``addTarFile`` with ``overlayWhiteoutConverter.ConvertWrite``, Go's
+``archive/tar`` writer):
 
 * entries in lexical walk order, names relative without ``./``, directories
-  with a trailing ``/``, the layer's root itself left out;
-* numeric uid/gid, empty uname/gname, mtime in whole seconds, no atime/ctime;
-  USTAR headers, PAX records only where a field does not fit, and only
-  ``security.capability`` of the xattrs;
-* the second name of a hard-linked file is a link entry to the first;
+  with a trailing ``/``, the layer's root itself left out, sockets skipped;
+* the whole mode with its file-type bits (``0100644``, ``040755``), numeric
+  uid/gid with the host's names for them (``root``), mtime in whole seconds,
+  no atime/ctime, devmajor/devminor zero-filled octal; USTAR headers (a long
+  name split at Go's place), PAX (Go's ``PaxHeaders.0/<name>`` header, records
+  sorted) only where a field does not fit, and only ``security.capability`` of
+  the xattrs;
+* a later name of a multiply-linked non-directory is a link entry to the
+  first; all whiteouts of a layer count as one inode, as the kernel links them
+  to one shared whiteout (Linux 5.8+), so later ones carry a link name;
 * a metacopy file (``metacopy=on``) holds no data: its entry carries the data
   of the file below it, read through the layers under the layer (``lowers``),
   so a layer's tar and DiffID do not depend on how the layer is stored;
 * a whiteout (char device 0/0) is an empty regular file ``.wh.<name>`` (mode
-  0600, its owner and mtime); an opaque directory is followed by an empty
-  ``<dir>/.wh..wh..opq`` (the directory's mode and owner, mtime 0);
+  0600 without type bits, its owner and mtime); an opaque directory is
+  followed by an empty ``<dir>/.wh..wh..opq`` (the directory's permission
+  bits and owner, mtime 0);
 * the archive ends with exactly 1024 zero bytes, as Go's ``tar.Writer`` ends
   it (Python's ``tarfile`` pads to 10240, which would change every digest):
   the empty layer hashes to Docker's ``sha256:5f70bf18...``.
 
 Extraction (``pylayerfs import``, ``ADD archive.tar``) turns ``.wh.`` entries
-back into overlay whiteouts and refuses every entry that would land outside
-the destination: absolute names, ``..``, hard links to outside, and any path
-that goes through a symlink the archive made.
+back into overlay whiteouts, keeps every entry's mtime (a symlink's too) and
+refuses every entry that would land outside the destination: absolute names,
+``..``, hard links to outside, and any path that goes through a symlink the
+archive made. :func:`extract_keeping` also gives the stream's own bytes and
+digest (an imported layer's DiffID is that of the tar as given).
 """
 
 from __future__ import annotations
