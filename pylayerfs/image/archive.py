@@ -113,8 +113,7 @@ def header(info: tarfile.TarInfo) -> bytes:
         return _block(fields, prefix)
     data = b"".join(_pax_record(k.encode(), v) for k, v in sorted(records.items()))
     head, _, base = name.rpartition(b"/")
-    pax_name = (head + b"/PaxHeaders.0/" + base if head else b"PaxHeaders.0/" + base).rstrip(b"/")
-    pax_name = _ascii(pax_name)[:100].rstrip(b"/")
+    pax_name = _ascii(b"/".join(p for p in (head, b"PaxHeaders.0", base) if p))[:100].rstrip(b"/")
     pax = {"path": pax_name, "mode": 0, "uid": 0, "gid": 0, "size": len(data), "mtime": 0, "type": tarfile.XHDTYPE}
     for key, value in strings.items():
         fields[key] = _ascii(value)
