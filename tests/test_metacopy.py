@@ -226,7 +226,7 @@ def test_build_with_metacopy_makes_the_chmod_layer_0B_with_the_same_diff_id(tmp_
         archive.write_layer(str(diff), tar, store.layers.lower_dirs(chmod_layer.parent))
     with tarfile.open(tmp_path / "layer.tar") as t:
         member = t.getmember("app.sh")
-        assert (member.mode, t.extractfile(member).read()) == (0o755, APP)  # type: ignore[union-attr]
+        assert (member.mode, t.extractfile(member).read()) == (0o100755, APP)  # type: ignore[union-attr]
 
     # the same build without metacopy, in another store: the same layers (DiffIDs), stored differently
     plain = tmp_path / "plain"

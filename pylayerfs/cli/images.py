@@ -8,6 +8,7 @@ ends, ``Untagged:``/``Deleted:`` lines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -171,14 +172,21 @@ def _commit_base(store: Store, cache_id: str, ref: str, history: list[dict[str, 
     layer = store.layers.register(cache_id, None)
     config = cfg.image_config(run, {**run, "Cmd": None}, "", history[-1]["created"], history,
                               [layer.diff_id] if layer else [])  # fmt: skip
-    del config["container"], config["container_config"]
+    del config["container_config"]
     image = store.images.put(config, None)
     store.refs.tag(ref, image.id)
     return image
 
 
 def import_rootfs(store: Store, path: str, ref: str) -> Image:
-    """``docker import``: a root filesystem tarball becomes a one-layer image."""
+    """``docker import PATH REF``: a root filesystem tarball (plain, gzip, bzip2 or xz) becomes a one-layer image.
+
+    As moby's ``daemon/images/image_import.go``: the layer's DiffID is the sha256 of the uncompressed tar as given
+    (its bytes kept, :meth:`LayerStore.register <pylayerfs.image.store.layers.LayerStore.register>`), the config has
+    ``comment`` and a history entry ``Imported from -`` (the docker client sends a file as ``-``), an empty
+    ``config`` and ``container_config``. Raises StoreError (bad reference, unreadable file) and ArchiveError.
+    """
+    from pylayerfs.image.store.layers import random_id
     from pylayerfs.image.store.references import parse_reference
 
     parse_reference(ref)
@@ -189,15 +197,25 @@ def import_rootfs(store: Store, path: str, ref: str) -> Image:
     with source, store.busy():
         with store.locked():
             cache_id = store.layers.new_dir(None)
+        kept = os.path.join(store.layout.tmp, f"import-{random_id()}.tar")
         try:
-            with archive.open_archive(source, path) as tar:
-                archive.extract(tar, store.layers.diff_dir(cache_id))
+            with open(kept, "wb") as copy:
+                archive.extract_keeping(source, path, store.layers.diff_dir(cache_id), copy)
             now = format_time(datetime.datetime.now(datetime.UTC))
+            comment = "Imported from -"
             with store.locked():
-                return _commit_base(store, cache_id, ref, [{"created": now, "comment": f"Imported from {path}"}], {})
+                layer = store.layers.register(cache_id, None, kept)
+                config = cfg.image_config({}, {}, "", now, [{"created": now, "comment": comment}],
+                                          [layer.diff_id] if layer else [])  # fmt: skip
+                image = store.images.put({**config, "comment": comment}, None)
+                store.refs.tag(ref, image.id)
+                return image
         except BaseException:
             store.layers.remove_dir(cache_id)
             raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(kept)
 
 
 BASE_DIRS = {"bin": 0o755, "sbin": 0o755, "usr/bin": 0o755, "usr/sbin": 0o755, "etc": 0o755, "root": 0o700,

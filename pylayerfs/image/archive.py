@@ -1,41 +1,57 @@
 """Layer tars: writing a layer's diff directory as the tar Docker hashes, and extracting tars safely.
 
 A layer's **DiffID** is the sha256 of its uncompressed tar. pylayerfs writes
-that tar the way moby's overlay2 driver does (go-archive, ``ConvertWrite``):
+that tar byte for byte as moby's overlay2 driver does (``pkg/archive``
+``addTarFile`` with ``overlayWhiteoutConverter.ConvertWrite``, Go's
+``archive/tar`` writer):
 
 * entries in lexical walk order, names relative without ``./``, directories
-  with a trailing ``/``, the layer's root itself left out;
-* numeric uid/gid, empty uname/gname, mtime in whole seconds, no atime/ctime;
-  USTAR headers, PAX records only where a field does not fit, and only
-  ``security.capability`` of the xattrs;
-* the second name of a hard-linked file is a link entry to the first;
+  with a trailing ``/``, the layer's root itself left out, sockets skipped;
+* the whole mode with its file-type bits (``0100644``, ``040755``), numeric
+  uid/gid with the host's names for them (``root``), mtime in whole seconds,
+  no atime/ctime, devmajor/devminor zero-filled octal; USTAR headers (a long
+  name split at Go's place), PAX (Go's ``PaxHeaders.0/<name>`` header, records
+  sorted) only where a field does not fit, and only ``security.capability`` of
+  the xattrs;
+* a later name of a multiply-linked non-directory is a link entry to the
+  first; all whiteouts of a layer count as one inode, as the kernel links them
+  to one shared whiteout (Linux 5.8+), so later ones carry a link name;
 * a metacopy file (``metacopy=on``) holds no data: its entry carries the data
   of the file below it, read through the layers under the layer (``lowers``),
   so a layer's tar and DiffID do not depend on how the layer is stored;
 * a whiteout (char device 0/0) is an empty regular file ``.wh.<name>`` (mode
-  0600, its owner and mtime); an opaque directory is followed by an empty
-  ``<dir>/.wh..wh..opq`` (the directory's mode and owner, mtime 0);
+  0600 without type bits, its owner and mtime); an opaque directory is
+  followed by an empty ``<dir>/.wh..wh..opq`` (the directory's permission
+  bits and owner, mtime 0);
 * the archive ends with exactly 1024 zero bytes, as Go's ``tar.Writer`` ends
   it (Python's ``tarfile`` pads to 10240, which would change every digest):
   the empty layer hashes to Docker's ``sha256:5f70bf18...``.
 
 Extraction (``pylayerfs import``, ``ADD archive.tar``) turns ``.wh.`` entries
-back into overlay whiteouts and refuses every entry that would land outside
-the destination: absolute names, ``..``, hard links to outside, and any path
-that goes through a symlink the archive made.
+back into overlay whiteouts, keeps every entry's mtime (a symlink's too) and
+refuses every entry that would land outside the destination: absolute names,
+``..``, hard links to outside, and any path that goes through a symlink the
+archive made. :func:`extract_keeping` also gives the stream's own bytes and
+digest (an imported layer's DiffID is that of the tar as given).
 """
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import functools
+import grp
+import gzip
 import hashlib
 import io
+import lzma
 import os
+import pwd
 import stat
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.markers import (
@@ -53,6 +69,7 @@ EMPTY_LAYER_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cd
 BLOCK = 512
 TRAILER = b"\0" * 1024
 CAPABILITY = "security.capability"
+SHARED_WHITEOUT = object()  # the one inode of every whiteout in a layer (see _write_layer)
 
 
 if TYPE_CHECKING:
@@ -64,23 +81,142 @@ class ArchiveError(Exception):
 
 
 def header(info: tarfile.TarInfo) -> bytes:
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.USTAR_FORMAT if _fits_ustar(info) else tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    """The header block(s) of ``info`` as Go's ``archive/tar`` writes them for moby (``tar.Writer.WriteHeader``).
+
+    ``info.mode`` is the whole mode, file-type bits included (Go's ``c_ISDIR``... are the stat ``S_IF*`` values):
+    ``0100644`` for a regular file. USTAR when every field fits (a long name split at the last ``/`` that leaves a
+    prefix of at most 155 bytes, Go's ``splitUSTARPath``); else PAX: an extended header named
+    ``<dir>/PaxHeaders.0/<base>`` (mode, uid, gid, mtime 0) with the records sorted by key, then the main header
+    with the names cut to their fields and non-ASCII bytes dropped. Numbers are zero-filled octal ending in NUL
+    (``devmajor``/``devminor`` included); ``info.pax_headers`` (the ``SCHILY.xattr.*`` records, latin-1 text for raw
+    bytes) force PAX. Returns 512 bytes per block.
+    """
+    name = info.name.encode("utf-8", "surrogateescape")
+    strings = {"path": name, "linkpath": info.linkname.encode("utf-8", "surrogateescape"),
+               "uname": info.uname.encode("utf-8", "surrogateescape"),
+               "gname": info.gname.encode("utf-8", "surrogateescape")}  # fmt: skip
+    numbers = {"uid": (info.uid, 8), "gid": (info.gid, 8), "size": (info.size, 12), "mtime": (int(info.mtime), 12)}
+    records = {k: v.encode("latin-1") for k, v in info.pax_headers.items()}
+    ustar = not records
+    for key, value in strings.items():
+        if len(value) > _FIELD_SIZES[key] or not value.isascii():
+            records[key] = value
+            ustar = ustar and key == "path" and _split_ustar(value) is not None
+    for key, (number, size) in numbers.items():
+        if not _fits_octal(number, size):
+            records[key] = str(number).encode()
+            ustar = False
+    fields = {**strings, "mode": info.mode, "type": info.type, "devmajor": info.devmajor, "devminor": info.devminor,
+              **{k: n for k, (n, _) in numbers.items()}}  # fmt: skip
+    if ustar:
+        prefix, fields["path"] = _split_ustar(name) or (b"", name)
+        return _block(fields, prefix)
+    data = b"".join(_pax_record(k.encode(), v) for k, v in sorted(records.items()))
+    head, _, base = name.rpartition(b"/")
+    pax_name = _ascii(b"/".join(p for p in (head, b"PaxHeaders.0", base) if p))[:100].rstrip(b"/")
+    pax = {"path": pax_name, "mode": 0, "uid": 0, "gid": 0, "size": len(data), "mtime": 0, "type": tarfile.XHDTYPE}
+    for key, value in strings.items():
+        fields[key] = _ascii(value)
+    return _block(pax, b"", raw=True) + data + b"\0" * (-len(data) % BLOCK) + _block(fields, b"")
 
 
-def _fits_ustar(info: tarfile.TarInfo) -> bool:
+_FIELD_SIZES = {"path": 100, "linkpath": 100, "uname": 32, "gname": 32}
+
+
+def _fits_octal(number: int, size: int) -> bool:
+    return 0 <= number < int(8 ** (size - 1))
+
+
+def _ascii(value: bytes) -> bytes:
+    """Go's ``toASCII``: the bytes below 0x80 but NUL (a multi-byte rune is dropped whole)."""
+    return bytes(b for b in value if 0 < b < 0x80)
+
+
+def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
+    """Go's ``splitUSTARPath``: (prefix, name) split at the last ``/`` within the first 156 bytes, or None."""
+    if len(name) <= 100 or not name.isascii():
+        return None
+    length = min(len(name), 156)
+    if length == len(name) and name.endswith(b"/"):
+        length -= 1
+    i = name.rfind(b"/", 0, length)
+    if i <= 0 or len(name) - i - 1 > 100 or len(name) - i - 1 == 0 or i > 155:
+        return None
+    return name[:i], name[i + 1 :]
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    """One PAX record, ``<length> <key>=<value>\\n``, the length counting itself (Go's ``formatPAXRecord``)."""
+    size = len(key) + len(value) + 3
+    size += len(str(size))
+    record = b"%d %s=%s\n" % (size, key, value)
+    return record if len(record) == size else b"%d %s=%s\n" % (len(record), key, value)
+
+
+def _block(fields: dict[str, Any], prefix: bytes, raw: bool = False) -> bytes:
+    """A 512-byte USTAR header block as Go's ``formatter`` fills it; ``raw``: a PAX extended header's (V7 fields only).
+
+    Strings are cut to their field (NUL-ended when shorter; a cut name loses a trailing ``/``), numbers are
+    zero-filled octal ending in NUL (0 when they do not fit: the PAX record holds them), the checksum is six octal
+    digits, NUL and a space.
+    """
+    block = bytearray(BLOCK)
+
+    def string(offset: int, size: int, value: bytes) -> None:
+        cut = value[:size]
+        if len(value) > size and cut.endswith(b"/"):
+            cut = cut.rstrip(b"/")
+        block[offset : offset + len(cut)] = cut
+
+    def octal(offset: int, size: int, number: int) -> None:
+        string(offset, size, b"%0*o" % (size - 1, number if _fits_octal(number, size) else 0))
+
+    string(0, 100, fields["path"])
+    octal(100, 8, fields["mode"])
+    octal(108, 8, fields["uid"])
+    octal(116, 8, fields["gid"])
+    octal(124, 12, fields["size"])
+    octal(136, 12, fields["mtime"])
+    block[156:157] = fields["type"]
+    block[257:265] = b"ustar\x0000"
+    if not raw:
+        string(157, 100, fields["linkpath"])
+        string(265, 32, fields["uname"])
+        string(297, 32, fields["gname"])
+        octal(329, 8, fields["devmajor"])
+        octal(337, 8, fields["devminor"])
+        string(345, 155, prefix)
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+@functools.cache
+def user_name(uid: int) -> str:
+    """The host's name for ``uid`` ("" when it has none), as Go's ``tar.FileInfoHeader`` looks it up for moby."""
     try:
-        info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
-    except (ValueError, UnicodeError):
-        return False
-    return not info.pax_headers
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
+@functools.cache
+def group_name(gid: int) -> str:
+    """The host's name for ``gid`` ("" when it has none), as :func:`user_name`."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return ""
 
 
 def tar_info(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
+    """The header of ``name`` as moby's ``archive.FileInfoHeader`` fills it from ``st``: the whole mode (type bits
+    included), numeric ids and the host's names for them, the mtime in whole seconds."""
     info = tarfile.TarInfo(name)
     info.type = kind
-    info.mode = stat.S_IMODE(st.st_mode)
+    info.mode = st.st_mode
     info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname, info.gname = user_name(st.st_uid), group_name(st.st_gid)
     info.mtime = int(st.st_mtime)
     return info
 
@@ -96,31 +232,38 @@ def write_layer(diff: str, out: BinaryIO, lowers: Sequence[str] = ()) -> int:
 
 def _write_layer(diff: str, out: BinaryIO, below: _DataBelow) -> int:
     written = 0
-    links: dict[tuple[int, int], str] = {}
+    links: dict[object, str] = {}  # moby's SeenFiles: the first name of each multiply-linked inode
     for rel, st in walk(diff):
         full = os.path.join(diff, rel)
         data: BinaryIO | None = None
-        if is_whiteout(st):
-            head, _, name = rel.rpartition("/")
-            info = tar_info(f"{head}/{TAR_WHITEOUT_PREFIX}{name}".lstrip("/"), st, tarfile.REGTYPE)
-            info.mode = 0o600
-        elif stat.S_ISDIR(st.st_mode):
+        if stat.S_ISSOCK(st.st_mode):
+            continue  # moby skips sockets ("archive: skipping ... since it is a socket")
+        if stat.S_ISDIR(st.st_mode):
             info = tar_info(rel + "/", st, tarfile.DIRTYPE)
         elif stat.S_ISLNK(st.st_mode):
             info = tar_info(rel, st, tarfile.SYMTYPE)
             info.linkname = os.readlink(full)
-        elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in links:
-            info = tar_info(rel, st, tarfile.LNKTYPE)
-            info.linkname = links[(st.st_dev, st.st_ino)]
         elif stat.S_ISREG(st.st_mode):
-            links.setdefault((st.st_dev, st.st_ino), rel)
             info = tar_info(rel, st, tarfile.REGTYPE)
             info.size = st.st_size
-            data = below.open(rel) if is_metacopy_file(full, st) else open(full, "rb")  # noqa: SIM115 - closed by _emit
         else:
             kind = {stat.S_IFCHR: tarfile.CHRTYPE, stat.S_IFBLK: tarfile.BLKTYPE}.get(stat.S_IFMT(st.st_mode))
             info = tar_info(rel, st, kind or tarfile.FIFOTYPE)
             info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        # The kernel links every whiteout of a mount to one shared inode (fs/overlayfs/dir.c ovl_whiteout, Linux
+        # 5.8+): moby sees them as one multiply-linked file whatever made them here.
+        inode: object = SHARED_WHITEOUT if is_whiteout(st) else st.st_ino
+        if not stat.S_ISDIR(st.st_mode) and (st.st_nlink > 1 or inode is SHARED_WHITEOUT):
+            if inode in links:
+                info.type, info.linkname, info.size = tarfile.LNKTYPE, links[inode], 0
+            else:
+                links[inode] = rel
+        if is_whiteout(st):  # moby's overlayWhiteoutConverter.ConvertWrite, after the link check
+            head, _, name = rel.rpartition("/")
+            info.name = f"{head}/{TAR_WHITEOUT_PREFIX}{name}".lstrip("/")
+            info.type, info.mode, info.devmajor, info.devminor = tarfile.REGTYPE, 0o600, 0, 0
+        elif info.type == tarfile.REGTYPE:
+            data = below.open(rel) if is_metacopy_file(full, st) else open(full, "rb")  # noqa: SIM115 - closed by _emit
         if not is_whiteout(st) and not stat.S_ISLNK(st.st_mode):
             capability = _get_xattr(full, CAPABILITY)
             if capability is not None:
@@ -128,7 +271,7 @@ def _write_layer(diff: str, out: BinaryIO, below: _DataBelow) -> int:
         written += _emit(out, info, data)
         if stat.S_ISDIR(st.st_mode) and _get_xattr(full, OPAQUE_XATTR) == OPAQUE_YES:
             marker = tar_info(f"{rel}/{TAR_OPAQUE_MARKER}", st, tarfile.REGTYPE)
-            marker.mtime = 0
+            marker.mode, marker.mtime = st.st_mode & 0o777, 0
             written += _emit(out, marker, None)
     out.write(TRAILER)
     return written + len(TRAILER)
@@ -246,6 +389,56 @@ def is_archive(fd: int) -> bool:
         return False
 
 
+class _Tee(io.RawIOBase):
+    """A reader of ``source`` that writes every byte it reads to ``copy`` and hashes it."""
+
+    def __init__(self, source: io.BufferedIOBase, copy: BinaryIO) -> None:
+        self.source, self.copy, self.hash = source, copy, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.source.read(len(buffer))
+        buffer[: len(data)] = data
+        self.copy.write(data)
+        self.hash.update(data)
+        return len(data)
+
+
+def _decompressed(source: BinaryIO) -> io.BufferedIOBase:
+    """``source`` uncompressed: gzip, bzip2 or xz by their magic (moby's ``DecompressStream``), else as it is."""
+    buffered = io.BufferedReader(cast(io.RawIOBase, source))
+    head = buffered.peek(6)[:6]
+    if head.startswith(b"\x1f\x8b\x08"):
+        return gzip.GzipFile(fileobj=buffered)
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(buffered)
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(buffered)
+    return buffered
+
+
+def extract_keeping(source: BinaryIO, name: str, dest: str, copy: BinaryIO) -> str:
+    """Extract the (maybe compressed) tar ``source`` into ``dest`` (as :func:`extract`) and write its uncompressed
+    bytes to ``copy``, every one of them: what follows the end-of-archive blocks too, as moby's layer store reads the
+    stream to its end. Returns their ``sha256:<hex>``: the layer's DiffID, as ``docker import`` gives it.
+
+    Raises ArchiveError for a stream that is not a tar or cannot be extracted safely, OSError for ``copy``'s writes.
+    """
+    tee = _Tee(_decompressed(source), copy)
+    try:
+        with tarfile.open(fileobj=tee, mode="r|") as tar:
+            extract(tar, dest)
+        while tee.read(1 << 20):
+            pass
+    except (OSError, EOFError, tarfile.TarError, lzma.LZMAError) as exc:
+        if isinstance(exc, ArchiveError):
+            raise
+        raise ArchiveError(f"cannot read '{name}' as a tar archive: {exc}") from exc
+    return "sha256:" + tee.hash.hexdigest()
+
+
 def _clean(name: str) -> str:
     """The member's path relative to the destination; ArchiveError when it would leave it."""
     if name.startswith("/"):
@@ -285,8 +478,7 @@ def extract(tar: tarfile.TarFile, dest: str) -> Extracted:
                     whiteouts += 1
                 else:
                     _extract_one(tar, member, root, dirfd, name)
-                    if not member.issym():
-                        times.append((rel, int(member.mtime)))
+                    times.append((rel, int(member.mtime)))  # a symlink's too (utimensat AT_SYMLINK_NOFOLLOW)
                     entries += 1
             finally:
                 os.close(dirfd)

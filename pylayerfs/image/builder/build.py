@@ -236,9 +236,7 @@ class Builder:
             workdir = posixpath.normpath(posixpath.join(stage.run.get("WorkingDir") or "/", path))
             stage.run["WorkingDir"] = workdir
             cmd = cfg.nop(stage.shell, f"WORKDIR {workdir}", two_words=False)
-            self._filesystem_step(
-                stage, cmd, lambda root: sandbox.call(root, lambda: None, cwd=workdir), container=True
-            )
+            self._filesystem_step(stage, cmd, lambda root: sandbox.call(root, lambda: None, cwd=workdir), "create")
         else:
             step = CONFIG_STEPS.get(ins.keyword, self._arg)
             self._metadata_step(stage, step(stage, ins, expand(ins.args, stage.variables(), escape)))
@@ -261,7 +259,7 @@ class Builder:
         container = random_id()
         self._say(f" ---> Running in {container[:12]}")
         self._say(f"Removing intermediate container {container[:12]}")
-        self._commit(stage, cmd, None, container)
+        self._commit(stage, cmd, None, container, "create")
 
     def _run_step(self, stage: Stage, ins: Instruction) -> None:
         command = ins.exec_form if ins.exec_form is not None else [*stage.shell, ins.args]
@@ -276,7 +274,7 @@ class Builder:
             if code != 0:
                 raise BuildError(f"The command '{' '.join(command)}' returned a non-zero code: {code}", code)
 
-        self._filesystem_step(stage, cmd, run, container=True)
+        self._filesystem_step(stage, cmd, run, "run")
 
     def _copy_words(self, ins: Instruction, variables: dict[str, str], escape: str) -> tuple[list[str], str]:
         words = ins.exec_form if ins.exec_form is not None else split_words(ins.args)
@@ -300,7 +298,7 @@ class Builder:
             job = CopyJob(sources, target, owner, extract=ins.keyword == "ADD")
             cmd = cfg.nop(stage.shell, text, two_words=False)
             copy = lambda root: sandbox.call(root, lambda: copy_into_root(root_fd, job))  # noqa: E731
-            self._filesystem_step(stage, cmd, copy, container=False)
+            self._filesystem_step(stage, cmd, copy, "copy")
 
     @contextlib.contextmanager
     def _copy_source(
@@ -328,8 +326,11 @@ class Builder:
 
     # -- steps that change files ------------------------------------------------------------
 
-    def _filesystem_step(self, stage: Stage, cmd: list[str], work: Any, *, container: bool) -> None:
-        """Mount the stage's layers with a fresh upper, do ``work(root)``, keep the upper as the new layer."""
+    def _filesystem_step(self, stage: Stage, cmd: list[str], work: Any, step: str) -> None:
+        """Mount the stage's layers with a fresh upper, do ``work(root)``, keep the upper as the new layer.
+
+        ``step``: ``"run"``, ``"create"`` (WORKDIR) or ``"copy"``, as :func:`imageconfig.step_configs` takes it."""
+        container = step != "copy"
         if self._probe(stage, cmd):
             return
         container_id = self.container_id = random_id()
@@ -350,7 +351,7 @@ class Builder:
         except BaseException:
             self.store.layers.remove_dir(cache_id)
             raise
-        self._commit(stage, cmd, layer, container_id)
+        self._commit(stage, cmd, layer, container_id, step)
 
     @contextlib.contextmanager
     def _mounted(self, parent: str | None, upper: str | None = None) -> Iterator[str]:
@@ -400,7 +401,7 @@ class Builder:
         self._adopt(stage, best)
         return True
 
-    def _commit(self, stage: Stage, cmd: list[str], layer: Layer | None, container: str) -> None:
+    def _commit(self, stage: Stage, cmd: list[str], layer: Layer | None, container: str, step: str) -> None:
         created = format_time(datetime.datetime.now(datetime.UTC))
         entry: dict[str, Any] = {"created": created, "created_by": " ".join(cmd)}
         if layer is None:
@@ -408,7 +409,7 @@ class Builder:
         parent = stage.image.id if stage.image else ""
         run = {**stage.run, "Image": parent}
         diff_ids = [*stage.diff_ids, *([layer.diff_id] if layer else [])]
-        container_config = {**run, "Cmd": cmd, "Hostname": container[:12]}
+        container, container_config = cfg.step_configs(run, cmd, container, step)
         config = cfg.image_config(run, container_config, container, created, [*stage.history, entry], diff_ids)
         with self.store.locked():
             image = self.store.images.put(config, stage.image.id if stage.image else None)
@@ -428,8 +429,7 @@ class Builder:
 
 def config_env(stage: Stage, ins: Instruction, args: str) -> str:
     pairs = key_values(args, "ENV")
-    env = [e for e in stage.run.get("Env") or [] if e.partition("=")[0] not in dict(pairs)]
-    stage.run["Env"] = env + [f"{k}={v}" for k, v in pairs]
+    stage.run["Env"] = cfg.set_env(stage.run.get("Env") or [], pairs)
     return "ENV " + " ".join(f"{k}={v}" for k, v in pairs)
 
 
@@ -453,7 +453,7 @@ def config_entrypoint(stage: Stage, ins: Instruction, args: str) -> str:
 
 
 def config_expose(stage: Stage, ins: Instruction, args: str) -> str:
-    ports = split_words(args)
+    ports = sorted(split_words(args))  # the parser sorts them as strings (moby instructions.parseExpose)
     exposed: dict[str, dict[str, str]] = {p if "/" in p else f"{p}/tcp": {} for p in ports}
     stage.run["ExposedPorts"] = {**(stage.run.get("ExposedPorts") or {}), **exposed}
     return "EXPOSE " + " ".join(ports)

@@ -32,15 +32,47 @@ _DEFAULTS: dict[str, Any] = {"Hostname": "", "Domainname": "", "User": "", "Atta
                              "WorkingDir": "", "Entrypoint": None, "OnBuild": None, "Labels": None}  # fmt: skip
 
 
+_MAPS = {"ExposedPorts", "Volumes", "Labels"}  # Go maps: encoding/json writes their keys sorted
+
+
 def run_config(values: dict[str, Any]) -> dict[str, Any]:
-    """A container config with every field in Go's order (empty omitempty fields left out)."""
+    """A container config with every field in Go's order (empty omitempty fields left out), maps' keys sorted."""
     out = {}
     for key in _FIELDS:
         value = values.get(key, _DEFAULTS.get(key))
         if key in _OMIT_EMPTY and not value:
             continue
-        out[key] = value
+        out[key] = dict(sorted(value.items())) if key in _MAPS and value is not None else value
     return out
+
+
+def set_env(env: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """``env`` (``K=v`` strings) with ``pairs`` set as the classic builder's ENV does: a variable already there is
+    replaced where it stands, a new one appended (``ENV X=1 PATH=/opt/bin:$PATH`` gives ``[PATH=..., X=1]``)."""
+    out = list(env)
+    for key, value in pairs:
+        at = next((i for i, e in enumerate(out) if e.partition("=")[0] == key), None)
+        if at is None:
+            out.append(f"{key}={value}")
+        else:
+            out[at] = f"{key}={value}"
+    return out
+
+
+def step_configs(run: dict[str, Any], cmd: list[str], container: str, step: str) -> tuple[str, dict[str, Any]]:
+    """The ``container`` and ``container_config`` the classic builder commits for a step: (container ID, config).
+
+    ``step`` is ``"create"`` (a ``#(nop)`` step or WORKDIR: the daemon's container create filled the very config
+    committed, so it has ``Hostname`` = the ID's first 12 digits and ``Labels`` ``{}`` when unset), ``"run"`` (RUN:
+    the committed config is a copy that never went through create: ``Hostname`` empty) or ``"copy"`` (COPY/ADD: no
+    container). Source: moby ``builder/dockerfile/internals.go`` (``commit``, ``commitContainer``, ``performCopy``).
+    """
+    config = {**run, "Cmd": cmd, "Hostname": ""}
+    if step == "copy":
+        return "", config
+    if step == "create":
+        config.update(Hostname=container[:12], Labels=run.get("Labels") or {})
+    return container, config
 
 
 def architecture() -> str:
@@ -56,10 +88,12 @@ def image_config(
     history: list[dict[str, Any]],
     diff_ids: list[str],
 ) -> dict[str, Any]:
+    """An image config as moby's ``image.Image`` (keys sorted when encoded); ``container`` left out when empty
+    (``omitempty``: a COPY step or an import has none)."""
     return {
         "architecture": architecture(),
         "config": run_config(run),
-        "container": container,
+        **({"container": container} if container else {}),
         "container_config": run_config(container_config),
         "created": created,
         "docker_version": f"pylayerfs-{__version__}",
@@ -92,5 +126,6 @@ def with_args(cmd: list[str], args: dict[str, str]) -> list[str]:
 
 
 def cache_key(config: dict[str, Any]) -> dict[str, Any]:
-    """What the classic builder compares to reuse a step: the container config but its host name."""
-    return {k: v for k, v in config.items() if k not in ("Hostname", "Image")}
+    """What the classic builder compares to reuse a step: the container config but its host name (no labels and
+    empty labels are the same: moby's ``image/cache`` ``compare`` counts them)."""
+    return {k: v for k, v in config.items() if k not in ("Hostname", "Image") and (k != "Labels" or v)}

@@ -11,11 +11,13 @@ ChainID is already registered is not stored twice: the new copy is dropped.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import os
 import secrets
 import shutil
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from pylayerfs.image import archive
 from pylayerfs.image.sizes import layer_size
@@ -38,6 +40,13 @@ from pylayerfs.overlay.markers import is_metacopy_file
 from pylayerfs.overlay.params import mounts_below
 
 LINK_ID_LENGTH = 26
+KEPT_TAR = "layer.tar.gz"  # in a layerdb entry: the layer's own tar bytes, when they are not its diff's tar
+
+
+def _file_digest(path: str) -> str:
+    """``sha256:<hex>`` of the file at ``path``; raises its OSError."""
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -167,35 +176,87 @@ class LayerStore:
         """The diff directories (paths) a mount over ``parent`` stacks, top first; raises as :meth:`stack`."""
         return [self.diff_dir(c) for c in self.lower_cache_ids(parent)]
 
-    def register(self, cache_id: str, parent: str | None) -> Layer | None:
+    def register(self, cache_id: str, parent: str | None, tar: str | None = None) -> Layer | None:
         """Make the built directory ``cache_id`` a layer over ``parent``; the layer, or None if it holds nothing.
 
         Its DiffID is the sha256 of the layer tar moby would write (``pkg/archive``), its size moby's
-        ``directory.Size``; the layerdb entry is written in ``tmp/`` and renamed into place (``layer/layer_store.go``).
-        An empty diff (the empty tar's DiffID) and an already registered ChainID drop the directory; the latter returns
-        the existing layer. Raises :class:`StoreError` for a missing ``parent``, and the OSError of reading the diff or
-        writing the entry.
+        ``directory.Size`` of its diff; the layerdb entry is written in ``tmp/`` and renamed into place
+        (``layer/layer_store.go``). ``tar`` names the uncompressed tar the diff was extracted from (``import``): its
+        bytes are the layer's and are kept (``layer.tar.gz``, as moby keeps ``tar-split.json.gz``) so that
+        :meth:`write_tar` gives them back. A diff holding names that start with ``.wh.`` (made by a RUN step) is
+        replaced by the extraction of its tar, whiteouts made of those names, as moby's overlay2 commit applies the
+        container's tar (:meth:`_apply_own_tar`). An empty diff (the empty tar's DiffID) and an already registered
+        ChainID drop the directory; the latter returns the existing layer. Raises :class:`StoreError` for a missing
+        ``parent``, :class:`~pylayerfs.image.archive.ArchiveError` for a diff that cannot be applied, and the OSError
+        of reading the diff or writing the entry.
         """
         diff = self.diff_dir(cache_id)
-        diff_id = archive.diff_id(diff, self.lower_dirs(parent))
-        if diff_id == archive.EMPTY_LAYER_DIFF_ID:
-            self.remove_dir(cache_id)
-            return None
-        chain = chain_id(parent, diff_id)
-        if self.exists(chain):
-            self.remove_dir(cache_id)
-            return self.get(chain)
-        staging = os.path.join(self.layout.tmp, f"layer-{random_id()}")
-        os.mkdir(staging, 0o700)
-        if any(is_metacopy_file(os.path.join(diff, rel), st) for rel, st in archive.walk(diff)):
-            write_value(self.layout.layer(cache_id, METACOPY_FILE), "", 0o600)
-        values = {"diff": diff_id, "size": str(layer_size(diff)), "cache-id": cache_id}
-        if parent is not None:
-            values["parent"] = parent
-        for name, value in values.items():
-            write_value(os.path.join(staging, name), value)
-        os.rename(staging, self.layout.chain(chain))
+        own = tar is None and any(rel.rpartition("/")[2].startswith(".wh.") for rel, _ in archive.walk(diff))
+        if own:
+            tar = self._apply_own_tar(cache_id, parent)
+        try:
+            diff_id = _file_digest(tar) if tar else archive.diff_id(diff, self.lower_dirs(parent))
+            if diff_id == archive.EMPTY_LAYER_DIFF_ID:
+                self.remove_dir(cache_id)
+                return None
+            chain = chain_id(parent, diff_id)
+            if self.exists(chain):
+                self.remove_dir(cache_id)
+                return self.get(chain)
+            staging = os.path.join(self.layout.tmp, f"layer-{random_id()}")
+            os.mkdir(staging, 0o700)
+            if any(is_metacopy_file(os.path.join(diff, rel), st) for rel, st in archive.walk(diff)):
+                write_value(self.layout.layer(cache_id, METACOPY_FILE), "", 0o600)
+            values = {"diff": diff_id, "size": str(layer_size(diff)), "cache-id": cache_id}
+            if parent is not None:
+                values["parent"] = parent
+            for name, value in values.items():
+                write_value(os.path.join(staging, name), value)
+            if tar:
+                with open(tar, "rb") as src, gzip.open(os.path.join(staging, KEPT_TAR), "wb", 1) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            os.rename(staging, self.layout.chain(chain))
+        finally:
+            if own and tar:
+                os.unlink(tar)
         return self.get(chain)
+
+    def _apply_own_tar(self, cache_id: str, parent: str | None) -> str:
+        """Write the tar of ``cache_id``'s diff to ``tmp/`` and put the diff's extraction in the diff's place; the tar.
+
+        What moby's overlay2 does with a container's layer: its tar (and DiffID) carries a ``.wh.x`` the RUN step made
+        as it is, the image layer is that tar applied (``pkg/archive`` ``Unpack`` with the overlay ``ConvertRead``),
+        where ``.wh.x`` is a whiteout of ``x``. So the layer on disk and the tar of its DiffID never disagree.
+        """
+        diff = self.diff_dir(cache_id)
+        tar = os.path.join(self.layout.tmp, f"layer-{random_id()}.tar")
+        applied = self.layout.layer(cache_id, "applied")
+        try:
+            with open(tar, "wb") as out:
+                archive.write_layer(diff, out, self.lower_dirs(parent))
+            os.mkdir(applied, 0o755)
+            with open(tar, "rb") as f, archive.open_archive(f, tar) as stream:
+                archive.extract(stream, applied)
+            os.rename(diff, applied + "-old")
+            os.rename(applied, diff)
+            shutil.rmtree(applied + "-old")
+        except BaseException:
+            shutil.rmtree(applied, ignore_errors=True)
+            os.unlink(tar)
+            raise
+        return tar
+
+    def write_tar(self, layer: Layer, out: BinaryIO) -> None:
+        """Write the layer's tar to ``out``: the bytes its DiffID is the sha256 of (kept ones, or its diff's tar).
+
+        Raises the OSError of reading the layer or writing ``out``.
+        """
+        kept = os.path.join(self.layout.chain(layer.chain_id), KEPT_TAR)
+        if os.path.exists(kept):
+            with gzip.open(kept, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        else:
+            archive.write_layer(self.diff_dir(layer.cache_id), out, self.lower_dirs(layer.parent))
 
     def remove(self, layer: Layer) -> None:
         """Forget a layer: its layerdb entry renamed to ``<chain-id>-<random>-removing`` first, then its directories.
