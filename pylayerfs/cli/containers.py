@@ -81,10 +81,16 @@ def ps(runtime: Runtime, show_all: bool = False, sizes: bool = False, quiet: boo
 
 def commit(runtime: Runtime, container: Container, ref: str | None, message: str = "", author: str = "",
            changes: list[str] | None = None) -> Image:  # fmt: skip
-    """The container's read-write layer becomes a new image layer (as Docker: tar it, apply the tar)."""
+    """The container's read-write layer becomes a new image layer (as Docker: tar it, apply the tar).
+
+    The config is the container's (moby's ``daemon/commit.go``: ``Config`` is the container's config with the
+    ``changes`` applied, ``ContainerConfig`` the container's as it is; its Cmd the container's command, its Image
+    the name the container was created with).
+    """
     store = runtime.store
     image = store.images.get(container.image_id)
-    stage = Stage(None, image, image.run_config, image.history, image.diff_ids)
+    config = container_config(container)
+    stage = Stage(None, image, dict(config), image.history, image.diff_ids)
     for change in changes or []:
         try:
             ins = parse(f"FROM scratch\n{change}", "--change").instructions[1]
@@ -114,18 +120,29 @@ def commit(runtime: Runtime, container: Container, ref: str | None, message: str
             entry[key] = value
     if layer is None:
         entry["empty_layer"] = True
-    run = {**stage.run, "Image": image.id}
-    config = cfg.image_config(run, container.config, container.id, created, [*image.history, entry],
-                              [*image.diff_ids, *([layer.diff_id] if layer else [])])  # fmt: skip
+    new_config = cfg.image_config(stage.run, config, container.id, created, [*image.history, entry],
+                                  [*image.diff_ids, *([layer.diff_id] if layer else [])])  # fmt: skip
     if author:
-        config["author"] = author
+        new_config["author"] = author
     if message:
-        config["comment"] = message
+        new_config["comment"] = message
     with store.locked():
-        new = store.images.put(config, image.id)
+        new = store.images.put(new_config, image.id)
         if ref:
             store.refs.tag(ref, new.id)
+            store.images.touch(new.id, datetime.datetime.now(datetime.UTC))
     return new
+
+
+def container_config(container: Container) -> dict[str, Any]:
+    """The container's config as Docker keeps it: its hostname (the short ID), the image name it was created with,
+    the image's labels (``{}`` when none), and no network (``NetworkDisabled``: pylayerfs's containers have none,
+    as Docker's on a daemon without a bridge)."""
+    config = {**container.config, "Hostname": container.config.get("Hostname") or container.short_id,
+              "Image": container.image_name}  # fmt: skip
+    config["Labels"] = config.get("Labels") or {}
+    config["NetworkDisabled"] = True
+    return config
 
 
 def _count(n: int, noun: str) -> str:
@@ -237,6 +254,13 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
     ])  # fmt: skip
 
 
+def _attached(runtime: Runtime, container: Container) -> None:
+    """Record that the container's output goes to the client (docker/cli: every create and run but ``run -d``)."""
+    container.config.update(AttachStdout=True, AttachStderr=True)
+    with runtime.store.locked():
+        runtime.containers.save(container)
+
+
 def run(args: argparse.Namespace) -> int:
     """The command line's handler (cli/main.py parses the arguments)."""
     from pylayerfs.container.runtime import Runtime, StartError
@@ -248,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
         find = runtime.containers.find
         if args.command in ("create", "run"):
             container = runtime.create(args.image, args.command_args, args.name, args.env, args.workdir)
+            if args.command == "create" or not args.detach:
+                _attached(runtime, container)
             if args.command == "create" or args.detach:
                 if args.command == "run":
                     runtime.start_detached(container)

@@ -259,10 +259,15 @@ def inspect(store: Store, refs: list[str]) -> str:
             "Architecture": config.get("architecture"),
             "Os": config.get("os"),
             "Size": store.size(image),
-            "GraphDriver": {"Data": graph or None, "Name": "overlay2"},
+            "VirtualSize": store.size(image),
+            "GraphDriver": {"Data": {k: graph[k] for k in sorted(graph)} or None, "Name": "overlay2"},
             "RootFS": {"Type": "layers", "Layers": image.diff_ids},
+            "Metadata": {"LastTagTime": store.images.last_tagged(image.id)},
         })  # fmt: skip
-    return json.dumps(out, indent=4)
+    text = json.dumps(out, indent=4, ensure_ascii=False)  # Go's MarshalIndent: HTML-safe escapes
+    for char, escaped in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e")):
+        text = text.replace(char, escaped)
+    return text
 
 
 def _commit_base(store: Store, cache_id: str, ref: str, history: list[dict[str, Any]], run: dict[str, Any]) -> Image:
