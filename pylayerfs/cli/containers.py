@@ -48,6 +48,13 @@ def status(container: Container, now: datetime.datetime) -> str:
     return "Created"
 
 
+def command_text(container: Container) -> str:
+    """``docker ps``' COMMAND: the daemon's ``Path args`` (an argument with a space in single quotes), cut to 20
+    runes and quoted as Go's ``strconv.Quote``."""
+    args = [f"'{a}'" if " " in a else a for a in container.args]
+    return json.dumps(ellipsis(" ".join([container.path, *args]), COMMAND_WIDTH), ensure_ascii=False)
+
+
 def _size_text(size: int, virtual: int) -> str:
     return f"{human_size(size)} (virtual {human_size(virtual)})" if virtual > 0 else human_size(size)
 
@@ -64,7 +71,7 @@ def ps(runtime: Runtime, show_all: bool = False, sizes: bool = False, quiet: boo
         row = {
             "ID": c.short_id,
             "Image": c.image_name,
-            "Command": json.dumps(ellipsis(" ".join(c.command), COMMAND_WIDTH), ensure_ascii=False),
+            "Command": command_text(c),
             "CreatedSince": f"{_ago(c.created, now)} ago",
             "Status": status(c, now),
             "Ports": "",
@@ -182,7 +189,7 @@ def storage_drivers(runtime: Runtime, containers: list[Container]) -> str:
         ["vfs/dir", StorageDriver.VFS.value, str(sum(la.cache_id in vfs_dirs for la in layers)), str(len(in_vfs)), vfs,
          "every layer a full copy of the files below it; a container two (init, read-write)"],
     ]  # fmt: skip
-    return "Storage drivers on disk:\n" + render(
+    return "Storage drivers on disk (pylayerfs's own table, not in Docker's output):\n" + render(
         ["DIRECTORY", "DRIVERS", "LAYERS", "CONTAINERS", "SIZE", "WHAT IS STORED"], rows
     )
 
@@ -191,14 +198,27 @@ def _dirs(path: str) -> list[str]:
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
+def _reclaimable(part: int, whole: int) -> str:
+    """docker/cli's RECLAIMABLE cell: ``SIZE (PERCENT%)``, the percentage truncated; the size alone for a 0 total."""
+    return f"{human_size(part, 4)} ({100 * part // whole}%)" if whole else human_size(part, 4)
+
+
 def system_df(runtime: Runtime, verbose: bool = False) -> str:
-    """``docker system df``, then what each storage driver's directories take on disk."""
+    """``docker system df [-v]`` (moby's ``daemon/disk_usage.go``, docker/cli's ``formatter/disk_usage.go``), then
+    pylayerfs's own table: what each storage driver's directories take on disk.
+
+    Images are the top-level ones (tagged, or untagged without children), newest first; an image is active when a
+    container (a failed build's too) was created from it; its unique size is what its layers alone hold.
+    RECLAIMABLE is Docker's: all the images' layers, less the unique size of the active images; for containers,
+    the read-write layers of those not running.
+    """
     store = runtime.store
     now = datetime.datetime.now(datetime.UTC)
     containers = [runtime.reconcile(c) for c in runtime.containers.all()]
     tags = store.refs.all()
     images = [store.images.get(i) for i in store.images.ids()
               if any(t == i for t in tags.values()) or not store.images.children(i)]  # fmt: skip
+    images.sort(key=lambda image: image.created, reverse=True)
     layers_of = {image.id: store.layers_of(image) for image in images}
     refs: dict[str, int] = {}
     for layers in layers_of.values():
@@ -208,12 +228,12 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
     users = {image.id: sum(c.image_id == image.id for c in containers) for image in images}
     rw = {c.id: container_size(runtime, c)[0] for c in containers}
     image_rows = []
-    reclaimable_images = 0
+    in_use = 0
     for image in images:
         size = sum(layer.size for layer in layers_of[image.id])
         shared = sum(layer.size for layer in layers_of[image.id] if refs[layer.chain_id] > 1)
-        if not users[image.id]:
-            reclaimable_images += size - shared
+        if users[image.id]:
+            in_use += size - shared
         names = [ref for ref, target in tags.items() if target == image.id] or ["<none>:<none>"]
         for name in names:
             repo, _, tag = name.rpartition(":")
@@ -224,24 +244,19 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
     images_size = sum(distinct.values())
     containers_size = sum(rw.values())
     stopped = sum(rw[c.id] for c in containers if not c.state.running)
-
-    def reclaim(part: int, whole: int) -> str:
-        return f"{human_size(part, 4)} ({int(100 * part / whole) if whole else 0}%)"
-
     summary = render(["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"], [
         ["Images", str(len(images)), str(sum(1 for i in images if users[i.id])), human_size(images_size, 4),
-         reclaim(reclaimable_images, images_size)],
+         _reclaimable(images_size - in_use, images_size)],
         ["Containers", str(len(containers)), str(sum(c.state.running for c in containers)),
-         human_size(containers_size, 4), reclaim(stopped, containers_size)],
+         human_size(containers_size, 4), _reclaimable(stopped, containers_size)],
         ["Local Volumes", "0", "0", "0B", "0B"],
         ["Build Cache", "0", "0", "0B", "0B"],
     ])  # fmt: skip
-    sharing = ["", storage_drivers(runtime, containers)]
+    own = ["", storage_drivers(runtime, containers)]
     if not verbose:
-        return "\n".join([summary, *sharing])
-    container_rows = [[c.short_id, c.image_name, json.dumps(ellipsis(" ".join(c.command), COMMAND_WIDTH)), "0",
-                       human_size(rw[c.id], 4), f"{_ago(c.created, now)} ago", status(c, now), c.name]
-                      for c in containers]  # fmt: skip
+        return "\n".join([summary, *own])
+    container_rows = [[c.short_id, c.image_name, command_text(c), "0", human_size(rw[c.id], 4),
+                       f"{_ago(c.created, now)} ago", status(c, now), c.name] for c in containers]  # fmt: skip
     return "\n".join([
         "Images space usage:", "",
         render(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE", "SHARED SIZE", "UNIQUE SIZE", "CONTAINERS"],
@@ -250,7 +265,8 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
         render(["CONTAINER ID", "IMAGE", "COMMAND", "LOCAL VOLUMES", "SIZE", "CREATED", "STATUS", "NAMES"],
                container_rows),
         "", "Local Volumes space usage:", "", render(["VOLUME NAME", "LINKS", "SIZE"], []),
-        "", "Build cache usage: 0B", *sharing,
+        "", "Build cache usage: 0B", "",
+        render(["CACHE ID", "CACHE TYPE", "SIZE", "CREATED", "LAST USED", "USAGE", "SHARED"], []), *own,
     ])  # fmt: skip
 
 
