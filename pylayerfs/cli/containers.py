@@ -234,13 +234,12 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
         shared = sum(layer.size for layer in layers_of[image.id] if refs[layer.chain_id] > 1)
         if users[image.id]:
             in_use += size - shared
-        names = [ref for ref, target in tags.items() if target == image.id] or ["<none>:<none>"]
-        for name in names:
-            repo, _, tag = name.rpartition(":")
-            age = human_duration((now - image.created).total_seconds())
-            image_rows.append([repo, tag, image.short_id, f"{age} ago",
-                               human_size(size, 4), human_size(shared, 4), human_size(size - shared, 4),
-                               str(users[image.id])])  # fmt: skip
+        name = min((ref for ref, target in tags.items() if target == image.id), default="<none>:<none>")
+        repo, _, tag = name.rpartition(":")  # docker/cli shows the first tag only
+        age = human_duration((now - image.created).total_seconds())
+        image_rows.append([repo, tag, image.short_id, f"{age} ago",
+                           human_size(size, 4), human_size(shared, 4), human_size(size - shared, 4),
+                           str(users[image.id])])  # fmt: skip
     images_size = sum(distinct.values())
     containers_size = sum(rw.values())
     stopped = sum(rw[c.id] for c in containers if not c.state.running)

@@ -21,16 +21,21 @@ _ACTION = re.compile(r"{{-?\s*(.*?)\s*-?}}")
 _FIELD = re.compile(r"^(json\s+)?\.(\w*)$")
 
 
-def go_json(value: Any) -> str:
-    """Go's ``json.Marshal``: compact, map keys sorted, ``<``, ``>``, ``&`` escaped, other characters as they are."""
+def go_json(value: Any, escape_html: bool = True) -> str:
+    """Go's ``json.Marshal``: compact, map keys sorted, ``<``, ``>``, ``&`` escaped (with ``escape_html``), other
+    characters as they are."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
-    for char, escaped in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e")):
+    for char, escaped in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e")) if escape_html else ():
         text = text.replace(char, escaped)
     return text
 
 
-def execute(template: str, row: Mapping[str, str]) -> str:
-    """One row through the template; StoreError for what this subset does not know."""
+def execute(template: str, row: Mapping[str, str], header: bool = False) -> str:
+    """One row through the template; StoreError for what this subset does not know.
+
+    docker/cli's ``json``: the row (``{{json .}}``) as Go marshals a map, HTML-escaped; a field as its encoder
+    writes it, not escaped; in the ``header`` row, the column title as it is (``templates.HeaderFunctions``).
+    """
 
     def action(match: re.Match[str]) -> str:
         found = _FIELD.match(match.group(1))
@@ -41,7 +46,7 @@ def execute(template: str, row: Mapping[str, str]) -> str:
         if name and name not in row:
             raise StoreError(f"template: can't evaluate field {name} (fields: {', '.join(sorted(row))})")
         value: Any = row[name] if name else dict(row)
-        return go_json(value) if found.group(1) else str(value)
+        return go_json(value, not name) if found.group(1) and not header else str(value)
 
     return _ACTION.sub(action, template)
 
@@ -60,5 +65,5 @@ def write(fmt: str, headers: Mapping[str, str], rows: Sequence[Mapping[str, str]
     lines = [execute(template, row) for row in rows]
     if not table:
         return "\n".join(lines)
-    cells = [line.split("\t") for line in "\n".join([execute(template, headers), *lines]).split("\n")]
+    cells = [line.split("\t") for line in "\n".join([execute(template, headers, header=True), *lines]).split("\n")]
     return render(cells[0], cells[1:])
