@@ -184,6 +184,11 @@ def test_system_df_as_docker_computes_it(sides: Sides) -> None:
     d, p = sides.run("system", "df", "-v")
     ours = masked(p.stdout).split("\nStorage drivers")[0]
     assert ours.rstrip("\n") == masked(d.stdout).rstrip("\n")  # images newest first, the same sizes
+    sides.same("ps", "-a", "--format", "table {{.Names}}\\t{{.Image}}\\t{{.Command}}\\t{{.State}}\\t{{.Size}}")
+    d, p = sides.run("ps", "-a", "--format", "{{json .}}")
+    docker_row, ours = json.loads(masked(d.stdout)), json.loads(masked(p.stdout))
+    assert docker_row.pop("Networks") == "bridge" and ours.pop("Networks") == "none"  # no network on our side
+    assert ours == docker_row
     sides.same("rm", "user")
     sides.same("rmi", "other:1")
 
@@ -215,6 +220,19 @@ def test_rmi_as_docker(sides: Sides) -> None:
         assert f"unable to delete {parent[:12]} (cannot be forced) - image has dependent child images" in out.stderr
     d, p = sides.run("rmi", "-f", "nosuch")
     assert d.returncode == p.returncode == 0 and "No such image: nosuch" in p.stderr
+    sides.same("tag", "app", "run:1")
+    d, p = sides.run("run", "-d", "--name", "runner", "run:1", "sleep", "600")
+    assert d.returncode == p.returncode == 0, (d.stderr, p.stderr)
+    ids = [out.stdout.split()[0] for out in sides.run("history", "-q", "app")]
+    for image_id, out in zip(ids, (sides.docker.run("rmi", "-f", ids[0], check=False),
+                                   pylayerfs(sides.store, "rmi", "-f", ids[1], check=False)), strict=True):  # fmt: skip
+        assert out.returncode == 1 and out.stdout == ""
+        assert (
+            f"unable to delete {image_id} (cannot be forced) - image is being used by running container" in out.stderr
+        )
+    images()
+    sides.same("rmi", "-f", "run:1")  # another tag is left: only untagged
+    sides.same("rm", "-f", "runner")
     sides.same("rmi", "-f", "app")  # untag, delete the image, keep the layers the container uses
     images()
     sides.same("rm", "holder")

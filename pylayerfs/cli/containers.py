@@ -18,6 +18,7 @@ import sys
 import tempfile
 from typing import Any
 
+from pylayerfs.cli import formats
 from pylayerfs.container.records import Container, ContainerStatus
 from pylayerfs.container.runtime import Runtime, container_size
 from pylayerfs.dockercli import ellipsis, render
@@ -59,31 +60,38 @@ def _size_text(size: int, virtual: int) -> str:
     return f"{human_size(size)} (virtual {human_size(virtual)})" if virtual > 0 else human_size(size)
 
 
+PS_HEADERS = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND", "CreatedAt": "CREATED AT",
+              "RunningFor": "CREATED", "Ports": "PORTS", "State": "STATE", "Status": "STATUS", "Size": "SIZE",
+              "Names": "NAMES", "Labels": "LABELS", "Mounts": "MOUNTS", "LocalVolumes": "LOCAL VOLUMES",
+              "Networks": "NETWORKS"}  # fmt: skip
+
+
 def ps(runtime: Runtime, show_all: bool = False, sizes: bool = False, quiet: bool = False,
-       as_json: bool = False) -> str:  # fmt: skip
+       fmt: str = "table") -> str:  # fmt: skip
+    """``docker ps [-a] [-s] [-q] [--format F]`` (docker/cli's ``ContainerContext``), newest first.
+
+    Sizes are measured with ``-s``, or when the template uses them (``.Size``, ``{{json .}}``), as docker/cli
+    asks for them; ``Networks`` is ``none``: pylayerfs's containers have no network.
+    """
+    from pylayerfs.cli.images import go_time
+
     now = datetime.datetime.now(datetime.UTC)
     containers = [runtime.reconcile(c) for c in runtime.containers.all()]
     containers = [c for c in containers if show_all or c.state.running]
     if quiet:
         return "\n".join(c.short_id for c in containers)
+    measure = sizes or fmt == "json" or any(f in fmt for f in (".Size", "json ."))
     rows = []
     for c in containers:
-        row = {
-            "ID": c.short_id,
-            "Image": c.image_name,
-            "Command": command_text(c),
-            "CreatedSince": f"{_ago(c.created, now)} ago",
+        rows.append({
+            "Command": command_text(c), "CreatedAt": go_time(parse_time(c.created)), "ID": c.short_id,
+            "Image": c.image_name, "Labels": "", "LocalVolumes": "0", "Mounts": "", "Names": c.name,
+            "Networks": "none", "Ports": "", "RunningFor": f"{_ago(c.created, now)} ago",
+            "Size": _size_text(*container_size(runtime, c)) if measure else "0B", "State": c.state.status.value,
             "Status": status(c, now),
-            "Ports": "",
-            "Names": c.name,
-        }
-        if sizes:
-            row["Size"] = _size_text(*container_size(runtime, c))
-        rows.append(row)
-    if as_json:
-        return "\n".join(json.dumps(r) for r in rows)
-    header = ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"] + (["SIZE"] if sizes else [])
-    return render(header, [list(r.values()) for r in rows])
+        })  # fmt: skip
+    default = ["ID", "Image", "Command", "RunningFor", "Status", "Ports", "Names"] + (["Size"] if sizes else [])
+    return formats.write(fmt, PS_HEADERS, rows, default)
 
 
 def commit(runtime: Runtime, container: Container, ref: str | None, message: str = "", author: str = "",
@@ -315,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
                 raise StoreError("exec needs a command")
             return runtime.exec(find(args.container), args.command_args, args.env, args.user, args.workdir)
         if args.command == "ps":
-            text = ps(runtime, args.all, args.size, args.quiet, args.format == "json")
+            text = ps(runtime, args.all, args.size, args.quiet, args.format)
         elif args.command == "logs":
             sys.stdout.buffer.write(runtime.logs(find(args.container)))
             return 0
