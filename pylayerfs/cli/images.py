@@ -65,9 +65,10 @@ def history(store: Store, ref: str, no_trunc: bool = False, fmt: str = "table", 
     return formats.write(fmt, HISTORY_HEADERS, rows, ["ID", "CreatedSince", "CreatedBy", "Size", "Comment"])
 
 
+# docker/cli titles VirtualSize "SIZE" too
 IMAGES_HEADERS = {"Repository": "REPOSITORY", "Tag": "TAG", "ID": "IMAGE ID", "Digest": "DIGEST",
                   "CreatedSince": "CREATED", "CreatedAt": "CREATED AT", "Size": "SIZE", "Containers": "CONTAINERS",
-                  "SharedSize": "SHARED SIZE", "UniqueSize": "UNIQUE SIZE", "VirtualSize": "SIZE"}  # fmt: skip (sic)
+                  "SharedSize": "SHARED SIZE", "UniqueSize": "UNIQUE SIZE", "VirtualSize": "SIZE"}  # fmt: skip
 
 
 def go_time(when: datetime.datetime) -> str:
