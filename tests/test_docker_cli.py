@@ -201,38 +201,39 @@ def test_rmi_as_docker(sides: Sides) -> None:
         listed = [sorted(line.rsplit(" ", 1)[0] for line in out.stdout.splitlines()) for out in (d, p)]
         assert listed[0] == listed[1] and len(set(d.stdout.split())) == len(set(p.stdout.split()))
 
+    def refused(ids: list[str], *args: str, why: str) -> None:
+        """``rmi ARGS IMAGE-ID`` (Docker's ID, ours) fails on both sides with Docker's conflict, changing nothing."""
+        outs = (
+            sides.docker.run("rmi", *args, ids[0], check=False),
+            pylayerfs(sides.store, "rmi", *args, ids[1], check=False),
+        )
+        for image_id, out in zip(ids, outs, strict=True):
+            assert out.returncode == 1 and out.stdout == "" and f"unable to delete {image_id[:12]} {why}" in out.stderr
+        images()
+
     d, p = sides.run("run", "--name", "holder", "app", "true")
     assert d.returncode == p.returncode == 0
-    parents = [out.stdout.split()[1] for out in sides.run("history", "-q", "app")]  # the image below app
-    for side, parent in zip(("docker", "pylayerfs"), parents, strict=True):
-        run = sides.docker.run if side == "docker" else (lambda *a: pylayerfs(sides.store, *a))
-        run("tag", parent, "mid:1")
-        run("tag", "app", "app:v2")
+    ids, parents = zip(*(out.stdout.split()[:2] for out in sides.run("history", "-q", "app")), strict=True)
+    sides.docker.run("tag", parents[0], "mid:1")
+    pylayerfs(sides.store, "tag", parents[1], "mid:1")
+    sides.same("tag", "app", "app:v2")
     sides.same("rmi", "mid:1")  # it has a child: untagged only, exit 0
     images()
-    d, p = sides.run("rmi", "app:v2", "nosuch", "app")
+    d, p = sides.run("rmi", "app:v2", "nosuch", "app")  # one works, two fail: the rest is left as it was
     assert (d.returncode, masked(d.stdout)) == (p.returncode, masked(p.stdout)) == (1, "Untagged: app:v2\n")
     assert "No such image: nosuch" in p.stderr and "container" in p.stderr and "must force" in p.stderr
-    images()  # app stays: a stopped container uses it, and the failure changed nothing
-    for parent, out in zip(parents, (sides.docker.run("rmi", parents[0], check=False),
-                                     pylayerfs(sides.store, "rmi", parents[1], check=False)), strict=True):  # fmt: skip
-        assert out.returncode == 1 and out.stdout == ""
-        assert f"unable to delete {parent[:12]} (cannot be forced) - image has dependent child images" in out.stderr
+    images()
+    refused(list(parents), why="(cannot be forced) - image has dependent child images")
+    refused(list(ids), why="(must be forced) - image is being used by stopped container")
     d, p = sides.run("rmi", "-f", "nosuch")
     assert d.returncode == p.returncode == 0 and "No such image: nosuch" in p.stderr
     sides.same("tag", "app", "run:1")
+    refused(list(ids), why="(must be forced) - image is referenced in multiple repositories")
     d, p = sides.run("run", "-d", "--name", "runner", "run:1", "sleep", "600")
     assert d.returncode == p.returncode == 0, (d.stderr, p.stderr)
-    ids = [out.stdout.split()[0] for out in sides.run("history", "-q", "app")]
-    for image_id, out in zip(ids, (sides.docker.run("rmi", "-f", ids[0], check=False),
-                                   pylayerfs(sides.store, "rmi", "-f", ids[1], check=False)), strict=True):  # fmt: skip
-        assert out.returncode == 1 and out.stdout == ""
-        assert (
-            f"unable to delete {image_id} (cannot be forced) - image is being used by running container" in out.stderr
-        )
-    images()
+    refused(list(ids), "-f", why="(cannot be forced) - image is being used by running container")
     sides.same("rmi", "-f", "run:1")  # another tag is left: only untagged
     sides.same("rm", "-f", "runner")
-    sides.same("rmi", "-f", "app")  # untag, delete the image, keep the layers the container uses
+    sides.same("rmi", "-f", "app")  # untag, delete the image and its parents, keep the layers the container uses
     images()
     sides.same("rm", "holder")
