@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pylayerfs.image.store import Store
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.params import mounts_below
 from tests.dockerd import BASE, Docker
@@ -236,4 +237,6 @@ def test_rmi_as_docker(sides: Sides) -> None:
     sides.same("rm", "-f", "runner")
     sides.same("rmi", "-f", "app")  # untag, delete the image and its parents, keep the layers the container uses
     images()
-    sides.same("rm", "holder")
+    sides.same("rm", "holder")  # frees the layers only the container held, as Docker's layer store
+    layerdb = os.path.join(sides.docker.directory, "data", "image", "overlay2", "layerdb", "sha256")
+    assert len(Store(str(sides.store)).layers.all()) == len(os.listdir(layerdb)) == 1

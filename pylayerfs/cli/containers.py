@@ -277,6 +277,21 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
     ])  # fmt: skip
 
 
+def _remove(runtime: Runtime, container: Container, force: bool) -> None:
+    """``rm``: the container, then the layers only it still held (its image deleted by ``rmi -f``), as Docker's
+    layer store frees them."""
+    from pylayerfs.cli.images import free_layers
+
+    try:
+        with open(os.path.join(runtime.store.layout.mounts, container.id, "parent")) as f:
+            top: str | None = f.read()
+    except FileNotFoundError:
+        top = None
+    runtime.remove(container, force)
+    with runtime.store.locked():
+        free_layers(runtime.store, top)
+
+
 def _attached(runtime: Runtime, container: Container) -> None:
     """Record that the container's output goes to the client (docker/cli: every create and run but ``run -d``)."""
     container.config.update(AttachStdout=True, AttachStderr=True)
@@ -306,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
                 return runtime.run_attached(container)
             finally:
                 if args.rm:
-                    runtime.remove(runtime.containers.load(container.id), force=True)
+                    _remove(runtime, runtime.containers.load(container.id), force=True)
         if args.command in ("start", "stop", "rm"):
             for ref in args.containers:
                 container = find(ref)
@@ -315,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
                 elif args.command == "stop":
                     runtime.stop(container, args.time)
                 else:
-                    runtime.remove(container, args.force)
+                    _remove(runtime, container, args.force)
                 print(ref)
             return 0
         if args.command == "exec":

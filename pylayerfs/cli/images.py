@@ -219,17 +219,25 @@ def _delete(store: Store, users: Users, image: Image) -> list[str]:
         layers = store.layers_of(current)
         store.images.delete(current.id)
         out.append(f"Deleted: {current.id}")
-        used = layers_in_use(store)
-        for layer in layers:
-            if layer.chain_id in used:
-                break
-            store.layers.remove(layer)
-            out.append(f"Deleted: {layer.chain_id}")
+        out.extend(f"Deleted: {chain}" for chain in free_layers(store, layers[0].chain_id if layers else None))
         current = store.images.get(parent) if parent else None
         if current is not None and (store.refs.tags_of(current.id) or store.images.children(current.id)
                                     or any(_users(users, current.id))):  # fmt: skip
             break
     return out
+
+
+def free_layers(store: Store, top: str | None) -> list[str]:
+    """Remove the layers of the stack under ``top`` (a ChainID) that no image or container uses any more, top
+    down, as moby's layer store releases them (with the store locked); their ChainIDs."""
+    used = layers_in_use(store)
+    freed = []
+    for layer in store.layers.stack(top):
+        if layer.chain_id in used:
+            break
+        store.layers.remove(layer)
+        freed.append(layer.chain_id)
+    return freed
 
 
 def inspect(store: Store, refs: list[str]) -> str:
