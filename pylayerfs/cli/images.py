@@ -368,6 +368,12 @@ def make_base(store: Store, ref: str, busybox: str = "/bin/busybox") -> Image:
             raise
 
 
+def _print(text: str) -> None:
+    """Lines as docker/cli writes them: none at all for a template over no rows."""
+    if text:
+        print(text)
+
+
 def run(args: argparse.Namespace) -> int:
     """The command line's handler (cli/main.py parses the arguments)."""
     from pylayerfs.image import archive
@@ -390,9 +396,9 @@ def run(args: argparse.Namespace) -> int:
 
             print(diagram.text(f"image {args.image}", diagram.image_boxes(store, args.image)))
         elif args.command == "history":
-            print(history(store, args.image, args.no_trunc, args.format, args.human, args.quiet))
+            _print(history(store, args.image, args.no_trunc, args.format, args.human, args.quiet))
         elif args.command == "images":
-            print(images(store, args.all, args.format))
+            _print(images(store, args.all, args.format))
         elif args.command == "tag":
             tag(store, args.source, args.target)
         elif args.command == "rmi":
