@@ -40,9 +40,14 @@ HISTORY_HEADERS = {"ID": "IMAGE", "CreatedSince": "CREATED", "CreatedAt": "CREAT
                    "Size": "SIZE", "Comment": "COMMENT"}  # fmt: skip
 
 
+def _local(when: datetime.datetime) -> datetime.datetime:
+    """Go's ``time.Unix(s, 0)``: whole seconds, in the local time zone."""
+    return datetime.datetime.fromtimestamp(int(when.timestamp())).astimezone()
+
+
 def rfc3339(when: datetime.datetime) -> str:
-    """Go's ``time.Unix(s, 0).Format(time.RFC3339)`` in local time: whole seconds, ``Z`` for UTC."""
-    text = datetime.datetime.fromtimestamp(int(when.timestamp())).astimezone().isoformat()
+    """Go's ``time.Unix(s, 0).Format(time.RFC3339)``: ``2026-12-06T22:20:08Z`` (``Z`` for UTC)."""
+    text = _local(when).isoformat()
     return text.removesuffix("+00:00") + "Z" if text.endswith("+00:00") else text
 
 
@@ -73,7 +78,7 @@ IMAGES_HEADERS = {"Repository": "REPOSITORY", "Tag": "TAG", "ID": "IMAGE ID", "D
 
 def go_time(when: datetime.datetime) -> str:
     """Go's ``time.Unix(s, 0).String()`` in local time: ``2026-12-06 22:20:08 +0000 UTC``."""
-    return datetime.datetime.fromtimestamp(int(when.timestamp())).astimezone().strftime("%Y-%m-%d %H:%M:%S %z %Z")
+    return _local(when).strftime("%Y-%m-%d %H:%M:%S %z %Z")
 
 
 def images(store: Store, show_all: bool = False, fmt: str = "table") -> str:
