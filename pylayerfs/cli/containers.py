@@ -70,8 +70,9 @@ def ps(runtime: Runtime, show_all: bool = False, sizes: bool = False, quiet: boo
        fmt: str = "table") -> str:  # fmt: skip
     """``docker ps [-a] [-s] [-q] [--format F]`` (docker/cli's ``ContainerContext``), newest first.
 
-    Sizes are measured with ``-s``, or when the template uses them (``.Size``, ``{{json .}}``), as docker/cli
-    asks for them; ``Networks`` is ``none``: pylayerfs's containers have no network.
+    Sizes are measured with ``-s``, or when a template uses them (``.Size``, ``{{json .}}``), as docker/cli
+    asks for them (``--format json`` is ``{{json .}}`` without them: ``0B`` unless ``-s``); ``Networks`` is
+    ``none``: pylayerfs's containers have no network.
     """
     from pylayerfs.cli.images import go_time
 
@@ -80,7 +81,7 @@ def ps(runtime: Runtime, show_all: bool = False, sizes: bool = False, quiet: boo
     containers = [c for c in containers if show_all or c.state.running]
     if quiet:
         return "\n".join(c.short_id for c in containers)
-    measure = sizes or fmt == "json" or any(f in fmt for f in (".Size", "json ."))
+    measure = sizes or any(f in fmt for f in (".Size", "json ."))  # not for the plain "json": add -s
     rows = []
     for c in containers:
         rows.append({
