@@ -73,15 +73,15 @@ def test_diff_lists_added_changed_and_deleted(store):
     pylayerfs(store, "exec", "differ", "sh", "-c",
               "echo new > /data/new && echo more >> /data/kept && rm /data/gone && rm -rf /data/old && mkdir /data/old "
               "&& echo fresh > /data/old/b && mkdir /added")  # fmt: skip
-    assert pylayerfs(store, "diff", "differ").stdout.splitlines() == [
+    assert pylayerfs(store, "diff", "differ").stdout.splitlines() == [  # Docker's walk: deletions last in a directory
         "A /added",
         "C /data",
-        "D /data/gone",
         "C /data/kept",
         "A /data/new",
         "C /data/old",
-        "D /data/old/a",
         "A /data/old/b",
+        "D /data/old/a",
+        "D /data/gone",
     ]
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from typing import Any
 
+from pylayerfs.cli import formats
 from pylayerfs.container.records import Container, ContainerStatus
 from pylayerfs.container.runtime import Runtime, container_size
 from pylayerfs.dockercli import ellipsis, render
@@ -48,43 +49,64 @@ def status(container: Container, now: datetime.datetime) -> str:
     return "Created"
 
 
+def command_text(container: Container) -> str:
+    """``docker ps``' COMMAND: the daemon's ``Path args`` (an argument with a space in single quotes), cut to 20
+    runes and quoted as Go's ``strconv.Quote``."""
+    args = [f"'{a}'" if " " in a else a for a in container.args]
+    return json.dumps(ellipsis(" ".join([container.path, *args]), COMMAND_WIDTH), ensure_ascii=False)
+
+
 def _size_text(size: int, virtual: int) -> str:
     return f"{human_size(size)} (virtual {human_size(virtual)})" if virtual > 0 else human_size(size)
 
 
+PS_HEADERS = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND", "CreatedAt": "CREATED AT",
+              "RunningFor": "CREATED", "Ports": "PORTS", "State": "STATE", "Status": "STATUS", "Size": "SIZE",
+              "Names": "NAMES", "Labels": "LABELS", "Mounts": "MOUNTS", "LocalVolumes": "LOCAL VOLUMES",
+              "Networks": "NETWORKS"}  # fmt: skip
+
+
 def ps(runtime: Runtime, show_all: bool = False, sizes: bool = False, quiet: bool = False,
-       as_json: bool = False) -> str:  # fmt: skip
+       fmt: str = "table") -> str:  # fmt: skip
+    """``docker ps [-a] [-s] [-q] [--format F]`` (docker/cli's ``ContainerContext``), newest first.
+
+    Sizes are measured with ``-s``, or when a template uses them (``.Size``, ``{{json .}}``), as docker/cli
+    asks for them (``--format json`` is ``{{json .}}`` without them: ``0B`` unless ``-s``); ``Networks`` is
+    ``none``: pylayerfs's containers have no network.
+    """
+    from pylayerfs.cli.images import go_time
+
     now = datetime.datetime.now(datetime.UTC)
     containers = [runtime.reconcile(c) for c in runtime.containers.all()]
     containers = [c for c in containers if show_all or c.state.running]
     if quiet:
         return "\n".join(c.short_id for c in containers)
+    measure = sizes or any(f in fmt for f in (".Size", "json ."))  # not for the plain "json": add -s
     rows = []
     for c in containers:
-        row = {
-            "ID": c.short_id,
-            "Image": c.image_name,
-            "Command": json.dumps(ellipsis(" ".join(c.command), COMMAND_WIDTH), ensure_ascii=False),
-            "CreatedSince": f"{_ago(c.created, now)} ago",
+        rows.append({
+            "Command": command_text(c), "CreatedAt": go_time(parse_time(c.created)), "ID": c.short_id,
+            "Image": c.image_name, "Labels": "", "LocalVolumes": "0", "Mounts": "", "Names": c.name,
+            "Networks": "none", "Ports": "", "RunningFor": f"{_ago(c.created, now)} ago",
+            "Size": _size_text(*container_size(runtime, c)) if measure else "0B", "State": c.state.status.value,
             "Status": status(c, now),
-            "Ports": "",
-            "Names": c.name,
-        }
-        if sizes:
-            row["Size"] = _size_text(*container_size(runtime, c))
-        rows.append(row)
-    if as_json:
-        return "\n".join(json.dumps(r) for r in rows)
-    header = ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"] + (["SIZE"] if sizes else [])
-    return render(header, [list(r.values()) for r in rows])
+        })  # fmt: skip
+    default = ["ID", "Image", "Command", "RunningFor", "Status", "Ports", "Names"] + (["Size"] if sizes else [])
+    return formats.write(fmt, PS_HEADERS, rows, default)
 
 
 def commit(runtime: Runtime, container: Container, ref: str | None, message: str = "", author: str = "",
            changes: list[str] | None = None) -> Image:  # fmt: skip
-    """The container's read-write layer becomes a new image layer (as Docker: tar it, apply the tar)."""
+    """The container's read-write layer becomes a new image layer (as Docker: tar it, apply the tar).
+
+    The config is the container's (moby's ``daemon/commit.go``: ``Config`` is the container's config with the
+    ``changes`` applied, ``ContainerConfig`` the container's as it is; its Cmd the container's command, its Image
+    the name the container was created with).
+    """
     store = runtime.store
     image = store.images.get(container.image_id)
-    stage = Stage(None, image, image.run_config, image.history, image.diff_ids)
+    config = container_config(container)
+    stage = Stage(None, image, dict(config), image.history, image.diff_ids)
     for change in changes or []:
         try:
             ins = parse(f"FROM scratch\n{change}", "--change").instructions[1]
@@ -114,18 +136,29 @@ def commit(runtime: Runtime, container: Container, ref: str | None, message: str
             entry[key] = value
     if layer is None:
         entry["empty_layer"] = True
-    run = {**stage.run, "Image": image.id}
-    config = cfg.image_config(run, container.config, container.id, created, [*image.history, entry],
-                              [*image.diff_ids, *([layer.diff_id] if layer else [])])  # fmt: skip
+    new_config = cfg.image_config(stage.run, config, container.id, created, [*image.history, entry],
+                                  [*image.diff_ids, *([layer.diff_id] if layer else [])])  # fmt: skip
     if author:
-        config["author"] = author
+        new_config["author"] = author
     if message:
-        config["comment"] = message
+        new_config["comment"] = message
     with store.locked():
-        new = store.images.put(config, image.id)
+        new = store.images.put(new_config, image.id)
         if ref:
             store.refs.tag(ref, new.id)
+            store.images.touch(new.id, datetime.datetime.now(datetime.UTC))
     return new
+
+
+def container_config(container: Container) -> dict[str, Any]:
+    """The container's config as Docker keeps it: its hostname (the short ID), the image name it was created with,
+    the image's labels (``{}`` when none), and no network (``NetworkDisabled``: pylayerfs's containers have none,
+    as Docker's on a daemon without a bridge)."""
+    config = {**container.config, "Hostname": container.config.get("Hostname") or container.short_id,
+              "Image": container.image_name}  # fmt: skip
+    config["Labels"] = config.get("Labels") or {}
+    config["NetworkDisabled"] = True
+    return config
 
 
 def _count(n: int, noun: str) -> str:
@@ -165,7 +198,7 @@ def storage_drivers(runtime: Runtime, containers: list[Container]) -> str:
         ["vfs/dir", StorageDriver.VFS.value, str(sum(la.cache_id in vfs_dirs for la in layers)), str(len(in_vfs)), vfs,
          "every layer a full copy of the files below it; a container two (init, read-write)"],
     ]  # fmt: skip
-    return "Storage drivers on disk:\n" + render(
+    return "Storage drivers on disk (pylayerfs's own table, not in Docker's output):\n" + render(
         ["DIRECTORY", "DRIVERS", "LAYERS", "CONTAINERS", "SIZE", "WHAT IS STORED"], rows
     )
 
@@ -174,14 +207,27 @@ def _dirs(path: str) -> list[str]:
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
+def _reclaimable(part: int, whole: int) -> str:
+    """docker/cli's RECLAIMABLE cell: ``SIZE (PERCENT%)``, the percentage truncated; the size alone for a 0 total."""
+    return f"{human_size(part, 4)} ({100 * part // whole}%)" if whole else human_size(part, 4)
+
+
 def system_df(runtime: Runtime, verbose: bool = False) -> str:
-    """``docker system df``, then what each storage driver's directories take on disk."""
+    """``docker system df [-v]`` (moby's ``daemon/disk_usage.go``, docker/cli's ``formatter/disk_usage.go``), then
+    pylayerfs's own table: what each storage driver's directories take on disk.
+
+    Images are the top-level ones (tagged, or untagged without children), newest first; an image is active when a
+    container (a failed build's too) was created from it; its unique size is what its layers alone hold.
+    RECLAIMABLE is Docker's: all the images' layers, less the unique size of the active images; for containers,
+    the read-write layers of those not running.
+    """
     store = runtime.store
     now = datetime.datetime.now(datetime.UTC)
     containers = [runtime.reconcile(c) for c in runtime.containers.all()]
     tags = store.refs.all()
     images = [store.images.get(i) for i in store.images.ids()
               if any(t == i for t in tags.values()) or not store.images.children(i)]  # fmt: skip
+    images.sort(key=lambda image: image.created, reverse=True)
     layers_of = {image.id: store.layers_of(image) for image in images}
     refs: dict[str, int] = {}
     for layers in layers_of.values():
@@ -191,40 +237,34 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
     users = {image.id: sum(c.image_id == image.id for c in containers) for image in images}
     rw = {c.id: container_size(runtime, c)[0] for c in containers}
     image_rows = []
-    reclaimable_images = 0
+    in_use = 0
     for image in images:
         size = sum(layer.size for layer in layers_of[image.id])
         shared = sum(layer.size for layer in layers_of[image.id] if refs[layer.chain_id] > 1)
-        if not users[image.id]:
-            reclaimable_images += size - shared
-        names = [ref for ref, target in tags.items() if target == image.id] or ["<none>:<none>"]
-        for name in names:
-            repo, _, tag = name.rpartition(":")
-            age = human_duration((now - image.created).total_seconds())
-            image_rows.append([repo, tag, image.short_id, f"{age} ago",
-                               human_size(size, 4), human_size(shared, 4), human_size(size - shared, 4),
-                               str(users[image.id])])  # fmt: skip
+        if users[image.id]:
+            in_use += size - shared
+        name = min((ref for ref, target in tags.items() if target == image.id), default="<none>:<none>")
+        repo, _, tag = name.rpartition(":")  # docker/cli shows the first tag only
+        age = human_duration((now - image.created).total_seconds())
+        image_rows.append([repo, tag, image.short_id, f"{age} ago",
+                           human_size(size, 4), human_size(shared, 4), human_size(size - shared, 4),
+                           str(users[image.id])])  # fmt: skip
     images_size = sum(distinct.values())
     containers_size = sum(rw.values())
     stopped = sum(rw[c.id] for c in containers if not c.state.running)
-
-    def reclaim(part: int, whole: int) -> str:
-        return f"{human_size(part, 4)} ({int(100 * part / whole) if whole else 0}%)"
-
     summary = render(["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"], [
         ["Images", str(len(images)), str(sum(1 for i in images if users[i.id])), human_size(images_size, 4),
-         reclaim(reclaimable_images, images_size)],
+         _reclaimable(images_size - in_use, images_size)],
         ["Containers", str(len(containers)), str(sum(c.state.running for c in containers)),
-         human_size(containers_size, 4), reclaim(stopped, containers_size)],
+         human_size(containers_size, 4), _reclaimable(stopped, containers_size)],
         ["Local Volumes", "0", "0", "0B", "0B"],
         ["Build Cache", "0", "0", "0B", "0B"],
     ])  # fmt: skip
-    sharing = ["", storage_drivers(runtime, containers)]
+    own = ["", storage_drivers(runtime, containers)]
     if not verbose:
-        return "\n".join([summary, *sharing])
-    container_rows = [[c.short_id, c.image_name, json.dumps(ellipsis(" ".join(c.command), COMMAND_WIDTH)), "0",
-                       human_size(rw[c.id], 4), f"{_ago(c.created, now)} ago", status(c, now), c.name]
-                      for c in containers]  # fmt: skip
+        return "\n".join([summary, *own])
+    container_rows = [[c.short_id, c.image_name, command_text(c), "0", human_size(rw[c.id], 4),
+                       f"{_ago(c.created, now)} ago", status(c, now), c.name] for c in containers]  # fmt: skip
     return "\n".join([
         "Images space usage:", "",
         render(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE", "SHARED SIZE", "UNIQUE SIZE", "CONTAINERS"],
@@ -233,8 +273,31 @@ def system_df(runtime: Runtime, verbose: bool = False) -> str:
         render(["CONTAINER ID", "IMAGE", "COMMAND", "LOCAL VOLUMES", "SIZE", "CREATED", "STATUS", "NAMES"],
                container_rows),
         "", "Local Volumes space usage:", "", render(["VOLUME NAME", "LINKS", "SIZE"], []),
-        "", "Build cache usage: 0B", *sharing,
+        "", "Build cache usage: 0B", "",
+        render(["CACHE ID", "CACHE TYPE", "SIZE", "CREATED", "LAST USED", "USAGE", "SHARED"], []), *own,
     ])  # fmt: skip
+
+
+def _remove(runtime: Runtime, container: Container, force: bool) -> None:
+    """``rm``: the container, then the layers only it still held (its image deleted by ``rmi -f``), as Docker's
+    layer store frees them."""
+    from pylayerfs.cli.images import free_layers
+
+    try:
+        with open(os.path.join(runtime.store.layout.mounts, container.id, "parent")) as f:
+            top: str | None = f.read()
+    except FileNotFoundError:
+        top = None
+    runtime.remove(container, force)
+    with runtime.store.locked():
+        free_layers(runtime.store, top)
+
+
+def _attached(runtime: Runtime, container: Container) -> None:
+    """Record that the container's output goes to the client (docker/cli: every create and run but ``run -d``)."""
+    container.config.update(AttachStdout=True, AttachStderr=True)
+    with runtime.store.locked():
+        runtime.containers.save(container)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -249,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
         if args.command in ("create", "run"):
             container = runtime.create(args.image, args.command_args, args.name, args.env, args.workdir,
                                        args.user)  # fmt: skip
+            if args.command == "create" or not args.detach:
+                _attached(runtime, container)
             if args.command == "create" or args.detach:
                 if args.command == "run":
                     runtime.start_detached(container)
@@ -258,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
                 return runtime.run_attached(container)
             finally:
                 if args.rm:
-                    runtime.remove(runtime.containers.load(container.id), force=True)
+                    _remove(runtime, runtime.containers.load(container.id), force=True)
         if args.command in ("start", "stop", "rm"):
             for ref in args.containers:
                 container = find(ref)
@@ -267,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
                 elif args.command == "stop":
                     runtime.stop(container, args.time)
                 else:
-                    runtime.remove(container, args.force)
+                    _remove(runtime, container, args.force)
                 print(ref)
             return 0
         if args.command == "exec":
@@ -275,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
                 raise StoreError("exec needs a command")
             return runtime.exec(find(args.container), args.command_args, args.env, args.user, args.workdir)
         if args.command == "ps":
-            text = ps(runtime, args.all, args.size, args.quiet, args.format == "json")
+            text = ps(runtime, args.all, args.size, args.quiet, args.format)
         elif args.command == "logs":
             sys.stdout.buffer.write(runtime.logs(find(args.container)))
             return 0

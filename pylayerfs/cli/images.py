@@ -17,7 +17,8 @@ import subprocess
 import sys
 from typing import Any
 
-from pylayerfs.dockercli import ellipsis, render
+from pylayerfs.cli import formats
+from pylayerfs.dockercli import ellipsis
 from pylayerfs.image import archive
 from pylayerfs.image.builder import imageconfig as cfg
 from pylayerfs.image.history import history_rows
@@ -36,26 +37,57 @@ def _since(when: datetime.datetime, now: datetime.datetime | None = None) -> str
     return human_duration(((now or datetime.datetime.now(datetime.UTC)) - when).total_seconds()) + " ago"
 
 
-def history(
-    store: Store, ref: str, no_trunc: bool = False, as_json: bool = False, now: datetime.datetime | None = None
-) -> str:
-    rows = history_rows(store, store.resolve(ref))
-    if as_json:
-        return "\n".join(
-            json.dumps({"Comment": r.comment, "CreatedAt": r.created.isoformat(), "CreatedBy": r.created_by,
-                        "CreatedSince": _since(r.created), "ID": r.id, "Size": human_size(r.size)})
-            for r in rows
-        )  # fmt: skip
-    table = []
-    for r in rows:
-        ident = r.id if no_trunc or r.id == "<missing>" else hex_of(r.id)[:12]
+HISTORY_HEADERS = {"ID": "IMAGE", "CreatedSince": "CREATED", "CreatedAt": "CREATED AT", "CreatedBy": "CREATED BY",
+                   "Size": "SIZE", "Comment": "COMMENT"}  # fmt: skip
+
+
+def _local(when: datetime.datetime) -> datetime.datetime:
+    """Go's ``time.Unix(s, 0)``: whole seconds, in the local time zone."""
+    return datetime.datetime.fromtimestamp(int(when.timestamp())).astimezone()
+
+
+def rfc3339(when: datetime.datetime) -> str:
+    """Go's ``time.Unix(s, 0).Format(time.RFC3339)``: ``2026-12-06T22:20:08Z`` (``Z`` for UTC)."""
+    text = _local(when).isoformat()
+    return text.removesuffix("+00:00") + "Z" if text.endswith("+00:00") else text
+
+
+def history(store: Store, ref: str, no_trunc: bool = False, fmt: str = "table", human: bool = True,
+            quiet: bool = False, now: datetime.datetime | None = None) -> str:  # fmt: skip
+    """``docker history [--no-trunc] [-H=false] [-q] [--format F] IMAGE`` (docker/cli's ``historyContext``)."""
+    rows = []
+    for r in history_rows(store, store.resolve(ref)):
         created_by = r.created_by if no_trunc else ellipsis(r.created_by.replace("\t", " "), CREATED_BY_WIDTH)
-        table.append([ident, _since(r.created, now), created_by, human_size(r.size), r.comment])
-    return render(["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"], table)
+        rows.append({
+            "ID": r.id if no_trunc or r.id == "<missing>" else hex_of(r.id)[:12],
+            "CreatedSince": _since(r.created, now) if human else rfc3339(r.created),
+            "CreatedAt": rfc3339(r.created),
+            "CreatedBy": created_by,
+            "Size": human_size(r.size) if human else str(r.size),
+            "Comment": r.comment,
+        })  # fmt: skip
+    if quiet:
+        fmt = "{{.ID}}"
+    return formats.write(fmt, HISTORY_HEADERS, rows, ["ID", "CreatedSince", "CreatedBy", "Size", "Comment"])
 
 
-def images(store: Store, show_all: bool = False) -> str:
-    """``docker images``: one row per tag; untagged leaves as ``<none>``; intermediates with ``-a``."""
+# docker/cli titles VirtualSize "SIZE" too
+IMAGES_HEADERS = {"Repository": "REPOSITORY", "Tag": "TAG", "ID": "IMAGE ID", "Digest": "DIGEST",
+                  "CreatedSince": "CREATED", "CreatedAt": "CREATED AT", "Size": "SIZE", "Containers": "CONTAINERS",
+                  "SharedSize": "SHARED SIZE", "UniqueSize": "UNIQUE SIZE", "VirtualSize": "SIZE"}  # fmt: skip
+
+
+def go_time(when: datetime.datetime) -> str:
+    """Go's ``time.Unix(s, 0).String()`` in local time: ``2026-12-06 22:20:08 +0000 UTC``."""
+    return _local(when).strftime("%Y-%m-%d %H:%M:%S %z %Z")
+
+
+def images(store: Store, show_all: bool = False, fmt: str = "table") -> str:
+    """``docker images [-a] [--format F]``: one row per tag; untagged leaves as ``<none>``; intermediates with ``-a``.
+
+    Newest first; the fields of docker/cli's ``imageContext`` (``Containers``, shared and unique sizes ``N/A``, as
+    ``docker images`` leaves them).
+    """
     rows = []
     tags = store.refs.all()
     for image_id in store.images.ids():
@@ -63,13 +95,16 @@ def images(store: Store, show_all: bool = False) -> str:
         names = [ref for ref, target in tags.items() if target == image_id]
         if not names and store.images.children(image_id) and not show_all:
             continue
+        size = store.size(image)
         for ref in names or [f"{NONE}:{NONE}"]:
             name, _, tag = ref.rpartition(":")
-            rows.append(
-                (image.created, [name, tag, image.short_id, _since(image.created), human_size(store.size(image))])
-            )
+            rows.append((image.created, {
+                "Containers": "N/A", "CreatedAt": go_time(image.created), "CreatedSince": _since(image.created),
+                "Digest": NONE, "ID": image.short_id, "Repository": name, "SharedSize": "N/A",
+                "Size": human_size(size), "Tag": tag, "UniqueSize": "N/A", "VirtualSize": human_size(size, 4),
+            }))  # fmt: skip
     rows.sort(key=lambda r: r[0], reverse=True)
-    return render(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"], [r[1] for r in rows])
+    return formats.write(fmt, IMAGES_HEADERS, [r[1] for r in rows], ["Repository", "Tag", "ID", "CreatedSince", "Size"])
 
 
 def tag(store: Store, source: str, target: str) -> None:
@@ -94,43 +129,121 @@ def layers_in_use(store: Store, ignore: set[str] = frozenset()) -> set[str]:  # 
     return used
 
 
-def rmi(store: Store, refs: list[str], force: bool = False) -> list[str]:
-    """Untag, and delete images nothing else needs (their untagged, childless parents too)."""
+class NotFound(StoreError):
+    """``rmi`` of a name or ID that names no image (``docker rmi`` treats it apart: not fatal with ``-f``)."""
+
+
+Users = list[tuple[str, str, bool]]  # (image ID, container short ID, running) of every container
+
+
+def containers_by_image(store: Store) -> Users:
+    """Every container's image ID, short ID and whether it runs (reconciled: a dead monitor is Exited)."""
+    from pylayerfs.container.runtime import Runtime
+
+    runtime = Runtime(store)
+    return [(c.image_id, c.short_id, runtime.reconcile(c).state.running) for c in runtime.containers.all()]
+
+
+def _users(users: Users, image_id: str) -> tuple[str | None, str | None]:
+    """The short IDs of a running and of a stopped container of ``image_id`` (None where there is none)."""
+    running = next((c for i, c, up in users if i == image_id and up), None)
+    stopped = next((c for i, c, up in users if i == image_id and not up), None)
+    return running, stopped
+
+
+def _conflict(store: Store, users: Users, image: Image, hard_only: bool, references: bool) -> str | None:
+    """moby's ``checkImageDeleteConflict``: why ``image`` cannot be deleted (Docker's message), or None.
+
+    Children and a running container always conflict ("cannot be forced"); without ``hard_only`` also other
+    tags (with ``references``) and a stopped container ("must be forced").
+    """
+    running, stopped = _users(users, image.id)
+    why = None
+    if store.images.children(image.id):
+        why = "(cannot be forced) - image has dependent child images"
+    elif running:
+        why = f"(cannot be forced) - image is being used by running container {running}"
+    elif not hard_only and references and store.refs.tags_of(image.id):
+        why = "(must be forced) - image is referenced in multiple repositories"
+    elif not hard_only and stopped:
+        why = f"(must be forced) - image is being used by stopped container {stopped}"
+    return f"conflict: unable to delete {image.short_id} {why}" if why else None
+
+
+def rmi_one(store: Store, users: Users, ref: str, force: bool = False) -> list[str]:
+    """One image of ``docker rmi`` (moby's ``daemon/images/image_delete.go`` ``ImageDelete``, with the store locked).
+
+    By name: untag it, and when it was the image's last tag delete the image unless something still needs it
+    (children, a container: then only the tag goes, as Docker's). By ID: untag and delete, or refuse. Returns the
+    ``Untagged:``/``Deleted:`` lines (deleted images, then the ChainIDs of the layers they freed; untagged, childless
+    parents after). Raises :class:`NotFound`, or :class:`StoreError` with Docker's conflict message, before
+    changing anything.
+    """
+    try:
+        image = store.resolve(ref)
+    except StoreError as exc:
+        if str(exc).startswith("no such image"):
+            raise NotFound(f"No such image: {ref}") from exc
+        raise
+    tags = store.refs.tags_of(image.id)
+    if not hex_of(image.id).startswith(ref.removeprefix("sha256:")):  # a name
+        running, stopped = _users(users, image.id)
+        if not force and len(tags) == 1 and (running or stopped):
+            raise StoreError(f'conflict: unable to remove repository reference "{ref}" (must force) - container '
+                             f"{running or stopped} is using its referenced image {image.short_id}")  # fmt: skip
+        out = [f"Untagged: {store.refs.untag(ref)}"]
+        if len(tags) > 1 or _conflict(store, users, image, force, references=False):
+            return out  # still tagged, or needed: the untag was all (moby: a quiet conflict)
+        return out + _delete(store, users, image)
+    conflict = _conflict(store, users, image, force, references=len(tags) > 1)  # one tag goes with the ID
+    if conflict:
+        raise StoreError(conflict)
+    return [f"Untagged: {store.refs.untag(t)}" for t in store.refs.tags_of(image.id)] + _delete(store, users, image)
+
+
+def rmi(store: Store, refs: list[str], force: bool = False) -> tuple[list[str], list[StoreError]]:
+    """``docker rmi``: each reference on its own (:func:`rmi_one`); the lines of those that worked, and the errors."""
     out: list[str] = []
+    errors: list[StoreError] = []
+    users = containers_by_image(store)
     with store.locked():
         for ref in refs:
-            image = store.resolve(ref)
-            tags = store.refs.tags_of(image.id)
-            by_name = not hex_of(image.id).startswith(ref.removeprefix("sha256:"))
-            if by_name:
-                out.append(f"Untagged: {store.refs.untag(ref)}")
-                if len(tags) > 1:
-                    continue
-            elif len(tags) > 1 and not force:
-                raise StoreError(f"conflict: unable to delete {image.short_id} (must be forced) - image is "
-                                 "referenced in multiple repositories")  # fmt: skip
-            else:
-                out.extend(f"Untagged: {store.refs.untag(t)}" for t in tags)
-            out.extend(_delete(store, image))
-    return out
+            try:
+                out.extend(rmi_one(store, users, ref, force))
+            except StoreError as exc:
+                errors.append(exc)
+    return out, errors
 
 
-def _delete(store: Store, image: Image) -> list[str]:
-    if store.images.children(image.id):
-        raise StoreError(f"conflict: unable to delete {image.short_id} (cannot be forced) - image has dependent "
-                         "child images")  # fmt: skip
+def _delete(store: Store, users: Users, image: Image) -> list[str]:
+    """Delete ``image`` (no tag, no child), the layers it alone used, then its parents that are left dangling and
+    unused (moby's prune of parents: quiet, never forced)."""
     out = []
     current: Image | None = image
-    while current is not None and not store.refs.tags_of(current.id) and not store.images.children(current.id):
+    while current is not None:
         parent = store.images.parent(current.id)
+        layers = store.layers_of(current)
         store.images.delete(current.id)
         out.append(f"Deleted: {current.id}")
+        out.extend(f"Deleted: {chain}" for chain in free_layers(store, layers[0].chain_id if layers else None))
         current = store.images.get(parent) if parent else None
-    used = layers_in_use(store)
-    for layer in store.layers_of(image):
-        if layer.chain_id not in used:
-            store.layers.remove(layer)
+        if current is not None and (store.refs.tags_of(current.id) or store.images.children(current.id)
+                                    or any(_users(users, current.id))):  # fmt: skip
+            break
     return out
+
+
+def free_layers(store: Store, top: str | None) -> list[str]:
+    """Remove the layers of the stack under ``top`` (a ChainID) that no image or container uses any more, top
+    down, as moby's layer store releases them (with the store locked); their ChainIDs."""
+    used = layers_in_use(store)
+    freed = []
+    for layer in store.layers.stack(top):
+        if layer.chain_id in used:
+            break
+        store.layers.remove(layer)
+        freed.append(layer.chain_id)
+    return freed
 
 
 def inspect(store: Store, refs: list[str]) -> str:
@@ -161,10 +274,15 @@ def inspect(store: Store, refs: list[str]) -> str:
             "Architecture": config.get("architecture"),
             "Os": config.get("os"),
             "Size": store.size(image),
-            "GraphDriver": {"Data": graph or None, "Name": "overlay2"},
+            "VirtualSize": store.size(image),
+            "GraphDriver": {"Data": {k: graph[k] for k in sorted(graph)} or None, "Name": "overlay2"},
             "RootFS": {"Type": "layers", "Layers": image.diff_ids},
+            "Metadata": {"LastTagTime": store.images.last_tagged(image.id)},
         })  # fmt: skip
-    return json.dumps(out, indent=4)
+    text = json.dumps(out, indent=4, ensure_ascii=False)  # Go's MarshalIndent: HTML-safe escapes
+    for char, escaped in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e")):
+        text = text.replace(char, escaped)
+    return text
 
 
 def _commit_base(store: Store, cache_id: str, ref: str, history: list[dict[str, Any]], run: dict[str, Any]) -> Image:
@@ -273,6 +391,12 @@ def make_base(store: Store, ref: str, busybox: str = "/bin/busybox") -> Image:
             raise
 
 
+def _print(text: str) -> None:
+    """Lines as docker/cli writes them: none at all for a template over no rows."""
+    if text:
+        print(text)
+
+
 def run(args: argparse.Namespace) -> int:
     """The command line's handler (cli/main.py parses the arguments)."""
     from pylayerfs.image import archive
@@ -295,13 +419,18 @@ def run(args: argparse.Namespace) -> int:
 
             print(diagram.text(f"image {args.image}", diagram.image_boxes(store, args.image)))
         elif args.command == "history":
-            print(history(store, args.image, args.no_trunc, args.format == "json"))
+            _print(history(store, args.image, args.no_trunc, args.format, args.human, args.quiet))
         elif args.command == "images":
-            print(images(store, args.all))
+            _print(images(store, args.all, args.format))
         elif args.command == "tag":
             tag(store, args.source, args.target)
         elif args.command == "rmi":
-            print("\n".join(rmi(store, args.images, args.force)))
+            lines, errors = rmi(store, args.images, args.force)
+            if lines:
+                print("\n".join(lines))
+            if errors:  # docker/cli: all errors at the end; with -f, only "no such image" is not fatal
+                print("\n".join(f"pylayerfs rmi: {e}" for e in errors), file=sys.stderr)
+                return 1 if not args.force or not all(isinstance(e, NotFound) for e in errors) else 0
         elif args.command == "inspect":
             print(inspect(store, args.images))
         elif args.command == "import":

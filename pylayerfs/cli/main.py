@@ -164,7 +164,7 @@ def _container_parsers(sub: Any) -> None:
     ps.add_argument("-a", "--all", action="store_true", help="also stopped containers")
     ps.add_argument("-s", "--size", action="store_true", help="the size and the virtual size")
     ps.add_argument("-q", "--quiet", action="store_true", help="only IDs")
-    ps.add_argument("--format", choices=("table", "json"), default="table")
+    ps.add_argument("--format", default="table", help="table, json (as {{json .}}), or a Go template")
     logs = sub.add_parser("logs", help="a container's output")
     logs.add_argument("container")
     diff = sub.add_parser("diff", help="what a container added (A), changed (C) and deleted (D)")
@@ -195,11 +195,22 @@ def _image_parsers(sub: Any) -> None:
     history = sub.add_parser("history", help="an image's history entries, newest first, as docker history")
     history.add_argument("image")
     history.add_argument("--no-trunc", action="store_true")
-    history.add_argument("--format", choices=("table", "json", "tree"), default="table",
-                         help="tree: the stack drawn as boxes, as pylayerfs diagram")  # fmt: skip
+    history.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
+    history.add_argument(
+        "-H",
+        "--human",
+        type=lambda v: v.lstrip("=").lower() in ("1", "t", "true"),
+        default=True,
+        metavar="true|false",
+        help="sizes and times in human readable form (true)",
+    )
+    history.add_argument("--format", default="table",
+                         help="table, json (as {{json .}}), a Go template ([table] {{.Field}}, {{json .}}), or "
+                         "tree: the stack drawn as boxes, as pylayerfs diagram")  # fmt: skip
 
     images = sub.add_parser("images", help="list images, as docker images")
     images.add_argument("-a", "--all", action="store_true", help="also the intermediate images of builds")
+    images.add_argument("--format", default="table", help="table, json (as {{json .}}), or a Go template")
 
     tag = sub.add_parser("tag", help="give an image a name:tag")
     tag.add_argument("source")

@@ -8,9 +8,14 @@ Derived from the upper directory, as a copy-on-write filesystem has it:
   (changed: copied up, or replaced);
 * an opaque directory is ``C`` and every name below it that it hides and did not
   re-create is ``D``;
-* every directory above a change is ``C``, the root never listed.
+* every directory above a change is ``C``, the root never listed;
+* an entry the copy-up brought up unchanged is not listed: as moby's naive diff (the one the overlay2 driver uses
+  on this kernel), a name below is ``C`` only when its type and mode, owner, device number, or (not for a
+  directory) mtime or size differ (``pkg/archive/changes.go`` ``addChanges``).
 
-Lines are sorted by path (Docker's order among siblings is its map's: unspecified).
+The order is Docker's walk: a directory, then what changed inside it, each entry followed by its own subtree and
+the deletions last. Docker walks a Go map, so its order among siblings changes from call to call; pylayerfs sorts
+them by name, one of the orders Docker prints.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import os
 import stat
 from enum import StrEnum
+from typing import Any
 
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.markers import is_opaque_dir, is_whiteout
@@ -34,37 +40,52 @@ class ChangeKind(StrEnum):
 def changes(upper: str, lowers: list[str]) -> list[str]:
     """``A /path``, ``C /path``, ``D /path`` lines for the upper directory over ``lowers`` (top first)."""
     below = Overlay(lowers, metacopy=True)  # only read: metacopy files in the image are followed
-    found: dict[str, ChangeKind] = {}
+    found: list[tuple[str, ChangeKind]] = []
     try:
-        for dirpath, dirnames, filenames in os.walk(upper):
-            rel_dir = os.path.relpath(dirpath, upper)
-            rel_dir = "" if rel_dir == "." else rel_dir
-            for name in sorted(dirnames + filenames):
-                rel = f"{rel_dir}/{name}" if rel_dir else name
-                st = os.lstat(os.path.join(upper, rel))
-                if is_whiteout(st):
-                    if _exists(below, rel):
-                        found[rel] = ChangeKind.DELETE
-                    continue
-                found[rel] = ChangeKind.MODIFY if _exists(below, rel) else ChangeKind.ADD
-                modified = found[rel] is ChangeKind.MODIFY
-                if stat.S_ISDIR(st.st_mode) and is_opaque_dir(os.path.join(upper, rel)) and modified:
-                    present = set(os.listdir(os.path.join(upper, rel)))
-                    for hidden in below.readdir(rel):
-                        if hidden[0] not in (".", "..") and hidden[0] not in present:
-                            found[f"{rel}/{hidden[0]}"] = ChangeKind.DELETE
+        _walk(below, upper, "", False, found)
     finally:
         below.close()
-    for rel in list(found):  # the directories above a change are changed
-        parts = rel.split("/")
-        for i in range(1, len(parts)):
-            found.setdefault("/".join(parts[:i]), ChangeKind.MODIFY)
-    return [f"{kind.value} /{rel}" for rel, kind in sorted(found.items())]
+    return [f"{kind.value} /{rel}" for rel, kind in found]
 
 
-def _exists(overlay: Overlay, rel: str) -> bool:
+def _walk(below: Overlay, upper: str, directory: str, opaque: bool, found: list[tuple[str, ChangeKind]]) -> None:
+    """Append the changes inside ``directory`` (relative; ``""`` the root) to ``found``, in Docker's order."""
+    names = sorted(os.listdir(os.path.join(upper, directory)))
+    deleted = []
+    if opaque:  # what the directory hides and did not re-create
+        deleted = [n for n, _, _ in below.readdir(directory) if n not in (".", "..") and n not in names]
+    for name in names:
+        rel = f"{directory}/{name}" if directory else name
+        st = os.lstat(os.path.join(upper, rel))
+        old = _stat(below, rel)
+        if is_whiteout(st):
+            if old is not None:
+                deleted.append(name)
+            continue
+        mark = len(found)
+        if old is None:
+            found.append((rel, ChangeKind.ADD))
+        elif _differs(old, st):
+            found.append((rel, ChangeKind.MODIFY))
+        if stat.S_ISDIR(st.st_mode):
+            hides = old is not None and stat.S_ISDIR(old["st_mode"]) and is_opaque_dir(os.path.join(upper, rel))
+            _walk(below, upper, rel, hides, found)
+            if len(found) > mark and found[mark][0] != rel:  # changed inside: the directory is changed too
+                found.insert(mark, (rel, ChangeKind.MODIFY))
+    found.extend((f"{directory}/{n}" if directory else n, ChangeKind.DELETE) for n in sorted(deleted))
+
+
+def _differs(old: dict[str, Any], new: os.stat_result) -> bool:
+    """moby's test for a modified entry: type and mode, owner, rdev; for a non-directory also mtime (ns), size."""
+    if (old["st_mode"], old["st_uid"], old["st_gid"], old["st_rdev"]) != (new.st_mode, new.st_uid, new.st_gid,
+                                                                         new.st_rdev):  # fmt: skip
+        return True
+    return not stat.S_ISDIR(new.st_mode) and (old["st_mtime"], old["st_size"]) != (new.st_mtime_ns, new.st_size)
+
+
+def _stat(overlay: Overlay, rel: str) -> dict[str, Any] | None:
+    """The merged view's ``st_*`` fields of ``rel`` below the container, None when it has no such name."""
     try:
-        overlay.getattr(rel)
+        return overlay.getattr(rel)
     except OSError:
-        return False
-    return True
+        return None

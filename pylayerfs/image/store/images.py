@@ -166,6 +166,11 @@ class ImageStore:
         os.makedirs(meta, 0o700, exist_ok=True)
         write_value(os.path.join(meta, "lastUpdated"), format_time(when))
 
+    def last_tagged(self, image_id: str) -> str:
+        """The image's ``lastUpdated`` (when it was last tagged), or Go's zero time ``0001-01-01T00:00:00Z``."""
+        path = self.layout.image_metadata(image_id, "lastUpdated")
+        return read_value(path) if os.path.exists(path) else "0001-01-01T00:00:00Z"
+
     def delete(self, image_id: str) -> None:
         """Remove the image's config and metadata; what is already gone is skipped. Layers and tags are the caller's."""
         shutil.rmtree(self.layout.image_metadata(image_id), ignore_errors=True)
