@@ -41,13 +41,14 @@ ISSUE = {
 
 # Exceptions, directories walked into for an exception, patterns at depth, the build files listed, globs.
 PATTERNS = {
-    ".dockerignore": "# a comment\ndocs\n!docs/keep.md\n*.log\n!important.log\nbuild/**\n!build/out/app\n"
-    "**/tmp\nsecret*\n!secret.pub\n/lib/*/skip\nDockerfile\n.dockerignore\n",
+    ".dockerignore": "# a comment\ndocs\n!docs/keep.md\n!docs/sub/deeper/kept.md\n*.log\n!important.log\n"
+    "build/**\n!build/out/app\n**/tmp\nsecret*\n!secret.pub\n/lib/*/skip\nDockerfile\n.dockerignore\n",
     "Dockerfile": f"FROM {BASE}\nCOPY . /ctx/\nCOPY docs /docs/\nCOPY *.log /logs/\nCOPY lib/* /lib2/\n"
     "COPY secret* /s/\nCOPY build /build/\nADD lib /added/\n",
     "docs/a.md": "a",
     "docs/keep.md": "keep",
     "docs/sub/b.md": "b",
+    "docs/sub/deeper/kept.md": "kept",
     "x.log": "x",
     "important.log": "i",
     "sub/y.log": "y",
@@ -119,7 +120,21 @@ LIST = (
 )
 
 
-CONTEXTS = {"issue": ISSUE, "patterns": PATTERNS, "hashes": HASHES}
+# COPY sources with wildcards: Go's filepath.Match, never across "/" ("**" is "*"), in the filtered context.
+GLOBS = {
+    ".dockerignore": "b.key\n",
+    "Dockerfile": f"FROM {BASE}\nCOPY *.key /g0/\nCOPY **/*.key /g1/\nCOPY x/* /g2/\nCOPY */*/* /g3/\n"
+    "COPY ./x/*.key /g4/\nCOPY q?.txt [a-c].key /g5/\nCOPY x/y/../b.key /g6/\n",
+    "a.key": "a",
+    "b.key": "b",
+    "x/b.key": "xb",
+    "x/y/c.key": "xyc",
+    "q.txt": "q",
+    "qq.txt": "qq",
+    "d/e/f.txt": "f",
+}
+
+CONTEXTS = {"issue": ISSUE, "patterns": PATTERNS, "hashes": HASHES, "globs": GLOBS}
 
 
 class Sides:
@@ -177,8 +192,20 @@ def test_dockerignore_exceptions_nested_patterns_build_files_and_globs(sides: Si
     docker, ours = sides.listing("patterns", "/ctx", "/docs", "/logs", "/lib2", "/s", "/build", "/added")
     assert ours == docker
     names = {line.rsplit(" ", 1)[-1] for line in ours}
-    assert {"/ctx/docs/keep.md", "/ctx/important.log", "/ctx/build/out/app", "/s/secret.pub"} <= names
+    assert {
+        "/ctx/docs/keep.md",
+        "/docs/sub/deeper/kept.md",
+        "/ctx/important.log",
+        "/ctx/build/out/app",
+        "/s/secret.pub",
+    } <= names
     assert not names & {"/ctx/Dockerfile", "/ctx/.dockerignore", "/ctx/docs/a.md", "/ctx/x.log", "/s/secret.key"}
+
+
+def test_glob_sources_match_as_dockers(sides: Sides) -> None:
+    docker, ours = sides.listing("globs", *(f"/g{n}" for n in range(7)))
+    assert ours == docker
+    assert sides.hashes("globs")[1] == sides.hashes("globs")[0]
 
 
 def test_copy_source_hashes_in_history_are_dockers(sides: Sides) -> None:
@@ -199,3 +226,40 @@ def test_chown_gives_the_directories_the_copy_creates_to_the_owner(sides: Sides)
     owners = {line.rsplit(" ", 1)[-1]: line.split(" ", 1)[0] for line in ours if re.match(r"\d+:\d+ ", line)}
     assert owners["/test/a/b/c"] == owners["/newdir"] == owners["/other/x/y"] == "65534:65534"
     assert owners["/other"] == owners["/tmp"] == "0:0"
+
+
+# .dockerignore variants (Docker 20.10 gives each the listed meaning): what COPY . copies, compared with the tree
+# pylayerfs copies from (Context.tree).
+VARIANT_FILES = ["a.key", "x/b.key", "x/y/c.key", "foo/f", "a/b/foo/g", "a/b/foo/keep", "src/s", "other/o", "q.txt",
+                 "qq.txt", "r+s", "rs", "x/.hidden", "dir/sub/keep", "dir/sub/drop", "dir/z", "dir/t/keep", "#c", " sp",
+                 "a$b", "ab.key"]  # fmt: skip
+VARIANTS = [
+    "**/foo\n!a/b/foo/keep\n",  # an exception walks into the excluded a/b/foo
+    "**.key\n",  # "**" not before "/" still means "any directories": x/.key, not x.key
+    "*\n!src/s\n",  # everything but one file, its directory re-created
+    "x\n!x/y/*.key\n",  # the exception starts with x/: the walk goes in
+    "dir\n!dir/*/keep\n",  # ...but "dir/*/keep/" does not start with "dir/sub/": nothing below it is sent
+    "dir/**\n!dir/t\n",
+    "x/*\n!x/y\n",
+    "?.txt\n[a-c].key\nr+s\na$b\n",  # regular-expression characters other than "." and "$" are the pattern's own
+    "  #c\n/x/./y/\n./q.txt\n",  # only a line starting with "#" is a comment; patterns are cleaned
+    "Dockerfile\n.dockerignore\n*.key\n",  # sent, then deleted by the daemon
+]
+
+
+def test_dockerignore_variants_copy_what_docker_copies(docker: Docker, tmp_path: Path) -> None:
+    from pylayerfs.image.builder.context import Context
+
+    for n, text in enumerate(VARIANTS):
+        context = make_context(tmp_path / str(n), {name: name for name in VARIANT_FILES})
+        (context / ".dockerignore").write_text(text)
+        (context / "Dockerfile").write_text(f"FROM {BASE}\nCOPY . /ctx/\n")
+        docker.build(str(context), "-t", f"variant{n}")
+        listing = docker.run("run", "--rm", f"variant{n}", "find", "/ctx").stdout.splitlines()
+        expected = sorted(line.removeprefix("/ctx/") for line in listing if line.startswith("/ctx/"))
+        ours = Context(str(context), "Dockerfile")
+        try:
+            assert sorted(ours.tree) == expected, f".dockerignore {text!r}"
+        finally:
+            ours.close()
+    docker.clean()

@@ -244,10 +244,12 @@ class Context:
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 link = inodes.setdefault(st.st_ino, rel)
                 link = "" if link == rel else link
+            missing = []  # unpacking creates the parents the client did not send
             parent = posixpath.dirname(rel)
-            while parent and parent not in tree:  # unpacking creates the parents the client did not send
-                tree[parent] = Entry(None)
+            while parent and parent not in tree:
+                missing.append(parent)
                 parent = posixpath.dirname(parent)
+            tree.update((name, Entry(None)) for name in reversed(missing))
             tree[rel] = Entry(st, link)
         for name in self.removed:
             tree.pop(name, None)
@@ -286,7 +288,8 @@ class Context:
         """The paths a COPY/ADD source names, relative to the root ("" for the root itself), as the classic builder
         finds them (``copier.calcCopyInfo``): with wildcards, every path of the tree that Go's ``filepath.Match``
         matches, in walk order; else the path itself, which must exist after symlinks (followed inside the context).
-        Raises ContextError when nothing is found or the path leaves the context."""
+        Raises ContextError when nothing is found (Docker's words for a glob and for a path differ) or the path
+        leaves the context."""
         cleaned = _clean(pattern).lstrip("/")
         if cleaned == ".." or cleaned.startswith("../"):
             raise ContextError(f"{keyword} failed: forbidden path outside the build context: {pattern}")
@@ -297,6 +300,8 @@ class Context:
         else:
             rel = "" if cleaned == "." else cleaned
             found = [rel] if self.resolve(rel) is not None else []
+        if not found and has_wildcards(pattern):
+            raise ContextError(f"{keyword} failed: no source files were specified")
         if not found:
             raise ContextError(f"{keyword} failed: file not found in build context or excluded by .dockerignore: "
                                f"stat {pattern}: file does not exist")  # fmt: skip
