@@ -134,7 +134,14 @@ GLOBS = {
     "d/e/f.txt": "f",
 }
 
-CONTEXTS = {"issue": ISSUE, "patterns": PATTERNS, "hashes": HASHES, "globs": GLOBS}
+# COPY --from another stage: its files only (no mountpoints of the step), hashed as the daemon hashes an image's.
+STAGES = {
+    "Dockerfile": f"FROM {BASE}\nCOPY tree /d/\nFROM {BASE}\nCOPY --from=0 /d /e/\nCOPY --from=0 /d/one.txt /f\n"
+    "COPY --from=0 /etc /etc2/\nCOPY --from=0 /d/link-to-dir /g\n",
+    **{name: text for name, text in HASHES.items() if name.startswith("tree/")},
+}
+
+CONTEXTS = {"issue": ISSUE, "patterns": PATTERNS, "hashes": HASHES, "globs": GLOBS, "stages": STAGES}
 
 
 class Sides:
@@ -206,6 +213,13 @@ def test_glob_sources_match_as_dockers(sides: Sides) -> None:
     docker, ours = sides.listing("globs", *(f"/g{n}" for n in range(7)))
     assert ours == docker
     assert sides.hashes("globs")[1] == sides.hashes("globs")[0]
+
+
+def test_copy_from_a_stage_copies_and_hashes_as_docker(sides: Sides) -> None:
+    docker, ours = sides.listing("stages", "/e", "/f", "/etc2", "/g")
+    assert ours == docker
+    assert not any("hosts" in line or "resolv.conf" in line for line in ours), "the step's mountpoints"
+    assert sides.hashes("stages")[1] == sides.hashes("stages")[0]
 
 
 def test_copy_source_hashes_in_history_are_dockers(sides: Sides) -> None:

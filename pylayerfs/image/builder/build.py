@@ -319,7 +319,7 @@ class Builder:
         if image is None:
             raise DockerfileError(f"--from={origin}: that stage has no files")
         with self._mounted(image.top_layer) as root:
-            other = Context(root, "", ignore=False)
+            other = Context(root, "", image=True)
             try:
                 sources = [s for p in patterns for s in other.sources(p.lstrip("/") or ".", ins.keyword)]
                 yield other, sources, [other.digest(s) for s in sources]
@@ -368,7 +368,8 @@ class Builder:
         init_dir = self.store.layout.layer(init, "diff")
         os.makedirs(init_dir)
         try:
-            sandbox.make_init_layer(init_dir)
+            if upper:  # a source for COPY --from has the image's files only, as Docker's
+                sandbox.make_init_layer(init_dir)
             lowers = [init_dir, *layers.lower_dirs(parent)]
             diff = layers.diff_dir(upper) if upper else None
             work = self.store.layout.layer(upper, "work") if upper else None

@@ -25,9 +25,11 @@ RESOLVE_NO_SYMLINKS)``: a symlink in the context is copied as a symlink, never f
 from __future__ import annotations
 
 import functools
+import grp
 import hashlib
 import os
 import posixpath
+import pwd
 import re
 import stat
 import tarfile
@@ -193,17 +195,19 @@ class Entry:
 class Context:
     """The build context at ``root``; ``dockerfile`` is the Dockerfile's path in it ("" when outside).
 
-    ``ignore=False``: no ``.dockerignore`` (another stage's root filesystem, for ``COPY --from``).
+    ``image=True``: an image's root filesystem (``COPY --from``): no ``.dockerignore``, and the files hashed as the
+    daemon hashes an image's (``remotecontext.lazySource``: their own owners, names looked up on this host).
     Raises ContextError when ``root`` is not a directory or ``.dockerignore`` has a bad pattern.
     """
 
-    def __init__(self, root: str, dockerfile: str, *, ignore: bool = True) -> None:
+    def __init__(self, root: str, dockerfile: str, *, image: bool = False) -> None:
         if not os.path.isdir(root):
             raise ContextError(f"unable to prepare context: path '{root}' is not a directory")
         self.root = os.path.abspath(root)
         self.dockerfile = dockerfile
         text = ""
-        if ignore:
+        self.image = image
+        if not image:
             try:
                 with open(os.path.join(self.root, DOCKERIGNORE), encoding="utf-8", errors="surrogateescape") as f:
                     text = f.read()
@@ -352,17 +356,23 @@ class Context:
         return "dir:" + hashlib.sha256(",".join(sorted(hashes)).encode()).hexdigest()
 
     def _hash(self, rel: str) -> str:
-        """``archiveContext.Hash``: the tarsum of the entry ``rel`` resolves to; ``rel`` itself when that was not
-        sent (a dangling symlink, the root, a directory the daemon made for what was sent below it)."""
+        """The tarsum of the entry ``rel`` resolves to. When that was not sent (a dangling symlink, the root, a
+        directory the daemon made for what was sent below it), ``rel`` itself (``archiveContext.Hash``); for an
+        image, the path it resolves to, the root being hashed as ``./`` (``lazySource.Hash``)."""
         target = self.follow(rel)
         entry = self.tree.get(target)
-        return rel if entry is None or entry.st is None else self._tarsum(target, entry)
+        if self.image:
+            return self._tarsum(target) if entry is not None or not target else target
+        return rel if entry is None or entry.st is None else self._tarsum(target, entry.link)
 
-    def _tarsum(self, rel: str, entry: Entry) -> str:
-        """The tarsum v1 of one entry (``pkg/tarsum``): its selected header fields, then its data."""
-        st = os.lstat(os.path.join(self.root, rel))
-        mode, size, kind, linkname = st.st_mode, 0, "0", entry.link
-        if entry.link:
+    def _tarsum(self, rel: str, link: str = "") -> str:
+        """The tarsum v1 of the entry ``rel`` ("" for the root; ``link``: the earlier name of a hard link) as
+        ``pkg/tarsum`` hashes the header the client sent (uid/gid 0, no user names), or for an image as
+        ``remotecontext.NewFileHash`` does (its own owners and their names here): the selected header fields,
+        then the data."""
+        st = os.stat(rel or ".", dir_fd=self.fd, follow_symlinks=False)
+        mode, size, kind, linkname = st.st_mode, 0, "0", link
+        if link:
             kind = "1"
         elif stat.S_ISREG(st.st_mode):
             size = st.st_size
@@ -371,12 +381,14 @@ class Context:
                 stat.S_IFMT(mode), "6"
             )
         if kind == "2":
-            linkname = os.readlink(os.path.join(self.root, rel))
+            linkname = os.readlink(rel, dir_fd=self.fd)
         device = kind in ("3", "4")
         major, minor = (os.major(st.st_rdev), os.minor(st.st_rdev)) if device else (0, 0)
-        name = rel + "/" if kind == "5" else rel
+        name = (rel or ".") + "/" if kind == "5" else rel
+        owner = f"uid{st.st_uid}gid{st.st_gid}" if self.image else "uid0gid0"
+        names = f"uname{_user(st.st_uid)}gname{_group(st.st_gid)}" if self.image else "unamegname"
         h = hashlib.sha256(
-            f"name{name}mode{mode}uid0gid0size{size}typeflag{kind}linkname{linkname}unamegname"
+            f"name{name}mode{mode}{owner}size{size}typeflag{kind}linkname{linkname}{names}"
             f"devmajor{major}devminor{minor}".encode("utf-8", "surrogateescape")
         )
         try:
@@ -390,3 +402,21 @@ class Context:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
         return h.hexdigest()
+
+
+@functools.cache
+def _user(uid: int) -> str:
+    """The name of ``uid`` on this host, "" if none (Go's ``archive/tar.FileInfoHeader`` looks it up)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
+@functools.cache
+def _group(gid: int) -> str:
+    """The name of ``gid`` on this host, "" if none."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return ""
