@@ -11,8 +11,10 @@ Each context is built once per side (module scope); every image is listed with o
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +30,7 @@ _MTIME = 1_600_000_000
 _HASH = re.compile(r"(?:file|dir|multi):[0-9a-f]{64}")
 
 # The issue's example: a top-level key, a nested key, a whole directory.
-ISSUE = {
+ISSUE: dict[str, str | bytes] = {
     ".dockerignore": "*.key\n**/*.key\na\n",
     "Dockerfile": f"FROM {BASE}\nCOPY . /ctx/\nCOPY src /src/\n",
     "secret.key": "s",
@@ -40,7 +42,7 @@ ISSUE = {
 }
 
 # Exceptions, directories walked into for an exception, patterns at depth, the build files listed, globs.
-PATTERNS = {
+PATTERNS: dict[str, str | bytes] = {
     ".dockerignore": "# a comment\ndocs\n!docs/keep.md\n!docs/sub/deeper/kept.md\n*.log\n!important.log\n"
     "build/**\n!build/out/app\n**/tmp\nsecret*\n!secret.pub\n/lib/*/skip\nDockerfile\n.dockerignore\n",
     "Dockerfile": f"FROM {BASE}\nCOPY . /ctx/\nCOPY docs /docs/\nCOPY *.log /logs/\nCOPY lib/* /lib2/\n"
@@ -65,7 +67,7 @@ PATTERNS = {
 }
 
 # The hashes: modes, a directory with subdirectories and every kind of symlink, globs, a hard link; --chown.
-HASHES = {
+HASHES: dict[str, str | bytes] = {
     "Dockerfile": f"FROM {BASE}\nCOPY app.sh ./app.sh\nCOPY tree /tree/\nCOPY tree/*.txt /glob/\n"
     "COPY tree/one.txt tree/run.sh /two/\nCOPY tree/link-to-file /followed\nCOPY . /all/\n"
     "COPY --chown=65534:65534 tree/one.txt /test/a/b/c/\nCOPY --chown=65534:65534 tree /newdir\n"
@@ -91,16 +93,16 @@ _SYMLINKS = {
 _HARDLINKS = {"tree/hard": "tree/two.txt"}
 
 
-def make_context(directory: Path, files: dict[str, str]) -> Path:
-    """Write ``files`` (a name ending in ``/`` is an empty directory) with the module's modes, symlinks and hard
-    links when they belong to it, every mtime fixed; return ``directory``."""
+def make_context(directory: Path, files: dict[str, str | bytes]) -> Path:
+    """Write ``files`` (text or bytes; a name ending in ``/`` is an empty directory) with the module's modes,
+    symlinks and hard links when they belong to it, every mtime fixed; return ``directory``."""
     for name, text in files.items():
         path = directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if name.endswith("/"):
             path.mkdir(exist_ok=True)
         else:
-            path.write_text(text)
+            path.write_bytes(text if isinstance(text, bytes) else text.encode())
             os.chmod(path, 0o644)
     if "tree/one.txt" in files:
         for name, target in _SYMLINKS.items():
@@ -120,11 +122,27 @@ LIST = (
 )
 
 
+def _archive(top: str) -> bytes:
+    """A tar for ADD: a directory ``top``, a file owned by 1234:5678 with mode 0640, a symlink; fixed mtimes."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, kind, mode, data in ((top, tarfile.DIRTYPE, 0o750, b""), (f"{top}/owned", tarfile.REGTYPE, 0o640,
+                                       b"owned"), (f"{top}/link", tarfile.SYMTYPE, 0o777, b"")):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.mtime, info.size = kind, mode, _MTIME, len(data)
+            info.uid, info.gid = (1234, 5678) if kind == tarfile.REGTYPE else (0, 0)
+            info.linkname = "owned" if kind == tarfile.SYMTYPE else ""
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
 # COPY sources with wildcards: Go's filepath.Match, never across "/" ("**" is "*"), in the filtered context.
-GLOBS = {
-    ".dockerignore": "b.key\n",
+GLOBS: dict[str, str | bytes] = {
+    ".dockerignore": "b.key*\n",
     "Dockerfile": f"FROM {BASE}\nCOPY *.key /g0/\nCOPY **/*.key /g1/\nCOPY x/* /g2/\nCOPY */*/* /g3/\n"
-    "COPY ./x/*.key /g4/\nCOPY q?.txt [a-c].key /g5/\nCOPY x/y/../b.key /g6/\n",
+    "COPY ./x/*.key /g4/\nCOPY q?.txt [a-c].key /g5/\nCOPY x/y/../b.key /g6/\nADD --chown=1:1 *.tar /g7/\n",
+    "pack.tar": _archive("pkg"),
+    "b.key.tar": _archive("secret"),  # excluded: not extracted
     "a.key": "a",
     "b.key": "b",
     "x/b.key": "xb",
@@ -135,13 +153,19 @@ GLOBS = {
 }
 
 # COPY --from another stage: its files only (no mountpoints of the step), hashed as the daemon hashes an image's.
-STAGES = {
+STAGES: dict[str, str | bytes] = {
     "Dockerfile": f"FROM {BASE}\nCOPY tree /d/\nFROM {BASE}\nCOPY --from=0 /d /e/\nCOPY --from=0 /d/one.txt /f\n"
     "COPY --from=0 /etc /etc2/\nCOPY --from=0 /d/link-to-dir /g\n",
     **{name: text for name, text in HASHES.items() if name.startswith("tree/")},
 }
 
-CONTEXTS = {"issue": ISSUE, "patterns": PATTERNS, "hashes": HASHES, "globs": GLOBS, "stages": STAGES}
+CONTEXTS: dict[str, dict[str, str | bytes]] = {
+    "issue": ISSUE,
+    "patterns": PATTERNS,
+    "hashes": HASHES,
+    "globs": GLOBS,
+    "stages": STAGES,
+}
 
 
 class Sides:
@@ -210,8 +234,9 @@ def test_dockerignore_exceptions_nested_patterns_build_files_and_globs(sides: Si
 
 
 def test_glob_sources_match_as_dockers(sides: Sides) -> None:
-    docker, ours = sides.listing("globs", *(f"/g{n}" for n in range(7)))
+    docker, ours = sides.listing("globs", *(f"/g{n}" for n in range(8)))
     assert ours == docker
+    assert "1234:5678 640 regular file /g7/pkg/owned" in ours and not any("secret" in line for line in ours)
     assert sides.hashes("globs")[1] == sides.hashes("globs")[0]
 
 

@@ -142,8 +142,9 @@ class Ignore:
 
     def __init__(self, text: str, extra: tuple[str, ...] = ()) -> None:
         self.patterns: list[_Pattern] = []
-        for n, raw in enumerate(text.splitlines()):
+        for n, raw in enumerate(text.split("\n")):  # Go's bufio.ScanLines: "\n", a "\r" before it dropped
             line = raw.removeprefix("\ufeff") if n == 0 else raw
+            line = line.removesuffix("\r")
             if line.startswith("#") or not line.strip():
                 continue
             self.add(line.strip())

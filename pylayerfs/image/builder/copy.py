@@ -78,6 +78,7 @@ def copy_into_root(source: Context, job: CopyJob) -> None:
 def _make_dirs(path: str, uid: int, gid: int) -> None:
     """Create ``path`` and its missing parents, 0755 and owned by ``uid:gid`` (``idtools.MkdirAllAndChownNew``)."""
     missing = []
+    path = os.path.normpath(path)
     while not os.path.lexists(path):
         missing.append(path)
         path = os.path.dirname(path)
