@@ -224,9 +224,16 @@ class Context:
     def close(self) -> None:
         os.close(self.fd)
 
-    def entries(self) -> Iterator[tuple[str, os.stat_result]]:
-        """Every entry the client sends, as it walks (lexical, depth first), skipping excluded directories."""
-        yield from self._walk("")
+    @functools.cached_property
+    def sent(self) -> list[tuple[str, os.stat_result, str]]:
+        """What the client sends, as it walks (lexical, depth first; an excluded directory skipped unless an exception
+        starts with it): path, lstat, and for a second name of a hard link, its first name (sent as a link)."""
+        sent = []
+        inodes: dict[int, str] = {}
+        for rel, st in self._walk(""):
+            first = inodes.setdefault(st.st_ino, rel) if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else rel
+            sent.append((rel, st, "" if first == rel else first))
+        return sent
 
     def _walk(self, below: str) -> Iterator[tuple[str, os.stat_result]]:
         for name in sorted(os.listdir(os.path.join(self.root, below) if below else self.root)):
@@ -243,12 +250,7 @@ class Context:
     def tree(self) -> dict[str, Entry]:
         """The context as the daemon has it, by path relative to the root, in walk order (the root is not in it)."""
         tree: dict[str, Entry] = {}
-        inodes: dict[int, str] = {}
-        for rel, st in self.entries():
-            link = ""
-            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                link = inodes.setdefault(st.st_ino, rel)
-                link = "" if link == rel else link
+        for rel, st, link in self.sent:
             missing = []  # unpacking creates the parents the client did not send
             parent = posixpath.dirname(rel)
             while parent and parent not in tree:
@@ -268,23 +270,15 @@ class Context:
     def transfer_size(self) -> int:
         """The bytes of the context as the client sends it: a tar, uid/gid 0, ending in 1024 zeros."""
         total = len(archive.TRAILER)
-        seen: dict[int, str] = {}
-        for rel, st in self.entries():
-            kind = (
-                tarfile.DIRTYPE
-                if stat.S_ISDIR(st.st_mode)
-                else tarfile.SYMTYPE
-                if stat.S_ISLNK(st.st_mode)
-                else tarfile.REGTYPE
-            )
-            if kind != tarfile.DIRTYPE and st.st_nlink > 1 and seen.setdefault(st.st_ino, rel) != rel:
-                kind = tarfile.LNKTYPE
+        for rel, st, link in self.sent:
+            kind = tarfile.LNKTYPE if link else tarfile.REGTYPE
+            if stat.S_ISDIR(st.st_mode) or (stat.S_ISLNK(st.st_mode) and not link):
+                kind = tarfile.DIRTYPE if stat.S_ISDIR(st.st_mode) else tarfile.SYMTYPE
             info = archive.tar_info(rel + "/" if kind == tarfile.DIRTYPE else rel, st, kind)
             info.uid = info.gid = 0
             if kind == tarfile.SYMTYPE:
                 info.linkname = os.readlink(os.path.join(self.root, rel))
-            elif kind == tarfile.LNKTYPE:
-                info.linkname = seen[st.st_ino]
+            info.linkname = link or info.linkname
             size = st.st_size if kind == tarfile.REGTYPE else 0
             total += len(archive.header(info)) + size + (-size % archive.BLOCK)
         return total

@@ -60,10 +60,10 @@ def copy_into_root(source: Context, job: CopyJob) -> None:
             _make_dirs(dest, uid, gid)
             _copy_tree(source, resolved, dest, uid, gid)
             continue
-        st = os.stat(resolved, dir_fd=source.fd, follow_symlinks=False)
         parent_rel, _, name = resolved.rpartition("/")
         parent = realfs.openat2(source.fd, parent_rel or ".", os.O_RDONLY | os.O_DIRECTORY)
         try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             if job.extract and stat.S_ISREG(st.st_mode) and _extract(parent, name, job.dest):
                 continue
             target = job.dest
@@ -109,8 +109,11 @@ def _copy_tree(source: Context, top: str, dest: str, uid: int, gid: int) -> None
     for rel in source.below(top):
         target = os.path.join(dest, rel[len(top) :].lstrip("/"))
         entry = source.tree[rel]
-        if entry.st is None:  # a directory the daemon made for what was sent below it
-            _copy_entry(None, "", None, target, uid, gid)
+        if entry.st is None:  # a directory the daemon made (0755) for what was sent below it
+            if _replace(target, None) is None:
+                os.mkdir(target, 0o755)
+                os.chmod(target, 0o755)
+            os.chown(target, uid, gid)
             continue
         parent_rel, _, name = rel.rpartition("/")
         parent = realfs.openat2(source.fd, parent_rel or ".", os.O_RDONLY | os.O_DIRECTORY)
@@ -145,16 +148,10 @@ def _replace(target: str, st: os.stat_result | None) -> os.stat_result | None:
     return None
 
 
-def _copy_entry(src: int | None, name: str, st: os.stat_result | None, target: str, uid: int, gid: int) -> None:
-    """Copy the entry ``name`` of the directory fd ``src`` (``st``: its lstat) to ``target``; ``src`` None: make a
-    0755 directory (one the build context had not sent)."""
+def _copy_entry(src: int, name: str, st: os.stat_result, target: str, uid: int, gid: int) -> None:
+    """Copy the entry ``name`` of the directory fd ``src`` (``st``: its lstat) to ``target``, owned by ``uid:gid``
+    (a directory's mtime is left to the caller)."""
     existing = _replace(target, st)
-    if st is None or src is None:
-        if existing is None:
-            os.mkdir(target, 0o755)
-            os.chmod(target, 0o755)
-        os.chown(target, uid, gid)
-        return
     if stat.S_ISDIR(st.st_mode):
         if existing is None:
             os.mkdir(target, 0o755)
