@@ -44,7 +44,7 @@ _MAX_LINKS = 255  # moby pkg/symlink: more links than this on one path is an err
 
 
 class ContextError(Exception):
-    pass
+    """The context cannot be read as Docker reads it, or a COPY/ADD source is not in it; the message is Docker's."""
 
 
 def _clean(path: str) -> str:
@@ -190,6 +190,7 @@ class Entry:
 
     @property
     def is_dir(self) -> bool:
+        """Whether the entry is a directory (a re-created one too)."""
         return self.st is None or stat.S_ISDIR(self.st.st_mode)
 
 
@@ -222,6 +223,7 @@ class Context:
         self.fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:
+        """Close the context's root fd (a copy in progress needs it open)."""
         os.close(self.fd)
 
     @functools.cached_property
@@ -236,6 +238,7 @@ class Context:
         return sent
 
     def _walk(self, below: str) -> Iterator[tuple[str, os.stat_result]]:
+        """Path and lstat of what the client sends below ``below`` (``archive.TarWithOptions``'s walk)."""
         for name in sorted(os.listdir(os.path.join(self.root, below) if below else self.root)):
             rel = f"{below}/{name}" if below else name
             st = os.lstat(os.path.join(self.root, rel))
