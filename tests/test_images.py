@@ -101,6 +101,37 @@ def test_dockerignore_last_match_wins_and_directories_exclude_their_contents(tmp
     assert ignore.excludes("docs/a/b/c.md") and ignore.excludes("docs/c.md") and not ignore.excludes("docs/c.txt")
 
 
+def test_dockerignore_matches_as_moby_20_10():
+    """Checked against the private dockerd in tests/test_docker_copy.py; these hold without it."""
+    ignore = Ignore("*.key\n**/*.key\na\n  # not a comment\n")
+    assert ignore.excludes("x.key") and ignore.excludes("src/sub/local.key") and ignore.excludes("a/b/f")
+    assert ignore.excludes("  # not a comment") is False and ignore.excludes("# not a comment")
+    assert not Ignore("*.key\n").excludes("src/x.key"), "a one-component pattern matches at the top only"
+    walks = Ignore("dir\n!dir/sub/keep\n!other/*/keep\nother\n")
+    assert walks.walks_into("dir") and walks.walks_into("dir/sub") and not walks.walks_into("dir/t")
+    assert walks.walks_into("other") and not walks.walks_into("other/sub"), "a glob exception walks one level"
+    with pytest.raises(ContextError, match="syntax error"):
+        Ignore("[unclosed\n")
+
+
+def test_context_tree_is_what_the_daemon_unpacks(tmp_path):
+    build(str(tmp_path), {"Dockerfile": "FROM a\n", "d/sub/keep": "k", "d/sub/drop": "x", "d/z": "z", "src/a": "a",
+                          ".dockerignore": "d\n!d/sub/keep\nDockerfile\n"})  # fmt: skip
+    os.symlink("src", tmp_path / "lnk")
+    context = Context(str(tmp_path), "Dockerfile")
+    try:
+        assert list(context.tree) == [".dockerignore", "d", "d/sub", "d/sub/keep", "lnk", "src", "src/a"]
+        assert context.tree["d"].st is None and context.tree["d/sub"].st is None, "made by the daemon, not sent"
+        assert context.resolve("lnk/a") == "src/a" and context.resolve("lnk/b") is None
+        assert context.sources("lnk", "COPY") == ["lnk"] and context.digest("lnk") == context.digest("src")
+        with pytest.raises(ContextError, match=r"excluded by \.dockerignore"):
+            context.sources("Dockerfile", "COPY")
+        with pytest.raises(ContextError, match="no source files were specified"):
+            context.sources("d/*.txt", "COPY")
+    finally:
+        context.close()
+
+
 def test_context_sources_and_digests(tmp_path):
     build(str(tmp_path), {"app.sh": "echo\n", "Dockerfile": "FROM a\n", "src/a.txt": "a", "src/b.txt": "b",
                           "secret.key": "k", ".dockerignore": "*.key\n"})  # fmt: skip

@@ -289,7 +289,7 @@ class Builder:
         workdir = stage.run.get("WorkingDir") or "/"
         target = posixpath.join(workdir, dest) + ("/" if dest.endswith(("/", "/.")) or dest == "." else "")
         owner = ins.flags.get("chown")
-        with self._copy_source(ins, patterns, context) as (root_fd, sources, digests):
+        with self._copy_source(ins, patterns, context) as (source, sources, digests):
             if len(sources) > 1 and not target.endswith("/"):
                 raise DockerfileError(f"When using {ins.keyword} with more than one source file, "
                                       "the destination must be a directory and end with a /")  # fmt: skip
@@ -297,18 +297,18 @@ class Builder:
             text = f"{ins.keyword}{f' --chown={owner}' if owner else ''} {digest} in {dest} "
             job = CopyJob(sources, target, owner, extract=ins.keyword == "ADD")
             cmd = cfg.nop(stage.shell, text, two_words=False)
-            copy = lambda root: sandbox.call(root, lambda: copy_into_root(root_fd, job))  # noqa: E731
+            copy = lambda root: sandbox.call(root, lambda: copy_into_root(source, job))  # noqa: E731
             self._filesystem_step(stage, cmd, copy, "copy")
 
     @contextlib.contextmanager
     def _copy_source(
         self, ins: Instruction, patterns: list[str], context: Context
-    ) -> Iterator[tuple[int, list[str], list[str]]]:
-        """The source tree's root fd, the sources in it and their digests (the context, or another stage)."""
+    ) -> Iterator[tuple[Context, list[str], list[str]]]:
+        """The source tree, the sources in it and their digests (the context, or another stage)."""
         origin = ins.flags.get("from")
         if origin is None:
             sources = [s for p in patterns for s in context.sources(p, ins.keyword)]
-            yield context.fd, sources, [context.digest(s) for s in sources]
+            yield context, sources, [context.digest(s) for s in sources]
             return
         stage = next((s for s in self.stages[:-1] if s.name == origin.lower()), None)
         if stage is None and origin.isdigit() and int(origin) < len(self.stages) - 1:
@@ -317,10 +317,10 @@ class Builder:
         if image is None:
             raise DockerfileError(f"--from={origin}: that stage has no files")
         with self._mounted(image.top_layer) as root:
-            other = Context(root, "")
+            other = Context(root, "", image=True)
             try:
                 sources = [s for p in patterns for s in other.sources(p.lstrip("/") or ".", ins.keyword)]
-                yield other.fd, sources, [other.digest(s) for s in sources]
+                yield other, sources, [other.digest(s) for s in sources]
             finally:
                 other.close()
 
@@ -369,7 +369,8 @@ class Builder:
         init_dir = self.store.layout.layer(init, "diff")
         os.makedirs(init_dir)
         try:
-            sandbox.make_init_layer(init_dir)
+            if upper:  # a source for COPY --from has the image's files only, as Docker's
+                sandbox.make_init_layer(init_dir)
             lowers = [init_dir, *layers.lower_dirs(parent)]
             diff = layers.diff_dir(upper) if upper else None
             work = self.store.layout.layer(upper, "work") if upper else None

@@ -2,69 +2,90 @@
 
 This runs inside the step's root (after ``chroot``, see
 :func:`pylayerfs.image.sandbox.call`), so the destination resolves the way the image
-sees it: its symlinks, even absolute ones, stay inside the image. The source
-(the build context, or another stage's root) is reached only through a
-directory fd opened before the ``chroot``, with ``openat2(RESOLVE_BENEATH |
-RESOLVE_NO_SYMLINKS)``: a symlink in the source is copied as a symlink and
-never followed.
+sees it: its symlinks, even absolute ones, stay inside the image. The source is a
+:class:`~pylayerfs.image.builder.context.Context` (the build context, or another stage's
+root): only what its tree holds is copied, so nothing ``.dockerignore`` excludes ever
+reaches the image, however it is named (a file, a directory, a glob, ``.``). Its files
+are reached only through the directory fd opened before the ``chroot``, with
+``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)``: a symlink inside a copied directory
+is copied as a symlink and never followed; a source named by the step is what it
+resolves to inside the tree (:meth:`Context.resolve`).
 
-Rules (moby ``copier.go``): a directory source copies its contents; a file
-goes to ``dest/<name>`` when the destination ends with ``/`` or is an existing
-directory, else to ``dest``; new parent directories are 0755 root; files keep
-their mode and mtime and belong to 0:0 unless ``--chown``; ADD extracts a
-local tar archive (plain or compressed) into the destination directory.
+Rules (moby 20.10 ``builder/dockerfile/copy.go``, ``copy_unix.go``, ``pkg/idtools``):
+a directory source copies its contents; its destination, when the copy creates it,
+belongs to the ``--chown`` owner, and the missing parents above it to root. A file goes
+to ``dest/<name>`` when the destination ends with ``/`` or is an existing directory,
+else to ``dest``; the parents the copy creates for it belong to the ``--chown`` owner.
+New directories are 0755; copied entries keep their mode and mtime and belong to 0:0
+unless ``--chown``; hard links between copied files stay links. ADD extracts a local tar
+archive (plain or compressed) into the destination directory, owners from the archive.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import shutil
 import stat
 from dataclasses import dataclass
 
 from pylayerfs.image import archive
+from pylayerfs.image.builder.context import Context
 from pylayerfs.image.sandbox import lookup_user
 from pylayerfs.overlay import realfs
 
 
 @dataclass(frozen=True)
 class CopyJob:
-    sources: list[str]  # relative to the source root ("" is the root itself)
+    sources: list[str]  # paths of the source's tree ("" is its root), as Context.sources gives them
     dest: str  # absolute in the image; a trailing "/" means "into this directory"
     owner: str | None = None  # --chown
     extract: bool = False  # ADD
 
 
-def copy_into_root(source_root: int, job: CopyJob) -> None:
-    """Carry out ``job`` (in the image's root) from the tree below the directory fd ``source_root``."""
+def copy_into_root(source: Context, job: CopyJob) -> None:
+    """Carry out ``job`` (in the image's root) from ``source``'s tree.
+
+    Raises OSError (ENOTDIR when a parent in the image is a file...) and SandboxError for an unknown ``--chown``.
+    """
     uid, gid = lookup_user(job.owner) if job.owner else (0, 0)
     for rel in job.sources:
-        st = os.stat(rel, dir_fd=source_root, follow_symlinks=False) if rel else os.fstat(source_root)
-        if stat.S_ISDIR(st.st_mode):
-            _make_dirs(job.dest)
-            src = realfs.openat2(source_root, rel or ".", os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                _copy_tree(src, job.dest.rstrip("/") or "/", uid, gid)
-            finally:
-                os.close(src)
+        resolved = source.resolve(rel)
+        if resolved is None:
+            raise FileNotFoundError(f"file not found in build context or excluded by .dockerignore: stat {rel}")
+        if not resolved or source.tree[resolved].is_dir:
+            dest = job.dest.rstrip("/") or "/"
+            _make_dirs(os.path.dirname(dest), 0, 0)
+            _make_dirs(dest, uid, gid)
+            _copy_tree(source, resolved, dest, uid, gid)
             continue
-        parent_rel, _, name = rel.rpartition("/")
-        parent = realfs.openat2(source_root, parent_rel or ".", os.O_RDONLY | os.O_DIRECTORY)
+        parent_rel, _, name = resolved.rpartition("/")
+        parent = realfs.openat2(source.fd, parent_rel or ".", os.O_RDONLY | os.O_DIRECTORY)
         try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             if job.extract and stat.S_ISREG(st.st_mode) and _extract(parent, name, job.dest):
                 continue
             target = job.dest
             if job.dest.endswith("/") or os.path.isdir(job.dest):
-                target = os.path.join(job.dest, name)
-            _make_dirs(os.path.dirname(target) or "/")
+                target = os.path.join(job.dest, posixpath.basename(rel))  # the name the step gave
+            _make_dirs(os.path.dirname(target) or "/", uid, gid)
             _copy_entry(parent, name, st, target, uid, gid)
         finally:
             os.close(parent)
 
 
-def _make_dirs(path: str) -> None:
-    os.makedirs(path, 0o755, exist_ok=True)
+def _make_dirs(path: str, uid: int, gid: int) -> None:
+    """Create ``path`` and its missing parents, 0755 and owned by ``uid:gid`` (``idtools.MkdirAllAndChownNew``)."""
+    missing = []
+    path = os.path.normpath(path)
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        os.mkdir(directory, 0o755)
+        os.chmod(directory, 0o755)
+        os.chown(directory, uid, gid)
 
 
 def _extract(parent: int, name: str, dest: str) -> bool:
@@ -73,7 +94,7 @@ def _extract(parent: int, name: str, dest: str) -> bool:
         if not archive.is_archive(fd):
             return False
         os.lseek(fd, 0, os.SEEK_SET)
-        _make_dirs(dest)
+        _make_dirs(dest, 0, 0)
         with os.fdopen(os.dup(fd), "rb") as f, archive.open_archive(f, name) as tar:
             archive.extract(tar, dest)
         return True
@@ -81,29 +102,59 @@ def _extract(parent: int, name: str, dest: str) -> bool:
         os.close(fd)
 
 
-def _copy_tree(src: int, target: str, uid: int, gid: int) -> None:
-    for name in sorted(os.listdir(src)):
-        st = os.stat(name, dir_fd=src, follow_symlinks=False)
-        _copy_entry(src, name, st, os.path.join(target, name), uid, gid)
+def _copy_tree(source: Context, top: str, dest: str, uid: int, gid: int) -> None:
+    """Copy what the tree holds below ``top`` ("" for the root) into the directory ``dest``."""
+    links: dict[int, str] = {}  # inode -> where its first name was copied
+    times: list[tuple[str, int]] = []  # directories' mtimes, set once their contents are copied
+    for rel in source.below(top):
+        target = os.path.join(dest, rel[len(top) :].lstrip("/"))
+        entry = source.tree[rel]
+        if entry.st is None:  # a directory the daemon made (0755) for what was sent below it
+            if _replace(target, None) is None:
+                os.mkdir(target, 0o755)
+                os.chmod(target, 0o755)
+            os.chown(target, uid, gid)
+            continue
+        parent_rel, _, name = rel.rpartition("/")
+        parent = realfs.openat2(source.fd, parent_rel or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            first = links.setdefault(st.st_ino, target) if st.st_nlink > 1 and not entry.is_dir else target
+            if first != target:
+                _replace(target, st)
+                os.link(first, target, follow_symlinks=False)
+            else:
+                _copy_entry(parent, name, st, target, uid, gid)
+            if entry.is_dir:
+                times.append((target, st.st_mtime_ns))
+        finally:
+            os.close(parent)
+    for directory, mtime in reversed(times):
+        os.utime(directory, ns=(mtime, mtime))
 
 
-def _copy_entry(src: int, name: str, st: os.stat_result, target: str, uid: int, gid: int) -> None:
+def _replace(target: str, st: os.stat_result | None) -> os.stat_result | None:
+    """Remove what is at ``target`` unless both it and the entry ``st`` (None: a directory) are directories;
+    return what stays there."""
     existing = None
     with contextlib.suppress(FileNotFoundError):
         existing = os.lstat(target)
-    if existing is not None and not (stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(existing.st_mode)):
-        if stat.S_ISDIR(existing.st_mode):
-            shutil.rmtree(target)
-        else:
-            os.unlink(target)
+    if existing is None or (stat.S_ISDIR(existing.st_mode) and (st is None or stat.S_ISDIR(st.st_mode))):
+        return existing
+    if stat.S_ISDIR(existing.st_mode):
+        shutil.rmtree(target)
+    else:
+        os.unlink(target)
+    return None
+
+
+def _copy_entry(src: int, name: str, st: os.stat_result, target: str, uid: int, gid: int) -> None:
+    """Copy the entry ``name`` of the directory fd ``src`` (``st``: its lstat) to ``target``, owned by ``uid:gid``
+    (a directory's mtime is left to the caller)."""
+    existing = _replace(target, st)
     if stat.S_ISDIR(st.st_mode):
-        if existing is None or not stat.S_ISDIR(existing.st_mode):
+        if existing is None:
             os.mkdir(target, 0o755)
-        child = realfs.openat2(src, name, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            _copy_tree(child, target, uid, gid)
-        finally:
-            os.close(child)
     elif stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(name, dir_fd=src), target)
     elif stat.S_ISREG(st.st_mode):
@@ -115,4 +166,5 @@ def _copy_entry(src: int, name: str, st: os.stat_result, target: str, uid: int, 
     os.chown(target, uid, gid, follow_symlinks=False)
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(target, stat.S_IMODE(st.st_mode))
-    os.utime(target, ns=(st.st_mtime_ns, st.st_mtime_ns), follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):  # a directory's, once its contents are there (_copy_tree)
+        os.utime(target, ns=(st.st_mtime_ns, st.st_mtime_ns), follow_symlinks=False)
