@@ -161,8 +161,8 @@ def test_layer_tars_are_dockers_bytes(built: Built, ref: str) -> None:
             assert a == b, f"{ref} layer {index}: {headers(a, 0, False)} != {headers(b, 0, False)}"
             assert built.pylayerfs_inspect(ref)["RootFS"]["Layers"][index] == diff_ids[index]
         else:
+            # (equal unmasked too when both sides ran the step in the same second)
             assert headers(a, built.start, True) == headers(b, built.start, True), f"{ref} layer {index}"
-            assert a != b, f"{ref} layer {index} has no step-made mtime: mark it exact"
 
 
 def test_header_fields_are_go_archive_tars(built: Built) -> None:

@@ -190,11 +190,11 @@ def _processes(argv: list[str]) -> list[int]:
 
 
 def _status(both: Both, name: str) -> tuple[str, str]:
-    theirs, ours = both.run("ps", "-a", "--filter", f"name={name}", "--format", "{{.Status}}")
-    if ours.returncode:  # pylayerfs's ps has no --filter: the row of that name
-        rows = pylayerfs(both.root, "ps", "-a", "--format", "json").stdout.splitlines()
-        ours.stdout = next((r for r in rows if f'"Names": "{name}"' in r), "")
-    return theirs.stdout.strip(), re.sub(r'.*"Status": "([^"]*)".*', r"\1", ours.stdout.strip())
+    statuses = []
+    for side in both.run("ps", "-a", "--format", "{{.Names}}\t{{.Status}}"):  # pylayerfs's ps has no --filter
+        rows = dict(line.split("\t", 1) for line in side.stdout.splitlines() if "\t" in line)
+        statuses.append(rows.get(name, ""))
+    return statuses[0], statuses[1]
 
 
 def test_exec_joins_the_containers_namespaces(both: Both) -> None:
