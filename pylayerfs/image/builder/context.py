@@ -25,11 +25,9 @@ RESOLVE_NO_SYMLINKS)``: a symlink in the context is copied as a symlink, never f
 from __future__ import annotations
 
 import functools
-import grp
 import hashlib
 import os
 import posixpath
-import pwd
 import re
 import stat
 import tarfile
@@ -384,7 +382,9 @@ class Context:
         major, minor = (os.major(st.st_rdev), os.minor(st.st_rdev)) if device else (0, 0)
         name = (rel or ".") + "/" if kind == "5" else rel
         owner = f"uid{st.st_uid}gid{st.st_gid}" if self.image else "uid0gid0"
-        names = f"uname{_user(st.st_uid)}gname{_group(st.st_gid)}" if self.image else "unamegname"
+        names = (
+            f"uname{archive.user_name(st.st_uid)}gname{archive.group_name(st.st_gid)}" if self.image else "unamegname"
+        )
         h = hashlib.sha256(
             f"name{name}mode{mode}{owner}size{size}typeflag{kind}linkname{linkname}{names}"
             f"devmajor{major}devminor{minor}".encode("utf-8", "surrogateescape")
@@ -400,21 +400,3 @@ class Context:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
         return h.hexdigest()
-
-
-@functools.cache
-def _user(uid: int) -> str:
-    """The name of ``uid`` on this host, "" if none (Go's ``archive/tar.FileInfoHeader`` looks it up)."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return ""
-
-
-@functools.cache
-def _group(gid: int) -> str:
-    """The name of ``gid`` on this host, "" if none."""
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return ""
