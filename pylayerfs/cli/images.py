@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import stat
@@ -269,8 +270,12 @@ def run(args: argparse.Namespace) -> int:
             driver = StorageDriver(args.storage_driver)
             if args.metacopy and not driver.mounts:
                 raise StoreError("--metacopy needs an overlay storage driver (fuse or overlay), not vfs")
+            from pylayerfs.container.buildrun import keep_failed_run
+            from pylayerfs.container.runtime import Runtime
+
+            keep = functools.partial(keep_failed_run, Runtime(store, driver))  # a failed RUN's container stays
             options = BuildOptions(args.context, args.file, args.tag, args.no_cache, build_args, driver,
-                                   args.metacopy)  # fmt: skip
+                                   args.metacopy, keep)  # fmt: skip
             Builder(store, options).build()
         elif args.command == "history" and args.format == "tree":
             from pylayerfs.teaching import diagram
