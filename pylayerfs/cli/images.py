@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import stat
@@ -259,7 +258,7 @@ def make_base(store: Store, ref: str, busybox: str = "/bin/busybox") -> Image:
 def run(args: argparse.Namespace) -> int:
     """The command line's handler (cli/main.py parses the arguments)."""
     from pylayerfs.image import archive
-    from pylayerfs.image.builder.build import Builder, BuildError, BuildOptions
+    from pylayerfs.image.builder.build import Builder, BuildError, BuildOptions, FailedRun
     from pylayerfs.image.drivers import StorageDriver
     from pylayerfs.image.store import Store, StoreError
 
@@ -273,7 +272,9 @@ def run(args: argparse.Namespace) -> int:
             from pylayerfs.container.buildrun import keep_failed_run
             from pylayerfs.container.runtime import Runtime
 
-            keep = functools.partial(keep_failed_run, Runtime(store, driver))  # a failed RUN's container stays
+            def keep(failed: FailedRun) -> None:  # a failed RUN's container stays, as Docker's
+                keep_failed_run(Runtime(store, driver), failed)
+
             options = BuildOptions(args.context, args.file, args.tag, args.no_cache, build_args, driver,
                                    args.metacopy, keep)  # fmt: skip
             Builder(store, options).build()

@@ -520,11 +520,13 @@ def config_entrypoint(stage: Stage, ins: Instruction, args: str) -> str:
 def config_expose(stage: Stage, ins: Instruction, args: str) -> str:
     """EXPOSE: each port spec checked and expanded as moby's (go-connections nat.ParsePortSpec): ``80``,
     ``80/udp``, ``8000-8002``, ``IP:HOST:PORT``; DockerfileError in its words (``Invalid containerPort: x``)."""
-    ports = split_words(args)
-    exposed: dict[str, dict[str, str]] = {}
+    # moby: the words sorted as written (instructions/parse.go), then each expanded to words (dispatchExpose)
+    variables = stage.variables()
+    ports = [port for word in sorted(split_words(ins.args)) for port in split_words(expand(word, variables))]
+    exposed: dict[str, dict[str, str]] = dict(stage.run.get("ExposedPorts") or {})
     for spec in ports:
         exposed.update({port: {} for port in _port_spec(spec)})
-    stage.run["ExposedPorts"] = {**(stage.run.get("ExposedPorts") or {}), **exposed}
+    stage.run["ExposedPorts"] = dict(sorted(exposed.items()))  # a Go map: JSON with sorted keys
     return "EXPOSE " + " ".join(ports)
 
 
