@@ -129,6 +129,11 @@ class Builder:
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
 
+    def _red(self, text: str) -> None:
+        """Text of the build's stderr stream, as moby's stream formatter sends it on stdout: in red."""
+        self.out.write(f"\x1b[91m{text}\x1b[0m")
+        self.out.flush()
+
     # -- the whole build ----------------------------------------------------------------
 
     def build(self) -> Image:
@@ -181,6 +186,8 @@ class Builder:
                 dockerfile = parse(text.removeprefix("\ufeff"), rel or os.path.basename(path))
             except DockerfileError as exc:
                 raise BuildError(f"Error response from daemon: {exc}") from exc
+            if dockerfile.warnings:
+                self._red("\n".join(dockerfile.warnings) + "\n")
         except BaseException:
             context.close()
             raise
@@ -281,7 +288,7 @@ class Builder:
         (``keep_failed_run``), as the classic builder does."""
         if "mount" in ins.flags:
             raise DockerfileError(BUILDKIT_ONLY.format("mount"))
-        command = ins.exec_form if ins.exec_form is not None else [*stage.shell, *([ins.args] if ins.args else [])]
+        command = _command(stage, ins)
         args = {k: v for k, v in stage.args.items() if k not in stage.env}
         cmd = cfg.with_args(command, args)
         env = {**args, **stage.env}
@@ -320,8 +327,7 @@ class Builder:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with os.fdopen(read, "rb", buffering=0) as stderr:
             while chunk := stderr.read(32768):
-                self.out.write(f"\x1b[91m{decoder.decode(chunk)}\x1b[0m")
-                self.out.flush()
+                self._red(decoder.decode(chunk))
         code = popen.wait()
         return 128 - code if code < 0 else code
 
@@ -504,14 +510,20 @@ def config_label(stage: Stage, ins: Instruction, args: str) -> str:
     return "LABEL " + " ".join(f"{k}={v}" for k, v in pairs)
 
 
+def _command(stage: Stage, ins: Instruction) -> list[str]:
+    """CMD/ENTRYPOINT/RUN's command: the exec form's array, or the shell with the text (nothing more if none)."""
+    return ins.exec_form if ins.exec_form is not None else [*stage.shell, *([ins.args] if ins.args else [])]
+
+
 def config_cmd(stage: Stage, ins: Instruction, args: str) -> str:
-    stage.run["Cmd"] = command = ins.exec_form if ins.exec_form is not None else [*stage.shell, ins.args]
-    stage.cmd_set = True
+    stage.run["Cmd"] = command = _command(stage, ins)
+    stage.cmd_set = stage.cmd_set or bool(ins.args)  # moby: an empty CMD does not count as set
     return f"CMD {cfg.go_quoted(command)}"
 
 
 def config_entrypoint(stage: Stage, ins: Instruction, args: str) -> str:
-    stage.run["Entrypoint"] = command = ins.exec_form if ins.exec_form is not None else [*stage.shell, ins.args]
+    command = _command(stage, ins) if ins.args and ins.exec_form != [] else []
+    stage.run["Entrypoint"] = command or None  # moby: an empty ENTRYPOINT is none
     if not stage.cmd_set:
         stage.run["Cmd"] = None  # an inherited CMD does not survive a new ENTRYPOINT
     return f"ENTRYPOINT {cfg.go_quoted(command)}"

@@ -143,7 +143,7 @@ class Context:
         """The sent paths a COPY/ADD source names (a glob), relative to the root."""
         cleaned = posixpath.normpath(pattern).lstrip("/")
         if cleaned == ".." or cleaned.startswith("../"):
-            raise ContextError(f"{keyword} failed: forbidden path outside the build context: {pattern}")
+            raise ContextError(f"{keyword} failed: forbidden path outside the build context: {pattern} ()")
         if cleaned == ".":
             return [""]
         regex = pattern_regex(cleaned)

@@ -59,6 +59,7 @@ class Dockerfile:
     path: str
     instructions: list[Instruction]
     escape: str = "\\"
+    warnings: list[str] = field(default_factory=list)  # the parser's, printed before the steps
 
 
 def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
@@ -91,24 +92,30 @@ def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
             continue
         start = n
         parts = []
+        empty_line = False
         while True:
             line = lines[n].rstrip()
             n += 1
             if line.endswith(escape):
                 parts.append(line[: -len(escape)])
                 while n < len(lines) and (not lines[n].strip() or lines[n].strip().startswith("#")):
+                    empty_line = empty_line or not lines[n].strip()  # a comment line is no empty line
                     n += 1  # comments and empty lines inside a continuation are dropped
                 if n < len(lines):
                     continue
             else:
-                parts.append(line)
+                parts.append(lines[n - 1])
             break
+        if empty_line:  # moby's parser warns (with the text as joined, trailing blanks kept)
+            dockerfile.warnings.append(f"[WARNING]: Empty continuation line found in:\n    {''.join(parts).lstrip()}")
         dockerfile.instructions.append(_instruction("".join(parts).strip(), start + 1))
     if not dockerfile.instructions:
         raise DockerfileError("failed to parse Dockerfile: file with no instructions")
     first = next((i for i in dockerfile.instructions if i.keyword != "ARG"), None)
     if first is not None and first.keyword != "FROM":
         raise DockerfileError("no build stage in current context")
+    if dockerfile.warnings:
+        dockerfile.warnings.append("[WARNING]: Empty continuation lines will become errors in a future release.")
     return dockerfile
 
 
