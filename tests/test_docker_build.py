@@ -86,6 +86,13 @@ CASES = [
     ("expose-range", B + "EXPOSE 80-70\n", {}),
     ("expose-host-port", B + "EXPOSE a:80\n", {}),
     ("stopsignal-unknown", B + "STOPSIGNAL FOO\n", {}),
+    ("env-open-brace", B + "ENV A=${B\n", {}),
+    ("copy-open-brace", B + "COPY ${B /x\n", {}),
+    ("label-modifier", B + "LABEL a=${B:x}\n", {}),
+    ("workdir-no-closing-brace", B + "WORKDIR /${B:-x\n", {}),
+    ("run-not-found", B + 'RUN ["nosuch"]\n', {}),
+    ("run-not-executable", B + 'RUN ["/etc/passwd"]\n', {}),
+    ("run-user-missing", B + "USER nosuch\nRUN true\n", {}),
     # what the classic builder accepts, pylayerfs too
     ("accepted", ACCEPTED, {}),
     ("empty-continuation-lines", B + "RUN echo a \\\n\n  && echo b  \nRUN true \\\n\n\n", {}),
@@ -146,7 +153,7 @@ def _ps_rows(text: str) -> list[list[str]]:
     return [[normal(r[1]), re.sub(r"\).*", ")", r[4])] for r in rows]
 
 
-def test_a_failed_run_leaves_an_exited_container(docker: Docker, store: Path, tmp_path: Path):
+def test_a_failed_run_leaves_its_container(docker: Docker, store: Path, tmp_path: Path):
     docker.clean()
     for container in pylayerfs(store, "ps", "-aq").stdout.split():
         pylayerfs(store, "rm", container)
@@ -161,6 +168,11 @@ def test_a_failed_run_leaves_an_exited_container(docker: Docker, store: Path, tm
     assert [re.findall(r"^Containers +(\d+) +(\d+)", d, re.M) for d in df] == [[("1", "0")]] * 2
     assert docker.run("rm", ids[0]).stdout == f"{ids[0]}\n" and pylayerfs(store, "rm", ids[1]).stdout == f"{ids[1]}\n"
     assert docker.run("ps", "-aq").stdout == pylayerfs(store, "ps", "-aq").stdout == ""
+    ctx = context(tmp_path / "ctx2", B + 'RUN ["nosuch"]\n', {})
+    theirs, ours = both(docker, store, ctx)
+    assert ours == theirs and ours[0] == 1
+    assert _ps_rows(pylayerfs(store, "ps", "-a").stdout) == _ps_rows(docker.run("ps", "-a").stdout)
+    assert _ps_rows(docker.run("ps", "-a").stdout) == [["<id>", "Created"]], "a command that never started"
 
 
 def test_copy_flags_in_created_by_are_dockers(docker: Docker, store: Path, tmp_path: Path):

@@ -1,4 +1,5 @@
-"""The container a failed RUN step leaves, as the classic builder leaves it: ``Exited (N)`` in ``ps -a``.
+"""The container a failed RUN step leaves, as the classic builder leaves it: ``Exited (N)`` in ``ps -a`` (``Created``
+when the command could not start).
 
 moby's builder runs each RUN in a container, and removes it only when the command succeeded
 (builder/dockerfile/internals.go, containerbackend.go): a failed one stays, with what the command wrote in its
@@ -31,7 +32,8 @@ def keep_failed_run(runtime: Runtime, failed: FailedRun) -> Container:
             os.rename(os.path.join(failed.changes, name), os.path.join(upper, name))
     else:
         vfsdriver.apply_diff(failed.changes, runtime.merged(container))
-    container.state = State(status=ContainerStatus.EXITED, exit_code=failed.exit_code,
-                            started_at=failed.started, finished_at=failed.finished)  # fmt: skip
+    if failed.exit_code is not None:  # else it never started: Created, as Docker's
+        container.state = State(status=ContainerStatus.EXITED, exit_code=failed.exit_code,
+                                started_at=failed.started, finished_at=failed.finished)  # fmt: skip
     runtime.containers.save(container)
     return container

@@ -52,6 +52,9 @@ from pylayerfs.image.store.layers import Layer, random_id
 from pylayerfs.image.store.references import parse_reference
 from pylayerfs.overlay.params import MountError
 
+OCI_CREATE_FAILED = (
+    "failed to create shim task: OCI runtime create failed: runc create failed: unable to start container process: "
+)
 BUILDKIT_ONLY = "the --{} option requires BuildKit. Refer to https://docs.docker.com/go/buildkit/ to learn how to build images with BuildKit enabled"  # noqa: E501
 
 
@@ -88,7 +91,7 @@ class FailedRun:
     command: list[str]
     config: dict[str, Any]  # the container config the command ran with
     changes: str
-    exit_code: int
+    exit_code: int | None  # None: the command did not start (Docker's container stays Created)
     started: str  # RFC 3339, as records write times
     finished: str
 
@@ -239,7 +242,7 @@ class Builder:
             stage.run = image.run_config
             stage.history = image.history
             stage.diff_ids = image.diff_ids
-            self._say(f" ---> {image.short_id}")
+        self._say(f" ---> {image.short_id if image else ''}")  # moby: an empty ID for scratch
         if "PATH" not in stage.env:
             stage.run["Env"] = [*(stage.run.get("Env") or []), cfg.DEFAULT_PATH]
         self.stages.append(stage)
@@ -292,13 +295,21 @@ class Builder:
         args = {k: v for k, v in stage.args.items() if k not in stage.env}
         cmd = cfg.with_args(command, args)
         env = {**args, **stage.env}
-        codes: list[int] = []
+        codes: list[int | None] = []  # the status; None: the command did not start
+        errors: list[str] = []
 
         def run(root: str) -> None:
             process = sandbox.Process(
                 root, command, env, stage.run.get("WorkingDir") or "/", stage.run.get("User") or ""
             )
-            codes.append(self._run_command(process))
+            try:
+                codes.append(self._run_command(process))
+            except sandbox.CommandNotFound as exc:  # the words of Docker 20.10's runc
+                codes.append(None)
+                errors.append(f"{OCI_CREATE_FAILED}{exc}: unknown")
+            except sandbox.SandboxError as exc:
+                codes.append(None)
+                errors.append(str(exc))
 
         def failed(container: str, changes: str, started: str) -> None:
             if not codes or codes[0] == 0:
@@ -309,6 +320,8 @@ class Builder:
                 finished = format_time(datetime.datetime.now(datetime.UTC))
                 run = FailedRun(container, stage.image, command, config, changes, code, started, finished)
                 self.options.keep_failed_run(run)
+            if code is None:
+                raise BuildError(errors[0])
             raise BuildError(f"The command '{' '.join(command)}' returned a non-zero code: {code}", code)
 
         self._filesystem_step(stage, cmd, run, container=True, check=failed)
@@ -320,6 +333,9 @@ class Builder:
         try:
             os.dup2(write, 2)  # sandbox.start gives the command our fd 2
             popen = sandbox.start(process)
+        except BaseException:
+            os.close(read)
+            raise
         finally:
             os.dup2(saved, 2)
             os.close(saved)

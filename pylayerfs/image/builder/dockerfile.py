@@ -266,7 +266,11 @@ _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:(:[-+])([^}]*))?\}|([A-Za-
 
 
 def substitute(text: str, variables: dict[str, str], escape: str = "\\") -> str:
-    """``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR:+alternative}``; an escaped ``$`` stays."""
+    """``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR:+alternative}``; an escaped ``$`` stays.
+
+    A ``${`` that is none of these raises ValueError as moby's shell lexer (shell/lex.go, processDollar) with the word
+    it was in: ``failed to process "${B": missing ':' in substitution``.
+    """
     out = []
     i = 0
     while i < len(text):
@@ -275,6 +279,9 @@ def substitute(text: str, variables: dict[str, str], escape: str = "\\") -> str:
             i += 2
             continue
         match = _VAR.match(text, i) if text[i] == "$" else None
+        if match is None and text.startswith("${", i):
+            i = _odd_braces(text, i)  # ${1}: nothing; else ValueError in moby's words
+            continue
         if match is None:
             out.append(text[i])
             i += 1
@@ -288,3 +295,26 @@ def substitute(text: str, variables: dict[str, str], escape: str = "\\") -> str:
         out.append(value or "")
         i = match.end()
     return "".join(out)
+
+
+def _odd_braces(text: str, i: int) -> int:
+    """Where to go on after the ``${`` at ``i`` that :data:`_VAR` did not take; ValueError for a bad one."""
+    j = i + 2
+    while j < len(text) and (text[j].isalnum() or text[j] == "_"):
+        j += 1
+    if j < len(text) and text[j] == "}":
+        return j + 1  # a name moby takes and pylayerfs has no value for (${1}): empty
+    if j < len(text) and text[j] == ":":
+        modifier = text[j + 1 : j + 2]
+        message = (
+            f"unsupported modifier ({modifier}) in substitution"
+            if "}" in text[j + 2 :]
+            else "syntax error: missing '}'"
+        )
+    else:
+        message = "missing ':' in substitution"
+    start, end = text.rfind(" ", 0, i) + 1, text.find(" ", i)
+    word = text[start:] if end < 0 else text[start:end]
+    if "=" in text[start:i]:  # ENV/LABEL/ARG: the value is the word
+        word = word[word.index("=") + 1 :]
+    raise ValueError(f'failed to process "{word}": {message}')
