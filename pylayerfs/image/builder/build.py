@@ -318,8 +318,8 @@ class Builder:
             if self.options.keep_failed_run is not None and stage.image is not None:
                 config = {**stage.run, "Cmd": command, "Image": stage.image.id}
                 finished = format_time(datetime.datetime.now(datetime.UTC))
-                run = FailedRun(container, stage.image, command, config, changes, code, started, finished)
-                self.options.keep_failed_run(run)
+                kept = FailedRun(container, stage.image, command, config, changes, code, started, finished)
+                self.options.keep_failed_run(kept)
             if code is None:
                 raise BuildError(errors[0])
             raise BuildError(f"The command '{' '.join(command)}' returned a non-zero code: {code}", code)
@@ -359,6 +359,8 @@ class Builder:
         if "chmod" in ins.flags:
             raise DockerfileError(BUILDKIT_ONLY.format("chmod"))
         patterns, dest = self._copy_words(ins, stage.variables(), escape)
+        if ins.keyword == "ADD" and any(p.startswith(("http://", "https://")) for p in patterns):
+            raise DockerfileError("ADD from a URL is not supported (pylayerfs has no network)")
         workdir = stage.run.get("WorkingDir") or "/"
         target = posixpath.join(workdir, dest) + ("/" if dest.endswith(("/", "/.")) or dest == "." else "")
         owner = ins.flags.get("chown")
@@ -538,7 +540,7 @@ def config_cmd(stage: Stage, ins: Instruction, args: str) -> str:
 
 
 def config_entrypoint(stage: Stage, ins: Instruction, args: str) -> str:
-    command = _command(stage, ins) if ins.args and ins.exec_form != [] else []
+    command = _command(stage, ins) if ins.args else []
     stage.run["Entrypoint"] = command or None  # moby: an empty ENTRYPOINT is none
     if not stage.cmd_set:
         stage.run["Cmd"] = None  # an inherited CMD does not survive a new ENTRYPOINT
@@ -573,7 +575,7 @@ def _port_spec(spec: str) -> list[str]:
     ip = ":".join(parts[:-2]) if len(parts) > 2 else ""
     host = parts[-2] if len(parts) > 1 else ""
     port, _, proto = parts[-1].partition("/")
-    proto = proto or "tcp" if port else ""
+    proto = proto or "tcp"
     if ip and not _is_ip(ip.removeprefix("[").removesuffix("]")):
         raise DockerfileError(f"Invalid ip address: {ip}")
     if not port:
