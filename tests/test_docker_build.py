@@ -204,3 +204,14 @@ def test_expose_and_stopsignal_configs_are_dockers(docker: Docker, store: Path, 
     history = docker.run("history", "--no-trunc", "--format", "{{.CreatedBy}}", "ports").stdout.splitlines()
     assert history[2] == "/bin/sh -c #(nop)  EXPOSE 90 91 1.2.3.4:70:70 8000-8002/udp 80:80 81/TCP"
     assert history[2] in pylayerfs(store, "history", "--no-trunc", "--format", "json", "ports").stdout
+
+
+def test_the_clients_own_errors_are_dockers(docker: Docker, store: Path, tmp_path: Path):
+    """What the docker client refuses before sending anything: a bad tag (125), no context, no Dockerfile."""
+    ctx = context(tmp_path / "ctx", B, {})
+    for args in (["-t", "UPPER", ctx], ["-t", "a:b:c", ctx], [str(tmp_path / "nowhere")], ["-f", ctx + "/nope", ctx]):
+        theirs, ours = both(docker, store, args[-1], *args[:-1])
+        assert ours == theirs and theirs[0] in (1, 125) and theirs[1] == ""
+    (tmp_path / "ctx" / "Dockerfile").unlink()
+    theirs, ours = both(docker, store, ctx)
+    assert ours == theirs and theirs[0] == 1

@@ -163,19 +163,28 @@ class Builder:
         ``Error response from daemon: ...`` (BuildError); nothing is written then. Errors of one step (a missing
         COPY source, a bad port) come at that step, after the earlier steps ran.
         """
+        for tag in self.options.tags:  # the docker client's checks, its words and status (125)
+            try:
+                parse_reference(tag)
+            except StoreError as exc:
+                message = f'invalid argument "{tag}" for "-t, --tag" flag: invalid reference format'
+                with contextlib.suppress(StoreError):
+                    parse_reference(tag.lower())
+                    message += ": repository name must be lowercase"
+                raise BuildError(f"{message}\nSee 'docker build --help'.", 125) from exc
+        if not os.path.exists(self.options.context):
+            raise BuildError(f'unable to prepare context: path "{self.options.context}" not found')
         path = self.options.dockerfile or os.path.join(self.options.context, "Dockerfile")
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
+        except FileNotFoundError as exc:
+            raise BuildError("unable to prepare context: unable to evaluate symlinks in Dockerfile path: lstat "
+                             f"{os.path.abspath(path)}: no such file or directory") from exc  # fmt: skip
         except OSError as exc:
             raise BuildError(f"cannot read the Dockerfile: {path}: {exc.strerror}") from exc
         except UnicodeDecodeError as exc:
             raise BuildError(f"{path}: not UTF-8 text") from exc
-        for tag in self.options.tags:
-            try:
-                parse_reference(tag)
-            except StoreError as exc:
-                raise BuildError(str(exc)) from exc
         real = os.path.realpath(path)
         root = os.path.realpath(self.options.context)
         rel = os.path.relpath(real, root) if real.startswith(root + os.sep) else ""
