@@ -179,6 +179,11 @@ def test_failing_run_keeps_earlier_layers_and_exits_with_its_code(store, tmp_pat
     assert result.stderr == "The command '/bin/sh -c echo partial > /partial; exit 3' returned a non-zero code: 3\n"
     s = Store(str(store))
     assert len(s.layers.all()) == 2, "the base and the first RUN; nothing of the failed step"
+    container = result.stdout.split("Running in ")[-1].split()[0]
+    ps = pylayerfs(store, "ps", "-a").stdout.splitlines()
+    assert len(ps) == 2 and ps[1].startswith(container) and "Exited (3)" in ps[1], "its container stays, as Docker's"
+    assert pylayerfs(store, "diff", container).stdout == "A /partial\n"
+    pylayerfs(store, "rm", container)
     assert sorted(os.listdir(s.layout.overlay2)) == sorted(["l", *(la.cache_id for la in s.layers.all())])
     assert os.listdir(s.layout.tmp) == []
     rerun = pylayerfs(store, "build", str(ctx), check=False)
@@ -214,21 +219,29 @@ def test_copy_add_dockerignore_chown_and_the_image_root(store, tmp_path):
 @pytest.mark.parametrize(
     ("dockerfile", "message"),
     [
-        ("FROM alpine\nFOO bar\n", "Dockerfile:2: unknown instruction: FOO"),
-        ("FROM nosuchimage\n", "Dockerfile:1: no such image: nosuchimage"),
-        ("FROM alpine\nCOPY missing.txt /\n", "Dockerfile:2: COPY failed: file not found in build context"),
-        ("FROM alpine\nCOPY ../../etc/passwd /\n", "Dockerfile:2: COPY failed: forbidden path outside the build"),
-        ('FROM alpine\nCMD ["unclosed"\nSHELL sh\n', "Dockerfile:3: SHELL requires the arguments to be in JSON"),
+        (
+            "FROM alpine\nFOO bar\n",
+            "Error response from daemon: dockerfile parse error line 2: unknown instruction: FOO",
+        ),
+        ("FROM nosuchimage\n", "no such image: nosuchimage"),
+        ("FROM alpine\nCOPY missing.txt /\n", "COPY failed: file not found in build context or excluded by"),
+        ("FROM alpine\nCOPY ../../etc/passwd /\n", "COPY failed: forbidden path outside the build context"),
+        (
+            'FROM alpine\nCMD ["unclosed"\nSHELL sh\n',
+            "Error response from daemon: dockerfile parse error line 3: SHELL",
+        ),
     ],
 )
 def test_bad_dockerfiles_change_nothing(store, tmp_path, dockerfile, message):
+    """As the classic builder: the whole file's errors after the Sending line, a step's at its step."""
     from pylayerfs.testing.lowers import digest
 
     ctx = context_with(tmp_path / "bad", dockerfile)
     before = digest(str(store))
     result = pylayerfs(store, "build", str(ctx), check=False)
-    assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.startswith(f"{ctx}/{message}")
+    assert result.returncode == 1 and result.stdout.startswith("Sending build context to Docker daemon")
+    assert ("Step 1/" in result.stdout) == (not message.startswith("Error response"))
+    assert result.stderr.startswith(message)
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert digest(str(store)) == before
 

@@ -58,17 +58,20 @@ def test_escape_directive_changes_the_continuation_character():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("FROM a\nFOO bar\n", "Dockerfile:2: unknown instruction: FOO"),
-        ("FROM a\nCOPY onlyone\n", "Dockerfile:2: COPY requires at least two arguments"),
-        ("FROM a\nSHELL /bin/sh -c\n", "Dockerfile:2: SHELL requires the arguments to be in JSON form"),
-        ('FROM a\nCOPY ["a", 1]\n', "Dockerfile:2: COPY: the JSON array is not valid"),
-        ("FROM a\nRUN\n", "Dockerfile:2: RUN requires at least one argument"),
-        ("RUN true\n", "Dockerfile:1: the first instruction (after ARGs) must be FROM"),
-        ("FROM a\nCOPY --mode=1 a b\n", "Dockerfile:2: unknown flag for COPY: --mode"),
-        ("# only a comment\n", "Dockerfile: the Dockerfile has no instructions"),
+        ("FROM a\nfoo bar\n", "dockerfile parse error line 2: unknown instruction: FOO"),
+        ("FROM a\nCOPY onlyone\n", "dockerfile parse error line 2: COPY requires at least two arguments, but only"),
+        ("FROM a\nSHELL /bin/sh -c\n", "dockerfile parse error line 2: SHELL requires the arguments to be in JSON"),
+        ('FROM a\nCOPY ["a", 1]\n', "failed to parse Dockerfile: when using JSON array syntax, arrays must be"),
+        ("FROM a\nUSER\n", "dockerfile parse error line 2: USER requires exactly one argument"),
+        ("RUN true\n", "no build stage in current context"),
+        ("FROM a\nCOPY --mode=1 a b\n", "dockerfile parse error line 2: Unknown flag: mode"),
+        ("FROM a\nCOPY --from a b\n", "dockerfile parse error line 2: Missing a value on flag: from"),
+        ("FROM a\nENV A\n", "failed to parse Dockerfile: ENV must have two arguments"),
+        ("# only a comment\n", "failed to parse Dockerfile: file with no instructions"),
+        ("", "the Dockerfile (Dockerfile) cannot be empty"),
     ],
 )
-def test_parser_errors_name_the_file_and_line(text, message):
+def test_parser_errors_are_the_classic_builders(text, message):
     with pytest.raises(DockerfileError) as exc:
         parse(text)
     assert str(exc.value).startswith(message)

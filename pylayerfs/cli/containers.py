@@ -110,11 +110,11 @@ def commit(runtime: Runtime, container: Container, ref: str | None, message: str
     for change in changes or []:
         try:
             ins = parse(f"FROM scratch\n{change}", "--change").instructions[1]
-        except DockerfileError as exc:
+            if ins.keyword not in CONFIG_STEPS:
+                raise StoreError(f"{ins.keyword} is not supported by commit --change")
+            CONFIG_STEPS[ins.keyword](stage, ins, ins.args)  # raises as the build step (EXPOSE notaport)
+        except (DockerfileError, ValueError) as exc:
             raise StoreError(f"invalid --change '{change}': {exc}") from exc
-        if ins.keyword not in CONFIG_STEPS:
-            raise StoreError(f"{ins.keyword} is not supported by commit --change")
-        CONFIG_STEPS[ins.keyword](stage, ins, ins.args)
     with store.busy():
         with store.locked():
             cache_id = store.layers.new_dir(image.top_layer)

@@ -400,7 +400,7 @@ def _print(text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """The command line's handler (cli/main.py parses the arguments)."""
     from pylayerfs.image import archive
-    from pylayerfs.image.builder.build import Builder, BuildError, BuildOptions
+    from pylayerfs.image.builder.build import Builder, BuildError, BuildOptions, FailedRun
     from pylayerfs.image.drivers import StorageDriver
     from pylayerfs.image.store import Store, StoreError
 
@@ -411,8 +411,14 @@ def run(args: argparse.Namespace) -> int:
             driver = StorageDriver(args.storage_driver)
             if args.metacopy and not driver.mounts:
                 raise StoreError("--metacopy needs an overlay storage driver (fuse or overlay), not vfs")
+            from pylayerfs.container.buildrun import keep_failed_run
+            from pylayerfs.container.runtime import Runtime
+
+            def keep(failed: FailedRun) -> None:  # a failed RUN's container stays, as Docker's
+                keep_failed_run(Runtime(store, driver), failed)
+
             options = BuildOptions(args.context, args.file, args.tag, args.no_cache, build_args, driver,
-                                   args.metacopy)  # fmt: skip
+                                   args.metacopy, keep)  # fmt: skip
             Builder(store, options).build()
         elif args.command == "history" and args.format == "tree":
             from pylayerfs.teaching import diagram

@@ -72,8 +72,9 @@ class Runtime:
 
     def create(
         self, image_ref: str, command: list[str], name: str | None = None, env: list[str] | None = None,
-        workdir: str | None = None, user: str | None = None,
+        workdir: str | None = None, user: str | None = None, container_id: str | None = None,
     ) -> Container:  # fmt: skip
+        """A new container of ``image_ref`` (``container_id``: its ID, default a new one)."""
         image = self.store.resolve(image_ref)
         config = image.run_config
         if env:
@@ -91,7 +92,7 @@ class Runtime:
         if name is not None:
             self.containers.check_name(name)
             name = name.removeprefix("/")  # Docker's names are stored without it
-        container_id, mount_id = random_id(), random_id()
+        container_id, mount_id = container_id or random_id(), random_id()
         container = Container(
             id=container_id, created=now(), path=argv[0], args=argv[1:], config=config, image_id=image.id,
             image_name=image_ref, name=name or self.containers.new_name(), mount_id=mount_id, driver=self.driver,

@@ -15,11 +15,14 @@ user, working directory...). After the first miss nothing is reused.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import datetime
 import hashlib
+import ipaddress
 import os
 import posixpath
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +32,15 @@ from pylayerfs.image import sandbox
 from pylayerfs.image.builder import imageconfig as cfg
 from pylayerfs.image.builder.context import Context, ContextError
 from pylayerfs.image.builder.copy import CopyJob, copy_into_root
-from pylayerfs.image.builder.dockerfile import Dockerfile, DockerfileError, Instruction, key_values, parse, split_words
+from pylayerfs.image.builder.dockerfile import (
+    SUPPORTED,
+    Dockerfile,
+    DockerfileError,
+    Instruction,
+    key_values,
+    parse,
+    split_words,
+)
 from pylayerfs.image.builder.dockerfile import substitute as expand
 from pylayerfs.image.drivers import StorageDriver
 from pylayerfs.image.drivers import overlay as rootfs
@@ -40,6 +51,11 @@ from pylayerfs.image.store.images import Image, format_time
 from pylayerfs.image.store.layers import Layer, random_id
 from pylayerfs.image.store.references import parse_reference
 from pylayerfs.overlay.params import MountError
+
+OCI_CREATE_FAILED = (
+    "failed to create shim task: OCI runtime create failed: runc create failed: unable to start container process: "
+)
+BUILDKIT_ONLY = "the --{} option requires BuildKit. Refer to https://docs.docker.com/go/buildkit/ to learn how to build images with BuildKit enabled"  # noqa: E501
 
 
 class BuildError(Exception):
@@ -59,6 +75,25 @@ class BuildOptions:
     build_args: dict[str, str] = field(default_factory=dict)
     driver: StorageDriver = StorageDriver.FUSE
     metacopy: bool = False  # mount steps with metacopy=on: a chmod copies metadata only
+    keep_failed_run: Callable[[FailedRun], object] | None = None  # keeps a failed RUN's container (the CLI's)
+
+
+@dataclass
+class FailedRun:
+    """A RUN step whose command failed: what its container (``ps -a``: ``Exited (N)``) is made of.
+
+    ``changes`` is the directory of what the command changed (an overlay upper directory: whiteouts as character
+    devices 0/0), to be moved away by :attr:`BuildOptions.keep_failed_run` during the call.
+    """
+
+    container_id: str
+    image: Image  # the step's parent image
+    command: list[str]
+    config: dict[str, Any]  # the container config the command ran with
+    changes: str
+    exit_code: int | None  # None: the command did not start (Docker's container stays Created)
+    started: str  # RFC 3339, as records write times
+    finished: str
 
 
 @dataclass
@@ -98,6 +133,11 @@ class Builder:
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
 
+    def _red(self, text: str) -> None:
+        """Text of the build's stderr stream, as moby's stream formatter sends it on stdout: in red."""
+        self.out.write(f"\x1b[91m{text}\x1b[0m")
+        self.out.flush()
+
     # -- the whole build ----------------------------------------------------------------
 
     def build(self) -> Image:
@@ -118,22 +158,34 @@ class Builder:
         return image
 
     def _prepare(self) -> tuple[Dockerfile, Context]:
-        """Read and check everything before anything is written: a bad Dockerfile leaves the store as it was."""
+        """Read the Dockerfile and the context, print the ``Sending build context`` line, parse the Dockerfile.
+
+        As the classic builder, errors of the Dockerfile as a whole come after that line and before any step, as
+        ``Error response from daemon: ...`` (BuildError); nothing is written then. Errors of one step (a missing
+        COPY source, a bad port) come at that step, after the earlier steps ran.
+        """
+        for tag in self.options.tags:  # the docker client's checks, its words and status (125)
+            try:
+                parse_reference(tag)
+            except StoreError as exc:
+                message = f'invalid argument "{tag}" for "-t, --tag" flag: invalid reference format'
+                with contextlib.suppress(StoreError):
+                    parse_reference(tag.lower())
+                    message += ": repository name must be lowercase"
+                raise BuildError(f"{message}\nSee 'docker build --help'.", 125) from exc
+        if not os.path.exists(self.options.context):
+            raise BuildError(f'unable to prepare context: path "{self.options.context}" not found')
         path = self.options.dockerfile or os.path.join(self.options.context, "Dockerfile")
         try:
             with open(path, encoding="utf-8") as f:
-                dockerfile = parse(f.read(), path)
+                text = f.read()
+        except FileNotFoundError as exc:
+            raise BuildError("unable to prepare context: unable to evaluate symlinks in Dockerfile path: lstat "
+                             f"{os.path.abspath(path)}: no such file or directory") from exc  # fmt: skip
         except OSError as exc:
             raise BuildError(f"cannot read the Dockerfile: {path}: {exc.strerror}") from exc
         except UnicodeDecodeError as exc:
             raise BuildError(f"{path}: not UTF-8 text") from exc
-        except DockerfileError as exc:
-            raise BuildError(str(exc)) from exc
-        for tag in self.options.tags:
-            try:
-                parse_reference(tag)
-            except StoreError as exc:
-                raise BuildError(str(exc)) from exc
         real = os.path.realpath(path)
         root = os.path.realpath(self.options.context)
         rel = os.path.relpath(real, root) if real.startswith(root + os.sep) else ""
@@ -142,52 +194,30 @@ class Builder:
         except ContextError as exc:
             raise BuildError(str(exc)) from exc
         try:
-            self._check(dockerfile, context)
+            self._say(f"Sending build context to Docker daemon {human_size(context.transfer_size(), 4):>8}")
+            try:
+                dockerfile = parse(text.removeprefix("\ufeff"), rel or os.path.basename(path))
+            except DockerfileError as exc:
+                raise BuildError(f"Error response from daemon: {exc}") from exc
+            if dockerfile.warnings:
+                self._red("\n".join(dockerfile.warnings) + "\n")
         except BaseException:
             context.close()
             raise
         self.store.collect_garbage()
         return dockerfile, context
 
-    def _check(self, dockerfile: Dockerfile, context: Context) -> None:
-        """Base images and COPY/ADD sources exist (with the variables a dry run can know)."""
-        names: set[str] = set()
-        variables: dict[str, str] = dict(self.options.build_args)
-        for ins in dockerfile.instructions:
-            try:
-                if ins.keyword == "FROM":
-                    words = split_words(expand(ins.args, variables, dockerfile.escape))
-                    if len(words) not in (1, 3) or (len(words) == 3 and words[1].lower() != "as"):
-                        raise DockerfileError("FROM takes an image and optionally AS name")
-                    if words[0] != "scratch" and words[0] not in names:
-                        image = self.store.resolve(words[0])
-                        variables.update(dict(e.partition("=")[::2] for e in image.run_config.get("Env") or []))
-                    if len(words) == 3:
-                        names.add(words[2].lower())
-                elif ins.keyword == "ENV":
-                    variables.update(key_values(expand(ins.args, variables, dockerfile.escape), "ENV"))
-                elif ins.keyword == "ARG":
-                    for key, default in _arg_pairs(ins.args):
-                        variables.setdefault(key, default or "")
-                elif ins.keyword in ("COPY", "ADD"):
-                    sources, _ = self._copy_words(ins, variables, dockerfile.escape)
-                    if "from" not in ins.flags:
-                        for source in sources:
-                            if ins.keyword == "ADD" and source.startswith(("http://", "https://")):
-                                raise DockerfileError("ADD from a URL is not supported (pylayerfs has no network)")
-                            context.sources(source, ins.keyword)
-                    elif ins.flags["from"].lower() not in names and not ins.flags["from"].isdigit():
-                        self.store.resolve(ins.flags["from"])
-            except (DockerfileError, ContextError, StoreError, ValueError) as exc:
-                raise BuildError(f"{dockerfile.path}:{ins.line}: {exc}") from exc
-
     def _run(self, dockerfile: Dockerfile, context: Context) -> Image:
-        self._say(f"Sending build context to Docker daemon {human_size(context.transfer_size(), 4):>8}")
         total = len(dockerfile.instructions)
         stage: Stage | None = None
         for n, ins in enumerate(dockerfile.instructions, start=1):
+            words = split_words(ins.args) if ins.keyword == "FROM" else []
+            if len(words) == 3 and any(s.name == words[2].lower() for s in self.stages):
+                raise BuildError("a stage name already used")  # before its Step line, as moby's
             self._say(f"Step {n}/{total} : {ins.source}")
             try:
+                if ins.keyword not in SUPPORTED:
+                    raise DockerfileError(f"{ins.keyword} is not supported by pylayerfs")
                 if ins.keyword == "FROM":
                     stage = self._from(ins, dockerfile.escape)
                 elif stage is None:  # an ARG before the first FROM
@@ -195,7 +225,7 @@ class Builder:
                 else:
                     self._dispatch(stage, ins, dockerfile.escape, context)
             except (DockerfileError, ValueError, StoreError, ContextError, sandbox.SandboxError, MountError) as exc:
-                raise BuildError(f"{dockerfile.path}:{ins.line}: {exc}") from exc
+                raise BuildError(str(exc)) from exc
         assert stage is not None
         if stage.image is None:
             raise BuildError("no image was generated: is the Dockerfile empty after FROM scratch?")
@@ -212,6 +242,8 @@ class Builder:
 
     def _from(self, ins: Instruction, escape: str) -> Stage:
         words = split_words(expand(ins.args, self.global_args, escape))
+        if not words or not words[0]:
+            raise DockerfileError(f"base name ({split_words(ins.args)[0]}) should not be blank")
         stage = Stage(words[2].lower() if len(words) == 3 else None)
         base = next((s for s in self.stages if s.name == words[0].lower()), None) if words[0] != "scratch" else None
         image = base.image if base is not None else None if words[0] == "scratch" else self.store.resolve(words[0])
@@ -220,7 +252,7 @@ class Builder:
             stage.run = image.run_config
             stage.history = image.history
             stage.diff_ids = image.diff_ids
-            self._say(f" ---> {image.short_id}")
+        self._say(f" ---> {image.short_id if image else ''}")  # moby: an empty ID for scratch
         if "PATH" not in stage.env:
             stage.run["Env"] = [*(stage.run.get("Env") or []), cfg.DEFAULT_PATH]
         self.stages.append(stage)
@@ -262,19 +294,68 @@ class Builder:
         self._commit(stage, cmd, None, container, "create")
 
     def _run_step(self, stage: Stage, ins: Instruction) -> None:
-        command = ins.exec_form if ins.exec_form is not None else [*stage.shell, ins.args]
+        """RUN: the command in the stage's root; its stdout to ours, its stderr to ours in red (moby's stream
+        formatter, ``\\x1b[91m...\\x1b[0m``). A failure exits with the command's status and keeps its container
+        (``keep_failed_run``), as the classic builder does."""
+        if "mount" in ins.flags:
+            raise DockerfileError(BUILDKIT_ONLY.format("mount"))
+        command = _command(stage, ins)
         args = {k: v for k, v in stage.args.items() if k not in stage.env}
         cmd = cfg.with_args(command, args)
         env = {**args, **stage.env}
+        codes: list[int | None] = []  # the status; None: the command did not start
+        errors: list[str] = []
 
         def run(root: str) -> None:
             process = sandbox.Process(root, command, env, stage.run.get("WorkingDir") or "/",
                                       stage.run.get("User") or "", self.container_id[:12])  # fmt: skip
-            code = sandbox.run(process)
-            if code != 0:
-                raise BuildError(f"The command '{' '.join(command)}' returned a non-zero code: {code}", code)
+            try:
+                codes.append(self._run_command(process))
+            except sandbox.CommandNotFound as exc:  # the words of Docker 20.10's runc
+                codes.append(None)
+                errors.append(f"{OCI_CREATE_FAILED}{exc}: unknown")
+            except sandbox.SandboxError as exc:
+                codes.append(None)
+                errors.append(str(exc))
 
-        self._filesystem_step(stage, cmd, run, "run")
+        def failed(container: str, changes: str, started: str) -> None:
+            if not codes or codes[0] == 0:
+                return
+            code = codes[0]
+            if self.options.keep_failed_run is not None and stage.image is not None:
+                config = {**stage.run, "Cmd": command, "Image": stage.image.id}
+                finished = format_time(datetime.datetime.now(datetime.UTC))
+                kept = FailedRun(container, stage.image, command, config, changes, code, started, finished)
+                self.options.keep_failed_run(kept)
+            if code is None:
+                raise BuildError(errors[0])
+            raise BuildError(f"The command '{' '.join(command)}' returned a non-zero code: {code}", code)
+
+        self._filesystem_step(stage, cmd, run, "run", check=failed)
+
+    def _run_command(self, process: sandbox.Process) -> int:
+        """Run ``process``; its stderr comes through a pipe, wrapped in red for ``self.out``. Its exit status."""
+        read, write = os.pipe()
+        saved = os.dup(2)
+        try:
+            os.dup2(write, 2)  # sandbox.start gives the command our fd 2
+            started = sandbox.start(process)
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(write)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            with os.fdopen(read, "rb", buffering=0) as stderr:
+                while chunk := stderr.read(32768):
+                    self._red(decoder.decode(chunk))
+            return started.wait()
+        except BaseException:  # interrupted: the command dies with its namespace before the error goes up
+            started.kill()
+            raise
 
     def _copy_words(self, ins: Instruction, variables: dict[str, str], escape: str) -> tuple[list[str], str]:
         words = ins.exec_form if ins.exec_form is not None else split_words(ins.args)
@@ -285,7 +366,11 @@ class Builder:
         return words[:-1], words[-1]
 
     def _copy(self, stage: Stage, ins: Instruction, escape: str, context: Context) -> None:
+        if "chmod" in ins.flags:
+            raise DockerfileError(BUILDKIT_ONLY.format("chmod"))
         patterns, dest = self._copy_words(ins, stage.variables(), escape)
+        if ins.keyword == "ADD" and any(p.startswith(("http://", "https://")) for p in patterns):
+            raise DockerfileError("ADD from a URL is not supported (pylayerfs has no network)")
         workdir = stage.run.get("WorkingDir") or "/"
         target = posixpath.join(workdir, dest) + ("/" if dest.endswith(("/", "/.")) or dest == "." else "")
         owner = ins.flags.get("chown")
@@ -294,7 +379,8 @@ class Builder:
                 raise DockerfileError(f"When using {ins.keyword} with more than one source file, "
                                       "the destination must be a directory and end with a /")  # fmt: skip
             digest = digests[0] if len(digests) == 1 else "multi:" + _sha256(",".join(digests))
-            text = f"{ins.keyword}{f' --chown={owner}' if owner else ''} {digest} in {dest} "
+            # moby 20.10 (dispatchers.go, performCopy): "%s %s%s in %s " with "--chown=U" and the hash: no space
+            text = f"{ins.keyword} {f'--chown={owner}' if owner else ''}{digest} in {dest} "
             job = CopyJob(sources, target, owner, extract=ins.keyword == "ADD")
             cmd = cfg.nop(stage.shell, text, two_words=False)
             copy = lambda root: sandbox.call(root, lambda: copy_into_root(source, job))  # noqa: E731
@@ -311,9 +397,16 @@ class Builder:
             yield context, sources, [context.digest(s) for s in sources]
             return
         stage = next((s for s in self.stages[:-1] if s.name == origin.lower()), None)
-        if stage is None and origin.isdigit() and int(origin) < len(self.stages) - 1:
+        if stage is None and origin.isdigit():  # moby: imagecontext.go, getImageMount
+            if int(origin) == len(self.stages) - 1:
+                raise DockerfileError(f"invalid from flag value {origin}: refers to current build stage")
+            if int(origin) >= len(self.stages):
+                raise DockerfileError(f"invalid from flag value {origin}: index out of bounds")
             stage = self.stages[int(origin)]
-        image = stage.image if stage is not None else self.store.resolve(origin)
+        try:
+            image = stage.image if stage is not None else self.store.resolve(origin)
+        except StoreError as exc:
+            raise DockerfileError(f"invalid from flag value {origin}: {exc}") from exc
         if image is None:
             raise DockerfileError(f"--from={origin}: that stage has no files")
         with self._mounted(image.top_layer) as root:
@@ -326,10 +419,14 @@ class Builder:
 
     # -- steps that change files ------------------------------------------------------------
 
-    def _filesystem_step(self, stage: Stage, cmd: list[str], work: Any, step: str) -> None:
+    def _filesystem_step(self, stage: Stage, cmd: list[str], work: Any, step: str,
+                         check: Callable[[str, str, str], None] | None = None) -> None:  # fmt: skip
         """Mount the stage's layers with a fresh upper, do ``work(root)``, keep the upper as the new layer.
 
-        ``step``: ``"run"``, ``"create"`` (WORKDIR) or ``"copy"``, as :func:`imageconfig.step_configs` takes it."""
+        ``step``: ``"run"``, ``"create"`` (WORKDIR) or ``"copy"``, as :func:`imageconfig.step_configs` takes it.
+        ``check(container_id, changes_dir, started)``, after the work and before the layer is made, may raise to
+        stop the step (its changes are dropped once it returns or raises).
+        """
         container = step != "copy"
         if self._probe(stage, cmd):
             return
@@ -339,9 +436,12 @@ class Builder:
         parent = stage.image.top_layer if stage.image else None
         with self.store.locked():
             cache_id = self.store.layers.new_dir(parent)
+        started = format_time(datetime.datetime.now(datetime.UTC))
         try:
             with self._mounted(parent, upper=cache_id) as root:
                 work(root)
+            if check is not None:
+                check(container_id, self.store.layers.diff_dir(cache_id), started)
             if container:
                 self._say(f"Removing intermediate container {container_id[:12]}")
             with self.store.locked():
@@ -440,24 +540,88 @@ def config_label(stage: Stage, ins: Instruction, args: str) -> str:
     return "LABEL " + " ".join(f"{k}={v}" for k, v in pairs)
 
 
+def _command(stage: Stage, ins: Instruction) -> list[str]:
+    """CMD/ENTRYPOINT/RUN's command: the exec form's array, or the shell with the text (nothing more if none)."""
+    return ins.exec_form if ins.exec_form is not None else [*stage.shell, *([ins.args] if ins.args else [])]
+
+
 def config_cmd(stage: Stage, ins: Instruction, args: str) -> str:
-    stage.run["Cmd"] = command = ins.exec_form if ins.exec_form is not None else [*stage.shell, ins.args]
-    stage.cmd_set = True
+    stage.run["Cmd"] = command = _command(stage, ins)
+    stage.cmd_set = stage.cmd_set or bool(ins.args)  # moby: an empty CMD does not count as set
     return f"CMD {cfg.go_quoted(command)}"
 
 
 def config_entrypoint(stage: Stage, ins: Instruction, args: str) -> str:
-    stage.run["Entrypoint"] = command = ins.exec_form if ins.exec_form is not None else [*stage.shell, ins.args]
+    command = _command(stage, ins) if ins.args else []
+    stage.run["Entrypoint"] = command or None  # moby: an empty ENTRYPOINT is none
     if not stage.cmd_set:
         stage.run["Cmd"] = None  # an inherited CMD does not survive a new ENTRYPOINT
     return f"ENTRYPOINT {cfg.go_quoted(command)}"
 
 
 def config_expose(stage: Stage, ins: Instruction, args: str) -> str:
-    ports = sorted(split_words(args))  # the parser sorts them as strings (moby instructions.parseExpose)
-    exposed: dict[str, dict[str, str]] = {p if "/" in p else f"{p}/tcp": {} for p in ports}
-    stage.run["ExposedPorts"] = {**(stage.run.get("ExposedPorts") or {}), **exposed}
+    """EXPOSE: each port spec checked and expanded as moby's (go-connections nat.ParsePortSpec): ``80``,
+    ``80/udp``, ``8000-8002``, ``IP:HOST:PORT``; DockerfileError in its words (``Invalid containerPort: x``)."""
+    # moby: the words sorted as written (instructions/parse.go), then each expanded to words (dispatchExpose)
+    variables = stage.variables()
+    ports = [port for word in sorted(split_words(ins.args)) for port in split_words(expand(word, variables))]
+    exposed: dict[str, dict[str, str]] = dict(stage.run.get("ExposedPorts") or {})
+    for spec in ports:
+        exposed.update({port: {} for port in _port_spec(spec)})
+    stage.run["ExposedPorts"] = dict(sorted(exposed.items()))  # a Go map: JSON with sorted keys
     return "EXPOSE " + " ".join(ports)
+
+
+def _port_range(text: str) -> tuple[int, int] | None:
+    """nat.ParsePortRange: ``N`` or ``N-M`` (16-bit, M >= N), or None."""
+    parts = text.split("-") if "-" in text else [text, text]
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and int(p) < 65536 for p in parts):
+        return None
+    start, end = int(parts[0]), int(parts[1])
+    return (start, end) if end >= start else None
+
+
+def _port_spec(spec: str) -> list[str]:
+    """The ``port/proto`` keys one EXPOSE word gives (nat.ParsePortSpec, its checks in its order)."""
+    parts = spec.split(":")
+    ip = ":".join(parts[:-2]) if len(parts) > 2 else ""
+    host = parts[-2] if len(parts) > 1 else ""
+    port, _, proto = parts[-1].partition("/")
+    proto = proto or "tcp"
+    if ip and not _is_ip(ip.removeprefix("[").removesuffix("]")):
+        raise DockerfileError(f"Invalid ip address: {ip}")
+    if not port:
+        raise DockerfileError(f"No port specified: {spec}<empty>")
+    ports = _port_range(port)
+    if ports is None:
+        raise DockerfileError(f"Invalid containerPort: {port}")
+    hosts = _port_range(host) if host else (0, 0)
+    if hosts is None:
+        raise DockerfileError(f"Invalid hostPort: {host}")
+    if host and ports[1] - ports[0] != hosts[1] - hosts[0] and ports[1] != ports[0]:
+        raise DockerfileError(f"Invalid ranges specified for container and host Ports: {port} and {host}")
+    if proto.lower() not in ("tcp", "udp", "sctp"):
+        raise DockerfileError(f"Invalid proto: {proto}")
+    return [f"{n}/{proto.lower()}" for n in range(ports[0], ports[1] + 1)]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def config_stopsignal(stage: Stage, ins: Instruction, args: str) -> str:
+    """STOPSIGNAL: a signal name (``SIGTERM``, ``TERM``) or a number, checked as moby's ``signal.ParseSignal``."""
+    name = args.strip()
+    known = {s.name.removeprefix("SIG") for s in signal.Signals} | {"CLD", "POLL", "IOT", "UNUSED"}
+    number = int(name) if name.isascii() and name.isdigit() else None
+    if number == 0 or (number is None and name.upper().removeprefix("SIG") not in known):
+        raise DockerfileError(f"Invalid signal: {name}")
+    stage.run["StopSignal"] = name
+    return f"STOPSIGNAL {name}"
 
 
 def config_user(stage: Stage, ins: Instruction, args: str) -> str:
@@ -486,6 +650,7 @@ CONFIG_STEPS: dict[str, Callable[[Stage, Instruction, str], str]] = {
     "USER": config_user,
     "VOLUME": config_volume,
     "SHELL": config_shell,
+    "STOPSIGNAL": config_stopsignal,
 }
 
 

@@ -292,7 +292,7 @@ class Context:
         leaves the context."""
         cleaned = _clean(pattern).lstrip("/")
         if cleaned == ".." or cleaned.startswith("../"):
-            raise ContextError(f"{keyword} failed: forbidden path outside the build context: {pattern}")
+            raise ContextError(f"{keyword} failed: forbidden path outside the build context: {pattern} ()")
         if has_wildcards(pattern):
             origin = pattern[1:] if len(pattern) > 1 and pattern.startswith("/") else pattern
             regex = glob_regex(origin.removeprefix("./"))
