@@ -274,3 +274,33 @@ def _wait_running(both: Both, name: str) -> None:
         assert time.monotonic() < deadline, _status(both, name)
         time.sleep(0.1)
     time.sleep(0.3)  # the shell has set its trap
+
+
+CONFINED = (
+    "mount -t tmpfs none /mnt 2>/dev/null; echo mount $?; "
+    "echo 1 2>/dev/null > /proc/sys/vm/drop_caches; echo sysctl $?; "
+    "(mknod /tmp/b b 7 0 && head -c1 /tmp/b) >/dev/null 2>&1; echo block-device $?; "
+    "grep CapBnd /proc/self/status"
+)
+CAP_MKNOD = 27
+
+
+def _confinement(out: str) -> tuple[dict[str, bool], int]:
+    """Which of :data:`CONFINED`'s attempts succeeded, and the bounding set of capabilities."""
+    fields = dict(line.split(None, 1) for line in out.splitlines())
+    return {k: fields[k] == "0" for k in ("mount", "sysctl", "block-device")}, int(fields["CapBnd:"], 16)
+
+
+def test_a_container_or_a_run_step_cannot_reach_the_host_as_with_docker(both: Both, tmp_path: Path) -> None:
+    """No mount, no write to /proc/sys, no use of a block device it makes (found by a user's try: a RUN step mounted
+    the host's disk and copied a host file into the image): Docker's capabilities (but CAP_MKNOD, which Docker keeps
+    and fences with a device cgroup) and its read-only and masked /proc paths."""
+    theirs, ours = both.run("run", "--rm", BASE, "sh", "-c", CONFINED)
+    (docker_did, docker_caps), (we_did, our_caps) = _confinement(theirs.stdout), _confinement(ours.stdout)
+    assert docker_did == we_did == {"mount": False, "sysctl": False, "block-device": False}
+    assert our_caps == docker_caps & ~(1 << CAP_MKNOD)
+    (tmp_path / "Dockerfile").write_text(f"FROM {BASE}\nRUN {CONFINED}\n")
+    built = pylayerfs(both.root, "build", "--no-cache", str(tmp_path), check=False)
+    assert built.returncode == 0, built.stderr
+    step = re.search(r"mount \d+\nsysctl \d+\nblock-device \d+\nCapBnd:\s+\w+\n", built.stdout)
+    assert step is not None and _confinement(step.group(0)) == (we_did, our_caps), built.stdout

@@ -96,11 +96,37 @@ MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
+MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+# The capabilities a container keeps (moby oci/caps/defaults.go), by number (linux/capability.h), but CAP_MKNOD:
+# Docker keeps it and denies the use of device nodes with a device cgroup, which pylayerfs does not make. Every
+# other capability leaves the bounding set before the command is executed, so no process of the container has
+# CAP_SYS_ADMIN (mount), CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_NET_ADMIN, CAP_SYS_TIME, CAP_SYS_BOOT...
+CAPABILITIES_KEPT = frozenset({
+    0,  # CHOWN
+    1,  # DAC_OVERRIDE
+    3,  # FOWNER
+    4,  # FSETID
+    5,  # KILL
+    6,  # SETGID
+    7,  # SETUID
+    8,  # SETPCAP
+    10,  # NET_BIND_SERVICE
+    13,  # NET_RAW
+    18,  # SYS_CHROOT
+    29,  # AUDIT_WRITE
+    31,  # SETFCAP
+})  # fmt: skip
+# runc's defaults for /proc and /sys (moby oci/defaults.go): paths hidden (a directory behind an empty read-only
+# tmpfs, a file behind /dev/null) and paths made read-only (root may otherwise write /proc/sysrq-trigger).
+MASKED_PATHS = ("proc/asound", "proc/acpi", "proc/kcore", "proc/keys", "proc/latency_stats", "proc/timer_list",
+                "proc/timer_stats", "proc/sched_debug", "proc/scsi", "sys/firmware")  # fmt: skip
+READONLY_PATHS = ("proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger")
 # pivot_root(2) has no glibc wrapper: its system call number, by machine (the generic table's 41 elsewhere).
 SYS_PIVOT_ROOT = {"x86_64": 155, "i386": 217, "i686": 217, "armv7l": 218, "ppc64le": 203, "s390x": 217}.get(
     platform.machine(), 41
@@ -281,8 +307,11 @@ def _enter(rootfs: str, cwd: str, hostname: str, etc: str | None = None, *, runt
     make_mounts_private(rootfs)
     root = os.fsencode(rootfs)
     _check(_libc.mount(root, root, None, MS_BIND | MS_REC, None), f"bind {rootfs} on itself")
+    # No device node of the image opens (one a layer holds, one a command makes): only the /dev the runtime makes.
+    _check(_libc.mount(root, root, None, MS_BIND | MS_REMOUNT | MS_NODEV, None), f"nodev {rootfs}")
     if runtime_mounts:
         _mount_defaults(rootfs)
+        _mask_paths(rootfs)
     for file in ETC_FILES if etc else ():
         target = os.path.join(rootfs, "etc", file)
         if os.path.isfile(target) and not os.path.islink(target):
@@ -316,6 +345,34 @@ def _mount_defaults(rootfs: str) -> None:
             os.chmod(os.path.join(dev, device), 0o666)  # mknod's mode is masked by the umask
         for link, target in DEV_LINKS:
             os.symlink(target, os.path.join(dev, link))
+
+
+def _mask_paths(rootfs: str) -> None:
+    """runc's masked and read-only paths (:data:`MASKED_PATHS`, :data:`READONLY_PATHS`) where the root has them.
+    Without CAP_SYS_ADMIN (:func:`_drop_capabilities`) the container cannot undo them. Raises SandboxError."""
+    for target in READONLY_PATHS:
+        where = os.fsencode(os.path.join(rootfs, target))
+        if os.path.lexists(where):
+            _check(_libc.mount(where, where, None, MS_BIND | MS_REC, None), f"bind /{target}")
+            _check(_libc.mount(where, where, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                               None), f"read-only /{target}")  # fmt: skip
+    null = os.fsencode(os.path.join(rootfs, "dev", "null"))
+    for target in MASKED_PATHS:
+        path = os.path.join(rootfs, target)
+        if os.path.isdir(path) and not os.path.islink(path):
+            _check(_libc.mount(b"tmpfs", os.fsencode(path), b"tmpfs", MS_RDONLY, None), f"mask /{target}")
+        elif os.path.exists(path) and os.path.exists(null):
+            _check(_libc.mount(null, os.fsencode(path), None, MS_BIND, None), f"mask /{target}")
+
+
+def _drop_capabilities() -> None:
+    """Take every capability but :data:`CAPABILITIES_KEPT` out of the bounding set: the command executed next (and
+    everything it starts, set-user-ID programs included) can never have them. Raises SandboxError."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for capability in range(last + 1):
+        if capability not in CAPABILITIES_KEPT:
+            _check(_libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0), f"drop capability {capability}")
 
 
 def _pivot_root(rootfs: str) -> None:
@@ -583,6 +640,7 @@ def _child(process: Process, etc: str | None, join: int, report: int) -> NoRetur
         for sig in (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores SIGPIPE and SIGXFSZ
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _drop_capabilities()  # from the bounding set: the mounts below still have this process's own
         if join:
             for name, kind in (("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("mnt", CLONE_NEWNS)):
                 _setns(join, name, kind)  # the mount namespace last: its root becomes ours
