@@ -227,3 +227,18 @@ def test_devices_and_setuid_work_as_on_the_kernel_mount(tmp_path):
     lowers, upper, work, mnt = _fresh(tmp_path, "nodev")
     with pylayerfs_mount(mnt, lowers, upper, work, "nodev,nosuid"), pytest.raises(PermissionError):
         _device_and_setuid(mnt)
+
+
+def test_an_opaque_marker_on_a_layers_root_hides_nothing_as_on_the_kernel(tmp_path):
+    """The kernel never looks the root up: an opaque marker on the top lower layer's root or on the upper root
+    hides no layer below (found by a user's try: `RUN mkdir /.wh..wh..opq` made the next step's image empty on the
+    FUSE driver, not on the kernel's)."""
+    views = []
+    for name, mount in (("kernel", kernel_mount), ("pylayerfs", pylayerfs_mount)):
+        lowers, upper, work, mnt = _fresh(tmp_path, name)
+        for marked in (lowers[0], upper):
+            os.setxattr(marked, "trusted.overlay.opaque", b"y")
+        with mount(mnt, lowers, upper, work):
+            views.append(view(mnt))
+    assert views[0] == views[1]
+    assert {"d/b", "merged/m2", "only"} <= set(views[1]), "the lower layers below the marked roots show"

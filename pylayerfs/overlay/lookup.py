@@ -220,12 +220,9 @@ class Lookup:
         return result
 
     def _root_lower_stack(self) -> LowerStack:
-        hits: list[LowerHit] = []
-        for layer in self.lowers:
-            hits.append((layer, entry_of(layer.lstat(""), layer.dev)))
-            if layer.listing("").opaque:
-                break
-        return LowerStack(tuple(hits))
+        """Every lower layer's root: the kernel never looks the root up, so an opaque marker on a layer's root
+        hides nothing (``ovl_get_lowerstack`` stacks them all; checked against the kernel in tests/test_kernel.py)."""
+        return LowerStack(tuple((layer, entry_of(layer.lstat(""), layer.dev)) for layer in self.lowers))
 
     def _lower_child(self, parent: LowerStack, parent_path: str, name: str) -> LowerStack:
         hits: list[LowerHit] = []
@@ -269,8 +266,7 @@ class Lookup:
         if self.upper is None:
             return Node("", None, self.lower_stack(""))
         upper_st = self.upper.lstat("")
-        opaque = self._upper_opaque(self.upper.fd)
-        return Node("", upper_st, NO_LOWER if opaque else self.lower_stack(""), self.upper.fd, opaque)
+        return Node("", upper_st, self.lower_stack(""), self.upper.fd)  # never opaque (see _root_lower_stack)
 
     def lookup(self, path: str) -> Node:
         """The merged node at ``path`` (``""``: the root), each directory on the way cached.
