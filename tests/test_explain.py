@@ -242,9 +242,9 @@ def test_a_userxattr_stack_reads_user_overlay_markers(tmp_path):
     e = explain(stack, "/o")
     assert e.layers[0].holds == "opaque directory" and e.entries == {"new": "top"} and not e.layers[1].consulted
     assert explain(stack, "/").entries == {"o": "top", "t": "low"}
-    trusted = Stack(stack.layers)  # the other way round: the root is opaque, o is a plain directory
+    trusted = Stack(stack.layers)  # the other way round: o is a plain directory, and a marker on a root is none
     root = explain(trusted, "/")
-    assert root.entries == {"o": "top"} and root.layers[0].holds == "opaque directory"
+    assert root.entries == {"o": "top", "t": "low"} and root.layers[0].holds == "directory"
     assert explain(trusted, "/o").layers[0].holds == "directory"
 
 

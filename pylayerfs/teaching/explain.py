@@ -123,7 +123,7 @@ class _Walk:
     def _lower_holds(self, layer: engine.Layer, rel: str) -> str:
         assert isinstance(layer, engine.LowerLayer)
         if not rel:
-            return "opaque directory" if layer.listing("").opaque else "directory"
+            return "directory"  # a marker on a layer's root is no marker: the kernel never looks the root up
         parent, name = engine.split(rel)
         listing = layer.listing(parent)  # empty where the parent is not a directory of this layer
         if name in listing.whiteouts:  # the 0/0 device, or the xattr form in a directory marked opaque="x"
@@ -149,6 +149,8 @@ class _Walk:
             return "nothing"
         if is_whiteout(st):
             return "whiteout"
+        if stat.S_ISDIR(st.st_mode) and not rel:
+            return "directory"  # as a lower layer's root
         if stat.S_ISDIR(st.st_mode):
             fd = layer.open(rel, os.O_PATH | os.O_DIRECTORY)
             try:
