@@ -385,10 +385,12 @@ def test_a_reader_that_goes_away_ends_a_listing_quietly(tmp_path, argv):
 
 @pytest.mark.root
 @pytest.mark.fuse
-def test_a_demo_stopped_by_sigterm_leaves_nothing_behind(tmp_path):
-    """``kill`` (SIGTERM) cleans up as Ctrl-C does: no throw-away store, no mount, no container process."""
+@pytest.mark.parametrize("command", [["demo"], ["bench", "--quick", "--no-builder"]], ids=["demo", "bench"])
+def test_a_demo_stopped_by_sigterm_leaves_nothing_behind(tmp_path, command):
+    """``kill`` (SIGTERM) cleans up as Ctrl-C does: no throw-away store, no mount (the bench's data set and tracefs:
+    found left mounted), no container process."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    demo = subprocess.Popen([*PYLAYERFS, "demo"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    demo = subprocess.Popen([*PYLAYERFS, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 60
         while not mounts_below(str(tmp_path)) and demo.poll() is None and time.monotonic() < deadline:

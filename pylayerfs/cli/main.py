@@ -265,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             from pylayerfs.bench.command import run as bench
 
+            signal.signal(signal.SIGTERM, _interrupted)  # killed, it unmounts its data set and tracefs as on Ctrl-C
             return bench(args)
         if args.command == "explain":
             from pylayerfs.teaching import explain
