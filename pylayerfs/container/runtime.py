@@ -233,7 +233,7 @@ class Runtime:
 
     def _monitor(self, container: Container, ready_fd: int | None = None, echo: bool = False) -> int:
         """Mount, run the command, log its output, record its exit, unmount. Returns its status. ``ready_fd``: where
-        to write :data:`READY` once the command runs, then closed (a failure before is the caller's to report there).
+        to write :data:`READY` once the command runs (left open: a failure is the caller's to report there).
 
         ``echo`` (attached): its output goes to our stdout and stderr too, and the signals of
         :data:`sandbox.FORWARDED` we get go to the command (PID 1): it decides, as under ``docker run`` (a shell or
@@ -253,7 +253,6 @@ class Runtime:
             self._record(container, State(ContainerStatus.RUNNING, True, started.pid, os.getpid(), 0, now()))
             if ready_fd is not None:
                 os.write(ready_fd, READY)
-                os.close(ready_fd)
             with _forwarding(started.pid) if echo else contextlib.nullcontext():
                 try:
                     self._pump(container, outputs, echo)
