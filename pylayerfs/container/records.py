@@ -109,7 +109,8 @@ class Container:
 
 
 def to_json(container: Container) -> dict[str, Any]:
-    """The record as ``config.v2.json`` holds it: moby's field names, in the order pylayerfs writes them."""
+    """The record as ``config.v2.json`` holds it: moby's field names, in the order pylayerfs writes them;
+    ``HostConfig`` only with ``--rm`` (``AutoRemove``)."""
     state = container.state
     return {
         "ID": container.id,
@@ -122,7 +123,7 @@ def to_json(container: Container) -> dict[str, Any]:
         "Name": "/" + container.name,
         "MountID": container.mount_id,
         "Driver": container.driver.value,
-        "HostConfig": {"AutoRemove": container.auto_remove},
+        **({"HostConfig": {"AutoRemove": True}} if container.auto_remove else {}),  # records without --rm as before
         "State": {
             "Status": state.status.value,
             "Running": state.running,
