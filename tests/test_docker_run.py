@@ -4,13 +4,17 @@ holding the same base), their outputs compared after masking IDs, hostnames, dat
 What a process sees (``env``, ``/etc/hosts``, ``/etc/hostname``, ``/etc/resolv.conf``, ``/dev``, its mounts,
 ``id``, ``ps``) in ``run``, ``exec`` and a build's RUN; the users (``--user``, ``USER``, supplementary groups,
 ``HOME``); the exit statuses and messages (125, 126, 127); the PID namespace (``stop`` and ``rm -f`` stop the
-whole tree, in well under the 10 s timeout; Ctrl-C goes to PID 1, which decides).
+whole tree, in well under the 10 s timeout; Ctrl-C goes to PID 1, which decides); a foreground ``run``'s streams
+(stdout and stderr apart, in the log too; no stdin without ``-i``; a slow reader slows the command down, a reader
+gone ends the client); ``run --rm -d``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import json
 import os
 import re
 import signal
@@ -56,13 +60,14 @@ class Both:
         return self.docker.run(*args, check=False, timeout=timeout), pylayerfs(self.root, *args, check=False,
                                                                                 timeout=timeout)  # fmt: skip
 
-    def popen(self, *args: str) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+    def popen(self, *args: str, stdin: int | None = None) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+        """``docker ARGS`` and ``pylayerfs ARGS`` started, stdout and stderr piped (``stdin``: as subprocess's)."""
         ours = {**os.environ, "PYLAYERFS_ROOT": str(self.root)}
         return (
-            subprocess.Popen([DOCKER, *args], env=self.docker.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True),
-            subprocess.Popen([sys.executable, "-m", "pylayerfs", *args], env=ours, stdout=subprocess.PIPE,
+            subprocess.Popen([DOCKER, *args], env=self.docker.env(), stdin=stdin, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True),
+            subprocess.Popen([sys.executable, "-m", "pylayerfs", *args], env=ours, stdin=stdin,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         )  # fmt: skip
 
 
@@ -304,3 +309,88 @@ def test_a_container_or_a_run_step_cannot_reach_the_host_as_with_docker(both: Bo
     assert built.returncode == 0, built.stderr
     step = re.search(r"mount \d+\nsysctl \d+\nblock-device \d+\nCapBnd:\s+\w+\n", built.stdout)
     assert step is not None and _confinement(step.group(0)) == (we_did, our_caps), built.stdout
+
+
+# A line of 40000 bytes without a newline, then lines on both streams: moby's json-file log keeps them apart.
+STREAMS = "head -c 40000 /dev/zero | tr '\\0' a; echo; echo out; echo err >&2; echo out2; printf 'no newline' >&2"
+
+
+def _log(both: Both, name: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The json-file log of container ``name`` on both sides, as ``(stream, log)`` pairs."""
+    theirs = both.docker.run("inspect", "-f", "{{.LogPath}}", name).stdout.strip()
+    short = pylayerfs(both.root, "ps", "-a", "--format", "{{.ID}} {{.Names}}").stdout
+    ours = glob.glob(str(both.root / "containers" / f"{short.split(f' {name}')[0].split()[-1]}*" / "*-json.log"))
+    logs = []
+    for path in (theirs, *ours):
+        with open(path) as f:
+            logs.append([(e["stream"], e["log"]) for e in map(json.loads, f)])
+    assert len(logs) == 2, ours
+    return logs[0], logs[1]
+
+
+def test_stdout_and_stderr_apart_as_dockers(both: Both) -> None:
+    """Attached, stdout to stdout and stderr to stderr; the log records each line's stream (a long line in 16 KiB
+    pieces, as moby's copier); ``logs`` gives each back on its own stream."""
+    results = both.run("run", "--name", "streams", BASE, "sh", "-c", STREAMS)
+    expected = ("a" * 40000 + "\nout\nout2\n", "err\nno newline")
+    for side in results:
+        assert (side.returncode, side.stdout, side.stderr) == (0, *expected)
+    logs = _log(both, "streams")
+    theirs, ours = ([[text for name, text in log if name == stream] for stream in ("stdout", "stderr")] for log in logs)
+    # Each stream's text is the same; where a long line is cut depends on how the pipe's reads fell on each side
+    # (the order between the two streams too), but no piece is longer than moby's 16 KiB.
+    assert ["".join(entries) for entries in ours] == ["".join(entries) for entries in theirs]
+    assert max(len(text) for text in ours[0]) == 16384 and len(ours[0]) >= 5, "40,001 bytes in 3 pieces or more"
+    for side in both.run("logs", "streams"):
+        assert (side.returncode, side.stdout, side.stderr) == (0, *expected)
+    both.run("rm", "streams")
+
+
+def test_no_stdin_without_i_as_dockers(both: Both) -> None:
+    clients = both.popen("run", "--rm", BASE, "sh", "-c", "cat; echo end", stdin=subprocess.PIPE)
+    results = [c.communicate("input\n", timeout=60) for c in clients]
+    assert results == [("end\n", ""), ("end\n", "")]
+    assert [c.returncode for c in clients] == [0, 0]
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_slow_reader_slows_the_command_and_a_reader_gone_ends_the_client(both: Both) -> None:
+    """Output nobody reads for a while stays in the pipes (the client's memory does not grow); when the reader goes,
+    the client exits 1 with Docker's message. Docker leaves the command running; pylayerfs kills it (and --rm
+    removes it: docs/containers.md)."""
+    clients = both.popen("run", "--rm", "--name", "zeros", BASE, "sh", "-c", "cat /dev/zero")
+    try:
+        _wait_running(both, "zeros")
+        time.sleep(2)
+        assert _rss_kib(clients[1].pid) < 100 * 1024, "a client of a few tens of MB, not the command's output"
+        for client in clients:
+            assert client.stdout is not None
+            assert len(client.stdout.read(10)) == 10
+            client.stdout.close()
+        for client in clients:
+            assert client.wait(timeout=15) == 1
+            assert client.stderr is not None
+            assert "write /dev/stdout: broken pipe" in client.stderr.read()
+        assert _status(both, "zeros")[1] == "", "killed, and removed by --rm"
+    finally:
+        both.run("rm", "-f", "zeros")
+        for client in clients:
+            client.kill()
+            client.wait()
+
+
+def test_run_rm_d_removes_the_container_once_it_exited(both: Both) -> None:
+    for side in both.run("run", "--rm", "-d", "--name", "brief", BASE, "sleep", "1"):
+        assert side.returncode == 0, side.stderr
+    deadline = time.monotonic() + 20
+    while _status(both, "brief") != ("", ""):
+        assert time.monotonic() < deadline, _status(both, "brief")
+        time.sleep(0.2)
+    theirs, ours = both.run("run", "--rm", "-d", "--name", "nostart", BASE, "nosuch")
+    assert (theirs.returncode, ours.returncode) == (127, 127)
+    assert _message(ours.stderr) in theirs.stderr
+    assert _status(both, "nostart") == ("", ""), "removed on both sides"

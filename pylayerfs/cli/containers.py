@@ -293,6 +293,27 @@ def _remove(runtime: Runtime, container: Container, force: bool) -> None:
         free_layers(runtime.store, top)
 
 
+def _start(runtime: Runtime, container: Container) -> None:
+    """Start ``container`` in the background. With ``--rm`` it is removed once its command exited (by its monitor),
+    or here when it could not start, as Docker's."""
+    if not container.auto_remove:
+        runtime.start_detached(container)
+        return
+    try:
+        runtime.start_detached(container, lambda c: _remove(runtime, c, force=True))
+    except StoreError:
+        _remove(runtime, runtime.containers.load(container.id), force=True)
+        raise
+
+
+def _logs(runtime: Runtime, container: Container) -> None:
+    """``logs``: the container's output, what it wrote on stdout to our stdout, on stderr to our stderr."""
+    for stream, data in runtime.logs(container):
+        out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+        out.write(data)
+        out.flush()
+
+
 def _attached(runtime: Runtime, container: Container) -> None:
     """Record that the container's output goes to the client (docker/cli: every create and run but ``run -d``)."""
     container.config.update(AttachStdout=True, AttachStderr=True)
@@ -311,12 +332,12 @@ def run(args: argparse.Namespace) -> int:
         find = runtime.containers.find
         if args.command in ("create", "run"):
             container = runtime.create(args.image, args.command_args, args.name, args.env, args.workdir,
-                                       args.user)  # fmt: skip
+                                       args.user, auto_remove=args.command == "run" and args.rm)  # fmt: skip
             if args.command == "create" or not args.detach:
                 _attached(runtime, container)
             if args.command == "create" or args.detach:
                 if args.command == "run":
-                    runtime.start_detached(container)
+                    _start(runtime, container)  # with --rm, removed once it exited
                 print(container.id)
                 return 0
             try:
@@ -328,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
             for ref in args.containers:
                 container = find(ref)
                 if args.command == "start":
-                    runtime.start_detached(container)
+                    _start(runtime, container)
                 elif args.command == "stop":
                     runtime.stop(container, args.time)
                 else:
@@ -342,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "ps":
             text = ps(runtime, args.all, args.size, args.quiet, args.format)
         elif args.command == "logs":
-            sys.stdout.buffer.write(runtime.logs(find(args.container)))
+            _logs(runtime, find(args.container))
             return 0
         elif args.command == "diff":
             text = diff(runtime, find(args.container))

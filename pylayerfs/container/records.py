@@ -2,9 +2,9 @@
 
 The record keeps what ``docker ps`` and ``docker inspect`` need (a subset of
 moby's ``Container``): ID, Created, Path/Args, Config, Image (ID and the name
-it was run as), Name, Driver, the mount-id of its read-write layer, and State
-(Running, Pid of the process, MonitorPid of the process that waits for it,
-ExitCode, StartedAt, FinishedAt).
+it was run as), Name, Driver, the mount-id of its read-write layer,
+HostConfig.AutoRemove (``--rm``), and State (Running, Pid of the process,
+MonitorPid of the process that waits for it, ExitCode, StartedAt, FinishedAt).
 
 In Python the record is :class:`Container` and :class:`State`, with snake_case
 attributes and enums; Docker's CamelCase names live only in :func:`to_json` and
@@ -96,6 +96,7 @@ class Container:
     name: str  # without the "/" that Docker's Name starts with
     mount_id: str
     driver: StorageDriver = StorageDriver.FUSE
+    auto_remove: bool = False  # --rm: removed once its command exited
     state: State = field(default_factory=State)
 
     @property
@@ -108,7 +109,8 @@ class Container:
 
 
 def to_json(container: Container) -> dict[str, Any]:
-    """The record as ``config.v2.json`` holds it: moby's field names, in the order pylayerfs writes them."""
+    """The record as ``config.v2.json`` holds it: moby's field names, in the order pylayerfs writes them;
+    ``HostConfig`` only with ``--rm`` (``AutoRemove``)."""
     state = container.state
     return {
         "ID": container.id,
@@ -121,6 +123,7 @@ def to_json(container: Container) -> dict[str, Any]:
         "Name": "/" + container.name,
         "MountID": container.mount_id,
         "Driver": container.driver.value,
+        **({"HostConfig": {"AutoRemove": True}} if container.auto_remove else {}),  # records without --rm as before
         "State": {
             "Status": state.status.value,
             "Running": state.running,
@@ -139,9 +142,10 @@ class RecordError(ValueError):
 
 def from_json(data: Any) -> Container:
     """A record read from ``config.v2.json``. Fields pylayerfs does not know are ignored (as Go's json does);
-    ``Driver`` and the fields of ``State`` may be missing (their defaults). Raises RecordError."""
+    ``Driver``, ``HostConfig`` and the fields of ``State`` may be missing (their defaults). Raises RecordError."""
     record = _object(data, "the record")
     state = _object(record.get("State"), "State")
+    host = _object(record.get("HostConfig", {}), "HostConfig")
     defaults = State()
     args = _get(record, "Args", list)
     if not all(isinstance(a, str) for a in args):
@@ -152,6 +156,7 @@ def from_json(data: Any) -> Container:
         image_name=_get(record, "ImageName", str), name=_get(record, "Name", str).removeprefix("/"),
         mount_id=_get(record, "MountID", str),
         driver=_enum(StorageDriver, "Driver", record.get("Driver", StorageDriver.FUSE.value)),
+        auto_remove=_get(host, "AutoRemove", bool, False, "HostConfig."),
         state=State(
             status=_enum(ContainerStatus, "State.Status", state.get("Status", defaults.status.value)),
             running=_get(state, "Running", bool, defaults.running, "State."),

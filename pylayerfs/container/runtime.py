@@ -24,11 +24,10 @@ import contextlib
 import datetime
 import json
 import os
+import selectors
 import signal
-import sys
 import time
-from collections.abc import Iterator
-from typing import IO
+from collections.abc import Callable, Iterator
 
 from pylayerfs.container.records import Container, ContainerStatus, ContainerStore, State
 from pylayerfs.image import sandbox
@@ -46,6 +45,7 @@ from pylayerfs.overlay.params import mounts_below
 EXIT_DIED = 255  # what a container whose monitor died reports
 STOP_TIMEOUT = 10.0
 READY = b"ready\n"
+LOG_LINE = 16 * 1024  # moby's daemon/logger/copier.go bufSize: a longer line is logged in pieces of this many bytes
 
 
 class StartError(StoreError):
@@ -73,8 +73,10 @@ class Runtime:
     def create(
         self, image_ref: str, command: list[str], name: str | None = None, env: list[str] | None = None,
         workdir: str | None = None, user: str | None = None, container_id: str | None = None,
+        auto_remove: bool = False,
     ) -> Container:  # fmt: skip
-        """A new container of ``image_ref`` (``container_id``: its ID, default a new one)."""
+        """A new container of ``image_ref`` (``container_id``: its ID, default a new one; ``auto_remove``: ``--rm``,
+        removed once its command exited)."""
         image = self.store.resolve(image_ref)
         config = image.run_config
         if env:
@@ -96,6 +98,7 @@ class Runtime:
         container = Container(
             id=container_id, created=now(), path=argv[0], args=argv[1:], config=config, image_id=image.id,
             image_name=image_ref, name=name or self.containers.new_name(), mount_id=mount_id, driver=self.driver,
+            auto_remove=auto_remove,
         )  # fmt: skip
         top = image.top_layer
         layers = self.store.layers
@@ -183,14 +186,19 @@ class Runtime:
     # -- running -------------------------------------------------------------------------------
 
     def run_attached(self, container: Container) -> int:
-        """Run in the foreground (``run`` without ``-d``): output here and in the log; the command's status."""
+        """Run in the foreground (``run`` without ``-d``): its stdout on our stdout, its stderr on our stderr, both in
+        the log; the command's status. When a reader of ours goes away (``run ... | head``), the command is killed
+        and StartError (status 1, ``write /dev/stdout: broken pipe``) raised, once its exit is recorded."""
         try:
-            return self._monitor(container, echo=sys.stdout.buffer)
+            return self._monitor(container, echo=True)
         except sandbox.SandboxError as exc:
             raise StartError(str(exc), exc.exit_code) from exc
+        except BrokenPipeError as exc:
+            raise StartError(str(exc), 1) from exc
 
-    def start_detached(self, container: Container) -> None:
-        """Start a monitor in the background; return once the command runs (or failed to start)."""
+    def start_detached(self, container: Container, remove: Callable[[Container], None] | None = None) -> None:
+        """Start a monitor in the background; return once the command runs (or failed to start). ``remove``: called
+        by the monitor once the command exited and its exit is recorded (``--rm``)."""
         container = self.reconcile(container)
         if container.state.running:
             return
@@ -205,6 +213,8 @@ class Runtime:
             code = 1
             try:
                 code = self._monitor(container, ready_fd=write_fd)
+                if remove is not None:
+                    remove(self.containers.load(container.id))
             except BaseException as exc:  # reported through the pipe
                 failure = exc.exit_code if isinstance(exc, sandbox.SandboxError) else 125
                 with contextlib.suppress(OSError):
@@ -221,49 +231,70 @@ class Runtime:
                 raise StartError("the container's monitor exited before the command started")
             raise StartError(text.strip(), int(status) if status.isdigit() else 125)
 
-    def _monitor(self, container: Container, ready_fd: int | None = None, echo: IO[bytes] | None = None) -> int:
-        """Mount, run the command, log its output, record its exit, unmount. Returns its status.
+    def _monitor(self, container: Container, ready_fd: int | None = None, echo: bool = False) -> int:
+        """Mount, run the command, log its output, record its exit, unmount. Returns its status. ``ready_fd``: where
+        to write :data:`READY` once the command runs (left open: a failure is the caller's to report there).
 
-        Attached (``echo``), the signals of :data:`sandbox.FORWARDED` we get go to the command (PID 1): it decides,
-        as under ``docker run`` (a shell or ``sleep`` as PID 1 ignores SIGINT and SIGTERM).
+        ``echo`` (attached): its output goes to our stdout and stderr too, and the signals of
+        :data:`sandbox.FORWARDED` we get go to the command (PID 1): it decides, as under ``docker run`` (a shell or
+        ``sleep`` as PID 1 ignores SIGINT and SIGTERM). Raises BrokenPipeError, once the command is killed and its
+        exit recorded, when our stdout or stderr is a pipe nobody reads any more.
         """
         code = 0
-        try:
-            with self._mounted(container) as root:
-                process = self._process(container, root, container.command, [], None, None)
-                sandbox.write_etc(self.containers.dir(container.id), container.short_id)  # at each start, as Docker
-                try:
-                    started = sandbox.start(process, capture=True)
-                except sandbox.SandboxError as exc:
-                    self._record(container, State(ContainerStatus.CREATED, exit_code=exc.exit_code))
-                    raise
-                self._record(container, State(ContainerStatus.RUNNING, True, started.pid, os.getpid(), 0, now()))
-                if ready_fd is not None:
-                    os.write(ready_fd, READY)
-                    os.close(ready_fd)
-                    ready_fd = None
-                assert started.stdout is not None
-                with _forwarding(started.pid) if echo is not None else contextlib.nullcontext():
-                    with started.stdout:
-                        self._pump(container, started.stdout, echo)
-                    code = started.wait()
-        finally:
+        broken: BrokenPipeError | None = None
+        with self._mounted(container) as root:
+            process = self._process(container, root, container.command, [], None, None)
+            sandbox.write_etc(self.containers.dir(container.id), container.short_id)  # at each start, as Docker
+            try:
+                started, outputs = _start_piped(process)
+            except sandbox.SandboxError as exc:
+                self._record(container, State(ContainerStatus.CREATED, exit_code=exc.exit_code))
+                raise
+            self._record(container, State(ContainerStatus.RUNNING, True, started.pid, os.getpid(), 0, now()))
             if ready_fd is not None:
-                os.close(ready_fd)
+                os.write(ready_fd, READY)
+            with _forwarding(started.pid) if echo else contextlib.nullcontext():
+                try:
+                    self._pump(container, outputs, echo)
+                except BrokenPipeError as exc:  # docker's client exits too (but leaves the command running)
+                    broken = exc
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(started.pid, signal.SIGKILL)
+                finally:
+                    for fd in outputs:
+                        os.close(fd)
+                code = started.wait()
         latest = self.containers.load(container.id)
         self._record(container, State(ContainerStatus.EXITED, False, 0, 0, code, latest.state.started_at, now()))
+        if broken is not None:
+            raise broken
         return code
 
-    def _pump(self, container: Container, stream: IO[bytes], echo: IO[bytes] | None) -> None:
-        """Copy the container's output to its log (docker's json-file lines) and, attached, to our stdout."""
-        with open(self.containers.log_path(container), "a") as log:
-            while chunk := stream.readline():
-                if echo is not None:
-                    echo.write(chunk)
-                    echo.flush()
-                entry = {"log": chunk.decode(errors="replace"), "stream": "stdout", "time": now()}
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
+    def _pump(self, container: Container, outputs: dict[int, str], echo: bool) -> None:
+        """Copy the container's output (``outputs``: pipe fd to stream name) to its log, in docker's json-file lines
+        (``{"log", "stream", "time"}``; a line longer than :data:`LOG_LINE` bytes in pieces, as moby's copier),
+        until each pipe is at its end. With ``echo``, to our stdout and stderr too, written before more is read: a
+        slow reader slows the command down, as docker's, and memory stays bounded. Raises BrokenPipeError
+        (``write /dev/stdout: broken pipe``, docker's words) when nobody reads ours any more."""
+        pending = dict.fromkeys(outputs, b"")
+        with open(self.containers.log_path(container), "a") as log, selectors.DefaultSelector() as ready:
+            for fd in outputs:
+                ready.register(fd, selectors.EVENT_READ)
+            while ready.get_map():
+                for key, _ in ready.select():
+                    fd, stream = key.fd, outputs[key.fd]
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        ready.unregister(fd)
+                        pieces, pending[fd] = [pending[fd]] if pending[fd] else [], b""
+                    else:
+                        if echo:
+                            _write_all(1 if stream == "stdout" else 2, chunk, stream)
+                        pieces, pending[fd] = _log_pieces(pending[fd] + chunk)
+                    for piece in pieces:
+                        entry = {"log": piece.decode(errors="replace"), "stream": stream, "time": now()}
+                        log.write(json.dumps(entry) + "\n")
+                    log.flush()
 
     def _record(self, container: Container, state: State) -> None:
         container.state = state
@@ -308,12 +339,16 @@ class Runtime:
                 time.sleep(0.05)
         raise StoreError(f"cannot stop container {container.short_id}")
 
-    def logs(self, container: Container) -> bytes:
+    def logs(self, container: Container) -> Iterator[tuple[str, bytes]]:
+        """The container's output in the order it came: ``(stream, bytes)``, stream ``stdout`` or ``stderr``."""
         try:
             with open(self.containers.log_path(container)) as f:
-                return "".join(json.loads(line)["log"] for line in f if line.strip()).encode()
+                for line in f:
+                    if line.strip():
+                        entry = json.loads(line)
+                        yield entry.get("stream", "stdout"), entry["log"].encode()
         except FileNotFoundError:
-            return b""
+            return
 
     # -- surviving restarts -----------------------------------------------------------------------
 
@@ -329,6 +364,54 @@ class Runtime:
                 realfs.detach(mountpoint)
         self._record(container, State(ContainerStatus.EXITED, False, 0, 0, EXIT_DIED, state.started_at, now()))
         return container
+
+
+def _start_piped(process: sandbox.Process) -> tuple[sandbox.Started, dict[int, str]]:
+    """Start ``process`` with ``/dev/null`` as its stdin (``docker run`` without ``-i``) and its stdout and stderr
+    on two pipes; returns it and the pipes' read ends (fd to ``stdout``/``stderr``), for the caller to close.
+
+    :func:`sandbox.start` gives the command our fds 0, 1 and 2: they are those for the call, then ours again.
+    """
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    try:
+        for fd, target in enumerate((null, out_w, err_w)):
+            os.dup2(target, fd)
+        started = sandbox.start(process)
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        for fd, copy in enumerate(saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        for fd in (null, out_w, err_w):
+            os.close(fd)
+    return started, {out_r: "stdout", err_r: "stderr"}
+
+
+def _write_all(fd: int, data: bytes, name: str) -> None:
+    """Write all of ``data`` to ``fd`` (blocking); BrokenPipeError ``write /dev/NAME: broken pipe`` as Go's."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        raise BrokenPipeError(f"write /dev/{name}: broken pipe") from None
+
+
+def _log_pieces(data: bytes) -> tuple[list[bytes], bytes]:
+    """``data`` cut into log entries: each line with its newline, then pieces of :data:`LOG_LINE` bytes of a longer
+    one; and what is left for the next read (shorter than :data:`LOG_LINE`, no newline)."""
+    *complete, rest = data.split(b"\n")
+    lines = [line + b"\n" for line in complete]
+    while len(rest) >= LOG_LINE:
+        lines.append(rest[:LOG_LINE])
+        rest = rest[LOG_LINE:]
+    return lines, rest
 
 
 @contextlib.contextmanager
