@@ -101,6 +101,11 @@ CASES = [
     ("run-fails", B + "RUN echo out; sleep 0.3; echo err >&2; exit 3\n", {}),
     ("run-nothing", B + "RUN\n", {}),
     ("run-fails-with-args", B + "ARG A=1\nRUN exit 7\n", {}),
+    # quotes and escapes in variable expansion (moby's shell lexer), a byte order mark
+    ("env-open-quote", B + 'ENV A="abc\n', {}),
+    ("label-open-single-quote", B + "LABEL a='abc\n", {}),
+    ("copy-quoted-words", B + 'COPY "a" /b\nCOPY "a b" /c\n', A),
+    ("byte-order-mark", "\ufeff" + B + "RUN echo bom\n", {}),
 ]
 
 
@@ -215,3 +220,28 @@ def test_the_clients_own_errors_are_dockers(docker: Docker, store: Path, tmp_pat
     (tmp_path / "ctx" / "Dockerfile").unlink()
     theirs, ours = both(docker, store, ctx)
     assert ours == theirs and theirs[0] == 1
+
+
+# Every instruction that expands variables, with quotes and escapes: the RUN prints what ENV/ARG gave.
+QUOTES = (B + "ENV A=1 B=\"two words\" C=three\\ words D='single $A' E=\"dq $A ${A}x ${NOPE:-def} ${A:+alt}\"\n"
+          "ENV F $A and $B\nENV PS1='\\u@\\h $ ' Q=\"a\\\"b\" R=a\\$b S='it''s' T=\\$HOME U=\"\\q\\\\\"\n"
+          "LABEL l1='$A' l2=\"\\$A\" l3=$A \"k$A\"=v\nARG G='$A'x\"$A\"\nWORKDIR '/w/$A'\n"
+          "VOLUME '/v/$A' /v2/$A\nCOPY \\$A '$A' /d/\nEXPOSE \"8$A\" '9'\n"
+          'RUN echo "$A|$B|$C|$D|$E|$F|$G|$PS1|$Q|$R|$S|$T|$U" && pwd && ls /d\nUSER \'$A\'\n')  # fmt: skip
+BACKTICK = ("# escape=`\n" + B + "ENV A=1 B=a`$A C=\"q`\"`$A\\$A\" D=x\\y\nLABEL l=`$A\n"
+            'RUN echo "$B|$C|$D"\n')  # fmt: skip
+CONFIG = "{{json .Config.Env}} {{json .Config.Labels}} {{json .Config.WorkingDir}} {{json .Config.User}} " \
+    "{{json .Config.Volumes}} {{json .Config.ExposedPorts}}"  # fmt: skip
+
+
+@pytest.mark.parametrize("dockerfile", [QUOTES, BACKTICK], ids=["quotes", "backtick-escape"])
+def test_quotes_and_escapes_expand_as_dockers(docker: Docker, store: Path, tmp_path: Path, dockerfile: str):
+    """moby's lexer (shell/lex.go): 'single quotes' keep ``$A``, "double quotes" expand it, an escape keeps the next
+    character; the same output (the RUN prints the values) and the same configuration on both sides."""
+    ctx = context(tmp_path / "ctx", dockerfile, {"$A": "dollar\n"})
+    theirs, ours = both(docker, store, ctx, "-t", "quotes")
+    assert ours == theirs and theirs[0] == 0, theirs
+    config = json.loads(pylayerfs(store, "inspect", "quotes").stdout)[0]["Config"]
+    keys = ["Env", "Labels", "WorkingDir", "User", "Volumes", "ExposedPorts"]
+    ours_config = " ".join(json.dumps(config.get(k), separators=(",", ":"), ensure_ascii=False) for k in keys)
+    assert ours_config + "\n" == docker.run("image", "inspect", "--format", CONFIG, "quotes").stdout
