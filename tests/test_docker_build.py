@@ -22,6 +22,7 @@ from tests.test_build import pylayerfs
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.timeout(600)]
 B = f"FROM {BASE}\n"
+U2 = "u2:x:1500:2000::/home/u2:/bin/sh"  # a user whose primary group (2000) is not the group named u2
 A = {"a": "x\n"}
 ACCEPTED = (B + "CMD\nENTRYPOINT\nUSER a b\nWORKDIR a b\nARG a b\nSTOPSIGNAL sigkill\nSTOPSIGNAL 9\n"
             "EXPOSE 8000-8002/udp 1.2.3.4:70:70 81/TCP 80:80\nRUN echo a \\\n\n\nRUN echo b \\")  # fmt: skip
@@ -105,6 +106,16 @@ CASES = [
     ("env-open-quote", B + 'ENV A="abc\n', {}),
     ("label-open-single-quote", B + "LABEL a='abc\n", {}),
     ("copy-quoted-words", B + 'COPY "a" /b\nCOPY "a b" /c\n', A),
+    ("chown-user-no-group", B + f"RUN echo '{U2}' >> /etc/passwd\nCOPY --chown=u2 a /a\n", A),
+    ("chown-no-user", B + "COPY --chown=nosuch:0 a /a\n", A),
+    ("chown-three-parts", B + "COPY --chown=1:2:3 a /a\n", A),
+    (
+        "chown-group-named-as-user",
+        B + f"RUN echo '{U2}' >> /etc/passwd && echo 'g2:x:2000:' >> /etc/group && echo 'u2:x:7:' >> /etc/group\n"
+        "ARG O=1500:g2\nCOPY --chown=u2 a /a\nCOPY --chown=1500 a /b\nCOPY --chown=$O a /c\nCOPY --chown=u2:u2 a /d\n"
+        "RUN stat -c '%n %u %g' /a /b /c /d\n",
+        A,
+    ),
     ("byte-order-mark", "\ufeff" + B + "RUN echo bom\n", {}),
 ]
 

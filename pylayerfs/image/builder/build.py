@@ -375,7 +375,7 @@ class Builder:
             raise DockerfileError("ADD from a URL is not supported (pylayerfs has no network)")
         workdir = stage.run.get("WorkingDir") or "/"
         target = posixpath.join(workdir, dest) + ("/" if dest.endswith(("/", "/.")) or dest == "." else "")
-        owner = ins.flags.get("chown")
+        owner = process_word(ins.flags["chown"], stage.variables(), escape) if "chown" in ins.flags else None
         with self._copy_source(ins, patterns, context) as (source, sources, digests):
             if len(sources) > 1 and not target.endswith("/"):
                 raise DockerfileError(f"When using {ins.keyword} with more than one source file, "
