@@ -9,9 +9,11 @@ however the pipe cut it. A failed RUN leaves its container on both sides.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -256,3 +258,33 @@ def test_quotes_and_escapes_expand_as_dockers(docker: Docker, store: Path, tmp_p
     keys = ["Env", "Labels", "WorkingDir", "User", "Volumes", "ExposedPorts"]
     ours_config = " ".join(json.dumps(config.get(k), separators=(",", ":"), ensure_ascii=False) for k in keys)
     assert ours_config + "\n" == docker.run("image", "inspect", "--format", CONFIG, "quotes").stdout
+
+
+def _tar(entries: dict[str, bytes | None]) -> bytes:
+    """A tar of regular files (None: a directory), all 0644/0755 root-owned at a fixed mtime."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.mtime, info.mode = 1_600_000_000, 0o644 if data is not None else 0o755
+            info.type = tarfile.REGTYPE if data is not None else tarfile.DIRTYPE
+            info.size = len(data or b"")
+            tar.addfile(info, io.BytesIO(data or b""))
+    return out.getvalue()
+
+
+def test_add_whiteouts_and_copy_through_dangling_symlinks_are_dockers(docker: Docker, store: Path, tmp_path: Path):
+    """ADD of a tar with ``.wh.X`` removes X and ``.wh..wh..opq`` hides what the directory held (as Docker's commit
+    of what ``Unpack`` wrote); COPY through an image symlink to a missing target creates the target inside the
+    image. The RUN lists the results: the same output on both sides."""
+    wh = _tar({"etc/.wh.group": b"", "o/": None, "o/.wh..wh..opq": b"", "o/new": b"n\n", "tmp/.wh.nothing": b"",
+               "hello": b"hi\n"})  # fmt: skip
+    ctx = context(tmp_path / "ctx", B + "RUN mkdir -p /o/sub && touch /o/old /o/sub/gone /o/sub/stays\n"
+                  "RUN ln -s /tmp/x/y /evil && ln -s ../../nowhere/z /rel\nADD w.tar /\nCOPY a /evil/\nCOPY d /rel/\n"
+                  "RUN ls -a /etc /o /tmp/x/y /nowhere/z && cat /hello /evil/a /rel/f\n", A)  # fmt: skip
+    (tmp_path / "ctx" / "w.tar").write_bytes(wh)
+    (tmp_path / "ctx" / "d").mkdir()
+    (tmp_path / "ctx" / "d" / "f").write_text("f\n")
+    theirs, ours = both(docker, store, ctx, "--no-cache")
+    assert ours == theirs and theirs[0] == 0, theirs
+    assert "group" not in theirs[1].split("Step 7/7")[1]

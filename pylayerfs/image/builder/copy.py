@@ -109,9 +109,13 @@ def _lookup(name: str, path: str, what: str) -> int:
 
 
 def _make_dirs(path: str, uid: int, gid: int) -> None:
-    """Create ``path`` and its missing parents, 0755 and owned by ``uid:gid`` (``idtools.MkdirAllAndChownNew``)."""
+    """Create ``path`` and its missing parents, 0755 and owned by ``uid:gid`` (``idtools.MkdirAllAndChownNew``).
+
+    ``path`` is resolved first (moby: ``FollowSymlinkInScope``): a symlink of the image whose target does not exist
+    yet (``/evil -> /tmp/x/y``) gets its target created. This runs in the step's root, so the resolution never
+    leaves the image."""
     missing = []
-    path = os.path.normpath(path)
+    path = os.path.realpath(path)
     while not os.path.lexists(path):
         missing.append(path)
         path = os.path.dirname(path)
@@ -129,7 +133,7 @@ def _extract(parent: int, name: str, dest: str) -> bool:
         os.lseek(fd, 0, os.SEEK_SET)
         _make_dirs(dest, 0, 0)
         with os.fdopen(os.dup(fd), "rb") as f, archive.open_archive(f, name) as tar:
-            archive.extract(tar, dest)
+            archive.extract(tar, dest, merged=True)
         return True
     finally:
         os.close(fd)
