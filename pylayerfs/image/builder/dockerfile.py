@@ -259,7 +259,8 @@ def key_values(text: str, keyword: str, escape: str = "\\") -> list[tuple[str, s
 def process_word(word: str, variables: dict[str, str], escape: str = "\\") -> str:
     """One word as moby's shell lexer gives it (shell/lex.go, ProcessWord): 'single quotes' literal, "double
     quotes" with ``$`` expanded and ``\\"``, ``\\$``, ``\\\\`` escaped, an escape outside quotes taking the next
-    character as it is; ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR:+alternative}`` (unset: empty).
+    character as it is; ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR:+alternative}``,
+    ``${VAR:?message}``; unset is empty, as are the special parameters (``$@``, ``$#``, ``$$``...).
 
     ValueError in moby's words with the word: ``failed to process "${B": missing ':' in substitution``.
     """
@@ -364,6 +365,8 @@ class _Lexer:
 
     def _name(self) -> str:
         start = self.i
+        if self._peek() and self._peek() in "@*#?-$!":  # a special parameter: one character (Docker: unset)
+            return self._next()
         if self._peek().isdigit():
             while self._peek().isdigit():
                 self._next()
@@ -400,4 +403,8 @@ class _Lexer:
             return word if value else ""
         if modifier == "-":
             return value or word
+        if modifier == "?":
+            if not value:
+                raise ValueError(f"{name}: {word or 'is not allowed to be unset'}")
+            return value
         raise ValueError(f"unsupported modifier ({modifier}) in substitution")
