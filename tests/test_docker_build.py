@@ -121,7 +121,7 @@ CASES = [
     ("question-modifier", B + "ENV A=${NOPE:?oops}\n", {}),
     ("question-modifier-no-message", B + "ENV B=1\nENV A=${B:?x}${NOPE:?}\n", {}),
     ("question-modifier-empty-value", B + "ENV E=\nENV A=${E:?empty}\n", {}),
-    ("special-parameters", B + "ENV A=x$@y$#z$1w${1}v$$u\nRUN echo \"$A\"\n", {}),
+    ("special-parameters", B + 'ENV A=x$@y$#z$1w${1}v$$u\nRUN echo "$A"\n', {}),
     ("byte-order-mark", "\ufeff" + B + "RUN echo bom\n", {}),
 ]
 
