@@ -199,7 +199,7 @@ def test_copy_add_dockerignore_chown_and_the_image_root(store, tmp_path):
     (ctx / ".dockerignore").write_text("*.key\n")
     subprocess.run(["tar", "-czf", str(ctx / "files.tar.gz"), "-C", str(ctx / "src"), "."], check=True)
     (ctx / "Dockerfile").write_text(
-        "FROM alpine\nRUN ln -s /etc /hostetc\nCOPY src /data/\nCOPY --chown=nobody src/*.txt /owned/\n"
+        "FROM alpine\nRUN ln -s /etc /hostetc\nCOPY src /data/\nCOPY --chown=nobody:nogroup src/*.txt /owned/\n"
         "ADD files.tar.gz /unpacked\nCOPY src/a.txt /hostetc/escaped.txt\n"
     )
     pylayerfs(store, "build", "-t", "copies", str(ctx))

@@ -9,9 +9,11 @@ however the pipe cut it. A failed RUN leaves its container on both sides.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from tests.test_build import pylayerfs
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.timeout(600)]
 B = f"FROM {BASE}\n"
+U2 = "u2:x:1500:2000::/home/u2:/bin/sh"  # a user whose primary group (2000) is not the group named u2
 A = {"a": "x\n"}
 ACCEPTED = (B + "CMD\nENTRYPOINT\nUSER a b\nWORKDIR a b\nARG a b\nSTOPSIGNAL sigkill\nSTOPSIGNAL 9\n"
             "EXPOSE 8000-8002/udp 1.2.3.4:70:70 81/TCP 80:80\nRUN echo a \\\n\n\nRUN echo b \\")  # fmt: skip
@@ -101,6 +104,25 @@ CASES = [
     ("run-fails", B + "RUN echo out; sleep 0.3; echo err >&2; exit 3\n", {}),
     ("run-nothing", B + "RUN\n", {}),
     ("run-fails-with-args", B + "ARG A=1\nRUN exit 7\n", {}),
+    # quotes and escapes in variable expansion (moby's shell lexer), a byte order mark
+    ("env-open-quote", B + 'ENV A="abc\n', {}),
+    ("label-open-single-quote", B + "LABEL a='abc\n", {}),
+    ("copy-quoted-words", B + 'COPY "a" /b\nCOPY "a b" /c\n', A),
+    ("chown-user-no-group", B + f"RUN echo '{U2}' >> /etc/passwd\nCOPY --chown=u2 a /a\n", A),
+    ("chown-no-user", B + "COPY --chown=nosuch:0 a /a\n", A),
+    ("chown-three-parts", B + "COPY --chown=1:2:3 a /a\n", A),
+    (
+        "chown-group-named-as-user",
+        B + f"RUN echo '{U2}' >> /etc/passwd && echo 'g2:x:2000:' >> /etc/group && echo 'u2:x:7:' >> /etc/group\n"
+        "ARG O=1500:g2\nCOPY --chown=u2 a /a\nCOPY --chown=1500 a /b\nCOPY --chown=$O a /c\nCOPY --chown=u2:u2 a /d\n"
+        "RUN stat -c '%n %u %g' /a /b /c /d\n",
+        A,
+    ),
+    ("question-modifier", B + "ENV A=${NOPE:?oops}\n", {}),
+    ("question-modifier-no-message", B + "ENV B=1\nENV A=${B:?x}${NOPE:?}\n", {}),
+    ("question-modifier-empty-value", B + "ENV E=\nENV A=${E:?empty}\n", {}),
+    ("special-parameters", B + 'ENV A=x$@y$#z$1w${1}v$$u\nRUN echo "$A"\n', {}),
+    ("byte-order-mark", "\ufeff" + B + "RUN echo bom\n", {}),
 ]
 
 
@@ -215,3 +237,58 @@ def test_the_clients_own_errors_are_dockers(docker: Docker, store: Path, tmp_pat
     (tmp_path / "ctx" / "Dockerfile").unlink()
     theirs, ours = both(docker, store, ctx)
     assert ours == theirs and theirs[0] == 1
+
+
+# Every instruction that expands variables, with quotes and escapes: the RUN prints what ENV/ARG gave.
+QUOTES = (B + "ENV A=1 B=\"two words\" C=three\\ words D='single $A' E=\"dq $A ${A}x ${NOPE:-def} ${A:+alt}\"\n"
+          "ENV F $A and $B\nENV PS1='\\u@\\h $ ' Q=\"a\\\"b\" R=a\\$b S='it''s' T=\\$HOME U=\"\\q\\\\\"\n"
+          "LABEL l1='$A' l2=\"\\$A\" l3=$A \"k$A\"=v\nARG G='$A'x\"$A\"\nWORKDIR '/w/$A'\n"
+          "VOLUME '/v/$A' /v2/$A\nCOPY \\$A '$A' /d/\nEXPOSE \"8$A\" '9'\n"
+          'RUN echo "$A|$B|$C|$D|$E|$F|$G|$PS1|$Q|$R|$S|$T|$U" && pwd && ls /d\nUSER \'$A\'\n')  # fmt: skip
+BACKTICK = ("# escape=`\n" + B + "ENV A=1 B=a`$A C=\"q`\"`$A\\$A\" D=x\\y\nLABEL l=`$A\n"
+            'RUN echo "$B|$C|$D"\n')  # fmt: skip
+CONFIG = "{{json .Config.Env}} {{json .Config.Labels}} {{json .Config.WorkingDir}} {{json .Config.User}} " \
+    "{{json .Config.Volumes}} {{json .Config.ExposedPorts}}"  # fmt: skip
+
+
+@pytest.mark.parametrize("dockerfile", [QUOTES, BACKTICK], ids=["quotes", "backtick-escape"])
+def test_quotes_and_escapes_expand_as_dockers(docker: Docker, store: Path, tmp_path: Path, dockerfile: str):
+    """moby's lexer (shell/lex.go): 'single quotes' keep ``$A``, "double quotes" expand it, an escape keeps the next
+    character; the same output (the RUN prints the values) and the same configuration on both sides."""
+    ctx = context(tmp_path / "ctx", dockerfile, {"$A": "dollar\n"})
+    theirs, ours = both(docker, store, ctx, "-t", "quotes")
+    assert ours == theirs and theirs[0] == 0, theirs
+    config = json.loads(pylayerfs(store, "inspect", "quotes").stdout)[0]["Config"]
+    keys = ["Env", "Labels", "WorkingDir", "User", "Volumes", "ExposedPorts"]
+    ours_config = " ".join(json.dumps(config.get(k), separators=(",", ":"), ensure_ascii=False) for k in keys)
+    assert ours_config + "\n" == docker.run("image", "inspect", "--format", CONFIG, "quotes").stdout
+
+
+def _tar(entries: dict[str, bytes | None]) -> bytes:
+    """A tar of regular files (None: a directory), all 0644/0755 root-owned at a fixed mtime."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.mtime, info.mode = 1_600_000_000, 0o644 if data is not None else 0o755
+            info.type = tarfile.REGTYPE if data is not None else tarfile.DIRTYPE
+            info.size = len(data or b"")
+            tar.addfile(info, io.BytesIO(data or b""))
+    return out.getvalue()
+
+
+def test_add_whiteouts_and_copy_through_dangling_symlinks_are_dockers(docker: Docker, store: Path, tmp_path: Path):
+    """ADD of a tar with ``.wh.X`` removes X and ``.wh..wh..opq`` hides what the directory held (as Docker's commit
+    of what ``Unpack`` wrote); COPY through an image symlink to a missing target creates the target inside the
+    image. The RUN lists the results: the same output on both sides."""
+    wh = _tar({"etc/.wh.group": b"", "o/": None, "o/.wh..wh..opq": b"", "o/new": b"n\n", "tmp/.wh.nothing": b"",
+               "hello": b"hi\n"})  # fmt: skip
+    ctx = context(tmp_path / "ctx", B + "RUN mkdir -p /o/sub && touch /o/old /o/sub/gone /o/sub/stays\n"
+                  "RUN ln -s /tmp/x/y /evil && ln -s ../../nowhere/z /rel\nADD w.tar /\nCOPY a /evil/\nCOPY d /rel/\n"
+                  "RUN ls -a /etc /o /tmp/x/y /nowhere/z && cat /hello /evil/a /rel/f\n", A)  # fmt: skip
+    (tmp_path / "ctx" / "w.tar").write_bytes(wh)
+    (tmp_path / "ctx" / "d").mkdir()
+    (tmp_path / "ctx" / "d" / "f").write_text("f\n")
+    theirs, ours = both(docker, store, ctx, "--no-cache")
+    assert ours == theirs and theirs[0] == 0, theirs
+    assert "group" not in theirs[1].split("Step 7/7")[1]

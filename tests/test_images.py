@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pylayerfs.dockercli import render
 from pylayerfs.image import archive
 from pylayerfs.image.builder.context import Context, ContextError, Ignore
-from pylayerfs.image.builder.dockerfile import DockerfileError, key_values, parse, split_words, substitute
+from pylayerfs.image.builder.dockerfile import DockerfileError, key_values, parse, parse_words, process_word
 from pylayerfs.image.builder.imageconfig import go_quoted, run_config
 from pylayerfs.image.sizes import human_duration, human_size, layer_size
 from pylayerfs.image.store import Store, StoreError
@@ -87,11 +87,12 @@ def test_parser_never_crashes(text):
 
 
 def test_words_pairs_and_substitution():
-    assert split_words("a \"b c\" 'd e' f\\ g") == ["a", "b c", "d e", "f g"]
-    assert key_values('A=1 B="two words"', "ENV") == [("A", "1"), ("B", "two words")]
+    assert parse_words("a \"b c\" 'd e' f\\ g") == ["a", '"b c"', "'d e'", "f\\ g"]
+    assert key_values('A=1 B="two words"', "ENV") == [("A", "1"), ("B", '"two words"')]
     assert key_values("A legacy value", "ENV") == [("A", "legacy value")]
     variables = {"A": "x", "EMPTY": ""}
-    assert substitute("$A ${A} ${B:-d} ${A:+alt} ${EMPTY:-e} \\$A", variables) == "x x d alt e $A"
+    assert process_word("$A ${A} ${B:-d} ${A:+alt} ${EMPTY:-e} \\$A", variables) == "x x d alt e $A"
+    assert process_word("'$A' \"$A`$A\\$A\" `$A", variables, "`") == "$A x$A\\x $A"
 
 
 # -- context and .dockerignore ---------------------------------------------------------------

@@ -449,11 +449,14 @@ def _clean(name: str) -> str:
     return "/".join(parts)
 
 
-def extract(tar: tarfile.TarFile, dest: str) -> Extracted:
+def extract(tar: tarfile.TarFile, dest: str, merged: bool = False) -> Extracted:
     """Extract ``tar`` into the directory ``dest`` (as root: owners, modes, devices, times kept).
 
     Every write goes through ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)``
     from ``dest``: a path that runs through a symlink is refused, not followed.
+    ``merged``: ``dest`` is in a mounted root (``ADD x.tar`` in a step), where a whiteout entry ``.wh.X`` removes X
+    and ``.wh..wh..opq`` removes what the directory held before this archive, as Docker's commit of the files
+    moby's ``Unpack`` leaves there gives them; the overlay records both (whiteouts in the upper layer).
     """
     root = os.open(dest, os.O_PATH | os.O_DIRECTORY)
     entries = whiteouts = 0
@@ -466,7 +469,9 @@ def extract(tar: tarfile.TarFile, dest: str) -> Extracted:
             parent, _, name = rel.rpartition("/")
             dirfd = _ensure_dir(root, parent, member.name)
             try:
-                if name == TAR_OPAQUE_MARKER:
+                if merged and name == TAR_OPAQUE_MARKER:
+                    _clear(dirfd, {r.rpartition("/")[2] for r, _ in times if r.rpartition("/")[0] == parent})
+                elif name == TAR_OPAQUE_MARKER:
                     os.setxattr(realfs.fd_path(dirfd), OPAQUE_XATTR, OPAQUE_YES)
                 elif name.startswith(TAR_META_PREFIX):
                     continue  # AUFS metadata (.wh..wh.plnk): nothing to apply
@@ -474,7 +479,8 @@ def extract(tar: tarfile.TarFile, dest: str) -> Extracted:
                     if len(name) == len(TAR_WHITEOUT_PREFIX) or name[len(TAR_WHITEOUT_PREFIX) :] in (".", ".."):
                         raise ArchiveError(f"refusing '{member.name}': not a whiteout of any name")
                     _remove(dirfd, name[len(TAR_WHITEOUT_PREFIX) :])
-                    make_whiteout(dirfd, name[len(TAR_WHITEOUT_PREFIX) :])
+                    if not merged:
+                        make_whiteout(dirfd, name[len(TAR_WHITEOUT_PREFIX) :])
                     whiteouts += 1
                 else:
                     _extract_one(tar, member, root, dirfd, name)
@@ -507,6 +513,16 @@ def _ensure_dir(root: int, rel: str, member: str) -> int:
         os.close(fd)
         fd = child
     return fd
+
+
+def _clear(dirfd: int, keep: set[str]) -> None:
+    """Remove what the directory ``dirfd`` holds but the names in ``keep``."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dirfd)
+    try:
+        for child in set(os.listdir(fd)) - keep:
+            _remove(fd, child)
+    finally:
+        os.close(fd)
 
 
 def _remove(dirfd: int, name: str) -> None:

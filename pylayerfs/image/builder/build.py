@@ -39,9 +39,10 @@ from pylayerfs.image.builder.dockerfile import (
     Instruction,
     key_values,
     parse,
-    split_words,
+    parse_words,
+    process_word,
+    process_words,
 )
-from pylayerfs.image.builder.dockerfile import substitute as expand
 from pylayerfs.image.drivers import StorageDriver
 from pylayerfs.image.drivers import overlay as rootfs
 from pylayerfs.image.drivers import vfs as vfsdriver
@@ -211,7 +212,7 @@ class Builder:
         total = len(dockerfile.instructions)
         stage: Stage | None = None
         for n, ins in enumerate(dockerfile.instructions, start=1):
-            words = split_words(ins.args) if ins.keyword == "FROM" else []
+            words = ins.args.split() if ins.keyword == "FROM" else []
             if len(words) == 3 and any(s.name == words[2].lower() for s in self.stages):
                 raise BuildError("a stage name already used")  # before its Step line, as moby's
             self._say(f"Step {n}/{total} : {ins.source}")
@@ -234,16 +235,17 @@ class Builder:
     # -- instructions ---------------------------------------------------------------------
 
     def _meta_arg(self, ins: Instruction, escape: str) -> None:
-        for key, default in _arg_pairs(expand(ins.args, self.global_args, escape)):
+        for key, default in _arg_pairs(ins, self.global_args):
             value = self.options.build_args.get(key, default)
             self.consumed.add(key)
             if value is not None:
                 self.global_args[key] = value
 
     def _from(self, ins: Instruction, escape: str) -> Stage:
-        words = split_words(expand(ins.args, self.global_args, escape))
-        if not words or not words[0]:
-            raise DockerfileError(f"base name ({split_words(ins.args)[0]}) should not be blank")
+        words = ins.args.split()  # moby: FROM's words split at whitespace, the base name expanded
+        words[0] = process_word(words[0], self.global_args, escape)
+        if not words[0]:
+            raise DockerfileError(f"base name ({ins.args.split()[0]}) should not be blank")
         stage = Stage(words[2].lower() if len(words) == 3 else None)
         base = next((s for s in self.stages if s.name == words[0].lower()), None) if words[0] != "scratch" else None
         image = base.image if base is not None else None if words[0] == "scratch" else self.store.resolve(words[0])
@@ -264,18 +266,18 @@ class Builder:
         elif ins.keyword in ("COPY", "ADD"):
             self._copy(stage, ins, escape, context)
         elif ins.keyword == "WORKDIR":
-            path = expand(ins.args, stage.variables(), escape)
+            path = process_word(ins.args, stage.variables(), escape)
             workdir = posixpath.normpath(posixpath.join(stage.run.get("WorkingDir") or "/", path))
             stage.run["WorkingDir"] = workdir
             cmd = cfg.nop(stage.shell, f"WORKDIR {workdir}", two_words=False)
             self._filesystem_step(stage, cmd, lambda root: sandbox.call(root, lambda: None, cwd=workdir), "create")
         else:
             step = CONFIG_STEPS.get(ins.keyword, self._arg)
-            self._metadata_step(stage, step(stage, ins, expand(ins.args, stage.variables(), escape)))
+            self._metadata_step(stage, step(stage, ins, ins.args))
 
     def _arg(self, stage: Stage, ins: Instruction, args: str) -> str:
         texts = []
-        for key, default in _arg_pairs(ins.args):
+        for key, default in _arg_pairs(ins, stage.variables()):
             self.consumed.add(key)
             value = self.options.build_args.get(key, default if default is not None else self.global_args.get(key))
             if value is not None:
@@ -358,8 +360,8 @@ class Builder:
             raise
 
     def _copy_words(self, ins: Instruction, variables: dict[str, str], escape: str) -> tuple[list[str], str]:
-        words = ins.exec_form if ins.exec_form is not None else split_words(ins.args)
-        words = [expand(w, variables, escape) for w in words]
+        words = ins.exec_form if ins.exec_form is not None else ins.args.split()  # moby: no quotes in the split
+        words = [process_word(w, variables, escape) for w in words]
         if len(words) > 2 and not words[-1].endswith("/"):
             raise DockerfileError(f"When using {ins.keyword} with more than one source file, "
                                   "the destination must be a directory and end with a /")  # fmt: skip
@@ -373,7 +375,7 @@ class Builder:
             raise DockerfileError("ADD from a URL is not supported (pylayerfs has no network)")
         workdir = stage.run.get("WorkingDir") or "/"
         target = posixpath.join(workdir, dest) + ("/" if dest.endswith(("/", "/.")) or dest == "." else "")
-        owner = ins.flags.get("chown")
+        owner = process_word(ins.flags["chown"], stage.variables(), escape) if "chown" in ins.flags else None
         with self._copy_source(ins, patterns, context) as (source, sources, digests):
             if len(sources) > 1 and not target.endswith("/"):
                 raise DockerfileError(f"When using {ins.keyword} with more than one source file, "
@@ -524,18 +526,29 @@ class Builder:
         self._say(f" ---> {image.short_id}")
 
 
-# Configuration steps (and `commit -c` changes): each changes stage.run and returns its history text.
-# The arguments come with variables expanded.
+# Configuration steps (and `commit -c` changes): each changes stage.run and returns its history text. ``args`` is
+# the instruction's text as written; each step expands its words as moby's (process_word: quotes, escapes, $VAR)
+# with the stage's variables.
+
+
+def _word(stage: Stage, ins: Instruction, word: str) -> str:
+    return process_word(word, stage.variables(), ins.escape)
+
+
+def _pairs(stage: Stage, ins: Instruction, args: str) -> list[tuple[str, str]]:
+    """ENV/LABEL's pairs, key and value expanded (moby: expandKvpsInPlace, all with the variables before the step)."""
+    pairs = key_values(args, ins.keyword, ins.escape)
+    return [(_word(stage, ins, k), _word(stage, ins, v)) for k, v in pairs]
 
 
 def config_env(stage: Stage, ins: Instruction, args: str) -> str:
-    pairs = key_values(args, "ENV")
+    pairs = _pairs(stage, ins, args)
     stage.run["Env"] = cfg.set_env(stage.run.get("Env") or [], pairs)
     return "ENV " + " ".join(f"{k}={v}" for k, v in pairs)
 
 
 def config_label(stage: Stage, ins: Instruction, args: str) -> str:
-    pairs = key_values(args, "LABEL")
+    pairs = _pairs(stage, ins, args)
     stage.run["Labels"] = {**(stage.run.get("Labels") or {}), **dict(pairs)}
     return "LABEL " + " ".join(f"{k}={v}" for k, v in pairs)
 
@@ -564,7 +577,7 @@ def config_expose(stage: Stage, ins: Instruction, args: str) -> str:
     ``80/udp``, ``8000-8002``, ``IP:HOST:PORT``; DockerfileError in its words (``Invalid containerPort: x``)."""
     # moby: the words sorted as written (instructions/parse.go), then each expanded to words (dispatchExpose)
     variables = stage.variables()
-    ports = [port for word in sorted(split_words(ins.args)) for port in split_words(expand(word, variables))]
+    ports = [port for word in sorted(args.split()) for port in process_words(word, variables, ins.escape)]
     exposed: dict[str, dict[str, str]] = dict(stage.run.get("ExposedPorts") or {})
     for spec in ports:
         exposed.update({port: {} for port in _port_spec(spec)})
@@ -615,7 +628,7 @@ def _is_ip(text: str) -> bool:
 
 def config_stopsignal(stage: Stage, ins: Instruction, args: str) -> str:
     """STOPSIGNAL: a signal name (``SIGTERM``, ``TERM``) or a number, checked as moby's ``signal.ParseSignal``."""
-    name = args.strip()
+    name = _word(stage, ins, args.strip())
     known = {s.name.removeprefix("SIG") for s in signal.Signals} | {"CLD", "POLL", "IOT", "UNUSED"}
     number = int(name) if name.isascii() and name.isdigit() else None
     if number == 0 or (number is None and name.upper().removeprefix("SIG") not in known):
@@ -625,12 +638,12 @@ def config_stopsignal(stage: Stage, ins: Instruction, args: str) -> str:
 
 
 def config_user(stage: Stage, ins: Instruction, args: str) -> str:
-    stage.run["User"] = args.strip()
+    stage.run["User"] = _word(stage, ins, args.strip())
     return f"USER {stage.run['User']}"
 
 
 def config_volume(stage: Stage, ins: Instruction, args: str) -> str:
-    paths = ins.exec_form or split_words(args)
+    paths = [_word(stage, ins, p) for p in ins.exec_form or args.split()]
     stage.run["Volumes"] = {**(stage.run.get("Volumes") or {}), **{p: {} for p in paths}}
     return f"VOLUME {cfg.go_list(paths)}"
 
@@ -654,13 +667,15 @@ CONFIG_STEPS: dict[str, Callable[[Stage, Instruction, str], str]] = {
 }
 
 
-def _arg_pairs(text: str) -> list[tuple[str, str | None]]:
+def _arg_pairs(ins: Instruction, variables: dict[str, str]) -> list[tuple[str, str | None]]:
+    """ARG's names and defaults, each expanded with ``variables`` (moby: parseWords, then ArgCommand.Expand)."""
     pairs: list[tuple[str, str | None]] = []
-    for word in split_words(text):
+    for word in parse_words(ins.args, ins.escape):
         key, eq, value = word.partition("=")
+        key = process_word(key, variables, ins.escape)
         if not key.replace("_", "a").isalnum():
             raise DockerfileError(f"ARG names a variable: '{word}'")
-        pairs.append((key, value if eq else None))
+        pairs.append((key, process_word(value, variables, ins.escape) if eq else None))
     return pairs
 
 

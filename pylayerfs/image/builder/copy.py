@@ -26,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import shutil
 import stat
 from dataclasses import dataclass
 
 from pylayerfs.image import archive
 from pylayerfs.image.builder.context import Context
-from pylayerfs.image.sandbox import lookup_user
+from pylayerfs.image.sandbox import SandboxError
 from pylayerfs.overlay import realfs
 
 
@@ -49,7 +50,7 @@ def copy_into_root(source: Context, job: CopyJob) -> None:
 
     Raises OSError (ENOTDIR when a parent in the image is a file...) and SandboxError for an unknown ``--chown``.
     """
-    uid, gid = lookup_user(job.owner) if job.owner else (0, 0)
+    uid, gid = chown_ids(job.owner) if job.owner else (0, 0)
     for rel in job.sources:
         resolved = source.resolve(rel)
         if resolved is None:
@@ -75,10 +76,46 @@ def copy_into_root(source: Context, job: CopyJob) -> None:
             os.close(parent)
 
 
+def chown_ids(owner: str) -> tuple[int, int]:
+    """uid and gid of a ``--chown`` value, read in the current root, as moby 20.10's ``parseChownFlag``
+    (builder/dockerfile/internals_linux.go): ``user[:group]``, each a number or a name looked up in /etc/passwd,
+    /etc/group. Without a group the user's text names the group too: ``--chown=u2`` is u2's uid and the gid of the
+    GROUP named u2 (not u2's primary group), ``--chown=1500`` is 1500:1500. Raises SandboxError in moby's words
+    (``unable to convert uid/gid chown string to host mapping: can't find gid for group u2: no such group: u2``)."""
+    parts = owner.split(":")
+    try:
+        if len(parts) > 2:
+            raise SandboxError(f"invalid chown string format: {owner}")
+        return _lookup(parts[0], "/etc/passwd", "uid for user"), _lookup(parts[-1], "/etc/group", "gid for group")
+    except SandboxError as exc:  # moby's performCopy wraps it so
+        raise SandboxError(f"unable to convert uid/gid chown string to host mapping: {exc}") from None
+
+
+def _lookup(name: str, path: str, what: str) -> int:
+    """``lookupUser``/``lookupGroup``: a number (Go's ``strconv.Atoi``) as it is, else the id (third field) of the
+    first entry of that name in ``path`` (runc's ``ParsePasswdFileFilter``)."""
+    if re.fullmatch(r"[+-]?[0-9]+", name):
+        return int(name)
+    kind = "user" if path == "/etc/passwd" else "group"
+    try:
+        with open(path, errors="replace") as f:
+            fields = [line.strip().split(":") for line in f]
+    except OSError as exc:
+        raise SandboxError(f"can't find {what} {name}: open {path}: {os.strerror(exc.errno or 0).lower()}") from exc
+    ids = [f[2] if len(f) > 2 else "" for f in fields if f[0] == name and name]
+    if not ids:
+        raise SandboxError(f"can't find {what} {name}: no such {kind}: {name}")
+    return int(ids[0]) if ids[0].isdigit() else 0
+
+
 def _make_dirs(path: str, uid: int, gid: int) -> None:
-    """Create ``path`` and its missing parents, 0755 and owned by ``uid:gid`` (``idtools.MkdirAllAndChownNew``)."""
+    """Create ``path`` and its missing parents, 0755 and owned by ``uid:gid`` (``idtools.MkdirAllAndChownNew``).
+
+    ``path`` is resolved first (moby: ``FollowSymlinkInScope``): a symlink of the image whose target does not exist
+    yet (``/evil -> /tmp/x/y``) gets its target created. This runs in the step's root, so the resolution never
+    leaves the image."""
     missing = []
-    path = os.path.normpath(path)
+    path = os.path.realpath(path)
     while not os.path.lexists(path):
         missing.append(path)
         path = os.path.dirname(path)
@@ -96,7 +133,7 @@ def _extract(parent: int, name: str, dest: str) -> bool:
         os.lseek(fd, 0, os.SEEK_SET)
         _make_dirs(dest, 0, 0)
         with os.fdopen(os.dup(fd), "rb") as f, archive.open_archive(f, name) as tar:
-            archive.extract(tar, dest)
+            archive.extract(tar, dest, merged=True)
         return True
     finally:
         os.close(fd)

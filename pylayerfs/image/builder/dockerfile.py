@@ -52,6 +52,7 @@ class Instruction:
     source: str  # the instruction as written, continuations joined (the Step line)
     flags: dict[str, str] = field(default_factory=dict)
     exec_form: list[str] | None = None  # the JSON array of the exec form
+    escape: str = "\\"  # the escape directive's token
 
 
 @dataclass
@@ -108,7 +109,7 @@ def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
             break
         if empty_line:  # moby's parser warns (with the text as joined, trailing blanks kept)
             dockerfile.warnings.append(f"[WARNING]: Empty continuation line found in:\n    {''.join(parts).lstrip()}")
-        dockerfile.instructions.append(_instruction("".join(parts).strip(), start + 1))
+        dockerfile.instructions.append(_instruction("".join(parts).strip(), start + 1, escape))
     if not dockerfile.instructions:
         raise DockerfileError("failed to parse Dockerfile: file with no instructions")
     first = next((i for i in dockerfile.instructions if i.keyword != "ARG"), None)
@@ -135,7 +136,7 @@ def _json_list(rest: str) -> list[str] | None:
     return parsed
 
 
-def _instruction(source: str, line: int) -> Instruction:
+def _instruction(source: str, line: int, escape: str = "\\") -> Instruction:
     word, _, rest = source.partition(" ")
     keyword = word.upper()
     rest = rest.strip()
@@ -146,7 +147,7 @@ def _instruction(source: str, line: int) -> Instruction:
     if flag_words:
         rest = rest.split(None, len(flag_words))[len(flag_words)] if len(words) > len(flag_words) else ""
     exec_form = _json_list(rest) if keyword in EXEC_FORM else None
-    _check_arguments(keyword, rest, exec_form, line)
+    _check_arguments(keyword, rest, exec_form, line, escape)
     flags: dict[str, str] = {}
     for flag in flag_words:
         if flag == "--":
@@ -159,10 +160,10 @@ def _instruction(source: str, line: int) -> Instruction:
         if not eq:
             raise DockerfileError(f"Missing a value on flag: {name}", line)
         flags[name] = value
-    return Instruction(keyword, rest, line, source, flags, exec_form)
+    return Instruction(keyword, rest, line, source, flags, exec_form, escape)
 
 
-def _check_arguments(keyword: str, rest: str, exec_form: list[str] | None, line: int) -> None:
+def _check_arguments(keyword: str, rest: str, exec_form: list[str] | None, line: int, escape: str) -> None:
     """The argument errors of moby's instruction parsers (buildkit instructions/parse.go, parser/line_parsers.go)."""
     words = exec_form if exec_form is not None else rest.split()
     if keyword in ONE_ARGUMENT and not rest:
@@ -181,12 +182,12 @@ def _check_arguments(keyword: str, rest: str, exec_form: list[str] | None, line:
             raise DockerfileError("FROM requires either one or three arguments", line)
     elif keyword in ("ENV", "LABEL"):
         try:
-            pairs = key_values(rest, keyword)
+            pairs = key_values(rest, keyword, escape)
         except ValueError as exc:
             raise DockerfileError(f"failed to parse Dockerfile: {exc}") from exc
         if any(not key for key, _ in pairs):
             raise DockerfileError(f"{keyword} names can not be blank", line)
-    elif keyword == "ARG" and any(w.startswith("=") for w in words):
+    elif keyword == "ARG" and any(w.startswith("=") for w in parse_words(rest, escape)):
         raise DockerfileError("ARG names can not be blank", line)
     elif keyword == "SHELL" and exec_form is None:
         raise DockerfileError("SHELL requires the arguments to be in JSON form", line)
@@ -208,51 +209,44 @@ def _check_arguments(keyword: str, rest: str, exec_form: list[str] | None, line:
             raise DockerfileError(f'Unknown type "{kind}" in HEALTHCHECK (try CMD)', line)
 
 
-def split_words(text: str) -> list[str]:
-    """Words separated by whitespace, with "double" and 'single' quotes kept together (quotes removed)."""
+def parse_words(text: str, escape: str = "\\") -> list[str]:
+    """The words of ENV, LABEL and ARG as moby's line parser splits them (parser/line_parsers.go, parseWords):
+    separated by unquoted whitespace, with the quotes and escapes kept for :func:`process_word`."""
     words: list[str] = []
-    current: list[str] = []
+    word: list[str] = []
     quote = ""
-    pending = False
+    blank_ok = False  # a word that had quotes is a word even when empty
     i = 0
     while i < len(text):
         c = text[i]
-        if quote:
-            if c == quote:
-                quote = ""
-            elif c == "\\" and quote == '"' and i + 1 < len(text):
-                i += 1
-                current.append(text[i])
-            else:
-                current.append(c)
-        elif c in "\"'":
-            quote = c
-            pending = True
-        elif c == "\\" and i + 1 < len(text):
+        if not quote and c.isspace():
+            if word or blank_ok:
+                words.append("".join(word))
+            word, blank_ok = [], False
+        elif c == escape and (not quote or quote == '"'):
+            word.append(text[i : i + 2])  # an escape at the very end is dropped
             i += 1
-            current.append(text[i])
-        elif c.isspace():
-            if current or pending:
-                words.append("".join(current))
-                current, pending = [], False
         else:
-            current.append(c)
+            if quote and c == quote:
+                quote = ""
+            elif not quote and c in "\"'":
+                quote, blank_ok = c, True
+            word.append(c)
         i += 1
-    if quote:
-        raise ValueError(f"unmatched quote in: {text}")
-    if current or pending:
-        words.append("".join(current))
+    if word or blank_ok:
+        words.append("".join(word))
     return words
 
 
-def key_values(text: str, keyword: str) -> list[tuple[str, str]]:
-    """The pairs of ENV/LABEL: ``K=V K2="v 2"``, or the legacy ``K value with spaces``; ValueError in the words of
-    moby's line parser (``parseNameVal``)."""
-    words = split_words(text)
+def key_values(text: str, keyword: str, escape: str = "\\") -> list[tuple[str, str]]:
+    """The pairs of ENV/LABEL as written (quotes kept): ``K=V K2="v 2"``, or the legacy ``K value with spaces``;
+    ValueError in the words of moby's line parser (``parseNameVal``)."""
+    words = parse_words(text, escape)
     if words and "=" not in words[0]:
-        if len(words) < 2:
+        parts = text.strip().split(None, 1)
+        if len(parts) < 2:
             raise ValueError(f"{keyword} must have two arguments")
-        return [(words[0], text.strip()[len(text.strip().split(None, 1)[0]) :].strip())]
+        return [(parts[0], parts[1])]
     pairs = []
     for word in words:
         key, eq, value = word.partition("=")
@@ -262,59 +256,155 @@ def key_values(text: str, keyword: str) -> list[tuple[str, str]]:
     return pairs
 
 
-_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:(:[-+])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+def process_word(word: str, variables: dict[str, str], escape: str = "\\") -> str:
+    """One word as moby's shell lexer gives it (shell/lex.go, ProcessWord): 'single quotes' literal, "double
+    quotes" with ``$`` expanded and ``\\"``, ``\\$``, ``\\\\`` escaped, an escape outside quotes taking the next
+    character as it is; ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR:+alternative}``,
+    ``${VAR:?message}``; unset is empty, as are the special parameters (``$@``, ``$#``, ``$$``...).
 
-
-def substitute(text: str, variables: dict[str, str], escape: str = "\\") -> str:
-    """``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR:+alternative}``; an escaped ``$`` stays.
-
-    A ``${`` that is none of these raises ValueError as moby's shell lexer (shell/lex.go, processDollar) with the word
-    it was in: ``failed to process "${B": missing ':' in substitution``.
+    ValueError in moby's words with the word: ``failed to process "${B": missing ':' in substitution``.
     """
-    out = []
-    i = 0
-    while i < len(text):
-        if text[i] == escape and i + 1 < len(text) and text[i + 1] == "$":
-            out.append("$")
-            i += 2
-            continue
-        match = _VAR.match(text, i) if text[i] == "$" else None
-        if match is None and text.startswith("${", i):
-            i = _odd_braces(text, i)  # ${1}: nothing; else ValueError in moby's words
-            continue
-        if match is None:
-            out.append(text[i])
-            i += 1
-            continue
-        name = match.group(1) or match.group(4)
-        value = variables.get(name)
-        if match.group(2) == ":-":
-            value = value if value else match.group(3)
-        elif match.group(2) == ":+":
-            value = match.group(3) if value else ""
-        out.append(value or "")
-        i = match.end()
-    return "".join(out)
+    return _Lexer(word, variables, escape).process()[0]
 
 
-def _odd_braces(text: str, i: int) -> int:
-    """Where to go on after the ``${`` at ``i`` that :data:`_VAR` did not take; ValueError for a bad one."""
-    j = i + 2
-    while j < len(text) and (text[j].isalnum() or text[j] == "_"):
-        j += 1
-    if j < len(text) and text[j] == "}":
-        return j + 1  # a name moby takes and pylayerfs has no value for (${1}): empty
-    if j < len(text) and text[j] == ":":
-        modifier = text[j + 1 : j + 2]
-        message = (
-            f"unsupported modifier ({modifier}) in substitution"
-            if "}" in text[j + 2 :]
-            else "syntax error: missing '}'"
-        )
-    else:
-        message = "missing ':' in substitution"
-    start, end = text.rfind(" ", 0, i) + 1, text.find(" ", i)
-    word = text[start:] if end < 0 else text[start:end]
-    if "=" in text[start:i]:  # ENV/LABEL/ARG: the value is the word
-        word = word[word.index("=") + 1 :]
-    raise ValueError(f'failed to process "{word}": {message}')
+def process_words(word: str, variables: dict[str, str], escape: str = "\\") -> list[str]:
+    """The words ``word`` gives (shell/lex.go, ProcessWords): split at unquoted whitespace, also in values."""
+    return _Lexer(word, variables, escape).process()[1]
+
+
+class _Lexer:
+    """moby 20.10's shellWord (vendored buildkit frontend/dockerfile/shell/lex.go), followed step by step."""
+
+    def __init__(self, word: str, variables: dict[str, str], escape: str) -> None:
+        self.text, self.variables, self.escape, self.i = word, variables, escape, 0
+        self.words: list[str] = []
+        self.word: list[str] = []
+        self.in_word = False
+
+    def process(self) -> tuple[str, list[str]]:
+        try:
+            result = self._until("")
+        except ValueError as exc:
+            raise ValueError(f"failed to process {json.dumps(self.text, ensure_ascii=False)}: {exc}") from None
+        if self.word:
+            self.words.append("".join(self.word))
+        return result, self.words
+
+    def _peek(self) -> str:
+        return self.text[self.i] if self.i < len(self.text) else ""
+
+    def _next(self) -> str:
+        c = self._peek()
+        self.i += 1 if c else 0
+        return c
+
+    def _add(self, text: str, raw: bool) -> None:
+        """wordsStruct: raw text (quoted, escaped) never splits; other text splits at whitespace."""
+        for c in text:
+            if raw or not c.isspace():
+                self.word.append(c)
+                self.in_word = True
+            elif self.in_word:
+                self.words.append("".join(self.word))
+                self.word, self.in_word = [], False
+        self.in_word = self.in_word or raw
+
+    def _until(self, stop: str) -> str:
+        """processStopOn: the text up to ``stop`` (taken; "" for the end); at the top level, also the words."""
+        out: list[str] = []
+        while self._peek():
+            c = self._peek()
+            if stop and c == stop:
+                self._next()
+                return "".join(out)
+            if c in "$'\"":
+                text = self._dollar() if c == "$" else self._single() if c == "'" else self._double()
+                raw = c != "$"
+            else:
+                text = self._next()
+                raw = text == self.escape
+                if raw:
+                    text = self._next()
+                    if not text:
+                        break
+            if not stop:
+                self._add(text, raw)
+            out.append(text)
+        if stop:
+            raise ValueError(f"unexpected end of statement while looking for matching {stop}")
+        return "".join(out)
+
+    def _single(self) -> str:
+        self._next()
+        end = self.text.find("'", self.i)
+        if end < 0:
+            raise ValueError("unexpected end of statement while looking for matching single-quote")
+        text, self.i = self.text[self.i : end], end + 1
+        return text
+
+    def _double(self) -> str:
+        self._next()
+        out: list[str] = []
+        while True:
+            c = self._peek()
+            if not c:
+                raise ValueError("unexpected end of statement while looking for matching double-quote")
+            if c == '"':
+                self._next()
+                return "".join(out)
+            if c == "$":
+                out.append(self._dollar())
+                continue
+            c = self._next()
+            if c == self.escape:
+                if not self._peek():
+                    continue  # an escape at the end of the word is dropped
+                if self._peek() in ('"', "$", self.escape):
+                    c = self._next()
+            out.append(c)
+
+    def _name(self) -> str:
+        start = self.i
+        if self._peek() and self._peek() in "@*#?-$!":  # a special parameter: one character (Docker: unset)
+            return self._next()
+        if self._peek().isdigit():
+            while self._peek().isdigit():
+                self._next()
+            return self.text[start : self.i]
+        while self._peek() and (self._peek().isalnum() or self._peek() == "_"):
+            self._next()
+        return self.text[start : self.i]
+
+    def _dollar(self) -> str:
+        self._next()
+        if self._peek() != "{":
+            name = self._name()
+            return self.variables.get(name, "") if name else "$"
+        self._next()
+        if not self._peek():
+            raise ValueError("syntax error: missing '}'")
+        if self._peek() in "{}:":
+            raise ValueError("syntax error: bad substitution")
+        name = self._name()
+        c = self._next()
+        if c == "}":
+            return self.variables.get(name, "")
+        if c != ":":
+            raise ValueError("missing ':' in substitution")
+        modifier = self._next()
+        try:
+            word = self._until("}")
+        except ValueError:
+            if not self._peek():
+                raise ValueError("syntax error: missing '}'") from None
+            raise
+        value = self.variables.get(name, "")
+        if modifier == "+":
+            return word if value else ""
+        if modifier == "-":
+            return value or word
+        if modifier == "?":
+            if not value:
+                raise ValueError(f"{name}: {word or 'is not allowed to be unset'}")
+            return value
+        raise ValueError(f"unsupported modifier ({modifier}) in substitution")
