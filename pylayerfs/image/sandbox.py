@@ -84,7 +84,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, NoReturn
+from typing import NoReturn
 
 from pylayerfs.image.builder.imageconfig import DEFAULT_PATH
 
@@ -437,28 +437,6 @@ def make_mounts_private(below: str) -> None:
             os.close(home)
 
 
-def lookup_user(user: str) -> tuple[int, int]:
-    """uid and gid of ``user`` (``name``, ``uid``, ``name:group``...) from the current root's /etc files."""
-    name, _, group = user.partition(":")
-    passwd = _entries("/etc/passwd")
-    if name.isdigit():
-        uid = int(name)
-        gid = next((int(f[3]) for f in passwd if f[2] == name and f[3].isdigit()), 0)
-    else:
-        entry = next((f for f in passwd if f[0] == name), None)
-        if entry is None or not (entry[2].isdigit() and entry[3].isdigit()):
-            raise SandboxError(f"unable to find user {name}: no matching entries in passwd file")
-        uid, gid = int(entry[2]), int(entry[3])
-    if group.isdigit():
-        gid = int(group)
-    elif group:
-        found = next((f for f in _entries("/etc/group") if f[0] == group and f[2].isdigit()), None)
-        if found is None:
-            raise SandboxError(f"unable to find group {group}: no matching entries in group file")
-        gid = int(found[2])
-    return uid, gid
-
-
 @dataclass(frozen=True)
 class ExecUser:
     """Who a container's process runs as: ids, supplementary groups, and the HOME it gets when it has none."""
@@ -538,11 +516,10 @@ def look_path(name: str, path: str) -> str:
 @dataclass
 class Started:
     """A started command: ``pid`` is PID 1 of its namespace (or the process ``exec`` started) as the host sees
-    it, the one to signal; ``shim`` the process to wait for; ``stdout`` its output (and errors) when captured."""
+    it, the one to signal; ``shim`` the process to wait for."""
 
     pid: int
     shim: int
-    stdout: IO[bytes] | None = None
 
     def wait(self) -> int:
         """Wait for the command (and every process of its namespace); its exit status, a signal n as 128+n."""
@@ -557,28 +534,25 @@ class Started:
             self.wait()
 
 
-def start(process: Process, capture: bool = False, join: int = 0) -> Started:
+def start(process: Process, join: int = 0) -> Started:
     """Start ``process`` as PID 1 of a new PID namespace (``join``: in the namespaces of that host pid instead, as
     ``exec``), behind a shim (see the module's text); returns once the command runs.
 
-    ``capture``: its stdout and stderr go to ``Started.stdout`` (else to ours). Raises CommandNotFound when the
-    command cannot be executed in the root (127 or 126), SandboxError when anything else failed on the way in:
-    the message says which step and why, as the child wrote it.
+    The command's stdin, stdout and stderr are ours. Raises CommandNotFound when the command cannot be executed
+    in the root (127 or 126), SandboxError when anything else failed on the way in: the message says which step
+    and why, as the child wrote it.
     """
     etc = process.etc
     if etc is None and not join:
         etc = tempfile.mkdtemp(prefix="pylayerfs-etc-")
         write_etc(etc, process.hostname)
-    out_r, out_w = os.pipe() if capture else (-1, -1)
     report_r, report_w = os.pipe()  # close-on-exec: "pid N" from the shim, "error CODE text" from the child
     caller = os.getpid()
     try:
         shim = os.fork()
         if shim == 0:
-            _shim(process, etc, join, report_w, out_w, caller)
+            _shim(process, etc, join, report_w, caller)
         os.close(report_w)
-        if capture:
-            os.close(out_w)
         with os.fdopen(report_r, "rb") as f:
             lines = f.read().decode(errors="replace").splitlines()
     finally:
@@ -589,15 +563,13 @@ def start(process: Process, capture: bool = False, join: int = 0) -> Started:
     if error is not None or not pid:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(shim, 0)
-        if capture:
-            os.close(out_r)
         code, _, message = (error or "125 the shim exited before the command started").partition(" ")
         kind = CommandNotFound if code in ("126", "127") else SandboxError
         raise kind(message.replace("\\n", "\n"), int(code) if code.isdigit() else 125)
-    return Started(pid, shim, os.fdopen(out_r, "rb") if capture else None)
+    return Started(pid, shim)
 
 
-def _shim(process: Process, etc: str | None, join: int, report: int, out: int, caller: int) -> NoReturn:
+def _shim(process: Process, etc: str | None, join: int, report: int, caller: int) -> NoReturn:
     """In the forked shim: a session of its own, the PID namespace, PID 1 forked into it, its pid reported;
     then wait for it and exit with its status. The shim dies with ``caller`` (a killed build or monitor leaves
     no command running), and PID 1 with the shim. Never returns."""
@@ -607,9 +579,6 @@ def _shim(process: Process, etc: str | None, join: int, report: int, out: int, c
         if os.getppid() != caller:
             raise SandboxError("the caller exited")
         os.setsid()
-        if out >= 0:
-            os.dup2(out, 1)
-            os.dup2(out, 2)
         if join:
             _setns(join, "pid", CLONE_NEWPID)
         else:
