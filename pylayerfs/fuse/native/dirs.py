@@ -27,12 +27,12 @@ class Listing(NamedTuple):
     offsets: Sequence[int]
 
 
-def _cookie(name: str) -> int:
-    """The offset of the entry ``name`` in a listing given in hash order: a 63-bit hash of the name, above those of
-    ``.`` (1) and ``..`` (2). The same for the life of the daemon (Python's string hash is fixed per process), and
-    distinct for distinct names as far as 63 bits go (two names with one hash would make a resumed READDIR skip the
-    second: as likely as a collision of a 63-bit hash)."""
-    return max(hash(name) & _COOKIE_MASK, 3)
+def _cookie(entry: tuple[str, int, int]) -> int:
+    """The offset of ``entry`` (``(name, type, st_ino)``) in a listing given in hash order: a hash of its name, positive
+    in 63 bits, with bit 2 set to keep it above those of ``.`` (1) and ``..`` (2). The same for the life of the daemon
+    (Python's string hash is fixed per process), and distinct for distinct names as far as 62 bits go (two names with
+    one hash would make a resumed READDIR skip the second: as likely as a collision of a 62-bit hash)."""
+    return (hash(entry[0]) & _COOKIE_MASK) | 4
 
 
 _hashed_cache: OrderedDict[int, tuple[list[tuple[str, int, int]], Listing]] = OrderedDict()
@@ -45,8 +45,8 @@ def _hashed(entries: list[tuple[str, int, int]]) -> Listing:
     kept = _hashed_cache.get(id(entries))
     if kept is not None and kept[0] is entries:
         return kept[1]
-    rest = sorted(((_cookie(e[0]), e) for e in entries[2:]), key=lambda pair: pair[0])
-    listing = Listing([*entries[:2], *(e for _, e in rest)], [1, 2, *(c for c, _ in rest)])
+    rest = sorted(entries[2:], key=_cookie)
+    listing = Listing([*entries[:2], *rest], [1, 2, *map(_cookie, rest)])
     _hashed_cache[id(entries)] = (entries, listing)
     while len(_hashed_cache) > _HASHED_KEPT:
         _hashed_cache.popitem(last=False)
