@@ -160,3 +160,19 @@ def _wait_unmounted(mnt: str) -> None:
         time.sleep(0.05)
     if _mounted(mnt):
         force_unmount(mnt)
+
+
+def unique_seconds() -> str:
+    """A sleep long enough for a test, and unlike any other test's (whose processes we look for, and stop)."""
+    return str(600 + os.getpid() % 1000 + int(time.monotonic() * 1000) % 1000)
+
+
+def processes(argv: list[str]) -> list[int]:
+    """PIDs whose command line is exactly ``argv``."""
+    wanted = "\0".join(argv) + "\0"
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline") as f:
+            if f.read() == wanted:
+                found.append(int(pid))
+    return found

@@ -13,7 +13,6 @@ namespace keeps no copy of the host's mounts, so a host pylayerfs mount unmounte
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import signal
@@ -29,7 +28,7 @@ import pylayerfs
 from pylayerfs.image import sandbox
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.params import mounts_below
-from tests.mounts import pylayerfs_mount, run_pylayerfs
+from tests.mounts import processes, pylayerfs_mount, run_pylayerfs, unique_seconds
 from tests.test_build import pylayerfs as cli
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
@@ -148,22 +147,6 @@ def _wait_exited(pid: int, seconds: float = 10) -> bool:
     return False
 
 
-def _unique_seconds() -> str:
-    """A sleep long enough for a test, and unlike any other test's (whose processes we look for, and stop)."""
-    return str(600 + os.getpid() % 1000 + int(time.monotonic() * 1000) % 1000)
-
-
-def _processes(argv: list[str]) -> list[int]:
-    """PIDs whose command line is exactly ``argv``."""
-    wanted = "\0".join(argv) + "\0"
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline") as f:
-            if f.read() == wanted:
-                found.append(int(pid))
-    return found
-
-
 @pytest.fixture
 def host_mount(tmp_path: Path) -> Iterator[tuple[Path, Path, Path, Path]]:
     """A store with alpine, and the layers of a host pylayerfs mount: (store, lower, upper, work)."""
@@ -196,9 +179,9 @@ def _unmount_and_remount(tmp_path: Path, lower: Path, upper: Path, work: Path, r
 def test_a_container_does_not_pin_the_hosts_mounts(tmp_path: Path, host_mount):
     store, lower, upper, work = host_mount
     with pylayerfs_mount(str(tmp_path / "m"), [str(lower)], str(upper), str(work)):
-        nap = ["sleep", _unique_seconds()]
+        nap = ["sleep", unique_seconds()]
         cli(store, "run", "-d", "--name", "pinner", "alpine", *nap)
-        _unmount_and_remount(tmp_path, lower, upper, work, lambda: bool(_processes(nap)))
+        _unmount_and_remount(tmp_path, lower, upper, work, lambda: bool(processes(nap)))
     # The container still works, and sees its own root only.
     assert cli(store, "exec", "pinner", "cat", "/etc/hostname").returncode == 0
     mounts = cli(store, "exec", "pinner", "cat", "/proc/self/mountinfo").stdout.splitlines()
@@ -212,7 +195,7 @@ def test_a_run_step_does_not_pin_the_hosts_mounts(tmp_path: Path, host_mount):
     store, lower, upper, work = host_mount
     ctx = tmp_path / "ctx"
     ctx.mkdir()
-    nap = ["sleep", _unique_seconds()]
+    nap = ["sleep", unique_seconds()]
     (ctx / "Dockerfile").write_text(f"FROM alpine\nRUN {' '.join(nap)} || true; echo slept > /slept\n")
     with pylayerfs_mount(str(tmp_path / "m"), [str(lower)], str(upper), str(work)):
         env = {**os.environ, "PYLAYERFS_ROOT": str(store)}
@@ -220,12 +203,12 @@ def test_a_run_step_does_not_pin_the_hosts_mounts(tmp_path: Path, host_mount):
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         try:
             deadline = time.monotonic() + 60
-            while not _processes(nap):
+            while not processes(nap):
                 assert build.poll() is None and time.monotonic() < deadline, "the RUN step did not start"
                 time.sleep(0.05)
-            _unmount_and_remount(tmp_path, lower, upper, work, lambda: bool(_processes(nap)))
+            _unmount_and_remount(tmp_path, lower, upper, work, lambda: bool(processes(nap)))
         finally:
-            for pid in _processes(nap):  # the step goes on to its end
+            for pid in processes(nap):  # the step goes on to its end
                 os.kill(pid, signal.SIGTERM)
             output = build.communicate(timeout=60)[0]
     assert build.returncode == 0, output

@@ -11,7 +11,6 @@ gone ends the client); ``run --rm -d``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import json
@@ -29,6 +28,7 @@ import pytest
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.params import mounts_below
 from tests.dockerd import BASE, DOCKER, Docker
+from tests.mounts import processes, unique_seconds
 from tests.test_build import pylayerfs
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(600)]
@@ -180,20 +180,6 @@ def test_run_errors_answer_125(both: Both) -> None:
     assert ours.returncode == 125
 
 
-def _unique_sleep() -> str:
-    return str(600 + os.getpid() % 1000 + int(time.monotonic() * 1000) % 1000)
-
-
-def _processes(argv: list[str]) -> list[int]:
-    wanted = "\0".join(argv) + "\0"
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline") as f:
-            if f.read() == wanted:
-                found.append(int(pid))
-    return found
-
-
 def _status(both: Both, name: str) -> tuple[str, str]:
     statuses = []
     for side in both.run("ps", "-a", "--format", "{{.Names}}\t{{.Status}}"):  # pylayerfs's ps has no --filter
@@ -203,7 +189,7 @@ def _status(both: Both, name: str) -> tuple[str, str]:
 
 
 def test_exec_joins_the_containers_namespaces(both: Both) -> None:
-    nap = _unique_sleep()
+    nap = unique_seconds()
     for side in both.run("run", "-d", "--name", "joined", BASE, "sleep", nap):
         assert side.returncode == 0, side.stderr
     for options, command in (
@@ -227,12 +213,12 @@ def test_exec_joins_the_containers_namespaces(both: Both) -> None:
 
 
 def test_stop_and_rm_f_stop_the_whole_tree_at_once(both: Both) -> None:
-    nap = _unique_sleep()
+    nap = unique_seconds()
     script = f"sleep {nap} & sleep {nap}; true"  # an orphan holds the output pipe: the old 'cannot stop container'
     for name in ("tree", "forced"):
         for side in both.run("run", "-d", "--name", name, BASE, "sh", "-c", script):
             assert side.returncode == 0, side.stderr
-    assert len(_processes(["sleep", nap])) == 8  # two in each of the two containers on each side
+    assert len(processes(["sleep", nap])) == 8  # two in each of the two containers on each side
     for args in (("stop", "-t", "1", "tree"), ("rm", "-f", "forced")):
         took = []
         for client in (both.docker.run, functools.partial(pylayerfs, both.root)):
@@ -241,7 +227,7 @@ def test_stop_and_rm_f_stop_the_whole_tree_at_once(both: Both) -> None:
             took.append(time.monotonic() - start)
         assert took[1] < took[0] + 2, f"{args}: Docker took {took[0]:.1f} s, pylayerfs {took[1]:.1f} s"
         assert took[1] < 4, "well under the 10 s timeout"
-    assert _processes(["sleep", nap]) == [], "every process of the container is gone, orphans included"
+    assert processes(["sleep", nap]) == [], "every process of the container is gone, orphans included"
     theirs, ours = _status(both, "tree")
     assert theirs.startswith("Exited (137)") and ours.startswith("Exited (137)"), (theirs, ours)
     both.run("rm", "tree")
@@ -251,7 +237,7 @@ def test_ctrl_c_goes_to_pid_1_as_dockers(both: Both) -> None:
     """The client forwards SIGINT to PID 1: a shell that traps it exits at once (and --rm removes it); ``sleep``
     as PID 1 has no handler, so the kernel ignores it, on both sides, until ``rm -f``."""
     trap = ["sh", "-c", "trap 'echo got; exit 5' INT; sleep 600 & wait"]
-    for name, command in (("trapping", trap), ("ignoring", ["sleep", _unique_sleep()])):
+    for name, command in (("trapping", trap), ("ignoring", ["sleep", unique_seconds()])):
         clients = both.popen("run", "--rm", "--name", name, BASE, *command)
         try:
             _wait_running(both, name)

@@ -581,7 +581,7 @@ def config_expose(stage: Stage, ins: Instruction, args: str) -> str:
     exposed: dict[str, dict[str, str]] = dict(stage.run.get("ExposedPorts") or {})
     for spec in ports:
         exposed.update({port: {} for port in _port_spec(spec)})
-    stage.run["ExposedPorts"] = dict(sorted(exposed.items()))  # a Go map: JSON with sorted keys
+    stage.run["ExposedPorts"] = exposed  # a Go map: imageconfig.run_config writes its keys sorted
     return "EXPOSE " + " ".join(ports)
 
 
