@@ -53,6 +53,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
+import zstandard
+
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.markers import (
     OPAQUE_XATTR,
@@ -407,7 +409,7 @@ class _Tee(io.RawIOBase):
 
 
 def _decompressed(source: BinaryIO) -> io.BufferedIOBase:
-    """``source`` uncompressed: gzip, bzip2 or xz by their magic (moby's ``DecompressStream``), else as it is."""
+    """``source`` uncompressed: gzip, bzip2, xz or zstd by their magic (moby's ``DecompressStream``), else as it is."""
     buffered = io.BufferedReader(cast(io.RawIOBase, source))
     head = buffered.peek(6)[:6]
     if head.startswith(b"\x1f\x8b\x08"):
@@ -416,6 +418,9 @@ def _decompressed(source: BinaryIO) -> io.BufferedIOBase:
         return bz2.BZ2File(buffered)
     if head.startswith(b"\xfd7zXZ\x00"):
         return lzma.LZMAFile(buffered)
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
+        return io.BufferedReader(cast(io.RawIOBase, reader))
     return buffered
 
 
@@ -432,7 +437,7 @@ def extract_keeping(source: BinaryIO, name: str, dest: str, copy: BinaryIO) -> s
             extract(tar, dest)
         while tee.read(1 << 20):
             pass
-    except (OSError, EOFError, tarfile.TarError, lzma.LZMAError) as exc:
+    except (OSError, EOFError, tarfile.TarError, lzma.LZMAError, zstandard.ZstdError) as exc:
         if isinstance(exc, ArchiveError):
             raise
         raise ArchiveError(f"cannot read '{name}' as a tar archive: {exc}") from exc

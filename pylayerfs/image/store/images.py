@@ -145,17 +145,24 @@ class ImageStore:
         return os.path.exists(self.layout.image_metadata(image_id, "builtLocally"))
 
     def put(self, config: dict[str, Any], parent: str | None) -> Image:
-        """Store an image config (with the store locked); the same config is the same image. Returns it.
+        """Store an image config built here (with the store locked); the same config is the same image. Returns it.
 
-        Writes the config (0600), ``builtLocally`` and, with ``parent`` (an image ID), ``parent``; each atomically.
-        Raises the OSError of a failed write (ENOSPC...).
+        Writes the config as :func:`encode` gives it, with ``builtLocally`` and ``parent``: see :meth:`put_raw`.
         """
-        raw = encode(config)
+        return self.put_raw(encode(config), parent, built_locally=True)
+
+    def put_raw(self, raw: bytes, parent: str | None = None, built_locally: bool = False) -> Image:
+        """Store config bytes as they are (a loaded or pulled image's: its ID is their sha256); returns the image.
+
+        Writes the config (0600), ``builtLocally`` when ``built_locally`` and, with ``parent`` (an image ID),
+        ``parent``; each atomically (moby's ``image/store.go`` ``Create``). Raises the OSError of a failed write.
+        """
         image = Image("sha256:" + hashlib.sha256(raw).hexdigest(), raw)
         write_value(self.layout.config(image.id), raw, 0o600)
         meta = self.layout.image_metadata(image.id)
         os.makedirs(meta, 0o700, exist_ok=True)
-        write_value(os.path.join(meta, "builtLocally"), BUILT_LOCALLY)
+        if built_locally:
+            write_value(os.path.join(meta, "builtLocally"), BUILT_LOCALLY)
         if parent is not None:
             write_value(os.path.join(meta, "parent"), parent)
         return image

@@ -11,6 +11,7 @@ ChainID is already registered is not stored twice: the new copy is dropped.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import hashlib
 import os
@@ -41,6 +42,7 @@ from pylayerfs.overlay.params import mounts_below
 
 LINK_ID_LENGTH = 26
 KEPT_TAR = "layer.tar.gz"  # in a layerdb entry: the layer's own tar bytes, when they are not its diff's tar
+INCOMPLETE = "incomplete"  # in a layerdb entry: registered by a load or pull whose image is not stored yet
 
 
 def _file_digest(path: str) -> str:
@@ -176,7 +178,8 @@ class LayerStore:
         """The diff directories (paths) a mount over ``parent`` stacks, top first; raises as :meth:`stack`."""
         return [self.diff_dir(c) for c in self.lower_cache_ids(parent)]
 
-    def register(self, cache_id: str, parent: str | None, tar: str | None = None) -> Layer | None:
+    def register(self, cache_id: str, parent: str | None, tar: str | None = None, incomplete: bool = False
+                 ) -> Layer | None:  # fmt: skip
         """Make the built directory ``cache_id`` a layer over ``parent``; the layer, or None if it holds nothing.
 
         Its DiffID is the sha256 of the layer tar moby would write (``pkg/archive``), its size moby's
@@ -185,8 +188,11 @@ class LayerStore:
         bytes are the layer's and are kept (``layer.tar.gz``, as moby keeps ``tar-split.json.gz``) so that
         :meth:`write_tar` gives them back. A diff holding names that start with ``.wh.`` (made by a RUN step) is
         replaced by the extraction of its tar, whiteouts made of those names, as moby's overlay2 commit applies the
-        container's tar (:meth:`_apply_own_tar`). An empty diff (the empty tar's DiffID) and an already registered
-        ChainID drop the directory; the latter returns the existing layer. Raises :class:`StoreError` for a missing
+        container's tar (:meth:`_apply_own_tar`). An empty built diff (the empty tar's DiffID; an empty layer given
+        as a tar is kept, as moby's ``Register`` keeps it) and an already registered
+        ChainID drop the directory; the latter returns the existing layer. ``incomplete`` marks a new layer as not yet
+        used by an image (a load or pull in progress): :meth:`complete` clears the mark, and :meth:`collect_garbage`
+        removes a layer that still has it (its writer died). Raises :class:`StoreError` for a missing
         ``parent``, :class:`~pylayerfs.image.archive.ArchiveError` for a diff that cannot be applied, and the OSError
         of reading the diff or writing the entry.
         """
@@ -196,7 +202,7 @@ class LayerStore:
             tar = self._apply_own_tar(cache_id, parent)
         try:
             diff_id = _file_digest(tar) if tar else archive.diff_id(diff, self.lower_dirs(parent))
-            if diff_id == archive.EMPTY_LAYER_DIFF_ID:
+            if diff_id == archive.EMPTY_LAYER_DIFF_ID and tar is None:
                 self.remove_dir(cache_id)
                 return None
             chain = chain_id(parent, diff_id)
@@ -212,6 +218,8 @@ class LayerStore:
                 values["parent"] = parent
             for name, value in values.items():
                 write_value(os.path.join(staging, name), value)
+            if incomplete:
+                write_value(os.path.join(staging, INCOMPLETE), "", 0o600)
             if tar:
                 with open(tar, "rb") as src, gzip.open(os.path.join(staging, KEPT_TAR), "wb", 1) as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
@@ -220,6 +228,19 @@ class LayerStore:
             if own and tar:
                 os.unlink(tar)
         return self.get(chain)
+
+    def is_incomplete(self, chain: str) -> bool:
+        """Does the layer ``chain`` still carry the mark of a load or pull in progress (see :meth:`register`)?"""
+        return os.path.exists(self.layout.chain(chain, INCOMPLETE))
+
+    def complete(self, chain: str | None) -> None:
+        """Clear the in-progress mark of the layer ``chain`` and of every layer below it (with the store locked).
+
+        Raises :class:`StoreError` as :meth:`stack` when one of them is missing (removed by a failed concurrent load).
+        """
+        for layer in self.stack(chain):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.layout.chain(layer.chain_id, INCOMPLETE))
 
     def _apply_own_tar(self, cache_id: str, parent: str | None) -> str:
         """Write the tar of ``cache_id``'s diff to ``tmp/`` and put the diff's extraction in the diff's place; the tar.
@@ -293,14 +314,19 @@ class LayerStore:
         return found
 
     def collect_garbage(self, in_use: set[str]) -> list[str]:
-        """Remove what an interrupted writer left: unregistered layer directories and staging entries; their names.
+        """Remove what an interrupted writer left: layers a load or pull registered but never completed (see
+        :meth:`register`), unregistered layer directories and staging entries; their names (ChainIDs, cache-ids).
 
         Directories in ``in_use`` or used by a container stay. A mount left behind inside one of them (a builder killed
         during RUN) is detached first (``umount2`` MNT_DETACH: EPERM without CAP_SYS_ADMIN). Take the store lock and the
         ``busy`` lock first (:meth:`Store.collect_garbage <pylayerfs.image.store.store.Store.collect_garbage>` does).
         """
-        registered = {layer.cache_id for layer in self.all()} | in_use | self.container_dirs()
         removed = []
+        for layer in sorted(self.all(), key=lambda layer: -len(self.stack(layer.chain_id))):  # top layers first
+            if self.is_incomplete(layer.chain_id):
+                self.remove(layer)
+                removed.append(layer.chain_id)
+        registered = {layer.cache_id for layer in self.all()} | in_use | self.container_dirs()
         vfs = os.listdir(self.layout.vfs) if os.path.isdir(self.layout.vfs) else []
         for name in sorted(set(os.listdir(self.layout.overlay2)) | set(vfs)):
             if name != LINK_DIR and name not in registered:

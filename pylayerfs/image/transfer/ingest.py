@@ -1,0 +1,175 @@
+"""Storing an image that arrives from outside (``load``, ``pull``): its layers streamed in and checked, then the image.
+
+Moby's ``image/tarexport/load.go`` and ``distribution/pull_v2.go`` meet at the layer store's ``Register``; so do
+``load`` and ``pull`` here, at :func:`store_image`. Each layer blob is hashed as it is read (the digest its manifest
+names) and extracted as it streams, decompressed by its magic (gzip, zstd; plain); its uncompressed bytes hash to
+the layer's DiffID, which must be the config's ``rootfs.diff_ids[i]``, and are kept as the layer's own tar. A layer
+whose ChainID is stored already is not read at all ("Already exists"). Nothing partial stays: a failure (or SIGINT)
+removes the layers this call registered, and a killed process leaves them marked ``incomplete``, which the next
+load, pull or build removes (:meth:`LayerStore.collect_garbage
+<pylayerfs.image.store.layers.LayerStore.collect_garbage>`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO, cast
+
+from pylayerfs.image import archive
+from pylayerfs.image.store import Store, StoreError
+from pylayerfs.image.store.images import Image
+from pylayerfs.image.store.layers import chain_id, random_id
+from pylayerfs.image.store.references import parse, parse_reference
+
+Progress = Callable[[str, str], None]  # (DiffID, "exists" | "stored")
+
+
+class TransferError(StoreError):
+    """An image that cannot be stored as given (bad config, digest or size mismatch...); one line for the user."""
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A layer blob to read: ``open`` gives a fresh reader of its bytes as they travel (compressed or not).
+
+    ``digest`` (``sha256:<hex>``) and ``size`` (bytes) are checked when given (a manifest's descriptor); ``name`` says
+    where it comes from in messages (``blobs/sha256/<hex>``, a URL...).
+    """
+
+    open: Callable[[], contextlib.AbstractContextManager[BinaryIO]]
+    name: str
+    digest: str | None = None
+    size: int | None = None
+
+
+class _Hashing(io.RawIOBase):
+    """A reader of ``source`` that counts and hashes every byte read through it."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self.source, self.hash, self.count = source, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.source.read(len(buffer))
+        buffer[: len(data)] = data
+        self.hash.update(data)
+        self.count += len(data)
+        return len(data)
+
+    def drain(self) -> None:
+        """Read what is left, so that the count and the hash cover the whole blob."""
+        while self.read(1 << 20):
+            pass
+
+
+def diff_ids_of(config: bytes) -> list[str]:
+    """The ``rootfs.diff_ids`` of image config bytes (OCI image spec, config.md), bottom layer first.
+
+    Raises :class:`TransferError` when the bytes are not a JSON object with ``rootfs`` of type ``layers`` and
+    ``diff_ids`` a list of ``sha256:<hex>``.
+    """
+    try:
+        data = json.loads(config)
+        rootfs = data["rootfs"]
+        diff_ids = rootfs["diff_ids"] or []
+        if rootfs["type"] != "layers" or not all(isinstance(d, str) and _is_digest(d) for d in diff_ids):
+            raise ValueError("rootfs is not a list of sha256 layers")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TransferError(f"the image config is not valid: {exc}") from exc
+    return list(diff_ids)
+
+
+def _is_digest(text: str) -> bool:
+    hexdigits = text.removeprefix("sha256:")
+    return text.startswith("sha256:") and len(hexdigits) == 64 and all(c in "0123456789abcdef" for c in hexdigits)
+
+
+def store_image(store: Store, config: bytes, layers: Sequence[Blob], tags: Sequence[str] = (),
+                repo_digests: Sequence[str] = (), progress: Progress | None = None) -> Image:  # fmt: skip
+    """Store the image of ``config`` (its bytes as given: their sha256 is the image ID) with its ``layers``.
+
+    ``layers`` are the blobs of ``rootfs.diff_ids``, bottom first; ``tags`` (``name[:tag]``) and ``repo_digests``
+    (``name@sha256:<hex>``) are pointed at the image once it is whole. ``progress(diff_id, event)`` is called per
+    layer, ``event`` ``"exists"`` (not read) or ``"stored"``. Returns the image. Raises :class:`TransferError` for a
+    bad config, a layer count, size, digest or DiffID that does not match, :class:`StoreError` for a bad reference,
+    :class:`~pylayerfs.image.archive.ArchiveError` for a layer that cannot be extracted safely, and the OSError of
+    reading a blob or writing the store; the store is then as it was.
+    """
+    diff_ids = diff_ids_of(config)
+    if len(diff_ids) != len(layers):
+        raise TransferError(f"the image config names {len(diff_ids)} layers, the manifest {len(layers)}")
+    for ref in tags:
+        parse_reference(ref)
+    for ref in repo_digests:
+        if parse(ref).digest is None:
+            raise StoreError(f"invalid reference format: '{ref}' (name@sha256:<hex> expected)")
+    store.collect_garbage()
+    created: list[str] = []
+    with store.busy():
+        try:
+            parent = None
+            for diff_id, blob in zip(diff_ids, layers, strict=True):
+                chain = chain_id(parent, diff_id)
+                if store.layers.exists(chain):
+                    event = "exists"
+                else:
+                    _store_layer(store, parent, diff_id, blob)
+                    created.append(chain)
+                    event = "stored"
+                if progress is not None:
+                    progress(diff_id, event)
+                parent = chain
+            with store.locked():
+                store.layers.complete(parent)
+                image = store.images.put_raw(config)
+                for ref in tags:
+                    store.refs.tag(ref, image.id)
+                for ref in repo_digests:
+                    name, _, digest = ref.partition("@")
+                    store.refs.add_digest(name, digest, image.id)
+            return image
+        except BaseException:
+            _roll_back(store, created)
+            raise
+
+
+def _store_layer(store: Store, parent: str | None, diff_id: str, blob: Blob) -> None:
+    """Extract ``blob`` into a new layer over ``parent``, check it, register it marked ``incomplete``."""
+    with store.locked():
+        cache_id = store.layers.new_dir(parent)
+    kept = os.path.join(store.layout.tmp, f"load-{random_id()}.tar")
+    try:
+        with blob.open() as raw, open(kept, "wb") as copy:
+            hashing = _Hashing(raw)
+            got = archive.extract_keeping(cast(BinaryIO, hashing), blob.name, store.layers.diff_dir(cache_id), copy)
+            hashing.drain()
+        if blob.size is not None and hashing.count != blob.size:
+            raise TransferError(f"{blob.name}: {hashing.count} bytes, the manifest says {blob.size}")
+        if blob.digest is not None and "sha256:" + hashing.hash.hexdigest() != blob.digest:
+            raise TransferError(f"{blob.name}: digest sha256:{hashing.hash.hexdigest()}, expected {blob.digest}")
+        if got != diff_id:
+            raise TransferError(f"{blob.name}: its tar has DiffID {got}, the image config says {diff_id}")
+        with store.locked():
+            store.layers.register(cache_id, parent, kept, incomplete=True)
+    except BaseException:
+        store.layers.remove_dir(cache_id)
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(kept)
+
+
+def _roll_back(store: Store, created: list[str]) -> None:
+    """Remove the layers of ``created`` (bottom first) that are still incomplete, top first; never raises."""
+    with contextlib.suppress(OSError, StoreError), store.locked():
+        for chain in reversed(created):
+            if store.layers.exists(chain) and store.layers.is_incomplete(chain):
+                store.layers.remove(store.layers.get(chain))
