@@ -8,7 +8,6 @@ ends, ``Untagged:``/``Deleted:`` lines.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -304,7 +303,6 @@ def import_rootfs(store: Store, path: str, ref: str) -> Image:
     ``comment`` and a history entry ``Imported from -`` (the docker client sends a file as ``-``), an empty
     ``config`` and ``container_config``. Raises StoreError (bad reference, unreadable file) and ArchiveError.
     """
-    from pylayerfs.image.store.layers import random_id
     from pylayerfs.image.store.references import parse_reference
 
     parse_reference(ref)
@@ -315,10 +313,10 @@ def import_rootfs(store: Store, path: str, ref: str) -> Image:
     with source, store.busy():
         with store.locked():
             cache_id = store.layers.new_dir(None)
-        kept = os.path.join(store.layout.tmp, f"import-{random_id()}.tar")
+        splitter = store.layers.splitter(cache_id)
         try:
-            with open(kept, "wb") as copy:
-                archive.extract_keeping(source, path, store.layers.diff_dir(cache_id), copy)
+            got = archive.extract_keeping(source, path, store.layers.diff_dir(cache_id), splitter, splitter.seen)  # type: ignore[arg-type]
+            kept = splitter.close(got)
             now = format_time(datetime.datetime.now(datetime.UTC))
             comment = "Imported from -"
             with store.locked():
@@ -332,8 +330,7 @@ def import_rootfs(store: Store, path: str, ref: str) -> Image:
             store.layers.remove_dir(cache_id)
             raise
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(kept)
+            splitter.discard()
 
 
 BASE_DIRS = {"bin": 0o755, "sbin": 0o755, "usr/bin": 0o755, "usr/sbin": 0o755, "etc": 0o755, "root": 0o700,

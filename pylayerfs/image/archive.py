@@ -49,7 +49,7 @@ import os
 import pwd
 import stat
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
@@ -71,6 +71,7 @@ EMPTY_LAYER_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cd
 BLOCK = 512
 TRAILER = b"\0" * 1024
 CAPABILITY = "security.capability"
+STREAM_BUFFER = 1 << 16  # tarfile's reads of a stream (its default, 10 KiB, costs a call per 10 KiB of payload)
 SHARED_WHITEOUT = object()  # the one inode of every whiteout in a layer (see _write_layer)
 
 
@@ -424,17 +425,22 @@ def _decompressed(source: BinaryIO) -> io.BufferedIOBase:
     return buffered
 
 
-def extract_keeping(source: BinaryIO, name: str, dest: str, copy: BinaryIO) -> str:
+def extract_keeping(source: BinaryIO, name: str, dest: str, copy: BinaryIO,
+                    seen: Callable[[tarfile.TarInfo | None], None] | None = None) -> str:  # fmt: skip
     """Extract the (maybe compressed) tar ``source`` into ``dest`` (as :func:`extract`) and write its uncompressed
     bytes to ``copy``, every one of them: what follows the end-of-archive blocks too, as moby's layer store reads the
-    stream to its end. Returns their ``sha256:<hex>``: the layer's DiffID, as ``docker import`` gives it.
+    stream to its end. Returns their ``sha256:<hex>``: the layer's DiffID, as ``docker import`` gives it. ``seen`` is
+    called with each member before it is extracted, then with None (a
+    :class:`~pylayerfs.image.store.tarsplit.Splitter` keeps the bytes as a split).
 
     Raises ArchiveError for a stream that is not a tar or cannot be extracted safely, OSError for ``copy``'s writes.
     """
     tee = _Tee(_decompressed(source), copy)
     try:
-        with tarfile.open(fileobj=tee, mode="r|") as tar:
-            extract(tar, dest)
+        with tarfile.open(fileobj=tee, mode="r|", bufsize=STREAM_BUFFER) as tar:
+            extract(tar, dest, seen=seen)
+        if seen is not None:
+            seen(None)
         while tee.read(1 << 20):
             pass
     except (OSError, EOFError, tarfile.TarError, lzma.LZMAError, zstandard.ZstdError) as exc:
@@ -454,7 +460,8 @@ def _clean(name: str) -> str:
     return "/".join(parts)
 
 
-def extract(tar: tarfile.TarFile, dest: str, merged: bool = False) -> Extracted:
+def extract(tar: tarfile.TarFile, dest: str, merged: bool = False,
+            seen: Callable[[tarfile.TarInfo], None] | None = None) -> Extracted:  # fmt: skip
     """Extract ``tar`` into the directory ``dest`` (as root: owners, modes, devices, times kept).
 
     Every write goes through ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)``
@@ -462,12 +469,15 @@ def extract(tar: tarfile.TarFile, dest: str, merged: bool = False) -> Extracted:
     ``merged``: ``dest`` is in a mounted root (``ADD x.tar`` in a step), where a whiteout entry ``.wh.X`` removes X
     and ``.wh..wh..opq`` removes what the directory held before this archive, as Docker's commit of the files
     moby's ``Unpack`` leaves there gives them; the overlay records both (whiteouts in the upper layer).
+    ``seen(member)`` is called before each member is applied.
     """
     root = os.open(dest, os.O_PATH | os.O_DIRECTORY)
     entries = whiteouts = 0
     times: list[tuple[str, int]] = []
     try:
         for member in tar:
+            if seen is not None:
+                seen(member)
             rel = _clean(member.name)
             if not rel:
                 continue

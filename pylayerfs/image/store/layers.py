@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import gzip
 import hashlib
 import os
 import secrets
 import shutil
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from pylayerfs.image import archive
 from pylayerfs.image.sizes import layer_size
+from pylayerfs.image.store import tarsplit
 from pylayerfs.image.store.layout import (
     COMMITTED_FILE,
     DIFF_DIR,
@@ -41,14 +41,7 @@ from pylayerfs.overlay.markers import is_metacopy_file
 from pylayerfs.overlay.params import mounts_below
 
 LINK_ID_LENGTH = 26
-KEPT_TAR = "layer.tar.gz"  # in a layerdb entry: the layer's own tar bytes, when they are not its diff's tar
 INCOMPLETE = "incomplete"  # in a layerdb entry: registered by a load or pull whose image is not stored yet
-
-
-def _file_digest(path: str) -> str:
-    """``sha256:<hex>`` of the file at ``path``; raises its OSError."""
-    with open(path, "rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -178,15 +171,18 @@ class LayerStore:
         """The diff directories (paths) a mount over ``parent`` stacks, top first; raises as :meth:`stack`."""
         return [self.diff_dir(c) for c in self.lower_cache_ids(parent)]
 
-    def register(self, cache_id: str, parent: str | None, tar: str | None = None, incomplete: bool = False
-                 ) -> Layer | None:  # fmt: skip
+    def register(self, cache_id: str, parent: str | None, kept: tarsplit.Kept | None = None,
+                 incomplete: bool = False) -> Layer | None:  # fmt: skip
         """Make the built directory ``cache_id`` a layer over ``parent``; the layer, or None if it holds nothing.
 
         Its DiffID is the sha256 of the layer tar moby would write (``pkg/archive``), its size moby's
         ``directory.Size`` of its diff; the layerdb entry is written in ``tmp/`` and renamed into place
-        (``layer/layer_store.go``). ``tar`` names the uncompressed tar the diff was extracted from (``import``): its
-        bytes are the layer's and are kept (``layer.tar.gz``, as moby keeps ``tar-split.json.gz``) so that
-        :meth:`write_tar` gives them back. A diff holding names that start with ``.wh.`` (made by a RUN step) is
+        (``layer/layer_store.go``). ``kept`` is the tar the diff was extracted from (``import``, ``load``, ``pull``),
+        as a :class:`~pylayerfs.image.store.tarsplit.Splitter` kept it (made by :meth:`splitter`): its bytes are the
+        layer's (its DiffID is theirs), and its split (``tar-split.json.gz``, as moby keeps it; ``layer.tar.gz``
+        when a split cannot hold) moves into the entry so that :meth:`write_tar` gives them back; it is checked
+        first, once: the sha256 of what it gives back must be the DiffID (:class:`StoreError` if not). A diff holding
+        names that start with ``.wh.`` (made by a RUN step) is
         replaced by the extraction of its tar, whiteouts made of those names, as moby's overlay2 commit applies the
         container's tar (:meth:`_apply_own_tar`). An empty built diff (the empty tar's DiffID; an empty layer given
         as a tar is kept, as moby's ``Register`` keeps it) and an already registered
@@ -197,12 +193,12 @@ class LayerStore:
         of reading the diff or writing the entry.
         """
         diff = self.diff_dir(cache_id)
-        own = tar is None and any(rel.rpartition("/")[2].startswith(".wh.") for rel, _ in archive.walk(diff))
+        own = kept is None and any(rel.rpartition("/")[2].startswith(".wh.") for rel, _ in archive.walk(diff))
         if own:
-            tar = self._apply_own_tar(cache_id, parent)
+            kept = self._apply_own_tar(cache_id, parent)
         try:
-            diff_id = _file_digest(tar) if tar else archive.diff_id(diff, self.lower_dirs(parent))
-            if diff_id == archive.EMPTY_LAYER_DIFF_ID and tar is None:
+            diff_id = kept.diff_id if kept else archive.diff_id(diff, self.lower_dirs(parent))
+            if diff_id == archive.EMPTY_LAYER_DIFF_ID and kept is None:
                 self.remove_dir(cache_id)
                 return None
             chain = chain_id(parent, diff_id)
@@ -220,14 +216,31 @@ class LayerStore:
                 write_value(os.path.join(staging, name), value)
             if incomplete:
                 write_value(os.path.join(staging, INCOMPLETE), "", 0o600)
-            if tar:
-                with open(tar, "rb") as src, gzip.open(os.path.join(staging, KEPT_TAR), "wb", 1) as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+            if kept:
+                self._check_kept(kept, diff)
+                os.rename(kept.path, os.path.join(staging, tarsplit.WHOLE if kept.whole else tarsplit.SPLIT))
             os.rename(staging, self.layout.chain(chain))
         finally:
-            if own and tar:
-                os.unlink(tar)
+            if own and kept:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(kept.path)
         return self.get(chain)
+
+    def splitter(self, cache_id: str) -> tarsplit.Splitter:
+        """A :class:`~pylayerfs.image.store.tarsplit.Splitter` for the tar extracted into ``cache_id``'s diff, writing
+        in the store's ``tmp/`` (its ``discard()`` removes what :meth:`register` did not take).
+        """
+        return tarsplit.Splitter(os.path.join(self.layout.tmp, f"split-{random_id()}"), self.diff_dir(cache_id))
+
+    @staticmethod
+    def _check_kept(kept: tarsplit.Kept, diff: str) -> None:
+        """Raise :class:`StoreError` unless the bytes ``kept`` gives back (from ``diff``) hash to its DiffID."""
+        try:
+            got = tarsplit.digest(kept.path, kept.whole, diff)
+        except tarsplit.SplitError as exc:
+            raise StoreError(f"the layer's tar cannot be kept: {exc}") from exc
+        if got != kept.diff_id:
+            raise StoreError(f"the layer's tar cannot be kept: it gives back {got}, not {kept.diff_id}")
 
     def is_incomplete(self, chain: str) -> bool:
         """Does the layer ``chain`` still carry the mark of a load or pull in progress (see :meth:`register`)?"""
@@ -242,8 +255,8 @@ class LayerStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.layout.chain(layer.chain_id, INCOMPLETE))
 
-    def _apply_own_tar(self, cache_id: str, parent: str | None) -> str:
-        """Write the tar of ``cache_id``'s diff to ``tmp/`` and put the diff's extraction in the diff's place; the tar.
+    def _apply_own_tar(self, cache_id: str, parent: str | None) -> tarsplit.Kept:
+        """Put the extraction of the tar of ``cache_id``'s diff in the diff's place; that tar, kept as a split.
 
         What moby's overlay2 does with a container's layer: its tar (and DiffID) carries a ``.wh.x`` the RUN step made
         as it is, the image layer is that tar applied (``pkg/archive`` ``Unpack`` with the overlay ``ConvertRead``),
@@ -252,32 +265,40 @@ class LayerStore:
         diff = self.diff_dir(cache_id)
         tar = os.path.join(self.layout.tmp, f"layer-{random_id()}.tar")
         applied = self.layout.layer(cache_id, "applied")
+        splitter = tarsplit.Splitter(os.path.join(self.layout.tmp, f"split-{random_id()}"), applied)
         try:
             with open(tar, "wb") as out:
                 archive.write_layer(diff, out, self.lower_dirs(parent))
             os.mkdir(applied, 0o755)
-            with open(tar, "rb") as f, archive.open_archive(f, tar) as stream:
-                archive.extract(stream, applied)
+            with open(tar, "rb") as f:
+                got = archive.extract_keeping(f, tar, applied, cast(BinaryIO, splitter), splitter.seen)
+            kept = splitter.close(got)
             os.rename(diff, applied + "-old")
             os.rename(applied, diff)
             shutil.rmtree(applied + "-old")
         except BaseException:
             shutil.rmtree(applied, ignore_errors=True)
-            os.unlink(tar)
+            splitter.discard()
             raise
-        return tar
+        finally:
+            os.unlink(tar)
+        return kept
 
     def write_tar(self, layer: Layer, out: BinaryIO) -> None:
         """Write the layer's tar to ``out``: the bytes its DiffID is the sha256 of (kept ones, or its diff's tar).
 
-        Raises the OSError of reading the layer or writing ``out``.
+        Raises :class:`StoreError` for a kept split that no longer matches the diff, the OSError of reading the layer
+        or writing ``out``.
         """
-        kept = os.path.join(self.layout.chain(layer.chain_id), KEPT_TAR)
-        if os.path.exists(kept):
-            with gzip.open(kept, "rb") as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-        else:
-            archive.write_layer(self.diff_dir(layer.cache_id), out, self.lower_dirs(layer.parent))
+        entry = self.layout.chain(layer.chain_id)
+        for name, whole in ((tarsplit.SPLIT, False), (tarsplit.WHOLE, True)):
+            if os.path.exists(os.path.join(entry, name)):
+                try:
+                    tarsplit.write(os.path.join(entry, name), whole, self.diff_dir(layer.cache_id), out)
+                except tarsplit.SplitError as exc:
+                    raise StoreError(f"layer {layer.chain_id}: {exc}") from exc
+                return
+        archive.write_layer(self.diff_dir(layer.cache_id), out, self.lower_dirs(layer.parent))
 
     def remove(self, layer: Layer) -> None:
         """Forget a layer: its layerdb entry renamed to ``<chain-id>-<random>-removing`` first, then its directories.

@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
@@ -24,7 +23,7 @@ from typing import Any, BinaryIO, cast
 from pylayerfs.image import archive
 from pylayerfs.image.store import Store, StoreError
 from pylayerfs.image.store.images import Image
-from pylayerfs.image.store.layers import chain_id, random_id
+from pylayerfs.image.store.layers import chain_id
 from pylayerfs.image.store.references import parse, parse_reference
 
 Progress = Callable[[str, str], None]  # (DiffID, "exists" | "stored")
@@ -145,12 +144,14 @@ def _store_layer(store: Store, parent: str | None, diff_id: str, blob: Blob) -> 
     """Extract ``blob`` into a new layer over ``parent``, check it, register it marked ``incomplete``."""
     with store.locked():
         cache_id = store.layers.new_dir(parent)
-    kept = os.path.join(store.layout.tmp, f"load-{random_id()}.tar")
+    splitter = store.layers.splitter(cache_id)
     try:
-        with blob.open() as raw, open(kept, "wb") as copy:
+        with blob.open() as raw:
             hashing = _Hashing(raw)
-            got = archive.extract_keeping(cast(BinaryIO, hashing), blob.name, store.layers.diff_dir(cache_id), copy)
+            got = archive.extract_keeping(cast(BinaryIO, hashing), blob.name, store.layers.diff_dir(cache_id),
+                                          cast(BinaryIO, splitter), splitter.seen)  # fmt: skip
             hashing.drain()
+        kept = splitter.close(got)
         if blob.size is not None and hashing.count != blob.size:
             raise TransferError(f"{blob.name}: {hashing.count} bytes, the manifest says {blob.size}")
         if blob.digest is not None and "sha256:" + hashing.hash.hexdigest() != blob.digest:
@@ -163,8 +164,7 @@ def _store_layer(store: Store, parent: str | None, diff_id: str, blob: Blob) -> 
         store.layers.remove_dir(cache_id)
         raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(kept)
+        splitter.discard()
 
 
 def _roll_back(store: Store, created: list[str]) -> None:
