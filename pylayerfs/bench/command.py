@@ -10,7 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TextIO
 
 from pylayerfs.bench.run import CHOICES
 from pylayerfs.image.drivers import overlay as rootfs
@@ -27,6 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", help="where to put the data set (default: a new tmpfs, or a temporary directory)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--save", metavar="FILE", help="also write the JSON report (every sample) to FILE")
+    parser.add_argument(
+        "--images",
+        action="store_true",
+        help="measure images in and out instead: save, load, pull, push (import while load is "
+        "missing) against skopeo copy between the same endpoints, with each command's peak RSS",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        metavar="MIB",
+        help="--images: the image's layer size in MiB (default 256; 32 with --quick)",
+    )
     parser.add_argument("--explain", action="store_true",
                         help="say what each workload (W1-W8, M1, B1) measures, with --quick's sizes or the full "
                              "run's, and exit")  # fmt: skip
@@ -85,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
+    if args.images:
+        return _images(args, rounds, save, progress)
     try:
         impls = available([CHOICES[name] for name in args.impl] if args.impl else list(IMPLEMENTATIONS))
         with _workspace(args.dir) as root:
@@ -101,4 +116,25 @@ def run(args: argparse.Namespace) -> int:
         with save:
             save.write(as_json(results) + "\n")
     print(as_json(results) if args.format == "json" else report(results))
+    return 0
+
+
+def _images(args: argparse.Namespace, rounds: int, save: TextIO | None, progress: Callable[[str], None]) -> int:
+    """``bench --images`` (:mod:`pylayerfs.bench.images`); 0, or 1 after one line on stderr."""
+    import json
+
+    from pylayerfs.bench import images
+
+    size = (args.image_size or (32 if args.quick else 256)) << 20
+    try:
+        with _workspace(args.dir) as root:
+            result = images.run(root, size, rounds, progress)
+    except (images.ImagesBenchError, OSError) as exc:
+        print(f"pylayerfs bench: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(images.as_json(result), indent=2)
+    if save is not None:
+        with save:
+            save.write(text + "\n")
+    print(text if args.format == "json" else images.report(result))
     return 0
