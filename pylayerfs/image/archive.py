@@ -71,7 +71,6 @@ EMPTY_LAYER_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cd
 BLOCK = 512
 TRAILER = b"\0" * 1024
 CAPABILITY = "security.capability"
-STREAM_BUFFER = 1 << 16  # tarfile's reads of a stream (its default, 10 KiB, costs a call per 10 KiB of payload)
 SHARED_WHITEOUT = object()  # the one inode of every whiteout in a layer (see _write_layer)
 
 
@@ -402,11 +401,16 @@ class _Tee(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self.source.read(len(buffer))
+        data = self.read(len(buffer))
         buffer[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        """The next ``size`` bytes at most, without the copy into a buffer of ``readinto`` (tarfile reads this way)."""
+        data = self.source.read(size)
         self.copy.write(data)
         self.hash.update(data)
-        return len(data)
+        return data
 
 
 def _decompressed(source: BinaryIO) -> io.BufferedIOBase:
@@ -437,7 +441,7 @@ def extract_keeping(source: BinaryIO, name: str, dest: str, copy: BinaryIO,
     """
     tee = _Tee(_decompressed(source), copy)
     try:
-        with tarfile.open(fileobj=tee, mode="r|", bufsize=STREAM_BUFFER) as tar:
+        with tarfile.open(fileobj=tee, mode="r|") as tar:
             extract(tar, dest, seen=seen)
         if seen is not None:
             seen(None)
