@@ -216,3 +216,21 @@ def test_docker_saved_layers_round_trip(docker: Docker, store, tmp_path):
         back, names = _import(store, tmp_path, data, f"docker{i}")
         assert back == data
         assert tarsplit.SPLIT in names
+
+
+@pytest.mark.parametrize(("twice", "kept"), [(False, tarsplit.SPLIT), (True, tarsplit.WHOLE)])
+def test_a_tar_given_by_path_after_its_extraction_is_split_or_kept_whole(store, tmp_path, twice, kept):
+    data = _tar(tarfile.GNU_FORMAT, [("a", b"first", None), ("b", BIG, None)] + [("a", b"again", None)] * twice)
+    path = tmp_path / "given.tar"
+    path.write_bytes(data)
+    cache = store.layers.new_dir(None)
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        archive.extract(tar, store.layers.diff_dir(cache))
+    with store.locked():
+        layer = store.layers.register(cache, None, str(path))
+    assert layer is not None
+    out = io.BytesIO()
+    store.layers.write_tar(layer, out)
+    assert out.getvalue() == data
+    assert kept in os.listdir(store.layout.chain(layer.chain_id))
+    assert os.listdir(store.layout.tmp) == []

@@ -171,31 +171,33 @@ class LayerStore:
         """The diff directories (paths) a mount over ``parent`` stacks, top first; raises as :meth:`stack`."""
         return [self.diff_dir(c) for c in self.lower_cache_ids(parent)]
 
-    def register(self, cache_id: str, parent: str | None, kept: tarsplit.Kept | None = None,
+    def register(self, cache_id: str, parent: str | None, kept: tarsplit.Kept | str | None = None,
                  incomplete: bool = False) -> Layer | None:  # fmt: skip
         """Make the built directory ``cache_id`` a layer over ``parent``; the layer, or None if it holds nothing.
 
         Its DiffID is the sha256 of the layer tar moby would write (``pkg/archive``), its size moby's
         ``directory.Size`` of its diff; the layerdb entry is written in ``tmp/`` and renamed into place
-        (``layer/layer_store.go``). ``kept`` is the tar the diff was extracted from (``import``, ``load``, ``pull``),
-        as a :class:`~pylayerfs.image.store.tarsplit.Splitter` kept it (made by :meth:`splitter`): its bytes are the
-        layer's (its DiffID is theirs), and its split (``tar-split.json.gz``, as moby keeps it; ``layer.tar.gz``
-        when a split cannot hold) moves into the entry so that :meth:`write_tar` gives them back; it is checked
-        first, once: the sha256 of what it gives back must be the DiffID (:class:`StoreError` if not). A diff holding
-        names that start with ``.wh.`` (made by a RUN step) is
-        replaced by the extraction of its tar, whiteouts made of those names, as moby's overlay2 commit applies the
-        container's tar (:meth:`_apply_own_tar`). An empty built diff (the empty tar's DiffID; an empty layer given
-        as a tar is kept, as moby's ``Register`` keeps it) and an already registered
-        ChainID drop the directory; the latter returns the existing layer. ``incomplete`` marks a new layer as not yet
-        used by an image (a load or pull in progress): :meth:`complete` clears the mark, and :meth:`collect_garbage`
-        removes a layer that still has it (its writer died). Raises :class:`StoreError` for a missing
-        ``parent``, :class:`~pylayerfs.image.archive.ArchiveError` for a diff that cannot be applied, and the OSError
-        of reading the diff or writing the entry.
+        (``layer/layer_store.go``). ``kept`` is the tar the diff was extracted from (``import``, ``load``, ``pull``):
+        a :class:`~pylayerfs.image.store.tarsplit.Kept` of a :meth:`splitter`, or the path of the uncompressed tar
+        (split here, :func:`~pylayerfs.image.store.tarsplit.split_file`). Its bytes are the layer's (its DiffID is
+        their sha256); its split (``tar-split.json.gz``, as moby keeps it; ``layer.tar.gz`` when a split cannot hold)
+        moves into the entry so that :meth:`write_tar` gives them back, checked once first: what it gives back must
+        hash to the DiffID (:class:`StoreError` if not). A diff holding names that start with ``.wh.`` (made by a RUN
+        step) is replaced by the extraction of its tar, whiteouts made of those names, as moby's overlay2 commit
+        applies the container's tar (:meth:`_apply_own_tar`). An empty built diff (the empty tar's DiffID; an empty
+        layer given as a tar is kept, as moby's ``Register`` keeps it) and an already registered ChainID drop the
+        directory; the latter returns the existing layer. ``incomplete`` marks a new layer as not yet used by an image
+        (a load or pull in progress): :meth:`complete` clears the mark, and :meth:`collect_garbage` removes a layer
+        that still has it (its writer died). Raises :class:`StoreError` for a missing ``parent``,
+        :class:`~pylayerfs.image.archive.ArchiveError` for a diff that cannot be applied, and the OSError of reading
+        the diff or writing the entry.
         """
         diff = self.diff_dir(cache_id)
-        own = kept is None and any(rel.rpartition("/")[2].startswith(".wh.") for rel, _ in archive.walk(diff))
-        if own:
-            kept = self._apply_own_tar(cache_id, parent)
+        made = isinstance(kept, str)  # a split made here, removed when not taken
+        if isinstance(kept, str):
+            kept = tarsplit.split_file(kept, os.path.join(self.layout.tmp, f"split-{random_id()}"), diff)
+        elif kept is None and any(rel.rpartition("/")[2].startswith(".wh.") for rel, _ in archive.walk(diff)):
+            kept, made = self._apply_own_tar(cache_id, parent), True
         try:
             diff_id = kept.diff_id if kept else archive.diff_id(diff, self.lower_dirs(parent))
             if diff_id == archive.EMPTY_LAYER_DIFF_ID and kept is None:
@@ -221,7 +223,7 @@ class LayerStore:
                 os.rename(kept.path, os.path.join(staging, tarsplit.WHOLE if kept.whole else tarsplit.SPLIT))
             os.rename(staging, self.layout.chain(chain))
         finally:
-            if own and kept:
+            if made and kept:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(kept.path)
         return self.get(chain)

@@ -28,12 +28,13 @@ import base64
 import contextlib
 import gzip
 import hashlib
+import io
 import json
 import os
 import stat
 import tarfile
 from dataclasses import dataclass
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.markers import TAR_META_PREFIX, TAR_WHITEOUT_PREFIX
@@ -270,3 +271,48 @@ def digest(path: str, whole: bool, diff: str) -> str:
     sink = _Digest()
     write(path, whole, diff, sink)
     return "sha256:" + sink.hash.hexdigest()
+
+
+def split_file(tar: str, path: str, diff: str) -> Kept:
+    """Keep the uncompressed tar file ``tar``, already extracted into ``diff``, at ``path``: as a split when it gives
+    ``tar`` back from ``diff``, else whole (gzip'd). Raises the OSError of reading ``tar`` or writing ``path``.
+
+    For a tar extracted before it is kept (two passes over it); :class:`Splitter` does it while extracting.
+    """
+    with open(tar, "rb") as f:
+        diff_id = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    splitter = Splitter(path, diff)
+    try:
+        with open(tar, "rb") as f, tarfile.open(fileobj=(feeding := _Feeding(f, splitter)), mode="r|") as members:
+            for member in members:  # tarfile skips the payloads, reading them through the splitter
+                splitter.seen(member)
+                if splitter.whole:  # its split so far was read from the diff's final state: useless
+                    break
+            else:
+                splitter.seen(None)
+                while feeding.read(CHUNK):
+                    pass
+        kept = splitter.close(diff_id)
+        if not kept.whole and digest(kept.path, False, diff) == diff_id:
+            return kept
+    except (SplitError, tarfile.TarError):
+        splitter.discard()
+    with open(tar, "rb") as src, gzip.GzipFile(path, "wb", compresslevel=1) as out:
+        while chunk := src.read(CHUNK):
+            out.write(chunk)
+    return Kept(path, True, diff_id)
+
+
+class _Feeding(io.RawIOBase):
+    """A reader of ``source`` that writes what it reads to ``splitter``."""
+
+    def __init__(self, source: BinaryIO, splitter: Splitter) -> None:
+        self.source, self.splitter = source, splitter
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self.source.read(-1 if size is None else size)
+        self.splitter.write(data)
+        return data
