@@ -236,6 +236,7 @@ def run(root: str, layer_bytes: int, rounds: int, progress: Callable[[str], None
                     _measure(result.ops.setdefault(op, Samples()), ours, theirs, turn, log)
             if "push" in have:
                 with registry(fresh("registry")) as empty:  # nothing there yet; a repository for each tool
+                    _run(py("tag", IMAGE, f"{empty}/{IMAGE}", store=store), log)  # push sends a tagged image
                     _measure(result.ops.setdefault("push", Samples()),
                              lambda: py("push", "--insecure", f"{empty}/{IMAGE}", store=store),
                              lambda: skopeo(f"dir:{source}", f"docker://{empty}/other/image:latest"),
