@@ -479,7 +479,8 @@ def extract(tar: tarfile.TarFile, dest: str, merged: bool = False,
     entries = whiteouts = 0
     times: list[tuple[str, int]] = []
     try:
-        for member in tar:
+        while (member := tar.next()) is not None:
+            tar.members.clear()  # type: ignore[attr-defined]  # every header read is kept (~0.5 KB): not needed here
             if seen is not None:
                 seen(member)
             rel = _clean(member.name)

@@ -98,7 +98,7 @@ class Splitter:
         self.raw_until = 0  # below this offset every byte is raw
         self.skip_until = 0  # the payload being dropped ends here
         self.records = 0
-        self.files: set[str] = set()  # referenced paths
+        self.files: set[int] = set()  # hash() of the referenced paths (a collision only costs a needless whole tar)
         self.dirs: set[str] = set()  # the directories above them
 
     # -- the writer ------------------------------------------------------------------------
@@ -133,9 +133,9 @@ class Splitter:
         whiteout = name.startswith(TAR_WHITEOUT_PREFIX)
         if whiteout and not name.startswith(TAR_META_PREFIX):  # not the opaque marker nor AUFS metadata
             removed = f"{parent}/{name[len(TAR_WHITEOUT_PREFIX) :]}".lstrip("/")
-            conflict = removed in self.files or removed in self.dirs
+            conflict = hash(removed) in self.files or removed in self.dirs
         else:  # extraction replaces what is at `rel` but a directory by a directory
-            conflict = rel in self.files or (rel in self.dirs and not member.isdir())
+            conflict = hash(rel) in self.files or (rel in self.dirs and not member.isdir())
         if conflict:
             self._turn_whole()
             return
@@ -145,7 +145,7 @@ class Splitter:
             self._record({"type": FILE, "name": rel, "size": member.size})
             del self.pending[: min(end, self.received) - self.base]
             self.base = self.raw_until = self.skip_until = end
-            self.files.add(rel)
+            self.files.add(hash(rel))
             self.dirs.update(_ancestors(rel))
         else:
             self.raw_until = end  # its payload, if any, is kept as raw bytes
