@@ -182,10 +182,10 @@ def registry(directory: str) -> Iterator[str]:
 
 
 def commands() -> set[str]:
-    """The image transfer commands this pylayerfs has (``save``, ``load``, ``pull``, ``push``)."""
-    from pylayerfs.cli.main import COMMANDS
-
-    return {"save", "load", "pull", "push"} & set(COMMANDS)
+    """The image transfer commands this pylayerfs has (``save``, ``load``, ``pull``, ``push``), from its usage line."""
+    usage = subprocess.run([sys.executable, "-m", "pylayerfs", "--help"], capture_output=True, text=True, check=False)
+    listed = usage.stdout.partition("{")[2].partition("}")[0].split(",")
+    return {"save", "load", "pull", "push"} & set(listed)
 
 
 def run(root: str, layer_bytes: int, rounds: int, progress: Callable[[str], None]) -> ImagesResult:
