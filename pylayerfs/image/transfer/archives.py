@@ -147,9 +147,10 @@ def v1_configs(image: Image) -> list[tuple[str, bytes]]:
     """The legacy v1 ``json`` of each layer of ``image``, bottom first, with its v1 ID (64 hex).
 
     Moby's ``tarexport`` ``saveImage`` with ``image/v1`` ``CreateID``: every layer but the top has an empty v1 image
-    (created at the epoch), the top one the image config's v1 fields; the ID is the sha256 of that JSON without
-    ``id``, plus ``layer_id`` (the layer's ChainID) and ``parent`` (the v1 ID below), keys sorted. The same IDs name
-    Docker 20.10's per-layer directories.
+    (created at the epoch; its ``os`` is set after its ID is computed), the top one the image config's v1 fields;
+    the ID is the sha256 of that JSON without ``id``, plus ``layer_id`` (the layer's ChainID) and ``parent`` (the v1
+    ID below), its top-level keys sorted (a Go map of raw messages: the nested objects keep their order). The same
+    IDs name Docker 20.10's per-layer directories (checked by the tests against ``docker save``).
     """
     result: list[tuple[str, bytes]] = []
     chain = parent = None
@@ -163,11 +164,13 @@ def v1_configs(image: Image) -> list[tuple[str, bytes]]:
                       "docker_version": config.get("docker_version"), "author": config.get("author"),
                       "config": config.get("config"), "architecture": config.get("architecture"),
                       "variant": config.get("variant"), "os": config.get("os"), "Size": config.get("Size")}  # fmt: skip
-        else:
-            fields = {"created": EPOCH_CREATED, "container_config": EMPTY_CONTAINER_CONFIG, "os": config.get("os")}
+        else:  # moby sets os only after computing the ID
+            fields = {"created": EPOCH_CREATED, "container_config": EMPTY_CONTAINER_CONFIG}
         v1 = {k: v for k, v in fields.items() if v or k in ("created", "container_config")}  # Go's omitempty
         keyed = {**v1, "layer_id": chain, **({"parent": parent} if parent else {})}
-        v1_id = hashlib.sha256(go_json(_sorted(keyed))).hexdigest()
+        if "os" not in v1 and config.get("os"):
+            v1["os"] = config["os"]
+        v1_id = hashlib.sha256(go_json({k: keyed[k] for k in sorted(keyed)})).hexdigest()
         head = {"id": v1_id, **({"parent": parent.removeprefix("sha256:")} if parent else {})}
         result.append((v1_id, go_json({**head, **v1})))
         parent = "sha256:" + v1_id
@@ -365,7 +368,7 @@ class _TarSource(_Source):
             self.tar = tarfile.open(fileobj=file, mode="r:")  # noqa: SIM115 - lives as long as the source
             members = self.tar.getmembers()
         except (tarfile.TarError, EOFError) as exc:
-            raise archive.ArchiveError(f"cannot read {name} as a tar archive: {exc}") from exc
+            raise archive.ArchiveError(f"{name} is truncated or not a tar archive: {exc}") from exc
         end = os.fstat(file.fileno()).st_size
         self.members: dict[str, tarfile.TarInfo] = {}
         for member in members:
