@@ -10,6 +10,7 @@ exactly as it was, with one line on stderr.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -28,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
 from pylayerfs.image.drivers.overlay import mounted
 from pylayerfs.image.store import Store
-from pylayerfs.image.transfer.archives import v1_configs
+from pylayerfs.image.transfer.archives import machine_platform, v1_configs
 from tests.dockerd import BASE, Docker, busybox_rootfs
 from tests.test_build import pylayerfs
 from tests.trees import view
@@ -325,8 +327,9 @@ def _config(layers: list[bytes]) -> bytes:
 
 def docker_archive(path: Path, layers: list[bytes], config: bytes | None = None,
                    edit: Callable[[list[dict[str, Any]]], None] | None = None,
-                   extra: Callable[[tarfile.TarFile], None] | None = None) -> Path:  # fmt: skip
-    """A Docker 20.10-style archive: ``<n>/layer.tar``, ``<config hex>.json``, ``manifest.json``."""
+                   extra: Callable[[tarfile.TarFile], None] | None = None,
+                   compress: Callable[[bytes], bytes] = bytes) -> Path:  # fmt: skip
+    """A Docker 20.10-style archive: ``<n>/layer.tar`` (``compress``'d), ``<config hex>.json``, ``manifest.json``."""
     config = _config(layers) if config is None else config
     config_name = hashlib.sha256(config).hexdigest() + ".json"
     manifest = [{"Config": config_name, "RepoTags": ["hand:made"], "Layers": [f"{i}/layer.tar" for i in
@@ -337,28 +340,37 @@ def docker_archive(path: Path, layers: list[bytes], config: bytes | None = None,
         if extra is not None:
             extra(tar)
         for i, data in enumerate(layers):
-            _tar_member(tar, f"{i}/layer.tar", data)
+            _tar_member(tar, f"{i}/layer.tar", compress(data))
         _tar_member(tar, config_name, config)
         _tar_member(tar, "manifest.json", json.dumps(manifest).encode())
     return path
 
 
-def oci_archive(path: Path, layers: list[bytes], media_type: str) -> Path:
-    config = _config(layers)
-    blobs = {hashlib.sha256(b).hexdigest(): b for b in [config, *layers]}
+def _descriptor(media_type: str, data: bytes, **more: Any) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": "sha256:" + hashlib.sha256(data).hexdigest(), "size": len(data), **more}
+
+
+def oci_archive(path: Path, layers: list[bytes], media_type: str, compress: Callable[[bytes], bytes] = bytes,
+                nested: bool = False) -> Path:  # fmt: skip
+    """An OCI layout in a tar, its layers ``compress``'d; ``nested``: index.json names an index of two platforms."""
+    config, stored = _config(layers), [compress(la) for la in layers]
     manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                                      "digest": "sha256:" + hashlib.sha256(config).hexdigest(), "size": len(config)},
-                           "layers": [{"mediaType": media_type, "digest": "sha256:" + hashlib.sha256(la).hexdigest(),
-                                       "size": len(la)} for la in layers]}).encode()  # fmt: skip
-    blobs[hashlib.sha256(manifest).hexdigest()] = manifest
-    index = {"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-             "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(), "size": len(manifest)}]}  # fmt: skip
+                           "config": _descriptor("application/vnd.oci.image.config.v1+json", config),
+                           "layers": [_descriptor(media_type, la) for la in stored]}).encode()  # fmt: skip
+    top = _descriptor("application/vnd.oci.image.manifest.v1+json", manifest)
+    blobs = [config, *stored, manifest]
+    if nested:  # the other platform's manifest is not in the archive: it must not be read
+        other = {**top, "digest": "sha256:" + "0" * 64, "platform": {"os": "linux", "architecture": "s390x"}}
+        inner = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+            other, {**top, "platform": {"os": "linux", "architecture": machine_platform()[1]}}]}).encode()  # fmt: skip
+        blobs.append(inner)
+        top = _descriptor("application/vnd.oci.image.index.v1+json", inner)
+    top["annotations"] = {"org.opencontainers.image.ref.name": "hand:oci"}
     with tarfile.open(path, "w") as tar:
         _tar_member(tar, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
-        _tar_member(tar, "index.json", json.dumps(index).encode())
-        for hexdigits, data in blobs.items():
-            _tar_member(tar, f"blobs/sha256/{hexdigits}", data)
+        _tar_member(tar, "index.json", json.dumps({"schemaVersion": 2, "manifests": [top]}).encode())
+        for data in blobs:
+            _tar_member(tar, f"blobs/sha256/{hashlib.sha256(data).hexdigest()}", data)
     return path
 
 
@@ -422,6 +434,35 @@ BAD: dict[str, tuple[Callable[[Path], Path], str]] = {
     "config without rootfs": (lambda p: docker_archive(p, [GOOD_LAYER], config=b'{"os": "linux"}'),
                               "the image config is not valid"),
 }  # fmt: skip
+
+
+def _symlinked_layer(path: Path) -> Path:
+    """Docker 20.10 writes a layer saved twice once, and a ``layer.tar`` symlink to it."""
+
+    def edit(manifest: list[dict[str, Any]]) -> None:
+        manifest[0]["Layers"] = ["0/layer.tar", "1/layer.tar"]
+
+    link = _entry("1/layer.tar", type=tarfile.SYMTYPE, linkname="../0/layer.tar")
+    return docker_archive(path, [OTHER_LAYER], config=_config([OTHER_LAYER, OTHER_LAYER]), edit=edit, extra=link)
+
+
+GOOD: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "legacy, gzip'd layer": (lambda p: docker_archive(p, [OTHER_LAYER], compress=gzip.compress), "hand:made"),
+    "legacy, layer.tar symlink": (_symlinked_layer, "hand:made"),
+    "OCI, zstd layer": (lambda p: oci_archive(p, [OTHER_LAYER], "application/vnd.oci.image.layer.v1.tar+zstd",
+                                              compress=zstandard.ZstdCompressor().compress), "hand:oci"),
+    "OCI, nested index": (lambda p: oci_archive(p, [OTHER_LAYER], "application/vnd.oci.image.layer.v1.tar",
+                                                nested=True), "hand:oci"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(GOOD))
+def test_hand_made_archives_load(case: str, tmp_path: Path) -> None:
+    make, name = GOOD[case]
+    store = tmp_path / "store"
+    assert pylayerfs(store, "load", "-i", str(make(tmp_path / "a.tar"))).stdout == f"Loaded image: {name}\n"
+    image = Store(str(store)).resolve(name)
+    assert layer_tars(store, name)[0] == OTHER_LAYER and len(image.diff_ids) == len(layerdb(store))
 
 
 @pytest.fixture(scope="module")
