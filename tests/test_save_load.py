@@ -533,9 +533,11 @@ def test_interrupted_load_leaves_nothing_the_next_command_keeps(sig: signal.Sign
 # -- Docker --------------------------------------------------------------------------------------------------------
 
 
+HISTORY = "{{.CreatedBy}}|{{.CreatedAt}}|{{.Size}}|{{.Comment}}"
+
+
 def _history(store: Path, ref: str) -> list[str]:
-    fmt = "{{.CreatedBy}}|{{.Comment}}"
-    return pylayerfs(store, "history", "--no-trunc", "--format", fmt, ref).stdout.splitlines()
+    return pylayerfs(store, "history", "--no-trunc", "-H=false", "--format", HISTORY, ref).stdout.splitlines()
 
 
 @pytest.mark.docker
@@ -545,10 +547,8 @@ def test_docker_loads_our_save_with_the_same_id_and_history(docker: Docker, work
     assert "Loaded image: app:1\n" in out and "Loaded image: app:two\n" in out
     try:
         assert docker.run("inspect", "-f", "{{.Id}}", "app:1").stdout.strip() == app.id
-        fmt = "{{.CreatedBy}}|{{.Comment}}"
-        assert docker.run("history", "--no-trunc", "--format", fmt, "app:1").stdout.splitlines() == _history(
-            work.store, "app:1"
-        )
+        history = docker.run("history", "--no-trunc", "--human=false", "--format", HISTORY, "app:1").stdout
+        assert history.splitlines() == _history(work.store, "app:1")
         # Docker 20.10 saves the legacy layout: its per-layer directories are named by the v1 IDs we compute
         docker.run("save", "-o", str(tmp_path / "again.tar"), "app:1")
         with tarfile.open(tmp_path / "again.tar") as tar:
@@ -564,7 +564,7 @@ def test_we_load_dockers_save_and_skopeos_oci_archive_of_it(docker: Docker, work
     try:
         docker.run("save", "-o", str(tmp_path / "d.tar"), "dapp")
         inspect = json.loads(docker.run("inspect", "dapp").stdout)[0]
-        history = docker.run("history", "--no-trunc", "--format", "{{.CreatedBy}}|{{.Comment}}", "dapp").stdout
+        history = docker.run("history", "--no-trunc", "--human=false", "--format", HISTORY, "dapp").stdout
     finally:
         docker.clean()
     store = tmp_path / "store"

@@ -59,9 +59,11 @@ def _with_progress(planned: archives.Planned) -> archives.Planned:
     def wrap(blob: Blob, diff_id: str) -> Blob:
         @contextlib.contextmanager
         def opened() -> Iterator[BinaryIO]:
-            with blob.open() as f:
-                yield _Counting(f, diff_id.removeprefix("sha256:")[:12], blob.size or 0)  # type: ignore[misc]
-            sys.stdout.write("\n")
+            try:
+                with blob.open() as f:
+                    yield _Counting(f, diff_id.removeprefix("sha256:")[:12], blob.size or 0)  # type: ignore[misc]
+            finally:
+                sys.stdout.write("\n")  # the line stays, as docker's does; an error is printed below it
 
         return Blob(open=opened, name=blob.name, digest=blob.digest, size=blob.size)
 
