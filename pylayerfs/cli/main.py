@@ -21,7 +21,9 @@ from pylayerfs.overlay.params import MountError, check, parse_options
 IMAGE_COMMANDS = ("build", "history", "images", "tag", "rmi", "inspect", "import", "base")
 CONTAINER_COMMANDS = ("create", "run", "start", "stop", "rm", "exec", "ps", "logs", "diff", "commit", "system")
 TEACHING_COMMANDS = ("explain", "layers", "diagram")
-COMMANDS = ("mount", "umount", "demo", "check", "bench", *TEACHING_COMMANDS, *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
+ARCHIVE_COMMANDS = ("save", "load")
+COMMANDS = ("mount", "umount", "demo", "check", "bench", *TEACHING_COMMANDS, *IMAGE_COMMANDS, *CONTAINER_COMMANDS,
+            *ARCHIVE_COMMANDS)  # fmt: skip
 DRIVERS = tuple(d.value for d in StorageDriver)  # plain strings: argparse's messages show them as 'fuse'
 DRIVERS_HELP = "fuse: pylayerfs's FUSE mount (default); overlay: the kernel's overlayfs; vfs: a full copy per layer"
 EXIT_ERROR = 1
@@ -114,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("bench", help="measure pylayerfs, the kernel's overlayfs and fuse-overlayfs side by side")
     )
     _image_parsers(sub)
+    _archive_parsers(sub)
     _container_parsers(sub)
     explain = sub.add_parser("explain", help="why a path shows what it shows: the lookup walked layer by layer")
     explain.add_argument("target", metavar="PATH|IMAGE:/path|CONTAINER:/path")
@@ -179,6 +182,16 @@ def _container_parsers(sub: Any) -> None:
     system_sub = system.add_subparsers(dest="system_command", required=True, parser_class=_Parser)
     df = system_sub.add_parser("df", help="disk usage of images and containers, as docker system df")
     df.add_argument("-v", "--verbose", action="store_true")
+
+
+def _archive_parsers(sub: Any) -> None:
+    save = sub.add_parser("save", help="write images to a tar archive (docker-archive and OCI layout), as docker save")
+    save.add_argument("-o", "--output", help="write to FILE, not stdout")
+    save.add_argument("images", nargs="+", metavar="IMAGE")
+    load = sub.add_parser("load", help="load images from a docker-archive or an OCI layout (tar or directory)")
+    load.add_argument("-i", "--input", help="read from FILE (a tar, maybe compressed, or an OCI layout directory), "
+                                            "not stdin")  # fmt: skip
+    load.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
 def _image_parsers(sub: Any) -> None:
@@ -283,6 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pylayerfs.cli import images as imagecmds
 
             return imagecmds.run(args)
+        if args.command in ARCHIVE_COMMANDS:
+            from pylayerfs.cli import archives
+
+            return archives.run(args)
         if args.command in CONTAINER_COMMANDS:
             from pylayerfs.cli import containers as containercmds
 

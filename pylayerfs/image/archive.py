@@ -599,5 +599,17 @@ def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, root: int, dirfd
         os.chmod(name, member.mode & 0o7777, dir_fd=dirfd)
     for key, value in member.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
-            os.setxattr(realfs.fd_path(dirfd, name), key[len("SCHILY.xattr.") :], value.encode("latin-1"),
-                        follow_symlinks=False)  # fmt: skip
+            _set_xattr(dirfd, name, member, key[len("SCHILY.xattr.") :], value.encode("latin-1"))
+
+
+def _set_xattr(dirfd: int, name: str, member: tarfile.TarInfo, key: str, value: bytes) -> None:
+    """Set the xattr of the entry ``name`` just extracted; a file or directory through an fd of its own, since
+    ``/proc/self/fd`` is not there in a step's chroot (``ADD x.tar``); a symlink or device through that path."""
+    if not (member.isreg() or member.isdir()):
+        os.setxattr(realfs.fd_path(dirfd, name), key, value, follow_symlinks=False)
+        return
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if member.isdir() else 0), dir_fd=dirfd)
+    try:
+        os.setxattr(fd, key, value)
+    finally:
+        os.close(fd)

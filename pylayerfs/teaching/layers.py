@@ -12,6 +12,12 @@ is Σ smallest / Σ sums. dive's *wasted bytes* sums every copy of a path seen
 in two or more layers, the copy the image keeps included (dive issue #684);
 pylayerfs reports that number as dive does, labelled, and its own: the bytes
 lower layers hold that no one can see in the image (overwritten or deleted).
+
+Sizes are dive's too (``image/docker/image_archive.go`` reads them from the layer tars): a layer's size is the sum of
+its tar entries' sizes, so a regular file counts its bytes once per layer however many names link to it (the later
+names are link entries of size 0), and a symlink counts 0; Docker's layer size (``docker history``) counts a
+symlink's target length. ``sizeBytes``, ``userSizeBytes`` (the layers above the first), the efficiency and the
+wasted bytes are the figures ``dive --ci --source docker-archive`` prints for a ``pylayerfs save`` of the image.
 """
 
 from __future__ import annotations
@@ -71,8 +77,9 @@ def analyse(store: Store, ref: str) -> tuple[list[LayerReport], ImageReport]:
     reports = []
     for index, layer in enumerate(layers):
         command = steps[index] if len(steps) == len(layers) else ""
-        report = LayerReport(index, layer.chain_id, layer.diff_id, layer.size, command.removeprefix("/bin/sh -c "))
+        report = LayerReport(index, layer.chain_id, layer.diff_id, 0, command.removeprefix("/bin/sh -c "))
         diff = store.layers.diff_dir(layer.cache_id)
+        linked: set[int] = set()  # inodes whose data this layer's tar holds already (a later name is a link entry)
         for rel, st in walk(diff):
             below = [p for p in view if p == rel or p.startswith(rel + "/")]
             if is_whiteout(st):  # counts 0, or the files of the directory it deletes (dive)
@@ -91,8 +98,12 @@ def analyse(store: Store, ref: str) -> tuple[list[LayerReport], ImageReport]:
             elif is_metacopy_file(os.path.join(diff, rel), st):  # metadata only: the bytes below stay in view
                 report.fileList.append(Change(rel, "modified", 0))
                 _account(rel, st.st_size, cumulative, smallest, counts)  # dive reads the tar, which has the data
+                report.sizeBytes += st.st_size
             else:
-                size = st.st_size
+                size = st.st_size if stat.S_ISREG(st.st_mode) and st.st_ino not in linked else 0  # the tar's size
+                if st.st_nlink > 1:
+                    linked.add(st.st_ino)
+                report.sizeBytes += size
                 report.fileList.append(Change(rel, "modified" if rel in view else "added", size))
                 view[rel] = size
                 stored += size
@@ -102,12 +113,12 @@ def analyse(store: Store, ref: str) -> tuple[list[LayerReport], ImageReport]:
     score = sum(smallest.values()) / total if total else 1.0
     inefficient = {p: cumulative[p] for p in cumulative if counts[p] > 1}
     unseen = stored - sum(size for size in view.values() if size > 0)
-    user = sum(layer.size for layer in layers[1:])
+    user = sum(r.sizeBytes for r in reports[1:])
     references: list[dict[str, Any]] = [
         {"count": counts[p], "sizeBytes": size, "file": "/" + p} for p, size in inefficient.items()
     ]
     references.sort(key=lambda r: int(r["sizeBytes"]), reverse=True)
-    summary = ImageReport(sum(layer.size for layer in layers), sum(inefficient.values()), unseen, user, score,
+    summary = ImageReport(sum(r.sizeBytes for r in reports), sum(inefficient.values()), unseen, user, score,
                           references)  # fmt: skip
     return reports, summary
 
@@ -121,7 +132,7 @@ def _account(
 
 
 def render(reports: list[LayerReport], image: ImageReport, files: bool = False) -> str:
-    lines = ["Layer  Size      Command"]  # numbered from 1 at the bottom, as explain and diagram do
+    lines = ["Layer  Size      Command"]  # numbered from 1 at the bottom, as explain and diagram do; dive's sizes
     for r in reports:
         lines.append(f"{r.index + 1:<5}  {human_size(r.sizeBytes):<8}  {r.command}")
         changes = {kind: [c for c in r.fileList if c.change == kind] for kind in ("added", "modified", "removed")}
@@ -132,7 +143,7 @@ def render(reports: list[LayerReport], image: ImageReport, files: bool = False) 
             lines += [f"         {marks[c.change]} /{c.path}  {human_size(c.size)}" for c in r.fileList]
     lines += [
         "",
-        f"Total image size: {human_size(image.sizeBytes)}",
+        f"Total image size (dive's: the sizes in the layer tars): {human_size(image.sizeBytes)}",
         f"Image efficiency score: {int(100 * image.efficiencyScore)} %",
         f"Potential wasted space (dive's count: every copy of a file seen in 2+ layers): "
         f"{human_size(image.inefficientBytes)}",
