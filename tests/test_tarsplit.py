@@ -65,7 +65,9 @@ def _import(store: Store, tmp_path: Path, data: bytes, tag: str) -> tuple[bytes,
     layer = store.layers_of(image)[0]
     out = io.BytesIO()
     store.layers.write_tar(layer, out)
-    return out.getvalue(), sorted(os.listdir(store.layout.chain(layer.chain_id)))
+    names = sorted(os.listdir(store.layout.chain(layer.chain_id)))
+    assert store.layers.kept_size(layer) == (len(out.getvalue()) if tarsplit.SPLIT in names else None)
+    return out.getvalue(), names
 
 
 LONG = "deep/" + "d" * 120 + "/" + "f" * 110  # over USTAR's 100-byte name: a GNU long name or a PAX path

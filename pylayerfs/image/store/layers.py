@@ -302,6 +302,18 @@ class LayerStore:
                 return
         archive.write_layer(self.diff_dir(layer.cache_id), out, self.lower_dirs(layer.parent))
 
+    def kept_size(self, layer: Layer) -> int | None:
+        """The size in bytes of the layer's tar when it is kept as a split (known without reading its files), else
+        None. Raises :class:`StoreError` for a damaged split.
+        """
+        split = os.path.join(self.layout.chain(layer.chain_id), tarsplit.SPLIT)
+        if not os.path.exists(split):
+            return None
+        try:
+            return tarsplit.size(split)
+        except tarsplit.SplitError as exc:
+            raise StoreError(f"layer {layer.chain_id}: {exc}") from exc
+
     def remove(self, layer: Layer) -> None:
         """Forget a layer: its layerdb entry renamed to ``<chain-id>-<random>-removing`` first, then its directories.
 

@@ -240,6 +240,22 @@ def _copy_file(root: int, name: str, size: int, out: Sink) -> None:
             left -= len(chunk)
 
 
+def size(split: str) -> int:
+    """The size in bytes of the tar the split file ``split`` gives back, from its records alone (no file is read).
+
+    Raises :class:`SplitError` for a damaged split, the OSError of reading it.
+    """
+    total = 0
+    try:
+        with gzip.open(split, "rb") as lines:
+            for line in lines:
+                record = json.loads(line)
+                total += len(base64.b64decode(record["payload"])) if record["type"] == SEGMENT else int(record["size"])
+    except (EOFError, gzip.BadGzipFile, ValueError, KeyError, TypeError) as exc:
+        raise SplitError(f"{split}: damaged: {exc}") from exc
+    return total
+
+
 def write(path: str, whole: bool, diff: str, out: Sink) -> None:
     """Write the tar kept at ``path`` to ``out``: a split (:func:`reassemble` from ``diff``) or, ``whole``, a gzip'd
     tar. Raises :class:`SplitError` for a damaged file, and the OSError of reading or writing.

@@ -298,22 +298,36 @@ def _save_blob(tar: _TarWriter, written: set[str], data: bytes, mtime: int) -> s
 
 
 def _save_layer(store: Store, tar: _TarWriter, layer: Layer, mtime: int) -> int:
-    """Write the layer's tar as ``blobs/sha256/<DiffID hex>``, through a file in ``tmp/`` (its size comes first);
-    its size in bytes."""
+    """Write the layer's tar as ``blobs/sha256/<DiffID hex>``, through a file in ``tmp/`` (its size comes first)
+    unless the store knows its size (a kept split: straight to the archive); its size in bytes."""
+    size = store.layers.kept_size(layer)
+    if size is not None:
+        tar.out.write(archive.header(tar._info(blob_path(layer.diff_id), stat.S_IFREG | 0o644, size, mtime)))
+        hashing = _HashingWriter(tar.out)
+        store.layers.write_tar(layer, hashing)  # type: ignore[arg-type]
+        _check_layer(layer, hashing, size)
+        tar.out.write(b"\0" * (-size % archive.BLOCK))
+        return size
     path = os.path.join(store.layout.tmp, f"save-{random_id()}.tar")
     try:
         with open(path, "w+b") as spool:
             hashing = _HashingWriter(spool)
             store.layers.write_tar(layer, hashing)  # type: ignore[arg-type]
-            if "sha256:" + hashing.hash.hexdigest() != layer.diff_id:
-                raise StoreError(f"layer {layer.chain_id}: its tar hashes to sha256:{hashing.hash.hexdigest()}, "
-                                 f"not to its DiffID {layer.diff_id}: the store is damaged")  # fmt: skip
+            _check_layer(layer, hashing, hashing.count)
             spool.seek(0)
             tar.copy(blob_path(layer.diff_id), spool, hashing.count, mtime)
             return hashing.count
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _check_layer(layer: Layer, hashing: _HashingWriter, size: int) -> None:
+    """Raise :class:`StoreError` unless what ``hashing`` saw is ``size`` bytes hashing to the layer's DiffID."""
+    got = "sha256:" + hashing.hash.hexdigest()
+    if got != layer.diff_id or hashing.count != size:
+        raise StoreError(f"layer {layer.chain_id}: its tar ({hashing.count} bytes) hashes to {got}, "
+                         f"not to its DiffID {layer.diff_id}: the store is damaged")  # fmt: skip
 
 
 # -- load -------------------------------------------------------------------------------------------------------
