@@ -9,8 +9,9 @@ per-layer ``<v1-id>/{VERSION,json,layer.tar}`` directories of earlier versions (
 a layer saved twice): a layer is one blob, however many images share it, and the v1 ``json`` is a blob too. Docker's
 own ``docker load`` (20.10 too) reads only ``manifest.json``; skopeo reads either half, umoci the OCI half.
 
-The tar is streamed: each layer is written to a file in the store's ``tmp/`` first (its size goes in the tar header
-before its bytes), copied into the archive and removed; no layer is ever held in memory. Entries come in the order
+The tar is streamed: a layer kept as a split goes straight into the archive (its size known from the split); any
+other is written to a file in the store's ``tmp/`` first (its size goes in the tar header before its bytes), copied
+into the archive and removed; no layer is ever held in memory. Entries come in the order
 they are written (blobs, then ``index.json``, ``manifest.json``, ``oci-layout``, ``repositories``), not sorted as
 Docker's walk of its temporary directory gives them: no reader depends on the order.
 
