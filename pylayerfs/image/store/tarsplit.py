@@ -34,7 +34,7 @@ import os
 import stat
 import tarfile
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.markers import TAR_META_PREFIX, TAR_WHITEOUT_PREFIX
@@ -71,6 +71,15 @@ class Kept:
 def _clean(name: str) -> str:
     """A member's path in the diff, as extraction cleans it (``archive._clean`` without its checks)."""
     return "/".join(p for p in name.split("/") if p not in ("", "."))
+
+
+def _stored(member: tarfile.TarInfo) -> int:
+    """The bytes of ``member``'s data in the stream, as tarfile skips them: a sparse file's stored regions, a regular
+    (or unknown) entry's size, nothing for the others whatever their size field says."""
+    if member.issparse():
+        regions = cast(list[tuple[int, int]], member.sparse)  # (offset, size) pairs; typeshed says bytes
+        return sum(size for _, size in regions)
+    return member.size if member.isreg() or member.type not in tarfile.SUPPORTED_TYPES else 0
 
 
 def _ancestors(rel: str) -> list[str]:
@@ -139,7 +148,7 @@ class Splitter:
         if conflict:
             self._turn_whole()
             return
-        end = member.offset_data + member.size
+        end = member.offset_data + _stored(member)
         if member.isreg() and not member.issparse() and member.size > 0 and rel and not whiteout:
             self._flush(member.offset_data)
             self._record({"type": FILE, "name": rel, "size": member.size})
