@@ -49,7 +49,9 @@ CHUNK = 1 << 20
 class Sink(Protocol):
     """Where a tar is written (a binary file, a gzip writer, a hash)."""
 
-    def write(self, data: bytes, /) -> int: ...
+    def write(self, data: bytes, /) -> int:
+        """Take ``data``; its length."""
+        ...
 
 
 class SplitError(Exception):
@@ -113,6 +115,7 @@ class Splitter:
     # -- the writer ------------------------------------------------------------------------
 
     def writable(self) -> bool:
+        """Always: it is a writer (as io's writers say)."""
         return True
 
     def write(self, data: bytes) -> int:
