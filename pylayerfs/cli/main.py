@@ -19,9 +19,20 @@ from pylayerfs.image.drivers import StorageDriver
 from pylayerfs.overlay.params import MountError, check, parse_options
 
 IMAGE_COMMANDS = ("build", "history", "images", "tag", "rmi", "inspect", "import", "base")
+REGISTRY_COMMANDS = ("pull", "push")
 CONTAINER_COMMANDS = ("create", "run", "start", "stop", "rm", "exec", "ps", "logs", "diff", "commit", "system")
 TEACHING_COMMANDS = ("explain", "layers", "diagram")
-COMMANDS = ("mount", "umount", "demo", "check", "bench", *TEACHING_COMMANDS, *IMAGE_COMMANDS, *CONTAINER_COMMANDS)
+COMMANDS = (
+    "mount",
+    "umount",
+    "demo",
+    "check",
+    "bench",
+    *TEACHING_COMMANDS,
+    *IMAGE_COMMANDS,
+    *REGISTRY_COMMANDS,
+    *CONTAINER_COMMANDS,
+)
 DRIVERS = tuple(d.value for d in StorageDriver)  # plain strings: argparse's messages show them as 'fuse'
 DRIVERS_HELP = "fuse: pylayerfs's FUSE mount (default); overlay: the kernel's overlayfs; vfs: a full copy per layer"
 EXIT_ERROR = 1
@@ -114,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("bench", help="measure pylayerfs, the kernel's overlayfs and fuse-overlayfs side by side")
     )
     _image_parsers(sub)
+    _registry_parsers(sub)
     _container_parsers(sub)
     explain = sub.add_parser("explain", help="why a path shows what it shows: the lookup walked layer by layer")
     explain.add_argument("target", metavar="PATH|IMAGE:/path|CONTAINER:/path")
@@ -233,6 +245,19 @@ def _image_parsers(sub: Any) -> None:
                                                                  "busybox-static)")  # fmt: skip
 
 
+def _registry_parsers(sub: Any) -> None:
+    insecure = "plain HTTP, or HTTPS without certificate checks (always allowed for 127.0.0.0/8 and localhost)"
+    pull = sub.add_parser("pull", help="download an image from a registry (Docker Registry HTTP API v2)")
+    pull.add_argument("name", metavar="NAME[:TAG|@DIGEST]")
+    pull.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="the image to take from an index (default: "
+                                                                       "the host's, linux/amd64)")  # fmt: skip
+    pull.add_argument("--insecure", action="store_true", help=insecure)
+    pull.add_argument("-q", "--quiet", action="store_true", help="print only the image's reference")
+    push = sub.add_parser("push", help="upload an image to a registry (layers gzipped, a v2 schema 2 manifest)")
+    push.add_argument("name", metavar="NAME[:TAG]")
+    push.add_argument("--insecure", action="store_true", help=insecure)
+
+
 def _mount_fuse_argv(argv: Sequence[str]) -> list[str]:
     """``SOURCE MOUNTPOINT -o OPTS`` (as mount.fuse runs us) -> ``mount MOUNTPOINT -o OPTS --source SOURCE``."""
     if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
@@ -283,6 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pylayerfs.cli import images as imagecmds
 
             return imagecmds.run(args)
+        if args.command in REGISTRY_COMMANDS:
+            from pylayerfs.cli import registry
+
+            return registry.run(args)
         if args.command in CONTAINER_COMMANDS:
             from pylayerfs.cli import containers as containercmds
 
