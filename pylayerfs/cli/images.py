@@ -82,29 +82,38 @@ def go_time(when: datetime.datetime) -> str:
     return _local(when).strftime("%Y-%m-%d %H:%M:%S %z %Z")
 
 
-def images(store: Store, show_all: bool = False, fmt: str = "table") -> str:
-    """``docker images [-a] [--format F]``: one row per tag; untagged leaves as ``<none>``; intermediates with ``-a``.
+def images(store: Store, show_all: bool = False, fmt: str = "table", digests: bool = False) -> str:
+    """``docker images [-a] [--digests] [--format F]``: one row per tag; untagged leaves as ``<none>``; intermediates
+    with ``-a``.
 
     Newest first; the fields of docker/cli's ``imageContext`` (``Containers``, shared and unique sizes ``N/A``, as
-    ``docker images`` leaves them).
+    ``docker images`` leaves them). Rows as docker/cli's ``imageFormatTaggedAndDigest``: with ``digests``, a tag
+    shows once per digest of its repository (RepoDigests); a repository known only by digest shows ``<none>`` as tag.
     """
     rows = []
-    tags = store.refs.all()
     for image_id in store.images.ids():
         image = store.images.get(image_id)
-        names = [ref for ref, target in tags.items() if target == image_id]
+        names = [(*ref.rpartition(":")[::2], NONE) for ref in store.refs.tags_of(image_id)]
+        by_repo: dict[str, list[str]] = {}
+        for ref in store.refs.digests_of(image_id):
+            by_repo.setdefault(ref.partition("@")[0], []).append(ref.partition("@")[2])
+        if digests:
+            names = [(n, t, d) for n, t, _ in names for d in by_repo.get(n) or [NONE]]
+        tagged = {n for n, _, _ in names}
+        names += [(n, NONE, d if digests else NONE) for n, ds in by_repo.items() if n not in tagged for d in ds]
+        names = list(dict.fromkeys(names))  # one row per repository without digests
         if not names and store.images.children(image_id) and not show_all:
             continue
         size = store.size(image)
-        for ref in names or [f"{NONE}:{NONE}"]:
-            name, _, tag = ref.rpartition(":")
+        for name, tag_, digest in names or [(NONE, NONE, NONE)]:
             rows.append((image.created, {
                 "Containers": "N/A", "CreatedAt": go_time(image.created), "CreatedSince": _since(image.created),
-                "Digest": NONE, "ID": image.short_id, "Repository": name, "SharedSize": "N/A",
-                "Size": human_size(size), "Tag": tag, "UniqueSize": "N/A", "VirtualSize": human_size(size, 4),
+                "Digest": digest, "ID": image.short_id, "Repository": name, "SharedSize": "N/A",
+                "Size": human_size(size), "Tag": tag_, "UniqueSize": "N/A", "VirtualSize": human_size(size, 4),
             }))  # fmt: skip
     rows.sort(key=lambda r: r[0], reverse=True)
-    return formats.write(fmt, IMAGES_HEADERS, [r[1] for r in rows], ["Repository", "Tag", "ID", "CreatedSince", "Size"])
+    columns = ["Repository", "Tag", *(["Digest"] if digests else []), "ID", "CreatedSince", "Size"]
+    return formats.write(fmt, IMAGES_HEADERS, [r[1] for r in rows], columns)
 
 
 def tag(store: Store, source: str, target: str) -> None:
@@ -262,7 +271,7 @@ def inspect(store: Store, refs: list[str]) -> str:
         out.append({
             "Id": image.id,
             "RepoTags": store.refs.tags_of(image.id),
-            "RepoDigests": [],
+            "RepoDigests": store.refs.digests_of(image.id),
             "Parent": store.images.parent(image.id) or "",
             "Comment": config.get("comment", ""),
             "Created": config.get("created"),
@@ -427,7 +436,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "history":
             _print(history(store, args.image, args.no_trunc, args.format, args.human, args.quiet))
         elif args.command == "images":
-            _print(images(store, args.all, args.format))
+            _print(images(store, args.all, args.format, args.digests))
         elif args.command == "tag":
             tag(store, args.source, args.target)
         elif args.command == "rmi":

@@ -223,6 +223,7 @@ def _image_parsers(sub: Any) -> None:
     images = sub.add_parser("images", help="list images, as docker images")
     images.add_argument("-a", "--all", action="store_true", help="also the intermediate images of builds")
     images.add_argument("--format", default="table", help="table, json (as {{json .}}), or a Go template")
+    images.add_argument("--digests", action="store_true", help="show the manifest digests (RepoDigests)")
 
     tag = sub.add_parser("tag", help="give an image a name:tag")
     tag.add_argument("source")
