@@ -30,6 +30,7 @@ import zstandard
 
 from pylayerfs.image.store import Store
 from pylayerfs.image.transfer import media
+from tests.dockerd import BASE, Docker
 from tests.registry import Registry, free_port, private_registry, tool_missing
 from tests.test_build import pylayerfs
 
@@ -259,12 +260,31 @@ def test_basic_auth_with_dockers_credentials(source: Path, tmp_path: Path) -> No
 
 
 class Fake(http.server.BaseHTTPRequestHandler):
-    """A registry that answers from ``routes``: path -> (status, content type, body, seconds to stall midway)."""
+    """A registry that answers from ``routes``: path -> (status, content type, body, seconds to stall midway).
+
+    A route ``"bearer"`` (its content type the token, its body the ``Authorization`` that ``/token`` wants) makes
+    every other path answer 401 with a ``Bearer`` challenge unless the request carries that token, as
+    distribution's token auth does.
+    """
 
     routes: ClassVar[dict[str, tuple[int, str, bytes, float]]] = {}
 
     def do_GET(self) -> None:
-        status, kind, body, stall = self.routes.get(self.path, (404, "application/json", b'{"errors":[]}', 0))
+        path = self.path.split("?")[0]
+        bearer = self.routes.get("bearer")
+        if bearer and path == "/token" and self.headers.get("Authorization") != bearer[2].decode():
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if bearer and path != "/token" and self.headers.get("Authorization") != f"Bearer {bearer[1]}":
+            realm = f"http://{self.headers['Host']}/token"
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", f'Bearer realm="{realm}",service="fake"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        status, kind, body, stall = self.routes.get(path, (404, "application/json", b'{"errors":[]}', 0))
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
@@ -333,6 +353,35 @@ def test_bad_registries_leave_the_store_as_it_was(source: Path, fake: Any) -> No
     assert fails(source, "push", f"{down}/app:v1") == f'pylayerfs push: GET "http://{down}/v2/": connection refused'
 
 
+def test_bearer_token_from_the_realm_with_basic_credentials(fake: Any, tmp_path: Path) -> None:
+    host, routes = fake
+    layer = gzip.compress(_layer_tar({"token": b"yes"}), mtime=0)
+    _serve_image(routes, layer)
+    routes["bearer"] = (0, "t0ken", b"Basic " + base64.b64encode(b"me:secret"), 0)
+    routes["/token"] = (200, "application/json", b'{"token": "t0ken"}', 0)
+    root = tmp_path / "store"
+    pylayerfs(root, "images")
+    message = fails(root, "pull", f"{host}/bad:v1", env={"DOCKER_CONFIG": str(tmp_path)})
+    assert (
+        message == f"pylayerfs pull: unauthorized: the token service http://{host}/token answers HTTP 401 Unauthorized"
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps({"auths": {host: {"auth": base64.b64encode(b"me:secret").decode()}}})
+    )
+    env = {**os.environ, "DOCKER_CONFIG": str(tmp_path), "PYLAYERFS_ROOT": str(root)}
+    subprocess.run([sys.executable, "-m", "pylayerfs", "pull", f"{host}/bad:v1"], env=env, check=True)
+    assert Store(str(root)).resolve(f"{host}/bad:v1").diff_ids == [sha256(gzip.decompress(layer))]
+
+
+def test_rmi_of_a_pulled_image_untags_its_digests(pushed: dict[str, Any], registry: Registry, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    pylayerfs(root, "pull", pushed["ref"])
+    out = pylayerfs(root, "rmi", pushed["ref"]).stdout.splitlines()
+    assert out[:2] == [f"Untagged: {pushed['ref']}", f"Untagged: {registry.host}/app@{pushed['digest']}"]
+    assert out[2] == f"Deleted: {pushed['image']['Id']}"
+    assert pylayerfs(root, "images", "--format", "{{.ID}}").stdout == ""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_an_interrupted_pull_leaves_nothing_behind(fake: Any, tmp_path: Path, sig: signal.Signals,
                                                    pushed: dict[str, Any]) -> None:  # fmt: skip
@@ -354,8 +403,42 @@ def test_an_interrupted_pull_leaves_nothing_behind(fake: Any, tmp_path: Path, si
     if sig == signal.SIGINT:
         assert snapshot(root) == before
         return
+
+    def paths(tree: dict[str, Any]) -> set[str]:
+        return {p for p in tree if not p.endswith(("/lock", "/busy"))}
+
+    assert paths(snapshot(root)) > paths(before), "the killed pull left a half-extracted layer"
     pylayerfs(root, "pull", pushed["ref"])  # the next command collects what the killed one left
-    after = snapshot(root)
-    assert {p for p in after if "/lock" not in p and "/busy" not in p} == {
-        p for p in before if "/lock" not in p and "/busy" not in p
-    }
+    assert paths(snapshot(root)) == paths(before)
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(600)
+def test_docker_pulls_what_pylayerfs_pushes_and_back(pushed: dict[str, Any], registry: Registry, docker: Docker,
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    """Docker 20.10 as the oracle: the image IDs and DiffIDs agree both ways, through the registry and through
+    ``skopeo copy docker-archive:`` of a ``docker save`` (127.0.0.0/8 is an insecure registry to dockerd too)."""
+    pulled = docker.run("pull", pushed["ref"]).stdout
+    assert f"Digest: {pushed['digest']}" in pulled
+    assert docker.run("inspect", "--format", "{{.Id}}", pushed["ref"]).stdout.strip() == pushed["image"]["Id"]
+    assert docker.run("run", "--rm", pushed["ref"]).stdout == "hello, registry\n"
+    ours = f"{registry.host}/from-docker:v1"
+    docker.run("tag", BASE, ours)
+    docker_push = docker.run("push", ours).stdout
+    docker_id = docker.run("inspect", "--format", "{{.Id}}", BASE).stdout.strip()
+    root = tmp_path / "store"
+    pylayerfs(root, "pull", ours)
+    image = image_of(root, ours)
+    assert image["Id"] == docker_id
+    assert image["RootFS"]["Layers"] == json.loads(docker.run("inspect", "--format", "{{json .RootFS.Layers}}",
+                                                              BASE).stdout)  # fmt: skip
+    assert image["RepoDigests"][0].split("@")[1] in docker_push
+    if reason := tool_missing("skopeo"):
+        pytest.skip(reason)
+    docker.run("save", "-o", str(tmp_path / "saved.tar"), BASE)
+    archived = f"{registry.host}/from-archive:v1"
+    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"docker-archive:{tmp_path / 'saved.tar'}",
+                    f"docker://{archived}"], capture_output=True, check=True)  # fmt: skip
+    pylayerfs(root, "pull", archived)
+    assert image_of(root, archived)["Id"] == docker_id
+    docker.run("rmi", pushed["ref"], ours)

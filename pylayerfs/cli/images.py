@@ -26,6 +26,7 @@ from pylayerfs.image.sizes import human_duration, human_size
 from pylayerfs.image.store import Store, StoreError
 from pylayerfs.image.store.images import Image, format_time
 from pylayerfs.image.store.layout import LOWER_FILE, hex_of
+from pylayerfs.image.store.references import parse
 
 CREATED_BY_WIDTH = 45  # docker history cuts CREATED BY to 44 runes and an ellipsis
 NONE = "<none>"
@@ -201,13 +202,22 @@ def rmi_one(store: Store, users: Users, ref: str, force: bool = False) -> list[s
             raise StoreError(f'conflict: unable to remove repository reference "{ref}" (must force) - container '
                              f"{running or stopped} is using its referenced image {image.short_id}")  # fmt: skip
         out = [f"Untagged: {store.refs.untag(ref)}"]
-        if len(tags) > 1 or _conflict(store, users, image, force, references=False):
-            return out  # still tagged, or needed: the untag was all (moby: a quiet conflict)
+        name = parse(ref).name  # its repository's digests go with its last tag (moby: same-repository digests)
+        if not any(t.rpartition(":")[0] == name for t in store.refs.tags_of(image.id)):
+            digests = [d for d in store.refs.digests_of(image.id) if d.partition("@")[0] == name]
+            out += [f"Untagged: {store.refs.untag(d)}" for d in digests]
+        if (
+            store.refs.tags_of(image.id)
+            or store.refs.digests_of(image.id)
+            or (_conflict(store, users, image, force, references=False))
+        ):
+            return out  # still referenced, or needed: the untag was all (moby: a quiet conflict)
         return out + _delete(store, users, image)
     conflict = _conflict(store, users, image, force, references=len(tags) > 1)  # one tag goes with the ID
     if conflict:
         raise StoreError(conflict)
-    return [f"Untagged: {store.refs.untag(t)}" for t in store.refs.tags_of(image.id)] + _delete(store, users, image)
+    references = store.refs.tags_of(image.id) + store.refs.digests_of(image.id)
+    return [f"Untagged: {store.refs.untag(r)}" for r in references] + _delete(store, users, image)
 
 
 def rmi(store: Store, refs: list[str], force: bool = False) -> tuple[list[str], list[StoreError]]:
