@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import gzip
 import hashlib
 import io
 import ipaddress
@@ -36,6 +35,7 @@ from urllib.parse import urljoin
 
 import requests
 import urllib3
+from isal import igzip
 
 from pylayerfs.image.store import Store, StoreError
 from pylayerfs.image.store.images import Image
@@ -48,6 +48,7 @@ from pylayerfs.image.transfer.ingest import Blob, TransferError, diff_ids_of, st
 Output = Callable[[str], None]
 MANIFEST_LIMIT = 4 << 20  # bytes: distribution's limit on a manifest (and ours on a config)
 CHUNK = 1 << 20
+GZIP_LEVEL = 1  # ISA-L's levels are 0-3
 TIMEOUT = (30.0, 300.0)  # seconds: to connect, and between two reads
 MAX_METADATA = 50  # moby keeps the last 50 blob digests per DiffID
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"\])]+)")
@@ -357,18 +358,21 @@ class _Counted:
 
 
 def gzip_stream(write: Callable[[BinaryIO], None]) -> Iterator[bytes]:
-    """The bytes that ``write(out)`` writes, gzip-compressed (level 6, Go's default; mtime 0), in chunks of up to
-    1 MiB, as they are made: ``write`` runs in a thread writing into a pipe. Re-raises what ``write`` raised."""
+    """The bytes that ``write(out)`` writes, gzip-compressed (mtime 0), in chunks of up to 1 MiB, as they are made:
+    ``write`` runs in a thread writing into a pipe, as moby's ``compressStream``. Re-raises what ``write`` raised.
+
+    The compressor is ISA-L's igzip at level 1 (``isal``): about ten times zlib's level 6 (Go's default, Docker's)
+    for a few percent more bytes; a push is then as fast as ``skopeo copy`` (docs/images.md).
+    """
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
 
     def produce() -> None:
         try:
-            with (
-                os.fdopen(write_fd, "wb") as pipe,
-                gzip.GzipFile(fileobj=pipe, mode="wb", compresslevel=6, mtime=0) as gz,
-            ):
-                write(gz)  # type: ignore[arg-type]
+            with os.fdopen(write_fd, "wb") as pipe:
+                gz = igzip.IGzipFile(fileobj=pipe, mode="wb", compresslevel=GZIP_LEVEL, mtime=0)  # type: ignore[no-untyped-call]
+                with gz:
+                    write(gz)  # type: ignore[arg-type]
         except BaseException as exc:
             failure.append(exc)
 
