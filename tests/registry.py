@@ -31,16 +31,10 @@ class RegistryUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Registry:
-    """A running registry: ``host`` is ``127.0.0.1:PORT``, ``directory`` holds its storage and log."""
+    """A running registry: ``host`` is ``127.0.0.1:PORT``, ``directory`` holds its config, storage and log."""
 
     host: str
     directory: str
-    users: dict[str, str]
-
-    @property
-    def storage(self) -> str:
-        """The filesystem driver's root: ``docker/registry/v2/{blobs,repositories}``."""
-        return os.path.join(self.directory, "storage")
 
 
 def free_port() -> int:
@@ -93,7 +87,7 @@ def private_registry(directory: str, users: dict[str, str] | None = None) -> Ite
             if time.monotonic() > deadline:
                 raise RegistryUnavailable(f"docker-registry did not answer on port {port} in {_START_TIMEOUT} s")
             time.sleep(0.05)
-        yield Registry(f"127.0.0.1:{port}", directory, dict(users or {}))
+        yield Registry(f"127.0.0.1:{port}", directory)
     finally:
         process.terminate()
         try:

@@ -622,7 +622,10 @@ def _push_layer(store: Store, registry: Registry, metadata: DistributionMetadata
         source = entry["SourceRepository"].removeprefix(ref.registry + "/")
         if source == registry.repository:
             continue
-        location = registry.start_upload(entry["Digest"], source)
+        try:
+            location = registry.start_upload(entry["Digest"], source)
+        except RegistryError:  # no right to read the source (a token scoped to this repository): upload
+            break
         if location is None:
             size = registry.blob_size(entry["Digest"])
             if size is not None:
