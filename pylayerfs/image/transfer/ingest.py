@@ -25,6 +25,7 @@ from pylayerfs.image import archive
 from pylayerfs.image.store import Store, StoreError
 from pylayerfs.image.store.images import Image
 from pylayerfs.image.store.layers import chain_id, random_id
+from pylayerfs.image.store.layout import COMMITTED_FILE
 from pylayerfs.image.store.references import parse, parse_reference
 
 Progress = Callable[[str, str], None]  # (DiffID, "exists" | "stored")
@@ -113,6 +114,7 @@ def store_image(store: Store, config: bytes, layers: Sequence[Blob], tags: Seque
             raise StoreError(f"invalid reference format: '{ref}' (name@sha256:<hex> expected)")
     store.collect_garbage()
     created: list[str] = []
+    below: str | None = None  # the layer under the first new one: new_dir marks it ``committed``
     with store.busy():
         try:
             parent = None
@@ -121,8 +123,11 @@ def store_image(store: Store, config: bytes, layers: Sequence[Blob], tags: Seque
                 if store.layers.exists(chain):
                     event = "exists"
                 else:
-                    _store_layer(store, parent, diff_id, blob)
+                    if not created and parent is not None:
+                        committed = store.layout.layer(store.layers.get(parent).cache_id, COMMITTED_FILE)
+                        below = None if os.path.exists(committed) else committed
                     created.append(chain)
+                    _store_layer(store, parent, diff_id, blob)
                     event = "stored"
                 if progress is not None:
                     progress(diff_id, event)
@@ -137,7 +142,7 @@ def store_image(store: Store, config: bytes, layers: Sequence[Blob], tags: Seque
                     store.refs.add_digest(name, digest, image.id)
             return image
         except BaseException:
-            _roll_back(store, created)
+            _roll_back(store, created, below)
             raise
 
 
@@ -167,9 +172,12 @@ def _store_layer(store: Store, parent: str | None, diff_id: str, blob: Blob) -> 
             os.unlink(kept)
 
 
-def _roll_back(store: Store, created: list[str]) -> None:
-    """Remove the layers of ``created`` (bottom first) that are still incomplete, top first; never raises."""
+def _roll_back(store: Store, created: list[str], committed: str | None) -> None:
+    """Remove the layers of ``created`` (bottom first) that are still incomplete, top first, and the ``committed``
+    mark the first of them left in the layer below (a path; None when it was there before); never raises."""
     with contextlib.suppress(OSError, StoreError), store.locked():
         for chain in reversed(created):
             if store.layers.exists(chain) and store.layers.is_incomplete(chain):
                 store.layers.remove(store.layers.get(chain))
+        if committed is not None:
+            os.unlink(committed)
