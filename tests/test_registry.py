@@ -314,26 +314,33 @@ def fake() -> Iterator[tuple[str, dict[str, tuple[int, str, bytes, float]]]]:
 
 
 def _serve_image(routes: dict[str, tuple[int, str, bytes, float]], layer: bytes, sent: bytes | None = None,
-                 stall: float = 0) -> None:  # fmt: skip
-    """Routes for ``bad:v1``: a v2 schema 2 manifest, its config, one gzip layer (``sent`` instead of it when given)."""
-    diff_ids = [sha256(gzip.decompress(layer))]
+                 stall: float = 0, below: str | None = None) -> None:  # fmt: skip
+    """Routes for ``bad:v1``: a v2 schema 2 manifest, its config, one gzip layer (``sent`` instead of it when given),
+    over a layer of DiffID ``below`` (one the store has: never fetched) when given."""
+    diff_ids = [*([below] if below else []), sha256(gzip.decompress(layer))]
     config = json.dumps(
         {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}},
     ).encode()
+    layers = [{"mediaType": media.DOCKER_LAYER, "digest": sha256(d.encode()), "size": 1} for d in diff_ids[:-1]]
     manifest = json.dumps({"schemaVersion": 2, "mediaType": media.DOCKER_MANIFEST,
                            "config": {"mediaType": media.DOCKER_CONFIG, "digest": sha256(config), "size": len(config)},
-                           "layers": [{"mediaType": media.DOCKER_LAYER, "digest": sha256(layer),
-                                       "size": len(layer)}]}).encode()  # fmt: skip
+                           "layers": [*layers, {"mediaType": media.DOCKER_LAYER, "digest": sha256(layer),
+                                                "size": len(layer)}]}).encode()  # fmt: skip
     routes["/v2/bad/manifests/v1"] = (200, media.DOCKER_MANIFEST, manifest, 0)
     routes[f"/v2/bad/blobs/{sha256(config)}"] = (200, "application/octet-stream", config, 0)
     routes[f"/v2/bad/blobs/{sha256(layer)}"] = (200, "application/octet-stream", sent or layer, stall)
 
 
-def test_bad_registries_leave_the_store_as_it_was(source: Path, fake: Any) -> None:
+def test_bad_registries_leave_the_store_as_it_was(source: Path, fake: Any, tmp_path: Path) -> None:
     host, routes = fake
     layer = gzip.compress(_layer_tar({"a": b"a" * 1000}), compresslevel=0, mtime=0)
-    _serve_image(routes, layer, sent=gzip.compress(_layer_tar({"a": b"b" * 1000}), compresslevel=0, mtime=0))
-    assert fails(source, "pull", f"{host}/bad:v1").startswith(f"pylayerfs pull: blob {sha256(layer)}: digest sha256:")
+    other = gzip.compress(_layer_tar({"a": b"b" * 1000}), compresslevel=0, mtime=0)  # as long, another digest
+    fresh = tmp_path / "store"
+    pylayerfs(fresh, "base", "alpine")  # a base layer without children: no committed mark yet
+    for root, below in ((source, None), (fresh, image_of(fresh, "alpine")["RootFS"]["Layers"][0])):
+        _serve_image(routes, layer, sent=other, below=below)
+        message = fails(root, "pull", f"{host}/bad:v1")
+        assert message.startswith(f"pylayerfs pull: blob {sha256(layer)}: digest sha256:")
     routes["/v2/bad/manifests/v1"] = (500, "application/json", b'{"errors":[{"code":"UNKNOWN","message":"boom"}]}', 0)
     message = fails(source, "pull", f"{host}/bad:v1")
     assert message == f"pylayerfs pull: manifest for {host}/bad:v1: HTTP 500 Internal Server Error: unknown: boom"
