@@ -49,6 +49,14 @@ EXPECTED = {
         "/app.sh is a file with layer 3's metadata and layer 2's data",
         "hello, layers!!",
     ],
+    "08-images-in-and-out": [
+        "manifest.json\noci-layout\nrepositories",
+        "-rwxr-xr-x root/root        33",
+        ": Pushed",
+        "blob   sha256:",
+        "Status: Downloaded newer image for 127.0.0.1:",
+        "hello, layers!!",
+    ],
 }
 
 

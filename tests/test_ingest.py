@@ -196,3 +196,42 @@ def test_a_layer_removed_under_a_concurrent_load_fails_that_load_cleanly(store, 
     with pytest.raises(StoreError, match="missing or damaged"):
         store_image(store, _config(BOTTOM), [_blob(BOTTOM)], ["x"])
     assert store.images.ids() == [] and store.refs.all() == {}
+
+
+def test_a_device_node_in_a_rootless_context_is_one_line(tmp_path):
+    """Root in a user namespace (a rootless engine, a container) has no CAP_MKNOD over the host's devices."""
+    info = tarfile.TarInfo("dev/null")
+    info.type, info.devmajor, info.devminor, info.mode = tarfile.CHRTYPE, 1, 3, 0o666
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info)
+    (tmp_path / "layer.tar").write_bytes(buf.getvalue())
+    (tmp_path / "config.json").write_bytes(_config(buf.getvalue()))
+    code = f"""
+import contextlib, sys
+from pylayerfs.image.store import Store
+from pylayerfs.image.transfer.ingest import Blob, store_image
+from pylayerfs.image import archive
+store = Store({str(tmp_path / "store")!r})
+config = open({str(tmp_path / "config.json")!r}, "rb").read()
+blob = Blob(lambda: open({str(tmp_path / "layer.tar")!r}, "rb"), "layer.tar")
+try:
+    store_image(store, config, [blob])
+except archive.ArchiveError as exc:
+    print(exc)
+    sys.exit(1)
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert (
+        done.stdout
+        == "refusing 'dev/null': a device node needs CAP_MKNOD, which this process lacks (a rootless context)\n"
+    )
+    store = Store(str(tmp_path / "store"))
+    assert (
+        store.layers.all() == [] and os.listdir(store.layout.tmp) == [] and os.listdir(store.layout.overlay2) == ["l"]
+    )

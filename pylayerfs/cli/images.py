@@ -25,6 +25,7 @@ from pylayerfs.image.sizes import human_duration, human_size
 from pylayerfs.image.store import Store, StoreError
 from pylayerfs.image.store.images import Image, format_time
 from pylayerfs.image.store.layout import LOWER_FILE, hex_of
+from pylayerfs.image.store.references import parse
 
 CREATED_BY_WIDTH = 45  # docker history cuts CREATED BY to 44 runes and an ellipsis
 NONE = "<none>"
@@ -81,29 +82,38 @@ def go_time(when: datetime.datetime) -> str:
     return _local(when).strftime("%Y-%m-%d %H:%M:%S %z %Z")
 
 
-def images(store: Store, show_all: bool = False, fmt: str = "table") -> str:
-    """``docker images [-a] [--format F]``: one row per tag; untagged leaves as ``<none>``; intermediates with ``-a``.
+def images(store: Store, show_all: bool = False, fmt: str = "table", digests: bool = False) -> str:
+    """``docker images [-a] [--digests] [--format F]``: one row per tag; untagged leaves as ``<none>``; intermediates
+    with ``-a``.
 
     Newest first; the fields of docker/cli's ``imageContext`` (``Containers``, shared and unique sizes ``N/A``, as
-    ``docker images`` leaves them).
+    ``docker images`` leaves them). Rows as docker/cli's ``imageFormatTaggedAndDigest``: with ``digests``, a tag
+    shows once per digest of its repository (RepoDigests); a repository known only by digest shows ``<none>`` as tag.
     """
     rows = []
-    tags = store.refs.all()
     for image_id in store.images.ids():
         image = store.images.get(image_id)
-        names = [ref for ref, target in tags.items() if target == image_id]
+        names = [(*ref.rpartition(":")[::2], NONE) for ref in store.refs.tags_of(image_id)]
+        by_repo: dict[str, list[str]] = {}
+        for ref in store.refs.digests_of(image_id):
+            by_repo.setdefault(ref.partition("@")[0], []).append(ref.partition("@")[2])
+        if digests:
+            names = [(n, t, d) for n, t, _ in names for d in by_repo.get(n) or [NONE]]
+        tagged = {n for n, _, _ in names}
+        names += [(n, NONE, d if digests else NONE) for n, ds in by_repo.items() if n not in tagged for d in ds]
+        names = list(dict.fromkeys(names))  # one row per repository without digests
         if not names and store.images.children(image_id) and not show_all:
             continue
         size = store.size(image)
-        for ref in names or [f"{NONE}:{NONE}"]:
-            name, _, tag = ref.rpartition(":")
+        for name, tag_, digest in names or [(NONE, NONE, NONE)]:
             rows.append((image.created, {
                 "Containers": "N/A", "CreatedAt": go_time(image.created), "CreatedSince": _since(image.created),
-                "Digest": NONE, "ID": image.short_id, "Repository": name, "SharedSize": "N/A",
-                "Size": human_size(size), "Tag": tag, "UniqueSize": "N/A", "VirtualSize": human_size(size, 4),
+                "Digest": digest, "ID": image.short_id, "Repository": name, "SharedSize": "N/A",
+                "Size": human_size(size), "Tag": tag_, "UniqueSize": "N/A", "VirtualSize": human_size(size, 4),
             }))  # fmt: skip
     rows.sort(key=lambda r: r[0], reverse=True)
-    return formats.write(fmt, IMAGES_HEADERS, [r[1] for r in rows], ["Repository", "Tag", "ID", "CreatedSince", "Size"])
+    columns = ["Repository", "Tag", *(["Digest"] if digests else []), "ID", "CreatedSince", "Size"]
+    return formats.write(fmt, IMAGES_HEADERS, [r[1] for r in rows], columns)
 
 
 def tag(store: Store, source: str, target: str) -> None:
@@ -191,13 +201,22 @@ def rmi_one(store: Store, users: Users, ref: str, force: bool = False) -> list[s
             raise StoreError(f'conflict: unable to remove repository reference "{ref}" (must force) - container '
                              f"{running or stopped} is using its referenced image {image.short_id}")  # fmt: skip
         out = [f"Untagged: {store.refs.untag(ref)}"]
-        if len(tags) > 1 or _conflict(store, users, image, force, references=False):
-            return out  # still tagged, or needed: the untag was all (moby: a quiet conflict)
+        name = parse(ref).name  # its repository's digests go with its last tag (moby: same-repository digests)
+        if not any(t.rpartition(":")[0] == name for t in store.refs.tags_of(image.id)):
+            digests = [d for d in store.refs.digests_of(image.id) if d.partition("@")[0] == name]
+            out += [f"Untagged: {store.refs.untag(d)}" for d in digests]
+        if (
+            store.refs.tags_of(image.id)
+            or store.refs.digests_of(image.id)
+            or (_conflict(store, users, image, force, references=False))
+        ):
+            return out  # still referenced, or needed: the untag was all (moby: a quiet conflict)
         return out + _delete(store, users, image)
     conflict = _conflict(store, users, image, force, references=len(tags) > 1)  # one tag goes with the ID
     if conflict:
         raise StoreError(conflict)
-    return [f"Untagged: {store.refs.untag(t)}" for t in store.refs.tags_of(image.id)] + _delete(store, users, image)
+    references = store.refs.tags_of(image.id) + store.refs.digests_of(image.id)
+    return [f"Untagged: {store.refs.untag(r)}" for r in references] + _delete(store, users, image)
 
 
 def rmi(store: Store, refs: list[str], force: bool = False) -> tuple[list[str], list[StoreError]]:
@@ -261,7 +280,7 @@ def inspect(store: Store, refs: list[str]) -> str:
         out.append({
             "Id": image.id,
             "RepoTags": store.refs.tags_of(image.id),
-            "RepoDigests": [],
+            "RepoDigests": store.refs.digests_of(image.id),
             "Parent": store.images.parent(image.id) or "",
             "Comment": config.get("comment", ""),
             "Created": config.get("created"),
@@ -424,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "history":
             _print(history(store, args.image, args.no_trunc, args.format, args.human, args.quiet))
         elif args.command == "images":
-            _print(images(store, args.all, args.format))
+            _print(images(store, args.all, args.format, args.digests))
         elif args.command == "tag":
             tag(store, args.source, args.target)
         elif args.command == "rmi":

@@ -19,11 +19,12 @@ from pylayerfs.image.drivers import StorageDriver
 from pylayerfs.overlay.params import MountError, check, parse_options
 
 IMAGE_COMMANDS = ("build", "history", "images", "tag", "rmi", "inspect", "import", "base")
+REGISTRY_COMMANDS = ("pull", "push")
 CONTAINER_COMMANDS = ("create", "run", "start", "stop", "rm", "exec", "ps", "logs", "diff", "commit", "system")
 TEACHING_COMMANDS = ("explain", "layers", "diagram")
 ARCHIVE_COMMANDS = ("save", "load")
 COMMANDS = ("mount", "umount", "demo", "check", "bench", *TEACHING_COMMANDS, *IMAGE_COMMANDS, *CONTAINER_COMMANDS,
-            *ARCHIVE_COMMANDS)  # fmt: skip
+            *ARCHIVE_COMMANDS, *REGISTRY_COMMANDS)  # fmt: skip
 DRIVERS = tuple(d.value for d in StorageDriver)  # plain strings: argparse's messages show them as 'fuse'
 DRIVERS_HELP = "fuse: pylayerfs's FUSE mount (default); overlay: the kernel's overlayfs; vfs: a full copy per layer"
 EXIT_ERROR = 1
@@ -117,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _image_parsers(sub)
     _archive_parsers(sub)
+    _registry_parsers(sub)
     _container_parsers(sub)
     explain = sub.add_parser("explain", help="why a path shows what it shows: the lookup walked layer by layer")
     explain.add_argument("target", metavar="PATH|IMAGE:/path|CONTAINER:/path")
@@ -224,6 +226,7 @@ def _image_parsers(sub: Any) -> None:
     images = sub.add_parser("images", help="list images, as docker images")
     images.add_argument("-a", "--all", action="store_true", help="also the intermediate images of builds")
     images.add_argument("--format", default="table", help="table, json (as {{json .}}), or a Go template")
+    images.add_argument("--digests", action="store_true", help="show the manifest digests (RepoDigests)")
 
     tag = sub.add_parser("tag", help="give an image a name:tag")
     tag.add_argument("source")
@@ -246,6 +249,19 @@ def _image_parsers(sub: Any) -> None:
                                                                  "busybox-static)")  # fmt: skip
 
 
+def _registry_parsers(sub: Any) -> None:
+    insecure = "plain HTTP, or HTTPS without certificate checks (always allowed for 127.0.0.0/8 and localhost)"
+    pull = sub.add_parser("pull", help="download an image from a registry (Docker Registry HTTP API v2)")
+    pull.add_argument("name", metavar="NAME[:TAG|@DIGEST]")
+    pull.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="the image to take from an index (default: "
+                                                                       "the host's, linux/amd64)")  # fmt: skip
+    pull.add_argument("--insecure", action="store_true", help=insecure)
+    pull.add_argument("-q", "--quiet", action="store_true", help="print only the image's reference")
+    push = sub.add_parser("push", help="upload an image to a registry (layers gzipped, a v2 schema 2 manifest)")
+    push.add_argument("name", metavar="NAME[:TAG]")
+    push.add_argument("--insecure", action="store_true", help=insecure)
+
+
 def _mount_fuse_argv(argv: Sequence[str]) -> list[str]:
     """``SOURCE MOUNTPOINT -o OPTS`` (as mount.fuse runs us) -> ``mount MOUNTPOINT -o OPTS --source SOURCE``."""
     if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
@@ -253,7 +269,7 @@ def _mount_fuse_argv(argv: Sequence[str]) -> list[str]:
     return list(argv)
 
 
-NEEDS_ROOT = ("build", "run", "create", "start", "exec", "base", "import")
+NEEDS_ROOT = ("build", "run", "create", "start", "exec", "base", "import", "load", "pull")
 # Commands that only read and print: when their reader goes away (`| head`), they stop at once and
 # quietly, as Unix tools do (SIGPIPE). The others keep Python's EPIPE error, so they can clean up
 # (and `diagram -o x.png`, which writes to its converter's pipe, learns of a converter that stopped).
@@ -300,6 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pylayerfs.cli import archives
 
             return archives.run(args)
+        if args.command in REGISTRY_COMMANDS:
+            from pylayerfs.cli import registry
+
+            return registry.run(args)
         if args.command in CONTAINER_COMMANDS:
             from pylayerfs.cli import containers as containercmds
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import errno
 import functools
 import grp
 import gzip
@@ -591,10 +592,20 @@ def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, root: int, dirfd
         return
     elif member.ischr() or member.isblk() or member.isfifo():
         kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK if member.isblk() else stat.S_IFIFO
-        os.mknod(name, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=dirfd)
+        try:
+            os.mknod(name, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=dirfd)
+        except PermissionError as exc:
+            raise ArchiveError(f"refusing '{member.name}': a device node needs CAP_MKNOD, which this process "
+                               "lacks (a rootless context)") from exc  # fmt: skip
     else:
         raise ArchiveError(f"refusing '{member.name}': unsupported entry type {member.type!r}")
-    os.chown(name, member.uid, member.gid, dir_fd=dirfd, follow_symlinks=False)
+    try:
+        os.chown(name, member.uid, member.gid, dir_fd=dirfd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EINVAL):
+            raise
+        raise ArchiveError(f"cannot give '{member.name}' its owner {member.uid}:{member.gid} ({exc.strerror}): "
+                           "a rootless context has no such user") from exc  # fmt: skip
     if not member.issym():
         os.chmod(name, member.mode & 0o7777, dir_fd=dirfd)
     for key, value in member.pax_headers.items():

@@ -203,7 +203,7 @@ def _retell(demo: Demo) -> None:
     print("Deep dive into Docker image layers, on real layers (a throw-away store in " + demo.root + ").")
     demo.section(
         "A base image",
-        "There is no registry here: `pylayerfs base` makes an alpine-like image from a static busybox,",
+        "Docker Hub is out of reach here: `pylayerfs base` makes an alpine-like image from a static busybox,",
         "and a first build makes the blog's bitphile/my-base-image on top of it.",
     )
     demo.run("base", "alpine", quiet=True)

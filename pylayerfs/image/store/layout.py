@@ -16,6 +16,8 @@
     layerdb/sha256/<chain-id>/             diff, size, cache-id, parent (one value each, no newline)
     layerdb/mounts/<container-id>/         mount-id, init-id, parent (containers)
     repositories.json                      {"Repositories":{name:{name:tag: image id}}}
+    distribution/v2metadata-by-diffid/sha256/<diff-id>  [{"Digest","SourceRepository","HMAC"}]: its blobs on registries
+    distribution/diffid-by-digest/sha256/<blob-digest>  the DiffID of a blob pulled or pushed (moby's v2 metadata)
   vfs/dir/<cache-id>                       the vfs driver: a layer's whole tree (or a container's, <id>-init too)
   tmp/                                     staging: an entry appears in place by rename(2)
   lock                                     flock(2) held by every writer
@@ -46,8 +48,8 @@ class Layout:
     """The store's paths under ``root`` (made absolute), as moby's overlay2 driver and layer store lay them out.
 
     Attributes name the directories of the module docstring: ``overlay2``, ``links`` (``overlay2/l``), ``image``
-    (``image/overlay2``), ``content`` and ``metadata`` (imagedb), ``layerdb``, ``mounts``, ``repositories``, ``tmp``,
-    ``vfs``. Building one touches nothing on disk.
+    (``image/overlay2``), ``content`` and ``metadata`` (imagedb), ``layerdb``, ``mounts``, ``repositories``,
+    ``distribution``, ``tmp``, ``vfs``. Building one touches nothing on disk.
     """
 
     def __init__(self, root: str) -> None:
@@ -60,6 +62,7 @@ class Layout:
         self.layerdb = os.path.join(self.image, "layerdb", SHA256)
         self.mounts = os.path.join(self.image, "layerdb", "mounts")
         self.repositories = os.path.join(self.image, "repositories.json")
+        self.distribution = os.path.join(self.image, "distribution")
         self.tmp = os.path.join(self.root, "tmp")
         self.vfs = os.path.join(self.root, "vfs", "dir")
 
@@ -88,6 +91,14 @@ class Layout:
     def config(self, image_id: str) -> str:
         """The path of an image's config JSON: ``imagedb/content/sha256/<hex>`` for ``image_id`` ``[sha256:]<hex>``."""
         return os.path.join(self.content, hex_of(image_id))
+
+    def v2metadata(self, diff_id: str) -> str:
+        """``distribution/v2metadata-by-diffid/sha256/<hex>``: the registry blobs known for a layer's DiffID (JSON)."""
+        return os.path.join(self.distribution, "v2metadata-by-diffid", SHA256, hex_of(diff_id))
+
+    def diff_id_by_digest(self, digest: str) -> str:
+        """``distribution/diffid-by-digest/sha256/<hex>``: the DiffID of the blob ``digest`` (``sha256:<hex>``)."""
+        return os.path.join(self.distribution, "diffid-by-digest", SHA256, hex_of(digest))
 
     def image_metadata(self, image_id: str, *parts: str) -> str:
         """An image's metadata directory ``imagedb/metadata/sha256/<hex>`` (joined with ``parts``: ``parent``...)."""
