@@ -4,6 +4,7 @@ cannot hold (pylayerfs/image/store/tarsplit.py)."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import pytest
 from pylayerfs.cli.images import import_rootfs
 from pylayerfs.image import archive
 from pylayerfs.image.store import Store, StoreError, tarsplit
-from pylayerfs.image.transfer.ingest import Blob, store_image
+from pylayerfs.image.transfer.ingest import Blob, TransferError, store_image
 from tests.dockerd import DOCKER, Docker, busybox_rootfs
 
 pytestmark = pytest.mark.root  # extraction keeps owners and makes whiteouts (mknod)
@@ -170,13 +171,31 @@ def test_sparse_files_keep_their_payload_raw(store, tmp_path):
 
 def test_a_loaded_gzip_layer_keeps_its_uncompressed_bytes(store, tmp_path):
     data = _tar(tarfile.PAX_FORMAT, MIXED)
-    diff_id = "sha256:" + __import__("hashlib").sha256(data).hexdigest()
+    diff_id = "sha256:" + hashlib.sha256(data).hexdigest()
     config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}})
     blob = Blob(open=lambda: io.BytesIO(gzip.compress(data)), name="blob")
     image = store_image(store, config.encode(), [blob], ["split:loaded"])
     out = io.BytesIO()
     store.layers.write_tar(store.layers_of(image)[0], out)
     assert out.getvalue() == data
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_blob_named_by_its_diff_id_is_hashed_once_and_must_be_the_tar(store, compress):
+    """Its digest is checked by the DiffID the extraction computes; a compressed blob cannot carry that digest."""
+    data = _tar(tarfile.PAX_FORMAT, [("once", os.urandom(1000), None)])
+    diff_id = "sha256:" + hashlib.sha256(data).hexdigest()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}})
+    blob = Blob(open=lambda: io.BytesIO(gzip.compress(data) if compress else data), name="blob", digest=diff_id)
+    if compress:
+        before = sorted(os.listdir(store.layout.layerdb))
+        with pytest.raises(TransferError, match="blob: gzip-compressed, so its digest cannot be"):
+            store_image(store, config.encode(), [blob])
+        assert sorted(os.listdir(store.layout.layerdb)) == before
+    else:
+        out = io.BytesIO()
+        store.layers.write_tar(store.layers_of(store_image(store, config.encode(), [blob]))[0], out)
+        assert out.getvalue() == data
 
 
 def test_a_split_whose_file_changed_says_so(store, tmp_path):

@@ -414,17 +414,25 @@ class _Tee(io.RawIOBase):
         return data
 
 
+MAGIC = {b"\x1f\x8b\x08": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def compression(head: bytes) -> str | None:
+    """The compression a stream starting with ``head`` (its first 6 bytes) is in, by its magic; None: plain."""
+    return next((kind for magic, kind in MAGIC.items() if head.startswith(magic)), None)
+
+
 def _decompressed(source: BinaryIO) -> io.BufferedIOBase:
     """``source`` uncompressed: gzip, bzip2, xz or zstd by their magic (moby's ``DecompressStream``), else as it is."""
     buffered = io.BufferedReader(cast(io.RawIOBase, source))
-    head = buffered.peek(6)[:6]
-    if head.startswith(b"\x1f\x8b\x08"):
+    kind = compression(buffered.peek(6)[:6])
+    if kind == "gzip":
         return gzip.GzipFile(fileobj=buffered)
-    if head.startswith(b"BZh"):
+    if kind == "bzip2":
         return bz2.BZ2File(buffered)
-    if head.startswith(b"\xfd7zXZ\x00"):
+    if kind == "xz":
         return lzma.LZMAFile(buffered)
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
+    if kind == "zstd":
         reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
         return io.BufferedReader(cast(io.RawIOBase, reader))
     return buffered
