@@ -249,6 +249,27 @@ def test_extract_refuses_entries_that_would_escape(tmp_path, entries, message):
 
 
 @pytest.mark.root
+@pytest.mark.parametrize(
+    "replacement", [tarfile.SYMTYPE, tarfile.REGTYPE, "whiteout"], ids=["symlink", "file", "whiteout"]
+)
+def test_a_directory_replaced_after_its_files_sets_no_time_outside_the_layer(tmp_path, replacement):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "f").write_bytes(b"host")
+    os.utime(victim / "f", (1_600_000_000, 1_600_000_000))
+    entries = [_entry("d/", tarfile.DIRTYPE), _entry("d/f"), _entry("g")]
+    entries += [_entry(".wh.d")] if replacement == "whiteout" else [_entry("d", replacement, str(victim))]
+    for info in entries:
+        info.mtime = 1_000
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with tarfile.open(fileobj=_tar(entries), mode="r|") as tar:
+        archive.extract(tar, str(dest))
+    assert os.stat(victim / "f").st_mtime == 1_600_000_000, "the host's file kept its time"
+    assert os.lstat(dest / "g").st_mtime == 1_000 and os.lstat(dest / "d").st_mtime == 1_000
+
+
+@pytest.mark.root
 def test_extract_turns_wh_entries_into_whiteouts(tmp_path):
     entries = [_entry("d/", tarfile.DIRTYPE), _entry("d/.wh.gone"), _entry("d/.wh..wh..opq"), _entry("d/f")]
     entries[0].mode = 0o755

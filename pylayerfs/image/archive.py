@@ -486,7 +486,7 @@ def extract(tar: tarfile.TarFile, dest: str, merged: bool = False,
     """
     root = os.open(dest, os.O_PATH | os.O_DIRECTORY)
     entries = whiteouts = 0
-    times: list[tuple[str, int]] = []
+    times: dict[str, int] = {}  # in the order last written: a directory after what it holds
     try:
         while (member := tar.next()) is not None:
             tar.members.clear()  # type: ignore[attr-defined]  # every header read is kept (~0.5 KB): not needed here
@@ -499,7 +499,7 @@ def extract(tar: tarfile.TarFile, dest: str, merged: bool = False,
             dirfd = _ensure_dir(root, parent, member.name)
             try:
                 if merged and name == TAR_OPAQUE_MARKER:
-                    _clear(dirfd, {r.rpartition("/")[2] for r, _ in times if r.rpartition("/")[0] == parent})
+                    _clear(dirfd, {r.rpartition("/")[2] for r in times if r.rpartition("/")[0] == parent})
                 elif name == TAR_OPAQUE_MARKER:
                     os.setxattr(realfs.fd_path(dirfd), OPAQUE_XATTR, OPAQUE_YES)
                 elif name.startswith(TAR_META_PREFIX):
@@ -513,17 +513,42 @@ def extract(tar: tarfile.TarFile, dest: str, merged: bool = False,
                     whiteouts += 1
                 else:
                     _extract_one(tar, member, root, dirfd, name)
-                    times.append((rel, int(member.mtime)))  # a symlink's too (utimensat AT_SYMLINK_NOFOLLOW)
+                    times.pop(rel, None)  # a name written again takes its last member's time, in its new place
+                    times[rel] = int(member.mtime)  # a symlink's too (utimensat AT_SYMLINK_NOFOLLOW)
                     entries += 1
             finally:
                 os.close(dirfd)
-        for rel, mtime in reversed(times):  # children first: a directory's mtime is set last
-            os.utime(rel, (mtime, mtime), dir_fd=root, follow_symlinks=False)
+        _set_times(root, times)
     except (OSError, tarfile.TarError, EOFError) as exc:
         raise ArchiveError(f"cannot extract: {exc}") from exc
     finally:
         os.close(root)
     return Extracted(entries, whiteouts)
+
+
+def _set_times(root: int, times: dict[str, int]) -> None:
+    """Give each path of ``times`` (relative to ``root``) its mtime, children before their directory.
+
+    A later member may have removed a path or put a symlink where a directory was (``d/``, ``d/f``, then ``d`` a
+    symlink to a host directory): each parent is opened beneath ``root`` without following a symlink, and a path that
+    is no longer there is skipped, so no time is ever set outside the layer.
+    """
+    parent_rel, parent_fd = None, -1
+    try:
+        for rel, mtime in reversed(times.items()):
+            parent, _, name = rel.rpartition("/")
+            if parent != parent_rel:
+                if parent_fd >= 0:
+                    os.close(parent_fd)
+                parent_rel, parent_fd = parent, -1
+                with contextlib.suppress(OSError):  # gone, or not a directory beneath root any more (ELOOP...)
+                    parent_fd = realfs.openat2(root, parent or ".", os.O_PATH | os.O_DIRECTORY)
+            if parent_fd >= 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(name, (mtime, mtime), dir_fd=parent_fd, follow_symlinks=False)
+    finally:
+        if parent_fd >= 0:
+            os.close(parent_fd)
 
 
 def _ensure_dir(root: int, rel: str, member: str) -> int:
