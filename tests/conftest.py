@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from pylayerfs.bench.registry import Registry, RegistryUnavailable, private_registry
 from tests.dockerd import Docker, DockerUnavailable, private_docker
 from tests.mounts import scratch_filesystem
-from tests.registry import Registry, RegistryUnavailable, private_registry
 
 
 def _fuse_missing() -> str | None:
@@ -92,7 +92,7 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """The session's real ``docker-registry`` on 127.0.0.1, open to all (``tests/registry.py``); skips with the
+    """The session's real ``docker-registry`` on 127.0.0.1, open to all (``pylayerfs/bench/registry.py``); skips with the
     reason when it cannot start (fails in CI). Tests using it are marked ``ecosystem``."""
     try:
         with private_registry(str(tmp_path_factory.mktemp("registry"))) as running:

@@ -176,3 +176,11 @@ def processes(argv: list[str]) -> list[int]:
             if f.read() == wanted:
                 found.append(int(pid))
     return found
+
+
+def need(tool: str) -> str:
+    """The path of a program a test needs (``skopeo``, ``umoci``, ``dive`` from this venv...); skips when missing."""
+    found = shutil.which(tool) or shutil.which(tool, path=os.path.dirname(sys.executable))
+    if found is None:
+        pytest.skip(f"{tool} is not installed (bash .ci/install installs it)")
+    return found

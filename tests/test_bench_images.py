@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from pylayerfs.bench.images import REGISTRY, SKOPEO, commands
+from tests.mounts import need
 
 pytestmark = [pytest.mark.root, pytest.mark.ecosystem]
 
 
 @pytest.mark.timeout(300)
 def test_images_bench_measures_each_command_against_skopeo(tmp_path):
-    for tool in (SKOPEO, REGISTRY):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is missing (apt-get install skopeo docker-registry)")
+    need(SKOPEO)
+    need(REGISTRY)
     argv = [sys.executable, "-m", "pylayerfs", "bench", "--images", "--quick", "--image-size", "4", "--rounds", "2",
             "--format", "json", "--dir", str(tmp_path)]  # fmt: skip
     result = subprocess.run(argv, capture_output=True, text=True, timeout=280, check=False)

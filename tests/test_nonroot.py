@@ -20,6 +20,7 @@ import pytest
 
 import pylayerfs
 from pylayerfs.fuse.mount import user_allow_other
+from tests.mounts import need
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]  # root to set the stage; the mounts are nobody's
 NOBODY = 65534
@@ -92,8 +93,7 @@ echo "== noallow_other"
 
 def _run(top: str, fuse_mode: str) -> subprocess.CompletedProcess[str]:
     for tool in ("unshare", "setpriv", "fusermount3"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+        need(tool)
     python, pythonpath = _nobody_python()
     script = _script(top, python, pythonpath, fuse_mode)
     result = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script], capture_output=True,

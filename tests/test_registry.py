@@ -28,11 +28,13 @@ from typing import Any, ClassVar
 import pytest
 import zstandard
 
+from pylayerfs.bench.registry import Registry, free_port, private_registry
 from pylayerfs.image.store import Store
 from pylayerfs.image.transfer import media
 from tests.dockerd import BASE, Docker
-from tests.registry import Registry, free_port, private_registry, tool_missing
+from tests.mounts import need
 from tests.test_build import pylayerfs
+from tests.trees import view
 
 pytestmark = [pytest.mark.ecosystem, pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -41,31 +43,14 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def snapshot(root: Path) -> dict[str, Any]:
-    """Every path under a store with its type, mode and contents (files hashed): equal means unchanged."""
-    out: dict[str, Any] = {}
-    for d, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(d, name)
-            st = os.lstat(path)
-            if os.path.islink(path):
-                out[path] = ("l", os.readlink(path))
-            elif os.path.isfile(path):
-                with open(path, "rb") as f:
-                    out[path] = ("f", st.st_mode, hashlib.sha256(f.read()).hexdigest())
-            else:
-                out[path] = ("d", st.st_mode)
-    return out
-
-
 def fails(root: Path, *args: str, env: dict[str, str] | None = None) -> str:
     """Run a pylayerfs command that must fail with one line and leave the store as it was; the line."""
-    before = snapshot(root)
+    before = view(str(root))
     result = subprocess.run([sys.executable, "-m", "pylayerfs", *args], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYLAYERFS_ROOT": str(root), **(env or {})})  # fmt: skip
     assert result.returncode == 1, result
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert snapshot(root) == before
+    assert view(str(root)) == before
     return result.stderr.strip()
 
 
@@ -99,8 +84,7 @@ def pushed(source: Path, registry: Registry) -> dict[str, Any]:
 
 
 def test_push_is_what_skopeo_reads(pushed: dict[str, Any], source: Path, registry: Registry, tmp_path: Path) -> None:
-    if reason := tool_missing("skopeo"):
-        pytest.skip(reason)
+    need("skopeo")
     image, lines = pushed["image"], pushed["out"].splitlines()
     diff_ids = image["RootFS"]["Layers"]
     assert lines[0] == f"The push refers to repository [{registry.host}/app]"
@@ -218,8 +202,7 @@ def oci_layout(directory: Path) -> dict[str, Any]:
 
 
 def test_pull_of_an_oci_index_picks_the_platform(registry: Registry, tmp_path: Path) -> None:
-    if reason := tool_missing("skopeo"):
-        pytest.skip(reason)
+    need("skopeo")
     layout = oci_layout(tmp_path / "oci")
     ref = f"{registry.host}/multi:v1"
     subprocess.run(["skopeo", "copy", "--all", "--preserve-digests", "--dest-tls-verify=false",
@@ -397,7 +380,7 @@ def test_an_interrupted_pull_leaves_nothing_behind(fake: Any, tmp_path: Path, si
     _serve_image(routes, layer, stall=30)
     root = tmp_path / "store"
     pylayerfs(root, "pull", pushed["ref"])
-    before = snapshot(root)
+    before = view(str(root))
     env = {**os.environ, "PYLAYERFS_ROOT": str(root)}
     proc = subprocess.Popen([sys.executable, "-m", "pylayerfs", "pull", f"{host}/bad:v1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -408,15 +391,15 @@ def test_an_interrupted_pull_leaves_nothing_behind(fake: Any, tmp_path: Path, si
     proc.send_signal(sig)
     assert proc.wait(30) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
     if sig == signal.SIGINT:
-        assert snapshot(root) == before
+        assert view(str(root)) == before
         return
 
     def paths(tree: dict[str, Any]) -> set[str]:
-        return {p for p in tree if not p.endswith(("/lock", "/busy"))}
+        return set(tree) - {"lock", "busy"}
 
-    assert paths(snapshot(root)) > paths(before), "the killed pull left a half-extracted layer"
+    assert paths(view(str(root))) > paths(before), "the killed pull left a half-extracted layer"
     pylayerfs(root, "pull", pushed["ref"])  # the next command collects what the killed one left
-    assert paths(snapshot(root)) == paths(before)
+    assert paths(view(str(root))) == paths(before)
 
 
 @pytest.mark.docker
@@ -440,8 +423,7 @@ def test_docker_pulls_what_pylayerfs_pushes_and_back(pushed: dict[str, Any], reg
     assert image["RootFS"]["Layers"] == json.loads(docker.run("inspect", "--format", "{{json .RootFS.Layers}}",
                                                               BASE).stdout)  # fmt: skip
     assert image["RepoDigests"][0].split("@")[1] in docker_push
-    if reason := tool_missing("skopeo"):
-        pytest.skip(reason)
+    need("skopeo")
     docker.run("save", "-o", str(tmp_path / "saved.tar"), BASE)
     archived = f"{registry.host}/from-archive:v1"
     subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"docker-archive:{tmp_path / 'saved.tar'}",

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import pty
-import shutil
 import signal
 import stat
 import subprocess
@@ -35,6 +34,7 @@ from pylayerfs.image.drivers.overlay import mounted
 from pylayerfs.image.store import Store
 from pylayerfs.image.transfer.archives import machine_platform, v1_configs
 from tests.dockerd import BASE, Docker, busybox_rootfs
+from tests.mounts import need
 from tests.test_build import pylayerfs
 from tests.trees import view
 
@@ -87,22 +87,6 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Work:
     return Work(directory, store, saved, context, base_tar)
 
 
-def snapshot(root: Path) -> dict[str, Any]:
-    """Everything in a store: each path's type, mode, size, contents (hash) or link target."""
-    found: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
-            entry: tuple[Any, ...] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_rdev)
-            if stat.S_ISREG(st.st_mode):
-                entry += (hashlib.sha256(Path(full).read_bytes()).hexdigest(),)
-            elif stat.S_ISLNK(st.st_mode):
-                entry += (os.readlink(full),)
-            found[os.path.relpath(full, root)] = entry
-    return found
-
-
 def layer_tars(store: Path, ref: str) -> list[bytes]:
     s = Store(str(store))
     tars = []
@@ -137,13 +121,6 @@ def in_pty(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
 
 def cli(store: Path) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "pylayerfs"], {**os.environ, "PYLAYERFS_ROOT": str(store)}
-
-
-def need(tool: str) -> str:
-    found = shutil.which(tool) or (str(Path(sys.executable).parent / tool) if tool == "dive" else None)
-    if not found or not os.path.exists(found):
-        pytest.skip(f"{tool} is not installed (.ci/install installs it)")
-    return found
 
 
 # -- the archive ---------------------------------------------------------------------------------------------------
@@ -477,12 +454,12 @@ def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_archive_is_one_line_and_changes_nothing(case: str, small_store: Path, tmp_path: Path) -> None:
     make, message = BAD[case]
-    before = snapshot(small_store)
+    before = view(str(small_store))
     result = pylayerfs(small_store, "load", "-i", str(make(tmp_path / "bad.tar")), check=False)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("pylayerfs load: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
-    assert snapshot(small_store) == before
+    assert view(str(small_store)) == before
 
 
 def _big_archive(path: Path) -> Path:
@@ -511,7 +488,7 @@ def _big_archive(path: Path) -> Path:
 def test_interrupted_load_leaves_nothing_the_next_command_keeps(sig: signal.Signals, small_store: Path,
                                                                 tmp_path: Path) -> None:  # fmt: skip
     big = _big_archive(tmp_path / "big.tar")
-    before, images = snapshot(small_store), pylayerfs(small_store, "images").stdout
+    before, images = view(str(small_store)), pylayerfs(small_store, "images").stdout
     argv, env = cli(small_store)
     process = subprocess.Popen([*argv, "load", "-i", str(big)], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)  # fmt: skip
@@ -527,7 +504,7 @@ def test_interrupted_load_leaves_nothing_the_next_command_keeps(sig: signal.Sign
     assert pylayerfs(small_store, "images").stdout == images
     if sig == signal.SIGKILL:  # the next load collects what the killed one left
         pylayerfs(small_store, "load", "-i", str(docker_archive(tmp_path / "good.tar", [GOOD_LAYER])))
-    assert snapshot(small_store) == before
+    assert view(str(small_store)) == before
 
 
 # -- Docker --------------------------------------------------------------------------------------------------------

@@ -28,20 +28,18 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pylayerfs.bench.registry import REGISTRY, RegistryUnavailable, private_registry
 from pylayerfs.image.sizes import human_size
 
-REGISTRY = "/usr/bin/docker-registry"
 SKOPEO = "skopeo"
 TARGET = 0.8  # issue 15: at least 80% of skopeo's speed
 IMAGE = "bench/image:latest"
@@ -142,43 +140,17 @@ def _measure(samples: Samples, ours: Callable[[], list[str]], theirs: Callable[[
         samples.rss[tool].append(rss)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def registry(directory: str) -> Iterator[str]:
-    """A ``docker-registry serve`` on 127.0.0.1 storing under ``directory``; yields ``127.0.0.1:PORT``; stopped."""
-    import requests
+    """A ``docker-registry`` on 127.0.0.1 storing under ``directory``; yields ``127.0.0.1:PORT``; stopped after.
 
-    os.makedirs(directory, exist_ok=True)
-    port = _free_port()
-    config = os.path.join(directory, "config.yml")
-    with open(config, "w") as f:
-        f.write(f"version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n"
-                f"    rootdirectory: {directory}/storage\nhttp:\n  addr: 127.0.0.1:{port}\n")  # fmt: skip
-    with open(os.path.join(directory, "log"), "wb") as log:
-        proc = subprocess.Popen([REGISTRY, "serve", config], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    Raises ImagesBenchError when it cannot start.
+    """
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise ImagesBenchError(f"docker-registry did not start (see {directory}/log)")
-            time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with private_registry(directory) as running:
+            yield running.host
+    except RegistryUnavailable as exc:
+        raise ImagesBenchError(str(exc)) from exc
 
 
 def commands() -> set[str]:

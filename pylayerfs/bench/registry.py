@@ -1,4 +1,4 @@
-"""A real registry for the tests: Debian's ``docker-registry`` (distribution 2.8) on 127.0.0.1, started by the test.
+"""A real registry for the tests and the bench: Debian's ``docker-registry`` (distribution 2.8) on 127.0.0.1.
 
     with private_registry(directory) as registry:                     # open to all
         registry.host                                                 # "127.0.0.1:PORT"
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -95,9 +94,3 @@ def private_registry(directory: str, users: dict[str, str] | None = None) -> Ite
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def tool_missing(*tools: str) -> str | None:
-    """Why a test cannot use these programs (``skopeo``, ``umoci``...), or None when they are all installed."""
-    missing = [t for t in tools if shutil.which(t) is None]
-    return f"{', '.join(missing)} not installed (apt-get install {' '.join(missing)})" if missing else None
