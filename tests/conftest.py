@@ -92,8 +92,8 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """The session's real ``docker-registry`` on 127.0.0.1, open to all (``pylayerfs/bench/registry.py``); skips with the
-    reason when it cannot start (fails in CI). Tests using it are marked ``ecosystem``."""
+    """The session's real ``docker-registry`` on 127.0.0.1, open to all (:mod:`pylayerfs.bench.registry`); skips with
+    the reason when it cannot start (fails in CI). Tests using it are marked ``ecosystem``."""
     try:
         with private_registry(str(tmp_path_factory.mktemp("registry"))) as running:
             yield running

@@ -148,6 +148,39 @@ def _bad(name: str) -> tuple[bytes, list[Blob], str]:
     return config, [_blob(BOTTOM), _blob(gzip.compress(TOP)[:-30], "top")], "cannot read 'top' as a tar archive"
 
 
+def _with(**fields: object) -> bytes:
+    return json.dumps({**json.loads(_config(BOTTOM)), **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (_with(created=12345), "created is not a time"),
+        (_with(created="garbage"), "created is not an RFC 3339 time: 'garbage'"),
+        (_with(history="x"), "history is not a list of objects"),
+        (_with(history=[{"created": "yesterday"}]), r"history\[0\].created is not an RFC 3339 time"),
+        (_with(config="notadict"), "config is not an object"),
+        (_with(config={"Env": "PATH=/bin", "Cmd": [1]}), "config.Cmd is not a list of strings"),
+        (_with(os=["linux"]), "os is not a str"),
+        (b"[]", "not a JSON object"),
+    ],
+)
+def test_a_config_docker_could_not_read_is_refused_before_any_layer(store, config, message):
+    before = view(store.root)
+    with pytest.raises(TransferError, match=f"the image config is not valid: {message}"):
+        store_image(store, config, [_blob(BOTTOM)], ["bad"])
+    assert view(store.root) == before
+
+
+def test_a_config_without_created_is_go_s_zero_time_and_every_listing_shows_it(store):
+    from pylayerfs.cli.images import history, images
+
+    image = store_image(store, _with(created=None, history=[{"created_by": "x"}]), [_blob(BOTTOM)], ["timeless"])
+    assert image.created.year == 1
+    assert images(store).splitlines()[1].split()[3] == "N/A", "docker images' CREATED of the zero time"
+    assert history(store, "timeless").splitlines()[1].split()[1] == "N/A"
+
+
 @pytest.mark.parametrize("case", ["digest", "size", "diffid", "count", "config", "escape", "truncated"])
 def test_bad_input_is_one_line_and_leaves_the_store_as_it_was(store, case):
     store_image(store, _config(BOTTOM), [_blob(BOTTOM)], ["base"])  # a layer the bad image shares: it must stay

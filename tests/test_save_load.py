@@ -462,6 +462,23 @@ def test_bad_archive_is_one_line_and_changes_nothing(case: str, small_store: Pat
     assert view(str(small_store)) == before
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("/dev/zero", "holds neither manifest.json nor index.json"),
+        ("/dev/urandom", "cannot read stdin as a tar archive"),
+    ],
+)
+def test_an_endless_stream_on_stdin_is_not_spooled_past_its_first_block(device: str, message: str,
+                                                                         small_store: Path) -> None:  # fmt: skip
+    before = view(str(small_store))
+    argv, env = cli(small_store)
+    with open(device, "rb") as endless:
+        result = subprocess.run([*argv, "load"], stdin=endless, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert view(str(small_store)) == before
+
+
 def _big_archive(path: Path) -> Path:
     """An archive whose one layer holds 192 MiB: long enough to interrupt while it is stored."""
     size = 192 << 20
@@ -484,7 +501,7 @@ def _big_archive(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_load_leaves_nothing_the_next_command_keeps(sig: signal.Signals, small_store: Path,
                                                                 tmp_path: Path) -> None:  # fmt: skip
     big = _big_archive(tmp_path / "big.tar")
@@ -500,7 +517,7 @@ def test_interrupted_load_leaves_nothing_the_next_command_keeps(sig: signal.Sign
     time.sleep(0.2)  # inside the layer's extraction
     process.send_signal(sig)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
+    assert process.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), err
     assert pylayerfs(small_store, "images").stdout == images
     if sig == signal.SIGKILL:  # the next load collects what the killed one left
         pylayerfs(small_store, "load", "-i", str(docker_archive(tmp_path / "good.tar", [GOOD_LAYER])))

@@ -42,8 +42,11 @@ HISTORY_HEADERS = {"ID": "IMAGE", "CreatedSince": "CREATED", "CreatedAt": "CREAT
 
 
 def _local(when: datetime.datetime) -> datetime.datetime:
-    """Go's ``time.Unix(s, 0)``: whole seconds, in the local time zone."""
-    return datetime.datetime.fromtimestamp(int(when.timestamp())).astimezone()
+    """Go's ``time.Unix(s, 0)``: whole seconds, in the local time zone (UTC where that zone cannot show it: year 1)."""
+    try:
+        return datetime.datetime.fromtimestamp(int(when.timestamp())).astimezone()
+    except (ValueError, OverflowError, OSError):
+        return when
 
 
 def rfc3339(when: datetime.datetime) -> str:

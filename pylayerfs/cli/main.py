@@ -312,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pylayerfs.cli import images as imagecmds
 
             return imagecmds.run(args)
+        if args.command in (*ARCHIVE_COMMANDS, *REGISTRY_COMMANDS, "import"):
+            signal.signal(signal.SIGTERM, _interrupted)  # `timeout`, `kill`: rolled back as after Ctrl-C
         if args.command in ARCHIVE_COMMANDS:
             from pylayerfs.cli import archives
 

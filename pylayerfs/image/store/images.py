@@ -43,20 +43,19 @@ class Image:
     @property
     def diff_ids(self) -> list[str]:
         """``rootfs.diff_ids``: the layers' DiffIDs (``sha256:<hex>``), bottom layer first; ``[]`` without layers."""
-        return list(self.config.get("rootfs", {}).get("diff_ids", []))
+        return list((self.config.get("rootfs") or {}).get("diff_ids") or [])
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """The config's ``history`` entries (``created``, ``created_by``, ``empty_layer``...), oldest first."""
-        return list(self.config.get("history", []))
+        return list(self.config.get("history") or [])
 
     @property
     def created(self) -> datetime.datetime:
-        """The config's ``created``, an aware UTC datetime (microseconds).
-
-        Raises KeyError when the config has none, ValueError when it is malformed.
+        """The config's ``created``, an aware UTC datetime (microseconds); Go's zero time when it has none (the
+        field is optional in the OCI image spec). Raises ValueError when it is malformed (a load refuses those).
         """
-        return parse_time(self.config["created"])
+        return parse_time(self.config.get("created") or "0001-01-01T00:00:00Z")
 
     @property
     def run_config(self) -> dict[str, Any]:

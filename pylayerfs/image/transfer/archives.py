@@ -655,7 +655,8 @@ def open_source(store: Store, path: str | None, stdin: BinaryIO) -> Iterator[_So
     """The archive at ``path`` (a directory: an OCI layout; a file: a tar, maybe compressed), or on ``stdin``.
 
     A plain tar in a regular file is read in place; anything else (a pipe, a compressed tar) is spooled uncompressed
-    to ``store``'s ``tmp/`` first, removed when done. Hold ``store.busy()`` around it: the spool is not garbage.
+    to ``store``'s ``tmp/`` first, up to its end-of-archive blocks (what is not a tar stops at its first block),
+    removed when done. Hold ``store.busy()`` around it: the spool is not garbage.
     Raises ArchiveError for what is not a tar, the OSError of opening or spooling.
     """
     if path is not None and os.path.isdir(path):
@@ -675,10 +676,12 @@ def open_source(store: Store, path: str | None, stdin: BinaryIO) -> Iterator[_So
         spool = os.path.join(store.layout.tmp, f"load-{random_id()}.tar")
         try:
             with open(spool, "w+b") as copy:
-                try:
-                    shutil.copyfileobj(archive._decompressed(raw), copy, 1 << 20)
-                except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as exc:
-                    raise archive.ArchiveError(f"cannot read {name}: {exc}") from exc
+                try:  # up to the tar's end-of-archive blocks, not further: /dev/zero is an empty tar, not a spool
+                    with tarfile.open(fileobj=archive._Tee(archive._decompressed(raw), copy), mode="r|") as tar:
+                        while tar.next() is not None:
+                            tar.members.clear()  # type: ignore[attr-defined]  # only the bytes are wanted here
+                except (OSError, EOFError, tarfile.TarError, lzma.LZMAError, zstandard.ZstdError) as exc:
+                    raise archive.ArchiveError(f"cannot read {name} as a tar archive: {exc}") from exc
                 copy.seek(0)
                 yield _TarSource(copy, name)
         finally:

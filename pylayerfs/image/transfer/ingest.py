@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, cast
 
 from pylayerfs.image import archive
 from pylayerfs.image.store import Store, StoreError
-from pylayerfs.image.store.images import Image
+from pylayerfs.image.store.images import Image, parse_time
 from pylayerfs.image.store.layers import chain_id
 from pylayerfs.image.store.layout import COMMITTED_FILE
 from pylayerfs.image.store.references import parse, parse_reference
@@ -79,11 +79,16 @@ class _Hashing(io.RawIOBase):
 def diff_ids_of(config: bytes) -> list[str]:
     """The ``rootfs.diff_ids`` of image config bytes (OCI image spec, config.md), bottom layer first.
 
-    Raises :class:`TransferError` when the bytes are not a JSON object with ``rootfs`` of type ``layers`` and
-    ``diff_ids`` a list of ``sha256:<hex>``.
+    The whole config is checked first as Docker's ``json.Unmarshal`` into ``image.Image`` checks it (moby
+    ``image/image.go``): every field it knows has its type (``created`` and each history entry's an RFC 3339 time,
+    ``history`` a list of objects, ``config`` an object or null, ``Env``, ``Cmd``... lists of strings), so that no
+    command fails later on an image it let in. Raises :class:`TransferError` naming the first field that is not.
     """
     try:
         data = json.loads(config)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        _check_fields(data, _IMAGE_FIELDS, "")
         rootfs = data["rootfs"]
         diff_ids = rootfs["diff_ids"] or []
         if rootfs["type"] != "layers" or not all(isinstance(d, str) and _is_digest(d) for d in diff_ids):
@@ -91,6 +96,55 @@ def diff_ids_of(config: bytes) -> list[str]:
     except (ValueError, KeyError, TypeError) as exc:
         raise TransferError(f"the image config is not valid: {exc}") from exc
     return list(diff_ids)
+
+
+_STRINGS = "strings"  # a list of strings (or null)
+_TIME = "time"  # an RFC 3339 string
+_RUN_FIELDS: dict[str, Any] = {
+    "User": str, "WorkingDir": str, "Env": _STRINGS, "Cmd": _STRINGS, "Entrypoint": _STRINGS, "Shell": _STRINGS,
+    "OnBuild": _STRINGS, "Labels": dict, "ExposedPorts": dict, "Volumes": dict, "StopSignal": str, "Image": str,
+}  # fmt: skip
+_HISTORY_FIELDS: dict[str, Any] = {
+    "created": _TIME, "created_by": str, "author": str, "comment": str, "empty_layer": bool,
+}  # fmt: skip
+_IMAGE_FIELDS: dict[str, Any] = {
+    "created": _TIME, "author": str, "architecture": str, "os": str, "variant": str, "rootfs": dict,
+    "history": [_HISTORY_FIELDS], "config": _RUN_FIELDS, "container_config": _RUN_FIELDS, "comment": str,
+    "container": str, "docker_version": str,
+}  # fmt: skip
+
+
+def _check_fields(data: dict[str, Any], fields: dict[str, Any], where: str) -> None:
+    """ValueError naming the first known field of ``data`` whose value is not of the kind ``fields`` gives."""
+    for key, kind in fields.items():
+        value = data.get(key)
+        name = f"{where}{key}"
+        if value is None:
+            continue  # absent or null: Go leaves the zero value
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"{name} is not an object")
+            _check_fields(value, kind, name + ".")
+        elif isinstance(kind, list):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ValueError(f"{name} is not a list of objects")
+            for i, entry in enumerate(value):
+                _check_fields(entry, kind[0], f"{name}[{i}].")
+        elif kind == _STRINGS:
+            if isinstance(value, str):
+                continue  # Go's strslice takes a lone string too
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} is not a list of strings")
+        elif kind == _TIME:
+            if not isinstance(value, str):
+                raise ValueError(f"{name} is not a time")
+            try:
+                when = parse_time(value)
+                when.astimezone()  # a time this machine can show (year 1 to 9999 in its time zone)
+            except (ValueError, OverflowError) as exc:
+                raise ValueError(f"{name} is not an RFC 3339 time: {value[:40]!r}") from exc
+        elif not isinstance(value, kind):
+            raise ValueError(f"{name} is not a {kind.__name__}")
 
 
 def _is_digest(text: str) -> bool:
