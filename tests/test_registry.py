@@ -431,3 +431,20 @@ def test_docker_pulls_what_pylayerfs_pushes_and_back(pushed: dict[str, Any], reg
     pylayerfs(root, "pull", archived)
     assert image_of(root, archived)["Id"] == docker_id
     docker.run("rmi", pushed["ref"], ours)
+
+
+def test_a_manifest_trickling_in_is_given_up_on_at_the_deadline(fake: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """The timeout between two reads never trips on a registry that sends a byte now and then: a small document must
+    arrive whole within ``DOCUMENT_DEADLINE``."""
+    from pylayerfs.image.transfer import registry
+
+    host, routes = fake
+    _serve_image(routes, gzip.compress(_layer_tar({"f": b"x"}), mtime=0))
+    status, kind, body, _ = routes["/v2/bad/manifests/v1"]
+    routes["/v2/bad/manifests/v1"] = (status, kind, body, 20.0)  # half of it, then nothing for 20 s
+    monkeypatch.setattr(registry, "DOCUMENT_DEADLINE", 1.0)
+    store = Store(str(tmp_path / "store"))
+    started = time.monotonic()
+    with pytest.raises(registry.RegistryError, match=r"manifest v1: not received in 1 s"):
+        registry.pull(store, f"{host}/bad:v1", out=lambda _: None)
+    assert time.monotonic() - started < 10

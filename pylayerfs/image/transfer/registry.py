@@ -27,6 +27,7 @@ import json
 import os
 import platform as host_platform
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ MANIFEST_LIMIT = 4 << 20  # bytes: distribution's limit on a manifest (and ours 
 CHUNK = 1 << 20
 GZIP_LEVEL = 1  # ISA-L's levels are 0-3
 TIMEOUT = (30.0, 300.0)  # seconds: to connect, and between two reads
+DOCUMENT_DEADLINE = 120.0  # seconds: a manifest, config or token, whole
 MAX_METADATA = 50  # moby keeps the last 50 blob digests per DiffID
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"\])]+)")
 
@@ -182,14 +184,16 @@ class Registry:
             query["service"] = params["service"]
         try:
             answer = requests.get(params["realm"], params=query, auth=self.credentials, timeout=TIMEOUT,
-                                  verify=self.session.verify)  # fmt: skip
+                                  verify=self.session.verify, stream=True)  # fmt: skip
         except requests.RequestException as exc:
             raise RegistryError(f'GET "{params["realm"]}": {_reason(exc)}') from exc
         if answer.status_code != 200:
+            answer.close()
             raise RegistryError(f"unauthorized: the token service {params['realm']} answers HTTP "
                                 f"{answer.status_code} {answer.reason}")  # fmt: skip
+        body = _read_limited(answer, MANIFEST_LIMIT, f"the token from {params['realm']}")
         try:
-            data = answer.json()
+            data = json.loads(body)
             token = data.get("token") or data["access_token"]
         except (ValueError, KeyError, AttributeError) as exc:
             raise RegistryError(f"the token service {params['realm']} sent no token") from exc
@@ -238,7 +242,8 @@ class Registry:
         response = self.request("GET", f"manifests/{reference}", what, (200, 404), headers={"Accept": accept},
                                 stream=True)  # fmt: skip
         if response.status_code == 404:
-            raise RegistryError(f"{what} not found: {_errors(response).partition(': ')[2]}")
+            detail = _errors(response)
+            raise RegistryError(f"{what} not found: {detail.partition(': ')[2] or detail}")
         body = _read_limited(response, MANIFEST_LIMIT, f"manifest {reference}")
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         sent = response.headers.get("Docker-Content-Digest")
@@ -318,9 +323,39 @@ def _errors(response: requests.Response) -> str:
     return text
 
 
+def _cut(response: requests.Response) -> None:
+    """Shut the response's socket down: a read blocked on it in another thread returns at once (close does not)."""
+    sock: Any = response.raw  # urllib3's response -> http.client's -> its buffered reader -> SocketIO -> socket
+    for attribute in ("_fp", "fp", "raw", "_sock"):
+        sock = getattr(sock, attribute, None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    response.close()
+
+
 def _read_limited(response: requests.Response, limit: int, what: str) -> bytes:
-    with contextlib.closing(response):
-        body = _Body(response, what).read(limit + 1)
+    """A small document's body (a manifest, a config, a token): at most ``limit`` bytes, whole within
+    :data:`DOCUMENT_DEADLINE` (a registry trickling a byte now and then never trips the timeout between two reads).
+    Raises :class:`RegistryError`."""
+    late = threading.Event()
+
+    def cut() -> None:
+        late.set()
+        _cut(response)
+
+    timer = threading.Timer(DOCUMENT_DEADLINE, cut)
+    timer.start()
+    try:
+        with contextlib.closing(response):
+            body = _Body(response, what).read(limit + 1)
+    except RegistryError:
+        if not late.is_set():
+            raise
+    finally:
+        timer.cancel()
+    if late.is_set():
+        raise RegistryError(f"{what}: not received in {DOCUMENT_DEADLINE:.0f} s")
     if len(body) > limit:
         raise RegistryError(f"{what}: larger than {limit} bytes")
     return body
