@@ -144,6 +144,10 @@ def _bad(name: str) -> tuple[bytes, list[Blob], str]:
     if name == "escape":
         evil = _layer({"../outside": b"x"})
         return _config(BOTTOM, evil), [_blob(BOTTOM), _blob(evil)], "'..' would leave the layer"
+    if name == "tampered":  # a byte changed inside the gzip stream: it fails to inflate before its digest is known
+        gz = gzip.compress(TOP)
+        bad = gz[:40] + bytes([gz[40] ^ 0xFF]) + gz[41:]
+        return config, [_blob(BOTTOM), _blob(bad, "top", digest=_sha(gz), size=len(gz))], "top: digest sha256:"
     assert name == "truncated"
     return config, [_blob(BOTTOM), _blob(gzip.compress(TOP)[:-30], "top")], "cannot read 'top' as a tar archive"
 
@@ -181,7 +185,7 @@ def test_a_config_without_created_is_go_s_zero_time_and_every_listing_shows_it(s
     assert history(store, "timeless").splitlines()[1].split()[1] == "N/A"
 
 
-@pytest.mark.parametrize("case", ["digest", "size", "diffid", "count", "config", "escape", "truncated"])
+@pytest.mark.parametrize("case", ["digest", "size", "diffid", "count", "config", "escape", "truncated", "tampered"])
 def test_bad_input_is_one_line_and_leaves_the_store_as_it_was(store, case):
     store_image(store, _config(BOTTOM), [_blob(BOTTOM)], ["base"])  # a layer the bad image shares: it must stay
     before = view(store.root)
@@ -262,7 +266,7 @@ except archive.ArchiveError as exc:
     assert done.returncode == 1, done.stderr
     assert (
         done.stdout
-        == "refusing 'dev/null': a device node needs CAP_MKNOD, which this process lacks (a rootless context)\n"
+        == "layer.tar: refusing 'dev/null': a device node needs CAP_MKNOD, which this process lacks (a rootless context)\n"
     )
     store = Store(str(tmp_path / "store"))
     assert (

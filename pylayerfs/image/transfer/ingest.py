@@ -216,8 +216,11 @@ def _store_layer(store: Store, parent: str | None, diff_id: str, blob: Blob) -> 
         tar_itself = blob.digest == diff_id
         with blob.open() as raw:
             hashing = _Hashing(raw, hashed=blob.digest is not None and not tar_itself)
-            got = archive.extract_keeping(cast(BinaryIO, hashing), blob.name, store.layers.diff_dir(cache_id),
-                                          cast(BinaryIO, splitter), splitter.seen)  # fmt: skip
+            try:
+                got = archive.extract_keeping(cast(BinaryIO, hashing), blob.name, store.layers.diff_dir(cache_id),
+                                              cast(BinaryIO, splitter), splitter.seen)  # fmt: skip
+            except archive.ArchiveError as exc:
+                raise _cause(blob, hashing, exc) from exc
             hashing.drain()
         kept = splitter.close(got)
         if blob.size is not None and hashing.count != blob.size:
@@ -236,6 +239,21 @@ def _store_layer(store: Store, parent: str | None, diff_id: str, blob: Blob) -> 
         raise
     finally:
         splitter.discard()
+
+
+def _cause(blob: Blob, hashing: _Hashing, error: archive.ArchiveError) -> Exception:
+    """Why a blob could not be extracted: its digest, when its bytes are not the ones its manifest names (read on to
+    their end, never past the size the manifest gives: a tampered gzip fails to decompress before its digest is
+    known), else the extraction's error, naming the blob."""
+    if hashing.hash is not None and blob.size is not None:
+        with contextlib.suppress(OSError, StoreError):
+            while hashing.count < blob.size and hashing.read(min(1 << 20, blob.size - hashing.count)):
+                pass
+            got = "sha256:" + hashing.hash.hexdigest()
+            if hashing.count == blob.size and got != blob.digest:
+                return TransferError(f"{blob.name}: digest {got}, expected {blob.digest}")
+    text = str(error)
+    return error if blob.name in text else archive.ArchiveError(f"{blob.name}: {text}")
 
 
 def _roll_back(store: Store, created: list[str], committed: str | None) -> None:
