@@ -264,10 +264,8 @@ except archive.ArchiveError as exc:
     done = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", code],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 1, done.stderr
-    assert (
-        done.stdout
-        == "layer.tar: refusing 'dev/null': a device node needs CAP_MKNOD, which this process lacks (a rootless context)\n"
-    )
+    assert done.stdout == ("layer.tar: refusing 'dev/null': a device node needs CAP_MKNOD, which this process lacks"
+                           " (a rootless context)\n")  # fmt: skip
     store = Store(str(tmp_path / "store"))
     assert (
         store.layers.all() == [] and os.listdir(store.layout.tmp) == [] and os.listdir(store.layout.overlay2) == ["l"]
