@@ -82,7 +82,10 @@ def parse(text: str) -> Reference:
     if domain in (DEFAULT_DOMAIN, "index.docker.io"):
         domain = None
         name = name.removeprefix("library/") if name.count("/") == 1 else name
-    if not _PATH.match(name) or len(text) > 255:
+    if len(f"{domain}/{name}" if domain else name) > 255:  # distribution's NameTotalLengthMax
+        raise StoreError(f"invalid reference format: the repository name '{text[:40]}...' is longer than 255 "
+                         "characters")  # fmt: skip
+    if not _PATH.match(name):
         raise StoreError(f"invalid reference format: '{text}' (repository names are lowercase letters, digits, "
                          "and separators . _ - /)")  # fmt: skip
     return Reference(domain, name, tag or (None if digest else DEFAULT_TAG), digest or None)
