@@ -220,6 +220,7 @@ def test_commands_that_mount_say_they_need_root(monkeypatch, capsys):
 def test_explain_an_image_and_a_container_path(store):
     out = pylayerfs(store, "explain", "app:/data/kept").stdout
     assert "made by: /bin/sh -c mkdir -p /data/old" in out and "is a file from layer 2" in out
+    assert pylayerfs(store, "explain", "app:latest:/data/kept").stdout == out, "IMAGE:TAG:/PATH"
     pylayerfs(store, "run", "-d", "--name", "ex", "app")
     pylayerfs(store, "exec", "ex", "sh", "-c", "rm /data/kept")
     data = json.loads(pylayerfs(store, "explain", "--format", "json", "ex:/data/kept").stdout)

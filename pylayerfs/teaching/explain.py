@@ -516,8 +516,9 @@ def run(args: argparse.Namespace) -> int:
     from pylayerfs.image.store import Store, StoreError
 
     try:
-        name, sep, path = args.target.partition(":")
-        if sep and path.startswith("/") and not os.path.exists(args.target):
+        name, sep, path = args.target.partition(":/")  # IMAGE[:TAG]:/PATH or CONTAINER:/PATH
+        path = "/" + path
+        if sep and not os.path.exists(args.target):
             from pylayerfs.container.runtime import Runtime
 
             runtime = Runtime(Store(args.root))
