@@ -43,7 +43,9 @@ def test_references_name_registry_repository_tag_and_digest(text, name, registry
     assert ref.digest == (f"sha256:{digest}" if digest else None)
 
 
-@pytest.mark.parametrize("bad", ["x/UPPER", "a" * 256, "a:b:c", "x@sha256:abc", "x@md5:" + "a" * 32, "host:port/x", "-a"])
+@pytest.mark.parametrize(
+    "bad", ["x/UPPER", "a" * 256, "a:b:c", "x@sha256:abc", "x@md5:" + "a" * 32, "host:port/x", "-a"]
+)
 def test_references_docker_refuses_are_refused(bad):
     with pytest.raises(StoreError, match="invalid reference format"):
         parse(bad)
