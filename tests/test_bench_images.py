@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from pylayerfs.bench.images import REGISTRY, SKOPEO, commands
+from pylayerfs.bench.images import SKOPEO, commands
+from pylayerfs.bench.registry import REGISTRY
 from tests.mounts import need
 
 pytestmark = [pytest.mark.root, pytest.mark.ecosystem]
