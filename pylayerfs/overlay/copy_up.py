@@ -20,8 +20,8 @@ state, so a transport may run it in another thread), installed (:meth:`CopyUp.in
 rename, the engine's caches). :func:`copy_up` makes the three in a row.
 
 Objects whose lower inode can be reported after copy-up (directories, and files
-with a single link, as the kernel decides) keep their inode number: it is
-recorded in the ``pylayerfs.origin`` xattr.
+with a single link, as the kernel decides) keep their inode number: the lower
+object's file handle is recorded in the kernel's ``origin`` xattr, in its format.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.layers import split
 from pylayerfs.overlay.lookup import Node
+from pylayerfs.overlay.markers import get as get_xattr
 from pylayerfs.overlay.state import OverlayState
 
 _CHUNK = 64 << 20  # bytes per copy_file_range call: how often a cancelled copy looks (~0.1 s)
@@ -159,9 +160,7 @@ class CopyUp:
                 else self._layer.parent(node.path) as meta
             ):
                 _copy_xattrs(ov, realfs.fd_path(*meta), realfs.fd_path(work.fd, tmp))
-            origin = node.origin
-            if not self._replacing and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
-                origin = ov.inodes.of_real(st)
+            origin = self._origin()
             if origin is not None:
                 ov.markers.set_origin(work.fd, tmp, origin)
             if self._metacopy:
@@ -185,6 +184,21 @@ class CopyUp:
             upper = ov.upper
             ov.files.copied_up(path, lambda: upper.open(path, os.O_RDONLY | os.O_NOFOLLOW))
         return ov.lookup.lookup(path)
+
+    def _origin(self) -> bytes | None:
+        """The ``origin`` the copy gets (None: none): the lower object's, as the kernel's ``ovl_copy_up_one`` decides.
+
+        A directory or a file with a single link gets its lower object's handle (a hard-linked one none: its names
+        may be copied up apart, ``index=off``); a metacopy file getting its data keeps the one it has. Raises the
+        getxattr and name_to_handle_at errors (ENOENT...).
+        """
+        markers, st = self._ov.markers, self._st
+        if self._replacing:
+            return get_xattr(self._parent.upper_fd, self._name, markers.origin)
+        if not (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
+            return None
+        with self._layer.parent(self._node.path) as (dirfd, name):
+            return markers.origin_value(dirfd, name, self._layer.uuid)
 
     def run(self) -> Node:
         """:meth:`copy_data` then :meth:`install` in this thread (:meth:`abort` on failure); the fresh node."""

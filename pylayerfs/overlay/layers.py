@@ -139,6 +139,7 @@ class LowerLayer(Layer):
         self._markers = markers
         self._listings: dict[str, Listing] = {}
         self.dev = os.stat(self.fd).st_dev
+        self.uuid = realfs.fs_uuid(self.fd)  # its filesystem's, as origin file handles name it
 
     def listing(self, path: str) -> Listing:
         """The entries of directory ``path`` in this layer, whiteouts apart; cached for the life of the mount.

@@ -39,14 +39,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import operator
 import os
 import resource
 import stat
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pylayerfs.overlay import realfs
 from pylayerfs.overlay.layers import Entry, Layer, LowerLayer, entry_of, join, split
-from pylayerfs.overlay.markers import Markers, is_whiteout
+from pylayerfs.overlay.markers import Markers, OriginHandle, is_whiteout
 
 LowerHit = tuple[LowerLayer, Entry]
 MAX_CACHED_DIRS = 4096  # the most directory fds the cache keeps, when the fd limit allows it
@@ -113,7 +116,8 @@ class Node:
 
     ``upper`` is the lstat of the upper object (None: only in lower layers); ``upper_fd`` an ``O_PATH`` fd on the upper
     directory of a directory node (-1 otherwise), valid as long as the node is (``fd_owner`` closes it when the node
-    is gone; the root's is the upper layer's own); ``origin`` the inode number recorded at copy-up.
+    is gone; the root's is the upper layer's own); ``origin`` the inode number of the lower object it was copied up
+    from, found through its ``origin`` xattr.
     """
 
     path: str
@@ -172,10 +176,19 @@ class Lookup:
     """Resolves merged paths over one stack of layers (the kernel's ``namei.c``), with the module's two caches.
 
     ``upper`` is None on a read-only stack; ``lowers`` are top-first; with ``metacopy`` (the ``metacopy=on`` option)
-    lower metacopy files are recognised and followed.
+    lower metacopy files are recognised and followed. ``ino_of`` maps a real object's lstat to the inode number the
+    mount reports (``InodeNumbers.of_real``; by default its own ``st_ino``).
     """
 
-    def __init__(self, upper: Layer | None, lowers: list[LowerLayer], markers: Markers, metacopy: bool = False) -> None:
+    def __init__(
+        self,
+        upper: Layer | None,
+        lowers: list[LowerLayer],
+        markers: Markers,
+        metacopy: bool = False,
+        ino_of: Callable[[os.stat_result], int] = operator.attrgetter("st_ino"),
+    ) -> None:
+        self.ino_of = ino_of
         self.upper = upper
         self.lowers = lowers
         self.markers = markers
@@ -314,7 +327,7 @@ class Lookup:
             if lower.metacopy:
                 self._check_metacopy(node)
         elif not stat.S_ISDIR(upper_st.st_mode):
-            origin = self.markers.origin_of(parent.upper_fd, name)
+            origin = self._origin_ino(parent.upper_fd, name)
             if self._is_metacopy(parent, name, upper_st, lower):
                 node = Node(path, upper_st, lower, origin=origin, metacopy=True)
                 self._check_metacopy(node)
@@ -324,12 +337,38 @@ class Lookup:
             owner = DirFd(self._open_dir(parent.upper_fd, name))
             fd = owner.fd
             opaque = self._upper_opaque(fd)
-            origin = self.markers.origin_of(fd)
+            origin = self._origin_ino(fd, None)
             lower = lower if lower.is_dir and not opaque else NO_LOWER
             node = Node(path, upper_st, lower, fd, opaque, origin, fd_owner=owner)
         if node.is_dir:
             self._remember(node)
         return node
+
+    def _origin_ino(self, dirfd: int, name: str | None) -> int | None:
+        """The inode number of the lower object the upper ``(dirfd, name)`` was copied up from; None if unknown.
+
+        Its ``origin`` file handle is opened (open_by_handle_at) in the first lower layer whose filesystem has the
+        handle's UUID, a null UUID trying each (the kernel's ``ovl_check_origin_fh``); a stale or undecodable handle,
+        or none, gives None: the object reports its upper inode number, as the kernel's does. An older pylayerfs
+        upper's recorded inode number is taken as it is. Raises the getxattr errors other than ENODATA and ENOTSUP.
+        """
+        origin = self.markers.origin_of(dirfd, name)
+        if not isinstance(origin, OriginHandle):
+            return origin
+        for layer in self.lowers:
+            if origin.uuid not in (layer.uuid, realfs.NULL_UUID):
+                continue
+            try:
+                fd = realfs.open_by_handle(layer.fd, origin.handle_type, origin.handle)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if st.st_dev == layer.dev:
+                return self.ino_of(st)
+        return None
 
     def _is_metacopy(self, parent: Node, name: str, upper_st: os.stat_result, lower: LowerStack) -> bool:
         """Is the upper file ``name`` a metadata-only copy of the lower file below it?"""

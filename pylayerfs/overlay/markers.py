@@ -18,9 +18,15 @@ kernel's format, so that an upper directory written by pylayerfs mounts under
 * In a layer **tar** (Docker's and OCI's format, written by moby's go-archive),
   a whiteout is an empty file ``.wh.<name>`` and an opaque directory holds an
   empty file ``.wh..wh..opq``; other ``.wh..wh.*`` names are AUFS metadata.
-* pylayerfs records the inode number a copied-up object had before copy-up in
-  ``<prefix>pylayerfs.origin`` (the kernel's ``origin`` holds a file handle
-  instead; the kernel ignores our name, we ignore its handle).
+* A copied-up object (a directory, or a file with a single link) carries
+  ``<prefix>origin``: the overlay file handle of the lower object it came from,
+  the kernel's ``struct ovl_fb`` (fs/overlayfs/overlayfs.h): version 0, magic
+  0xfb, total length, flags, the exportfs handle type, the lower filesystem's
+  16-byte UUID, then the exportfs handle bytes. Empty where the lower
+  filesystem makes no file handles (the kernel's "null" origin, which only says
+  "copied up"). Lookup reports the lower object's inode number through it.
+  Uppers of pylayerfs < 0.x carry ``<prefix>pylayerfs.origin`` (the inode
+  number in decimal) instead; it is still read, never written.
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ import contextlib
 import errno
 import os
 import stat
+import struct
+import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pylayerfs.overlay import realfs
 
@@ -43,6 +52,52 @@ TAR_OPAQUE_MARKER = ".wh..wh..opq"
 TAR_META_PREFIX = ".wh..wh."
 WHITEOUT_MODE = stat.S_IFCHR  # permission bits 0000, as the kernel makes them
 WHITEOUT_RDEV = os.makedev(0, 0)
+
+# struct ovl_fb (fs/overlayfs/overlayfs.h): u8 version, magic, len, flags, type; uuid_t uuid; then the fid bytes.
+_OVL_FB = struct.Struct("<BBBBB16s")
+OVL_FH_VERSION = 0
+OVL_FH_MAGIC = 0xFB
+OVL_FH_FLAG_BIG_ENDIAN = 1 << 0  # the handle was encoded on a big-endian machine
+OVL_FH_FLAG_ANY_ENDIAN = 1 << 1  # ... or its encoding does not depend on endianness
+OVL_FH_FLAG_PATH_UPPER = 1 << 2  # the handle is of an upper object (the index's, never an origin's)
+OVL_FH_FLAG_ALL = OVL_FH_FLAG_BIG_ENDIAN | OVL_FH_FLAG_ANY_ENDIAN | OVL_FH_FLAG_PATH_UPPER
+OVL_FH_FLAG_CPU_ENDIAN = OVL_FH_FLAG_BIG_ENDIAN if sys.byteorder == "big" else 0
+
+
+class OriginHandle(NamedTuple):
+    """A decoded origin: the lower filesystem's 16-byte ``uuid``, the exportfs ``handle_type`` and ``handle`` bytes."""
+
+    uuid: bytes
+    handle_type: int
+    handle: bytes
+
+
+def encode_origin(origin: OriginHandle) -> bytes:
+    """The value of ``<prefix>origin`` for ``origin``, byte for byte the kernel's ``ovl_encode_real_fh``.
+
+    Raises EINVAL for a handle longer than MAX_HANDLE_SZ (128 bytes) or a uuid not of 16 bytes.
+    """
+    if len(origin.handle) > realfs.MAX_HANDLE_SZ or len(origin.uuid) != 16:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), "origin file handle")
+    length = _OVL_FB.size + len(origin.handle)
+    header = _OVL_FB.pack(OVL_FH_VERSION, OVL_FH_MAGIC, length, OVL_FH_FLAG_CPU_ENDIAN, origin.handle_type, origin.uuid)
+    return header + origin.handle
+
+
+def decode_origin(value: bytes) -> OriginHandle | None:
+    """``value`` of ``<prefix>origin`` decoded, or None where the kernel would not use it (its ``ovl_check_fb_len``).
+
+    None for the empty (null) origin, a wrong version or magic, unknown flags, another machine's byte order, or a
+    length that disagrees with the value's. Never raises.
+    """
+    if len(value) < _OVL_FB.size:
+        return None
+    version, magic, length, flags, handle_type, uuid = _OVL_FB.unpack_from(value)
+    if version != OVL_FH_VERSION or magic != OVL_FH_MAGIC or flags & ~OVL_FH_FLAG_ALL or length != len(value):
+        return None
+    if not flags & OVL_FH_FLAG_ANY_ENDIAN and flags & OVL_FH_FLAG_BIG_ENDIAN != OVL_FH_FLAG_CPU_ENDIAN:
+        return None
+    return OriginHandle(uuid, handle_type, value[_OVL_FB.size :])
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +128,12 @@ class Markers:
 
     @property
     def origin(self) -> str:
-        """Where pylayerfs records a copied-up object's inode number: ``<prefix>pylayerfs.origin``."""
+        """The origin xattr's name: ``<prefix>origin`` (the lower object's overlay file handle)."""
+        return self.prefix + "origin"
+
+    @property
+    def legacy_origin(self) -> str:
+        """Where older pylayerfs recorded a copied-up object's inode number: ``<prefix>pylayerfs.origin``."""
         return self.prefix + "pylayerfs.origin"
 
     @property
@@ -125,13 +185,27 @@ class Markers:
             raise OSError(errno.EPERM, "a metacopy file with a redirect: pylayerfs follows no redirects", name)
         return True
 
-    def origin_of(self, dirfd: int, name: str | None = None) -> int | None:
-        """The origin inode number recorded on ``(dirfd, name)`` (name None: ``dirfd``); None if there is none.
+    def origin_of(self, dirfd: int, name: str | None = None) -> OriginHandle | int | None:
+        """The origin recorded on ``(dirfd, name)`` (name None: ``dirfd``): its handle, else a legacy inode number.
 
-        Raises the getxattr errors other than ENODATA and ENOTSUP.
+        None when there is none or it is unusable (the null origin, a malformed one). Raises the getxattr errors other
+        than ENODATA and ENOTSUP.
         """
         value = get(dirfd, name, self.origin)
+        if value is not None:
+            return decode_origin(value)
+        value = get(dirfd, name, self.legacy_origin)
         return int(value) if value is not None and value.isdigit() else None
+
+    def origin_value(self, dirfd: int, name: str | None, uuid: bytes) -> bytes:
+        """The ``<prefix>origin`` value the kernel writes when it copies up the lower object ``(dirfd, name)``.
+
+        ``uuid`` is the lower filesystem's (16 bytes; null with ``uuid=off``). Empty where that filesystem makes no
+        file handles (the kernel's null origin). Raises what :func:`realfs.file_handle
+        <pylayerfs.overlay.realfs.file_handle>` raises (ENOENT...).
+        """
+        handle = realfs.file_handle(dirfd, name)
+        return b"" if handle is None else encode_origin(OriginHandle(uuid, *handle))
 
     # -- writing (upper layer only) -----------------------------------------
 
@@ -150,14 +224,14 @@ class Markers:
         """
         set_(dirfd, name, self.metacopy, b"")
 
-    def set_origin(self, dirfd: int, name: str, ino: int) -> None:
-        """Record ``ino`` as the inode number of the copied-up object ``(dirfd, name)``.
+    def set_origin(self, dirfd: int, name: str, value: bytes) -> None:
+        """Set ``<prefix>origin`` of the copied-up object ``(dirfd, name)`` to ``value`` (from :meth:`origin_value`).
 
         Best effort, never raises: where the xattr cannot be stored (``user.`` xattrs on a symlink), the object reports
-        its upper inode number, as the kernel does.
+        its upper inode number, as the kernel does (``ovl_set_origin_fh`` ignores EOPNOTSUPP).
         """
         with contextlib.suppress(OSError):
-            set_(dirfd, name, self.origin, str(ino).encode())
+            set_(dirfd, name, self.origin, value)
 
 
 def get(dirfd: int, name: str | None, attr: str) -> bytes | None:

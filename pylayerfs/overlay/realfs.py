@@ -16,8 +16,8 @@ no function here follows a symlink in the last component. Reads (stat,
 getxattr, readdir) are not traced: they change nothing. Each function raises
 the :class:`OSError` of its system call.
 
-``openat2`` and ``renameat2`` are not in Python's ``os`` module; they are
-called through libc with ctypes.
+``openat2``, ``renameat2``, ``name_to_handle_at`` and ``open_by_handle_at`` are not in
+Python's ``os`` module; they are called through libc with ctypes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import os
 import platform
@@ -54,6 +55,17 @@ _libc.renameat2.restype = ctypes.c_int
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
 
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+_libc.name_to_handle_at.restype = ctypes.c_int
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_libc.open_by_handle_at.restype = ctypes.c_int
+
+# <linux/fcntl.h>, <linux/exportfs.h>, <linux/fs.h>
+AT_EMPTY_PATH = 0x1000
+MAX_HANDLE_SZ = 128  # bytes of a file handle, at most
+FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 { __u8 len; __u8 uuid[16]; })
+NULL_UUID = bytes(16)
+
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -61,6 +73,16 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 # The longest path one openat2 call takes (PATH_MAX, with its terminating NUL).
 PATH_MAX = 4096
+
+
+class _FileHandle(ctypes.Structure):
+    """``struct file_handle`` of name_to_handle_at(2), with room for the largest handle."""
+
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ),
+    ]
 
 
 class _OpenHow(ctypes.Structure):
@@ -381,6 +403,64 @@ def removexattr(dirfd: int, name: str | None, attr: str) -> None:
     path, follow = xattr_ref(dirfd, name)
     _trace_at("removexattr", dirfd, name, attr=attr)
     os.removexattr(path, attr, follow_symlinks=follow)
+
+
+def file_handle(dirfd: int, name: str | None) -> tuple[int, bytes] | None:
+    """The exportfs file handle of ``(dirfd, name)`` (name None: ``dirfd`` itself), never following a symlink.
+
+    Returns ``(handle_type, handle bytes)`` as name_to_handle_at(2) gives them (the encoding the kernel's overlayfs
+    stores in its ``origin``: ``exportfs_encode_fh`` without ``connectable``), or None where the filesystem makes no
+    file handles (EOPNOTSUPP). Raises the other errors (ENOENT, EOVERFLOW...).
+    """
+    handle = _FileHandle(handle_bytes=MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    path, flags = (b"", AT_EMPTY_PATH) if name is None else (os.fsencode(name), 0)
+    if _libc.name_to_handle_at(dirfd, path, ctypes.byref(handle), ctypes.byref(mount_id), flags) != 0:
+        if ctypes.get_errno() == errno.EOPNOTSUPP:
+            return None
+        _raise_errno("name_to_handle_at", name or fd_path(dirfd))
+    return handle.handle_type, bytes(handle.f_handle[: handle.handle_bytes])
+
+
+def open_by_handle(dirfd: int, handle_type: int, handle: bytes) -> int:
+    """An O_PATH fd of the object whose file handle is ``(handle_type, handle)`` on the filesystem of ``dirfd``.
+
+    open_by_handle_at(2) (needs CAP_DAC_READ_SEARCH) with the directory ``dirfd`` (an O_PATH fd will do) reopened
+    for reading, as the call refuses O_PATH fds. Raises ESTALE when the object is gone, EINVAL for a malformed
+    handle, EPERM without the capability.
+    """
+    if len(handle) > MAX_HANDLE_SZ:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), "file handle too long")
+    fh = _FileHandle(handle_bytes=len(handle), handle_type=handle_type)
+    ctypes.memmove(fh.f_handle, handle, len(handle))
+    mount_fd = os.open(fd_path(dirfd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
+        if fd < 0:
+            _raise_errno("open_by_handle_at", fd_path(dirfd))
+    finally:
+        os.close(mount_fd)
+    return int(fd)
+
+
+def fs_uuid(fd: int) -> bytes:
+    """The 16-byte UUID of the filesystem holding the directory ``fd`` (an O_PATH fd will do): its ``s_uuid``.
+
+    By ``FS_IOC_GETFSUUID`` on the directory reopened for reading (ioctls refuse O_PATH fds). A filesystem that
+    reports none (ENOTTY, Linux < 6.5 included) has the null UUID, as its ``s_uuid`` is then. Raises the open's
+    errors (EACCES...).
+    """
+    buf = bytearray(17)
+    rfd = os.open(fd_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(rfd, FS_IOC_GETFSUUID, buf)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+            return NULL_UUID
+        raise
+    finally:
+        os.close(rfd)
+    return bytes(buf[1 : 1 + buf[0]]).ljust(16, b"\0")
 
 
 def fd_path(fd: int, name: str = "") -> str:

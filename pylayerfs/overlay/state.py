@@ -114,9 +114,9 @@ class OverlayState:
         self.lowers = [LowerLayer(i, d, self.markers) for i, d in enumerate(lowerdirs, start=1)]
         self.workdir = Workdir(workdir) if workdir is not None else None
         self.metacopy = metacopy
-        self.lookup = Lookup(self.upper, self.lowers, self.markers, metacopy)
         layer_fds = ([self.upper.fd] if self.upper else []) + [layer.fd for layer in self.lowers]
         self.inodes = InodeNumbers(layer_fds)
+        self.lookup = Lookup(self.upper, self.lowers, self.markers, metacopy, self.inodes.of_real)
         self.files = OpenFiles()
         self.listings = Listings()
         self._closed = False
