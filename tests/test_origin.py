@@ -10,10 +10,10 @@ import pytest
 
 from pylayerfs.overlay.markers import OriginHandle, decode_origin, encode_origin
 from tests.mounts import backings, kernel_mount, pylayerfs_mount
-from tests.trees import build
+from tests.trees import Spec, build
 
 ORIGIN = "trusted.overlay.origin"
-LOWER = {"f": "f", "d/x": "x", "ln": ("symlink", "f"), "h1": "hard", "deep/er/g": "g"}
+LOWER: Spec = {"f": "f", "d/x": "x", "ln": ("symlink", "f"), "h1": "hard", "deep/er/g": "g"}
 COPIED = ("f", "d", "ln", "deep", "deep/er", "deep/er/g")  # what _copy_up copies up, with an origin each
 
 
