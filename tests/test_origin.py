@@ -66,31 +66,35 @@ def test_an_origin_round_trips_and_a_foreign_or_malformed_one_is_ignored():
 
 @pytest.mark.root
 @pytest.mark.fuse
+@pytest.mark.parametrize("extra", ["", "uuid=off"])
 @pytest.mark.parametrize("backing", backings(), indirect=True)
-def test_copy_up_writes_the_kernels_origin_and_each_reads_the_others(backing):
-    """Same lower directory, two uppers: the origins are equal byte for byte, and st_ino agrees both ways."""
+def test_copy_up_writes_the_kernels_origin_and_each_reads_the_others(backing, extra):
+    """Same lower directory, two uppers: the origins are equal byte for byte, and st_ino agrees both ways.
+
+    With ``uuid=off`` the handles carry the null UUID, and only such handles are followed."""
     lower = _lower(backing)
     k_upper, k_work, k_mnt = _layers(backing, "kernel")
     p_upper, p_work, p_mnt = _layers(backing, "pylayerfs")
     lower_inos = {path: os.lstat(os.path.join(lower, path)).st_ino for path in COPIED}
-    with kernel_mount(k_mnt, [lower], k_upper, k_work):
+    with kernel_mount(k_mnt, [lower], k_upper, k_work, extra):
         _copy_up(k_mnt)
         k_inos = _inos(k_mnt)
-    with pylayerfs_mount(p_mnt, [lower], p_upper, p_work):
+    with pylayerfs_mount(p_mnt, [lower], p_upper, p_work, extra):
         _copy_up(p_mnt)
         p_inos = _inos(p_mnt)
     for path in COPIED:
         kernel = _origin(k_upper, path)
         assert kernel is not None and len(kernel) > 21, path
         assert _origin(p_upper, path) == kernel, path
+        assert (kernel[5:21] == bytes(16)) == (extra == "uuid=off"), path
     assert _origin(k_upper, "h1") is None and _origin(p_upper, "h1") is None
     assert not any(name.startswith("trusted.overlay.pylayerfs") for name in os.listxattr(os.path.join(p_upper, "f")))
     assert p_inos == k_inos
     assert k_inos == lower_inos  # one filesystem: the lower inode numbers
     # Each mounts the other's upper: the same inode numbers, the mount works.
-    with pylayerfs_mount(p_mnt, [lower], k_upper, k_work):
+    with pylayerfs_mount(p_mnt, [lower], k_upper, k_work, extra):
         assert _inos(p_mnt) == k_inos
-    with kernel_mount(k_mnt, [lower], p_upper, p_work):
+    with kernel_mount(k_mnt, [lower], p_upper, p_work, extra):
         assert _inos(k_mnt) == k_inos
         assert open(os.path.join(k_mnt, "deep/er/g")).read() == "g"
 

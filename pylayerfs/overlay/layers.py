@@ -134,12 +134,13 @@ class Listing:
 class LowerLayer(Layer):
     """A read-only layer whose directory listings are cached for the life of the mount."""
 
-    def __init__(self, index: int, root: str, markers: Markers) -> None:
+    def __init__(self, index: int, root: str, markers: Markers, uuid_off: bool = False) -> None:
         super().__init__(index, root)
         self._markers = markers
         self._listings: dict[str, Listing] = {}
         self.dev = os.stat(self.fd).st_dev
-        self.uuid = realfs.fs_uuid(self.fd)  # its filesystem's, as origin file handles name it
+        # The UUID origin file handles name this layer's filesystem by: its own, the null one with uuid=off.
+        self.uuid = realfs.NULL_UUID if uuid_off else realfs.fs_uuid(self.fd)
 
     def listing(self, path: str) -> Listing:
         """The entries of directory ``path`` in this layer, whiteouts apart; cached for the life of the mount.

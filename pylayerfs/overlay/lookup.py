@@ -347,8 +347,8 @@ class Lookup:
     def _origin_ino(self, dirfd: int, name: str | None) -> int | None:
         """The inode number of the lower object the upper ``(dirfd, name)`` was copied up from; None if unknown.
 
-        Its ``origin`` file handle is opened (open_by_handle_at) in the first lower layer whose filesystem has the
-        handle's UUID, a null UUID trying each (the kernel's ``ovl_check_origin_fh``); a stale or undecodable handle,
+        Its ``origin`` file handle is opened (open_by_handle_at) in the first lower layer whose UUID is the handle's
+        (the null UUID with ``uuid=off``; the kernel's ``ovl_check_origin_fh``, ``ovl_decode_real_fh``); a stale handle,
         or none, gives None: the object reports its upper inode number, as the kernel's does. An older pylayerfs
         upper's recorded inode number is taken as it is. Raises the getxattr errors other than ENODATA and ENOTSUP.
         """
@@ -356,7 +356,7 @@ class Lookup:
         if not isinstance(origin, OriginHandle):
             return origin
         for layer in self.lowers:
-            if origin.uuid not in (layer.uuid, realfs.NULL_UUID):
+            if origin.uuid != layer.uuid:
                 continue
             try:
                 fd = realfs.open_by_handle(layer.fd, origin.handle_type, origin.handle)

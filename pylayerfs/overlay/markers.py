@@ -25,7 +25,7 @@ kernel's format, so that an upper directory written by pylayerfs mounts under
   16-byte UUID, then the exportfs handle bytes. Empty where the lower
   filesystem makes no file handles (the kernel's "null" origin, which only says
   "copied up"). Lookup reports the lower object's inode number through it.
-  Uppers of pylayerfs < 0.x carry ``<prefix>pylayerfs.origin`` (the inode
+  Uppers written by earlier pylayerfs carry ``<prefix>pylayerfs.origin`` (the inode
   number in decimal) instead; it is still read, never written.
 """
 

@@ -58,6 +58,7 @@ class MountConfig:
     logfile: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
     metacopy: bool = False  # chmod, chown, utimes and xattrs copy a file's metadata only (the kernel's metacopy=on)
+    uuid_off: bool = False  # uuid=off: origin file handles carry the null UUID instead of the lower fs's
     timeout: float = 86400.0  # how long the kernel may cache entries and attributes (fuse-overlayfs's timeout=)
     binding: str | None = None  # the FUSE transport, "native" or "libfuse" (None: the daemon's default)
     passthrough: bool | None = (
@@ -150,6 +151,8 @@ def parse_options(options: list[str]) -> MountConfig:
                 raise MountError(
                     f"{key}={value} is not supported (pylayerfs implements {key}={_KERNEL_DEFAULTS[key][0]})"
                 )
+            if key == "uuid":
+                config.uuid_off = value == "off"
         elif key in _FUSE_MOUNT_FLAGS and not has_value:
             config.fuse_flags.append(key)
         elif key in _IGNORED or key.startswith("x-") or key in ("fsname", "subtype", "context"):

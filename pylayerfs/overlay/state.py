@@ -95,7 +95,8 @@ class OverlayState:
     ``lowerdirs`` are paths, the top-most first (``lowerdir=top:...:bottom``).
     ``upperdir`` and ``workdir`` go together (ValueError otherwise); without them
     the stack is read-only. Opening the layers raises OSError (ENOENT, ENOTDIR,
-    EACCES) as ``open(2)`` does; the workdir's ``work/`` is created and emptied.
+    EACCES) as ``open(2)`` does; the workdir's ``work/`` is created and emptied. With ``uuid_off`` (the kernel's
+    ``uuid=off``), origin file handles name their filesystem by the null UUID.
     """
 
     def __init__(
@@ -106,12 +107,13 @@ class OverlayState:
         *,
         userxattr: bool = False,
         metacopy: bool = False,
+        uuid_off: bool = False,
     ) -> None:
         if (upperdir is None) != (workdir is None):
             raise ValueError("upperdir and workdir go together")
         self.markers = Markers.for_mount(userxattr)
         self.upper = Layer(0, upperdir) if upperdir is not None else None
-        self.lowers = [LowerLayer(i, d, self.markers) for i, d in enumerate(lowerdirs, start=1)]
+        self.lowers = [LowerLayer(i, d, self.markers, uuid_off) for i, d in enumerate(lowerdirs, start=1)]
         self.workdir = Workdir(workdir) if workdir is not None else None
         self.metacopy = metacopy
         layer_fds = ([self.upper.fd] if self.upper else []) + [layer.fd for layer in self.lowers]
