@@ -141,6 +141,22 @@ class LowerLayer(Layer):
         self.dev = os.stat(self.fd).st_dev
         # The UUID origin file handles name this layer's filesystem by: its own, the null one with uuid=off.
         self.uuid = realfs.NULL_UUID if uuid_off else realfs.fs_uuid(self.fd)
+        self._handle_fd = -1  # the root opened for reading, for open_by_handle_at (which refuses O_PATH fds)
+
+    def close(self) -> None:
+        """Close the layer's fds; the layer is unusable after."""
+        if self._handle_fd >= 0:
+            os.close(self._handle_fd)
+        super().close()
+
+    def open_by_handle(self, handle_type: int, handle: bytes) -> int:
+        """An O_PATH fd of the object of this layer's filesystem with the file handle ``(handle_type, handle)``.
+
+        Raises what :func:`realfs.open_by_handle <pylayerfs.overlay.realfs.open_by_handle>` raises (ESTALE...).
+        """
+        if self._handle_fd < 0:
+            self._handle_fd = os.open(realfs.fd_path(self.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return realfs.open_by_handle(self._handle_fd, handle_type, handle)
 
     def listing(self, path: str) -> Listing:
         """The entries of directory ``path`` in this layer, whiteouts apart; cached for the life of the mount.

@@ -47,7 +47,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pylayerfs.overlay import realfs
 from pylayerfs.overlay.layers import Entry, Layer, LowerLayer, entry_of, join, split
 from pylayerfs.overlay.markers import Markers, OriginHandle, is_whiteout
 
@@ -359,7 +358,7 @@ class Lookup:
             if origin.uuid != layer.uuid:
                 continue
             try:
-                fd = realfs.open_by_handle(layer.fd, origin.handle_type, origin.handle)
+                fd = layer.open_by_handle(origin.handle_type, origin.handle)
             except OSError:
                 continue
             try:

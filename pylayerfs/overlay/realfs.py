@@ -422,24 +422,20 @@ def file_handle(dirfd: int, name: str | None) -> tuple[int, bytes] | None:
     return handle.handle_type, bytes(handle.f_handle[: handle.handle_bytes])
 
 
-def open_by_handle(dirfd: int, handle_type: int, handle: bytes) -> int:
-    """An O_PATH fd of the object whose file handle is ``(handle_type, handle)`` on the filesystem of ``dirfd``.
+def open_by_handle(mount_fd: int, handle_type: int, handle: bytes) -> int:
+    """An O_PATH fd of the object whose file handle is ``(handle_type, handle)`` on the filesystem of ``mount_fd``.
 
-    open_by_handle_at(2) (needs CAP_DAC_READ_SEARCH) with the directory ``dirfd`` (an O_PATH fd will do) reopened
-    for reading, as the call refuses O_PATH fds. Raises ESTALE when the object is gone, EINVAL for a malformed
-    handle, EPERM without the capability.
+    open_by_handle_at(2) (needs CAP_DAC_READ_SEARCH); ``mount_fd`` is any fd of that filesystem but an O_PATH one
+    (refused with EBADF). Raises ESTALE when the object is gone, EINVAL for a malformed handle, EPERM without the
+    capability.
     """
     if len(handle) > MAX_HANDLE_SZ:
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), "file handle too long")
     fh = _FileHandle(handle_bytes=len(handle), handle_type=handle_type)
     ctypes.memmove(fh.f_handle, handle, len(handle))
-    mount_fd = os.open(fd_path(dirfd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
-        if fd < 0:
-            _raise_errno("open_by_handle_at", fd_path(dirfd))
-    finally:
-        os.close(mount_fd)
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
+    if fd < 0:
+        _raise_errno("open_by_handle_at", fd_path(mount_fd))
     return int(fd)
 
 
