@@ -8,7 +8,7 @@ everything) and stable across copy-up and remount:
   ``fsid`` (in layer order, upper first) stored in the top 8 bits, like the
   kernel's ``xino``.
 * A copied-up object keeps reporting the inode number it had below (recorded in
-  the ``pylayerfs.origin`` xattr); a merged directory reports its top-most
+  its ``origin`` xattr, the lower object's file handle); a merged directory reports its top-most
   lower directory's number until it is copied up, then keeps it.
 * A merged directory reports ``st_nlink == 1``, as the kernel does.
 """
