@@ -195,7 +195,7 @@ class LayerStore:
         diff = self.diff_dir(cache_id)
         made = isinstance(kept, str)  # a split made here, removed when not taken
         if isinstance(kept, str):
-            kept = tarsplit.split_file(kept, os.path.join(self.layout.tmp, f"split-{random_id()}"), diff)
+            kept = tarsplit.split_file(kept, self._split_path(), diff)
         elif kept is None and any(rel.rpartition("/")[2].startswith(".wh.") for rel, _ in archive.walk(diff)):
             kept, made = self._apply_own_tar(cache_id, parent), True
         try:
@@ -232,7 +232,11 @@ class LayerStore:
         """A :class:`~pylayerfs.image.store.tarsplit.Splitter` for the tar extracted into ``cache_id``'s diff, writing
         in the store's ``tmp/`` (its ``discard()`` removes what :meth:`register` did not take).
         """
-        return tarsplit.Splitter(os.path.join(self.layout.tmp, f"split-{random_id()}"), self.diff_dir(cache_id))
+        return tarsplit.Splitter(self._split_path(), self.diff_dir(cache_id))
+
+    def _split_path(self) -> str:
+        """A fresh path in the store's ``tmp/`` for a split being made (collected there if its writer dies)."""
+        return os.path.join(self.layout.tmp, f"split-{random_id()}")
 
     @staticmethod
     def _check_kept(kept: tarsplit.Kept, diff: str) -> None:
@@ -267,7 +271,7 @@ class LayerStore:
         diff = self.diff_dir(cache_id)
         tar = os.path.join(self.layout.tmp, f"layer-{random_id()}.tar")
         applied = self.layout.layer(cache_id, "applied")
-        splitter = tarsplit.Splitter(os.path.join(self.layout.tmp, f"split-{random_id()}"), applied)
+        splitter = tarsplit.Splitter(self._split_path(), applied)
         try:
             with open(tar, "wb") as out:
                 archive.write_layer(diff, out, self.lower_dirs(parent))
@@ -357,10 +361,10 @@ class LayerStore:
         ``busy`` lock first (:meth:`Store.collect_garbage <pylayerfs.image.store.store.Store.collect_garbage>` does).
         """
         removed = []
-        for layer in sorted(self.all(), key=lambda layer: -len(self.stack(layer.chain_id))):  # top layers first
-            if self.is_incomplete(layer.chain_id):
-                self.remove(layer)
-                removed.append(layer.chain_id)
+        incomplete = [layer for layer in self.all() if self.is_incomplete(layer.chain_id)]
+        for layer in sorted(incomplete, key=lambda layer: -len(self.stack(layer.chain_id))):  # top layers first
+            self.remove(layer)
+            removed.append(layer.chain_id)
         registered = {layer.cache_id for layer in self.all()} | in_use | self.container_dirs()
         vfs = os.listdir(self.layout.vfs) if os.path.isdir(self.layout.vfs) else []
         for name in sorted(set(os.listdir(self.layout.overlay2)) | set(vfs)):

@@ -26,6 +26,11 @@ _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
+def is_digest(text: str) -> bool:
+    """Is ``text`` a digest as the store and the image spec write one, ``sha256:`` and 64 lowercase hex digits?"""
+    return _DIGEST.match(text) is not None
+
+
 @dataclass(frozen=True)
 class Reference:
     """A parsed reference: ``domain`` (None for Docker Hub's familiar names), ``path``, ``tag``, ``digest``.
@@ -65,7 +70,7 @@ def parse(text: str) -> Reference:
     :class:`StoreError` with Docker's ``invalid reference format`` for a reference Docker would refuse.
     """
     rest, _, digest = text.partition("@")
-    if digest and not _DIGEST.match(digest):
+    if digest and not is_digest(digest):
         raise StoreError(f"invalid reference format: '{text}' (a digest is sha256: and 64 lowercase hex digits)")
     name, tag = rest, None
     slash, colon = rest.rfind("/"), rest.rfind(":")

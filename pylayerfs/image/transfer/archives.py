@@ -31,6 +31,7 @@ stay, as with ``docker load``).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import io
@@ -39,7 +40,6 @@ import lzma
 import os
 import platform
 import posixpath
-import re
 import shutil
 import stat
 import tarfile
@@ -53,7 +53,7 @@ from pylayerfs.image import archive
 from pylayerfs.image.store import Store, StoreError
 from pylayerfs.image.store.images import Image
 from pylayerfs.image.store.layers import Layer, chain_id, random_id
-from pylayerfs.image.store.references import parse
+from pylayerfs.image.store.references import is_digest, parse
 from pylayerfs.image.transfer import media
 from pylayerfs.image.transfer.ingest import Blob, TransferError, diff_ids_of, store_image
 
@@ -66,7 +66,6 @@ IMAGE_NAME_ANNOTATION = "io.containerd.image.name"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 EPOCH_CREATED = "1970-01-01T00:00:00Z"  # Go's time.Unix(0, 0) in UTC, the v1 json of every layer but the top
 MAX_JSON = 64 << 20  # bytes: a manifest, index or config larger than this is refused, not read into memory
-_HEX = re.compile(r"^[0-9a-f]{64}$")
 # The Go zero value of moby's container.Config, as json.Marshal writes it in a v1 json's container_config.
 EMPTY_CONTAINER_CONFIG: dict[str, Any] = {
     "Hostname": "", "Domainname": "", "User": "", "AttachStdin": False, "AttachStdout": False,
@@ -91,10 +90,9 @@ def _sorted(mapping: dict[str, Any]) -> dict[str, Any]:
 
 def blob_path(digest: str) -> str:
     """``blobs/sha256/<hex>`` of ``sha256:<hex>``; :class:`TransferError` for any other digest."""
-    algorithm, _, hexdigits = digest.partition(":")
-    if algorithm != "sha256" or not _HEX.match(hexdigits):
+    if not is_digest(digest):
         raise TransferError(f"'{digest}' is not a sha256 digest")
-    return f"blobs/sha256/{hexdigits}"
+    return "blobs/sha256/" + digest.removeprefix("sha256:")
 
 
 def _sha256(data: bytes) -> str:
@@ -223,10 +221,10 @@ class _HashingWriter(io.RawIOBase):
 
 
 def _created(image: Image) -> int:
-    """The image's creation time in whole seconds (0 without one): the mtime of its blobs in the archive."""
+    """The image's creation time in whole seconds (0 without one, or before 1970): its blobs' mtime in the archive."""
     try:
-        return int(image.created.timestamp())
-    except (KeyError, ValueError):
+        return max(0, int(image.created.timestamp()))
+    except ValueError:
         return 0
 
 
@@ -334,20 +332,21 @@ def _check_layer(layer: Layer, hashing: _HashingWriter, size: int) -> None:
 # -- load -------------------------------------------------------------------------------------------------------
 
 
-class _Source:
-    """The files of an archive by their path inside it (``manifest.json``, ``blobs/sha256/<hex>``...)."""
+class _Source(abc.ABC):
+    """The files of an archive by their path inside it (``manifest.json``, ``blobs/sha256/<hex>``...): a tar
+    (:class:`_TarSource`) or a directory (:class:`_DirSource`)."""
 
+    @abc.abstractmethod
     def open(self, path: str) -> contextlib.AbstractContextManager[BinaryIO]:
         """A reader of the regular file at ``path``; :class:`TransferError` when there is none."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def has(self, path: str) -> bool:
         """Whether a regular file is at ``path`` (symlinks inside the archive followed)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def size(self, path: str) -> int:
         """The size in bytes of the regular file at ``path``."""
-        raise NotImplementedError
 
     def read(self, path: str, what: str) -> bytes:
         """The bytes of the (JSON) file at ``path``; :class:`TransferError` naming ``what`` names it when it is
@@ -543,7 +542,8 @@ def plan_docker_archive(source: _Source) -> list[Planned]:
             if not source.has(path):
                 raise TransferError(f"{MANIFEST_JSON} names {path}, which the archive does not hold")
             name = _clean(path)
-            digest = "sha256:" + name.rpartition("/")[2] if re.match(r"^blobs/sha256/[0-9a-f]{64}$", name) else None
+            named = "sha256:" + name.removeprefix("blobs/sha256/")  # a blob's name is its digest
+            digest = named if name.startswith("blobs/sha256/") and is_digest(named) else None
             blobs.append(_layer_blob(source, path, digest))
         planned.append(Planned(config, blobs, [str(_tag(t)) for t in tags]))
     return planned
@@ -669,8 +669,7 @@ def open_source(store: Store, path: str | None, stdin: BinaryIO) -> Iterator[_So
     name = path or "stdin"
     with open(path, "rb") if path is not None else contextlib.nullcontext(stdin) as raw:
         head = raw.peek(6)[:6] if isinstance(raw, io.BufferedReader) else b""
-        compressed = head.startswith((b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"BZh", b"\xfd7zXZ\x00"))
-        if stat.S_ISREG(os.fstat(raw.fileno()).st_mode) and not compressed:
+        if stat.S_ISREG(os.fstat(raw.fileno()).st_mode) and archive.compression(head) is None:
             yield _TarSource(raw, name)
             return
         spool = os.path.join(store.layout.tmp, f"load-{random_id()}.tar")

@@ -26,7 +26,7 @@ from pylayerfs.image.store import Store, StoreError
 from pylayerfs.image.store.images import Image, parse_time
 from pylayerfs.image.store.layers import chain_id
 from pylayerfs.image.store.layout import COMMITTED_FILE
-from pylayerfs.image.store.references import parse, parse_reference
+from pylayerfs.image.store.references import is_digest, parse, parse_reference
 
 Progress = Callable[[str, str], None]  # (DiffID, "exists" | "stored")
 
@@ -91,7 +91,7 @@ def diff_ids_of(config: bytes) -> list[str]:
         _check_fields(data, _IMAGE_FIELDS, "")
         rootfs = data["rootfs"]
         diff_ids = rootfs["diff_ids"] or []
-        if rootfs["type"] != "layers" or not all(isinstance(d, str) and _is_digest(d) for d in diff_ids):
+        if rootfs["type"] != "layers" or not all(isinstance(d, str) and is_digest(d) for d in diff_ids):
             raise ValueError("rootfs is not a list of sha256 layers")
     except (ValueError, KeyError, TypeError) as exc:
         raise TransferError(f"the image config is not valid: {exc}") from exc
@@ -145,11 +145,6 @@ def _check_fields(data: dict[str, Any], fields: dict[str, Any], where: str) -> N
                 raise ValueError(f"{name} is not an RFC 3339 time: {value[:40]!r}") from exc
         elif not isinstance(value, kind):
             raise ValueError(f"{name} is not a {kind.__name__}")
-
-
-def _is_digest(text: str) -> bool:
-    hexdigits = text.removeprefix("sha256:")
-    return text.startswith("sha256:") and len(hexdigits) == 64 and all(c in "0123456789abcdef" for c in hexdigits)
 
 
 def store_image(store: Store, config: bytes, layers: Sequence[Blob], tags: Sequence[str] = (),

@@ -42,7 +42,7 @@ from pylayerfs.image.store import Store, StoreError
 from pylayerfs.image.store.images import Image
 from pylayerfs.image.store.layers import Layer, chain_id
 from pylayerfs.image.store.layout import hex_of, write_value
-from pylayerfs.image.store.references import Reference, parse
+from pylayerfs.image.store.references import Reference, is_digest, parse
 from pylayerfs.image.transfer import media
 from pylayerfs.image.transfer.ingest import Blob, TransferError, diff_ids_of, store_image
 
@@ -499,11 +499,7 @@ def _json(body: bytes, what: str) -> dict[str, Any]:
 
 def _descriptor(data: Any, what: str) -> dict[str, Any]:
     """A descriptor with a ``sha256:<hex>`` digest and an integer size; raises :class:`RegistryError`."""
-    if (
-        not isinstance(data, dict)
-        or not re.fullmatch(r"sha256:[0-9a-f]{64}", str(data.get("digest")))
-        or not (isinstance(data.get("size"), int))
-    ):
+    if not isinstance(data, dict) or not is_digest(str(data.get("digest"))) or not (isinstance(data.get("size"), int)):
         raise RegistryError(f"{what}: a descriptor without a sha256 digest and a size")
     return data
 
