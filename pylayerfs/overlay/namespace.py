@@ -428,7 +428,9 @@ def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
     for path in (old, new):
         if src.is_dir or (dst is not None and dst.is_dir):
             ov.lookup.moved(path)
-        ov.files.forget(path)
+    if not exchange:
+        ov.files.forget(new)  # the object it named is gone
+    ov.files.moved(old, new, exchange)
 
 
 def _can_move(ov: OverlayState, node: Node) -> bool:
