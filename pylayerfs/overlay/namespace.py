@@ -31,7 +31,7 @@ import stat
 from collections.abc import Callable, Iterator
 
 from pylayerfs.overlay import realfs
-from pylayerfs.overlay.copy_up import copy_up, upper_parent
+from pylayerfs.overlay.copy_up import copy_up, mark_impure, upper_parent
 from pylayerfs.overlay.file import OpenFile
 from pylayerfs.overlay.layers import split
 from pylayerfs.overlay.lookup import Node
@@ -283,6 +283,8 @@ def link(ov: OverlayState, old: str, new: str) -> None:
         realfs.link(src_parent.upper_fd, old_name, fd, name)
 
     _create_object(ov, new, make, owner=None)
+    if src.origin is not None:  # the new name's directory holds an object with an origin (the kernel's ovl_link)
+        mark_impure(ov, ov.lookup.lookup(split(new)[0]))
 
 
 # -- removing ----------------------------------------------------------------------------
@@ -451,9 +453,8 @@ def _mark_moved(ov: OverlayState, node: Node, samedir: bool, to: Node, source: N
             ov.markers.set_opaque(source.upper_fd, split(node.path)[1])
         except OSError:
             raise _error(errno.EXDEV, node.path) from None
-    if not samedir and not to.impure and (node.origin is not None or node.lower.hits):
-        ov.markers.set_impure(to.upper_fd)
-        to.impure = True
+    if not samedir and (node.origin is not None or node.lower.hits):
+        mark_impure(ov, to)
 
 
 def _set_redirect(ov: OverlayState, node: Node, samedir: bool, parent: Node) -> None:
