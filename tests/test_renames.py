@@ -12,6 +12,7 @@ import pytest
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.markers import REDIRECT_MAX
 from pylayerfs.overlay.state import Caller
+from tests.test_metacopy import read_all
 from tests.trees import WHITEOUT, build
 
 pytestmark = pytest.mark.root  # trusted.* xattrs, whiteouts
@@ -32,14 +33,6 @@ def _overlay(layers: tuple[str, str, str], redirect_dir: str | None = "on") -> O
     return Overlay([lower], upper, work, redirect_dir=redirect_dir)
 
 
-def _read(ov: Overlay, path: str) -> bytes:
-    fh = ov.open(path, os.O_RDONLY)
-    try:
-        return ov.read(fh, 1 << 20, 0)
-    finally:
-        ov.release(fh)
-
-
 def _names(ov: Overlay, path: str) -> list[str]:
     return sorted(name for name, _, _ in ov.readdir(path) if name not in (".", ".."))
 
@@ -53,7 +46,7 @@ def test_a_handle_opened_before_its_directory_moved_reads_what_is_written_after(
     fh = ov.open("c/moved/b/f", os.O_WRONLY | os.O_APPEND)
     ov.write(fh, b"+more", 4)
     ov.release(fh)
-    assert ov.read(before, 100, 0) == b"deep+more" == _read(ov, "c/moved/b/f")
+    assert ov.read(before, 100, 0) == b"deep+more" == read_all(ov, "c/moved/b/f")
     ov.release(before)
     ov.close()
 
@@ -65,7 +58,7 @@ def test_a_move_is_one_copy_up_and_the_tree_stays_below(layers):
     ov.rename("a", "c/moved")
     assert sorted(os.listdir(upper)) == ["a", "c"] and os.listdir(f"{upper}/c/moved") == []
     assert os.getxattr(f"{upper}/c/moved", REDIRECT) == b"/a" and ov.getattr("c/moved")["st_ino"] == ino
-    assert _names(ov, "c/moved") == ["b", "g"] and _read(ov, "c/moved/b/f") == b"deep"
+    assert _names(ov, "c/moved") == ["b", "g"] and read_all(ov, "c/moved/b/f") == b"deep"
     ov.rename("c/moved", "c/again")  # same parent: an absolute redirect is kept
     assert os.getxattr(f"{upper}/c/again", REDIRECT) == b"/a"
     ov.rename("c/again", "a")  # back over the whiteout at its old name
@@ -109,7 +102,7 @@ def test_a_redirect_too_long_for_the_kernel_is_exdev_and_mv_copies(tmp_path):
         ov.rename(f"{deep}/x", "moved")
     assert exc.value.errno == errno.EXDEV and len(f"/{deep}/x") > REDIRECT_MAX
     ov.rename(f"{deep}/x", f"{deep}/y")  # within its directory: the bare name, no limit reached
-    assert _read(ov, f"{deep}/y/f") == b"f"
+    assert read_all(ov, f"{deep}/y/f") == b"f"
     ov.close()
 
 
@@ -174,7 +167,7 @@ def test_redirects_in_a_lower_layer_are_followed_for_the_layers_below_it(tmp_pat
     base = build(str(tmp_path / "base"), {"a/b/f": "deep", "a/g": "g", "o/hidden": "h"})
     ov = Overlay([former, base])
     assert _names(ov, "") == ["n", "o"]
-    assert _names(ov, "n") == ["b", "g"] and _read(ov, "n/b/f") == b"deep"
+    assert _names(ov, "n") == ["b", "g"] and read_all(ov, "n/b/f") == b"deep"
     assert _names(ov, "o") == ["m"] and _names(ov, "o/m") == ["f"]
     ov.close()
     with pytest.raises(OSError) as exc:

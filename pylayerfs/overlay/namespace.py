@@ -417,12 +417,9 @@ def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
     old_parent = ov.lookup.lookup(split(old)[0])  # refreshed: copying up one parent may move the other's node
     src = ov.lookup.lookup(old)
     samedir = split(old)[0] == split(new)[0]
-    if exchange:
-        assert dst is not None
-        dst = ov.lookup.lookup(new)
     _mark_moved(ov, src, samedir, new_parent, old_parent)
     if exchange:
-        assert dst is not None
+        dst = ov.lookup.lookup(new)
         _mark_moved(ov, dst, samedir, old_parent, new_parent)
         realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name, realfs.RENAME_EXCHANGE)
     else:
@@ -458,30 +455,28 @@ def _mark_moved(ov: OverlayState, node: Node, samedir: bool, to: Node, source: N
 
 
 def _set_redirect(ov: OverlayState, node: Node, samedir: bool, parent: Node) -> None:
-    """Record in the copied-up ``node`` (in the directory ``parent``) where its lower part is, before it is renamed (the
-    kernel's
-    ``ovl_set_redirect`` and ``ovl_get_redirect``): its current name for a rename within its directory, else its
-    absolute path, made of its ancestors' names, each replaced by its own redirect where it has one, up to the root or
-    to an absolute redirect. An absolute redirect is kept, and so is a relative one within the same directory. Raises
-    EXDEV for an absolute path over :data:`REDIRECT_MAX` bytes, or one the upper filesystem cannot store (``mv`` then
-    copies, as under the kernel).
+    """Record in the copied-up ``node`` (in the directory ``parent``) where its lower part is, before it is renamed
+    (the kernel's ``ovl_set_redirect`` and ``ovl_get_redirect``): its current name for a rename within its directory,
+    else its absolute path, made of its ancestors' names, each replaced by its own redirect where it has one, up to
+    the root or to an absolute redirect. An absolute redirect is kept, and so is a relative one within the same
+    directory. Raises EXDEV for an absolute path over :data:`REDIRECT_MAX` bytes, or one the upper filesystem cannot
+    store (``mv`` then copies, as under the kernel).
     """
     if node.redirect is not None and (samedir or node.redirect.startswith("/")):
         return
-    path, name = split(node.path)
-    if samedir:
-        redirect = name
-    else:
-        parts = [node.redirect or name]
-        while path and not parts[0].startswith("/"):
-            ancestor = ov.lookup.lookup(path)
-            path, name = split(path)
-            parts.insert(0, ancestor.redirect or name)
-        redirect = "/".join(parts) if parts[0].startswith("/") else "/" + "/".join(parts)
+    above, name = split(node.path)
+    parts = [name if samedir else node.redirect or name]
+    while not samedir and above and not parts[0].startswith("/"):
+        ancestor = ov.lookup.lookup(above)
+        above, ancestor_name = split(above)
+        parts.insert(0, ancestor.redirect or ancestor_name)
+    redirect = "/".join(parts)
+    if not samedir:
+        redirect = redirect if redirect.startswith("/") else "/" + redirect
         if len(os.fsencode(redirect)) > REDIRECT_MAX:
             raise _error(errno.EXDEV, node.path)
     try:
-        ov.markers.set_redirect(parent.upper_fd, split(node.path)[1], redirect)
+        ov.markers.set_redirect(parent.upper_fd, name, redirect)
     except OSError:
         raise _error(errno.EXDEV, node.path) from None
 
