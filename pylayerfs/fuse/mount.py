@@ -232,7 +232,7 @@ def build_overlay(config: MountConfig) -> tuple[Overlay, list[int]]:
         locks = [_lock(config.upperdir, "upperdir"), _lock(config.workdir, "workdir")]
     try:
         overlay = Overlay(config.lowerdirs, config.upperdir, config.workdir, userxattr=config.userxattr,
-                          metacopy=config.metacopy, uuid_off=config.uuid_off)  # fmt: skip
+                          metacopy=config.metacopy, uuid_off=config.uuid_off, index=config.index)  # fmt: skip
     except OSError as exc:
         for fd in locks:
             os.close(fd)

@@ -22,6 +22,7 @@ rename, the engine's caches). :func:`copy_up` makes the three in a row.
 Objects whose lower inode can be reported after copy-up (directories, and files
 with a single link, as the kernel decides) keep their inode number: the lower
 object's file handle is recorded in the kernel's ``origin`` xattr, in its format.
+With ``index=on`` a lower hard link goes to its index entry and is linked at its name (:mod:`.index`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def _start(ov: OverlayState, path: str, with_data: bool, meta_only: bool) -> tup
         return node, None
     parent_path, name = split(path)
     parent = copy_up(ov, parent_path)
+    if ov.index is not None and ov.index.link_up(node, parent.upper_fd, name):  # index=on: another name was copied up
+        return ov.lookup.lookup(path), None
     metacopy = meta_only and ov.metacopy and stat.S_ISREG(node.mode)
     return node, CopyUp(ov, parent, node, name, with_data and not metacopy, metacopy)
 
@@ -91,6 +94,9 @@ class CopyUp:
         layer = node.lower.hits[0][0]
         self._layer, self._replacing = layer, node.upper is not None
         self._st = st = node.st
+        # index=on: a lower hard link is copied to its index entry, then linked at its name (index.py)
+        self._index = ov.index if ov.index is not None and not metacopy else None
+        self._index_entry = self._index.name_for(node) if self._index is not None else None
         data_layer = node.data[0] if node.data is not None else layer
         self._work = ov.writable(node.path)[1]
         self._tmp = self._work.temp_name()
@@ -167,9 +173,13 @@ class CopyUp:
                 ov.markers.set_metacopy(work.fd, tmp)
             realfs.utime(work.fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
             parent_st = os.stat(parent.upper_fd)
-            realfs.renameat2(
-                work.fd, tmp, parent.upper_fd, self._name, 0 if self._replacing else realfs.RENAME_NOREPLACE
-            )
+            if self._index is not None and self._index_entry is not None:
+                realfs.renameat2(work.fd, tmp, self._index.fd, self._index_entry, realfs.RENAME_NOREPLACE)
+                self._index.copied_up(self._index_entry, st.st_nlink, parent.upper_fd, self._name)
+            else:
+                realfs.renameat2(
+                    work.fd, tmp, parent.upper_fd, self._name, 0 if self._replacing else realfs.RENAME_NOREPLACE
+                )
         except BaseException:
             self.abort()
             raise
@@ -189,12 +199,14 @@ class CopyUp:
         """The ``origin`` the copy gets (None: none): the lower object's, as the kernel's ``ovl_copy_up_one`` decides.
 
         A directory or a file with a single link gets its lower object's handle (a hard-linked one none: its names
-        may be copied up apart, ``index=off``); a metacopy file getting its data keeps the one it has. Raises the
-        getxattr and name_to_handle_at errors (ENOENT...).
+        may be copied up apart, ``index=off``; with ``index=on`` it gets it too); a metacopy file getting its data
+        keeps the one it has. Raises the getxattr and name_to_handle_at errors (ENOENT...).
         """
         markers, st = self._ov.markers, self._st
         if self._replacing:
             return get_xattr(self._parent.upper_fd, self._name, markers.origin)
+        if self._index_entry is not None:
+            return bytes.fromhex(self._index_entry)  # the index entry's name is its origin
         if not (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
             return None
         with self._layer.parent(self._node.path) as (dirfd, name):

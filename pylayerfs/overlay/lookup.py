@@ -46,9 +46,13 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pylayerfs.overlay.layers import Entry, Layer, LowerLayer, entry_of, join, split
 from pylayerfs.overlay.markers import Markers, OriginHandle, is_whiteout
+
+if TYPE_CHECKING:
+    from pylayerfs.overlay.index import Index
 
 LowerHit = tuple[LowerLayer, Entry]
 MAX_CACHED_DIRS = 4096  # the most directory fds the cache keeps, when the fd limit allows it
@@ -128,6 +132,7 @@ class Node:
     metacopy: bool = False  # the upper file holds metadata only: the data is the lower file's (lower.hits[0])
     fd_owner: DirFd | None = field(default=None, repr=False, compare=False)  # closes upper_fd with the node
     lower_st: os.stat_result | None = field(default=None, repr=False, compare=False)  # read by ``st``, once
+    nlink: int | None = None  # the merged link count of an indexed hard link (index.py), else the real object's
 
     @property
     def st(self) -> os.stat_result:
@@ -193,6 +198,7 @@ class Lookup:
         self.markers = markers
         self.metacopy = metacopy
         self._lower_stacks: dict[str, LowerStack] = {}
+        self.index: Index | None = None  # index=on: hard links to a lower file stay one inode (index.py)
         self._dirs: OrderedDict[str, Node] = OrderedDict()  # least recently used first
         self.max_dirs = max_cached_dirs()
 
@@ -325,13 +331,16 @@ class Lookup:
             node = Node(path, None, lower)
             if lower.metacopy:
                 self._check_metacopy(node)
+            if self.index is not None:
+                node = self.index.alias(node)
         elif not stat.S_ISDIR(upper_st.st_mode):
             origin = self._origin_ino(parent.upper_fd, name)
             if self._is_metacopy(parent, name, upper_st, lower):
                 node = Node(path, upper_st, lower, origin=origin, metacopy=True)
                 self._check_metacopy(node)
                 return node
-            return Node(path, upper_st, NO_LOWER, origin=origin)
+            node = Node(path, upper_st, NO_LOWER, origin=origin)
+            return node if self.index is None else self.index.indexed(node, parent.upper_fd, name)
         else:
             owner = DirFd(self._open_dir(parent.upper_fd, name))
             fd = owner.fd

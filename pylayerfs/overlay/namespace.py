@@ -13,6 +13,8 @@ The upper-layer rules they follow:
   ``redirect_dir``): ``mv`` then copies. Anything else is copied up and renamed
   in the upper layer, with a whiteout left at the old name if a lower layer
   holds it; a directory moved into a merged directory is marked opaque.
+* With ``index=on``, link, unlink and rename over an indexed hard link keep
+  its merged link count in its index entry (:mod:`.index`).
 """
 
 from __future__ import annotations
@@ -264,6 +266,7 @@ def link(ov: OverlayState, old: str, new: str) -> None:
     if src.is_dir:
         raise _error(errno.EPERM, old)
     copy_up(ov, old)
+    indexed = ov.index.nlink_start(ov, old) if ov.index is not None else None
     old_parent_path, old_name = split(old)
 
     def make(fd: int, name: str) -> None:
@@ -271,6 +274,8 @@ def link(ov: OverlayState, old: str, new: str) -> None:
         realfs.link(src_parent.upper_fd, old_name, fd, name)
 
     _create_object(ov, new, make, owner=None)
+    if ov.index is not None:
+        ov.index.nlink_end(indexed)
 
 
 # -- removing ----------------------------------------------------------------------------
@@ -299,10 +304,13 @@ def unlink(ov: OverlayState, path: str) -> None:
     if node.is_dir:
         raise _error(errno.EISDIR, path)
     parent, name = upper_parent(ov, path)
+    indexed = ov.index.nlink_start(ov, path) if ov.index is not None else None
     if ov.lookup.lower_positive(parent, name):
         _replace_with_whiteout(ov, parent, name, is_dir=False)
     else:
         realfs.unlink(parent.upper_fd, name)
+    if ov.index is not None:
+        ov.index.nlink_end(indexed)
     ov.files.forget(path)
 
 
@@ -394,6 +402,8 @@ def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
     copy_up(ov, old)
     if exchange:
         copy_up(ov, new)
+    replaced = not exchange and dst is not None and not dst.is_dir
+    indexed = ov.index.nlink_start(ov, new) if ov.index is not None and replaced else None
     old_parent, old_name = upper_parent(ov, old)
     new_parent, new_name = upper_parent(ov, new)
     old_parent = ov.lookup.lookup(split(old)[0])  # refreshed: copying up one parent may move the other's node
@@ -410,6 +420,8 @@ def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
         realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name, realfs.RENAME_EXCHANGE)
     else:
         _move(ov, old_parent, old_name, new_parent, new_name, src.is_dir)
+    if ov.index is not None:
+        ov.index.nlink_end(indexed)
     for path in (old, new):
         if src.is_dir or (dst is not None and dst.is_dir):
             ov.lookup.invalidate(path)

@@ -18,7 +18,6 @@ BINDINGS = ("native", "libfuse")  # the FUSE transports (-o binding=): pylayerfs
 # Options of the kernel's overlayfs that pylayerfs accepts at the value it implements.
 _KERNEL_DEFAULTS = {
     "redirect_dir": ("off", "nofollow"),
-    "index": ("off",),
     "nfs_export": ("off",),
     "xino": ("off", "auto"),
     "uuid": ("on", "off", "auto", "null"),
@@ -57,6 +56,7 @@ class MountConfig:
     debug: bool = False
     logfile: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
+    index: bool = False  # index=on: hard links to a lower file stay one inode after copy-up (overlay/index.py)
     metacopy: bool = False  # chmod, chown, utimes and xattrs copy a file's metadata only (the kernel's metacopy=on)
     uuid_off: bool = False  # uuid=off: origin file handles carry the null UUID instead of the lower fs's
     timeout: float = 86400.0  # how long the kernel may cache entries and attributes (fuse-overlayfs's timeout=)
@@ -138,7 +138,7 @@ def parse_options(options: list[str]) -> MountConfig:
             if value not in BINDINGS:
                 raise MountError(f"binding needs {' or '.join(BINDINGS)}, not '{value}'")
             config.binding = value
-        elif key in ("metacopy", "passthrough"):
+        elif key in ("metacopy", "passthrough", "index"):
             if value not in ("on", "off"):
                 raise MountError(f"{key} needs on or off, not '{value}'")
             setattr(config, key, value == "on")

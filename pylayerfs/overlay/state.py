@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pylayerfs.overlay.file import OpenFiles
+from pylayerfs.overlay.index import Index
 from pylayerfs.overlay.inode import InodeNumbers
 from pylayerfs.overlay.layers import Layer, LowerLayer, split
 from pylayerfs.overlay.lookup import Lookup, Node
@@ -96,7 +97,9 @@ class OverlayState:
     ``upperdir`` and ``workdir`` go together (ValueError otherwise); without them
     the stack is read-only. Opening the layers raises OSError (ENOENT, ENOTDIR,
     EACCES) as ``open(2)`` does; the workdir's ``work/`` is created and emptied. With ``uuid_off`` (the kernel's
-    ``uuid=off``), origin file handles name their filesystem by the null UUID.
+    ``uuid=off``), origin file handles name their filesystem by the null UUID. With ``index`` (``index=on``), the
+    workdir's ``index/`` is made and checked (:meth:`Index.open <pylayerfs.overlay.index.Index.open>`, which raises
+    MountError where the kernel refuses the mount).
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class OverlayState:
         userxattr: bool = False,
         metacopy: bool = False,
         uuid_off: bool = False,
+        index: bool = False,
     ) -> None:
         if (upperdir is None) != (workdir is None):
             raise ValueError("upperdir and workdir go together")
@@ -122,6 +126,15 @@ class OverlayState:
         self.files = OpenFiles()
         self.listings = Listings()
         self._closed = False
+        self.index: Index | None = None
+        if index:  # index=on: the workdir's index/ (index.py); raises MountError where the kernel refuses the mount
+            try:
+                self.index = self.lookup.index = Index.open(
+                    self.upper, workdir, self.lowers, self.markers, self.inodes.of_real, uuid_off
+                )
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         """Close every fd the stack holds: open files, cached directories, layers, workdir (idempotent)."""
@@ -135,6 +148,8 @@ class OverlayState:
                 layer.close()
         if self.workdir is not None:
             self.workdir.close()
+        if self.index is not None:
+            self.index.close()
 
     def writable(self, path: str) -> tuple[Layer, Workdir]:
         """The upper layer and workdir; raises EROFS (naming ``path``) on a read-only (lowers only) stack."""
