@@ -39,11 +39,10 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from pylayerfs.overlay import realfs
-from pylayerfs.overlay.layers import Layer, LowerLayer, entry_of
-from pylayerfs.overlay.lookup import LowerStack, Node
+from pylayerfs.overlay.layers import Layer, LowerLayer, entry_of, split
+from pylayerfs.overlay.lookup import Lookup, LowerStack, Node
 from pylayerfs.overlay.markers import (
     OVL_FH_FLAG_PATH_UPPER,
     Markers,
@@ -54,9 +53,6 @@ from pylayerfs.overlay.markers import (
     is_whiteout,
 )
 from pylayerfs.overlay.params import MountError
-
-if TYPE_CHECKING:
-    from pylayerfs.overlay.state import OverlayState
 
 INDEX_DIR = "index"
 log = logging.getLogger("pylayerfs")
@@ -301,26 +297,24 @@ class Index:
 
     # -- link, unlink, rename (namespace.py) ---------------------------------------------------------------------
 
-    def nlink_start(self, ov: OverlayState, path: str) -> str | None:
+    def nlink_start(self, path: str, lookup: Lookup, copy_up: Callable[[str], Node]) -> str | None:
         """Before a link, unlink or rename of (or over) the non-directory ``path``: the kernel's ``ovl_nlink_start``.
 
         A lower-only name of a lower hard link is copied up first (linked up where its index entry exists), and the
         merged link count of an indexed object is recorded relative to its upper inode (``"U%+i"``), so that it stays
         right whatever the operation changes in the upper layer. Returns the index entry's name for
-        :meth:`nlink_end` (None: not indexed). Raises what the lookup and copy-up of ``path`` raise.
+        :meth:`nlink_end` (None: not indexed). ``lookup`` is the mount's, ``copy_up(path)`` its copy-up. Raises what
+        the lookup and copy-up of ``path`` raise.
         """
-        from pylayerfs.overlay.copy_up import copy_up  # copy_up imports state, which imports this module
-
-        node = ov.lookup.lookup(path)
+        node = lookup.lookup(path)
         if node.is_dir:
             return None
         if node.upper is None and (node.lower.hits[0][0] is self.layer or self.name_for(node) is not None):
-            node = copy_up(ov, path)
+            node = copy_up(path)
         if node.upper is None:
             return None
-        with ov.real(node) as (dirfd, name):
-            assert name is not None
-            found = self._upper_entry(dirfd, name, node.upper)
+        parent_path, name = split(path)
+        found = self._upper_entry(lookup.lookup(parent_path).upper_fd, name, node.upper)
         if found is None:
             return None
         entry, st, merged = found

@@ -46,13 +46,9 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pylayerfs.overlay.layers import Entry, Layer, LowerLayer, entry_of, join, split
 from pylayerfs.overlay.markers import Markers, OriginHandle, is_whiteout
-
-if TYPE_CHECKING:
-    from pylayerfs.overlay.index import Index
 
 LowerHit = tuple[LowerLayer, Entry]
 MAX_CACHED_DIRS = 4096  # the most directory fds the cache keeps, when the fd limit allows it
@@ -198,7 +194,10 @@ class Lookup:
         self.markers = markers
         self.metacopy = metacopy
         self._lower_stacks: dict[str, LowerStack] = {}
-        self.index: Index | None = None  # index=on: hard links to a lower file stay one inode (index.py)
+        # index=on (index.py): a lower-only name of an indexed hard link is its index entry; an upper one gets its
+        # merged link count. None: index=off.
+        self.alias: Callable[[Node], Node] | None = None
+        self.indexed: Callable[[Node, int, str], Node] | None = None
         self._dirs: OrderedDict[str, Node] = OrderedDict()  # least recently used first
         self.max_dirs = max_cached_dirs()
 
@@ -331,8 +330,8 @@ class Lookup:
             node = Node(path, None, lower)
             if lower.metacopy:
                 self._check_metacopy(node)
-            if self.index is not None:
-                node = self.index.alias(node)
+            if self.alias is not None:
+                node = self.alias(node)
         elif not stat.S_ISDIR(upper_st.st_mode):
             origin = self._origin_ino(parent.upper_fd, name)
             if self._is_metacopy(parent, name, upper_st, lower):
@@ -340,7 +339,7 @@ class Lookup:
                 self._check_metacopy(node)
                 return node
             node = Node(path, upper_st, NO_LOWER, origin=origin)
-            return node if self.index is None else self.index.indexed(node, parent.upper_fd, name)
+            return node if self.indexed is None else self.indexed(node, parent.upper_fd, name)
         else:
             owner = DirFd(self._open_dir(parent.upper_fd, name))
             fd = owner.fd

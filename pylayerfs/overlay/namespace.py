@@ -47,6 +47,17 @@ def _upper_stat(parent: Node, name: str) -> os.stat_result | None:
         return None
 
 
+def _nlink_start(ov: OverlayState, path: str) -> str | None:
+    """With ``index=on``, before a link, unlink or rename over the object at ``path`` (``Index.nlink_start``)."""
+    return ov.index.nlink_start(path, ov.lookup, lambda p: copy_up(ov, p)) if ov.index is not None else None
+
+
+def _nlink_end(ov: OverlayState, entry: str | None) -> None:
+    """After it: its index ``entry`` goes where no name is left (``Index.nlink_end``)."""
+    if ov.index is not None:
+        ov.index.nlink_end(entry)
+
+
 # -- creating --------------------------------------------------------------------------
 
 
@@ -266,7 +277,7 @@ def link(ov: OverlayState, old: str, new: str) -> None:
     if src.is_dir:
         raise _error(errno.EPERM, old)
     copy_up(ov, old)
-    indexed = ov.index.nlink_start(ov, old) if ov.index is not None else None
+    indexed = _nlink_start(ov, old)
     old_parent_path, old_name = split(old)
 
     def make(fd: int, name: str) -> None:
@@ -274,8 +285,7 @@ def link(ov: OverlayState, old: str, new: str) -> None:
         realfs.link(src_parent.upper_fd, old_name, fd, name)
 
     _create_object(ov, new, make, owner=None)
-    if ov.index is not None:
-        ov.index.nlink_end(indexed)
+    _nlink_end(ov, indexed)
 
 
 # -- removing ----------------------------------------------------------------------------
@@ -304,13 +314,12 @@ def unlink(ov: OverlayState, path: str) -> None:
     if node.is_dir:
         raise _error(errno.EISDIR, path)
     parent, name = upper_parent(ov, path)
-    indexed = ov.index.nlink_start(ov, path) if ov.index is not None else None
+    indexed = _nlink_start(ov, path)
     if ov.lookup.lower_positive(parent, name):
         _replace_with_whiteout(ov, parent, name, is_dir=False)
     else:
         realfs.unlink(parent.upper_fd, name)
-    if ov.index is not None:
-        ov.index.nlink_end(indexed)
+    _nlink_end(ov, indexed)
     ov.files.forget(path)
 
 
@@ -403,7 +412,7 @@ def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
     if exchange:
         copy_up(ov, new)
     replaced = not exchange and dst is not None and not dst.is_dir
-    indexed = ov.index.nlink_start(ov, new) if ov.index is not None and replaced else None
+    indexed = _nlink_start(ov, new) if replaced else None
     old_parent, old_name = upper_parent(ov, old)
     new_parent, new_name = upper_parent(ov, new)
     old_parent = ov.lookup.lookup(split(old)[0])  # refreshed: copying up one parent may move the other's node
@@ -420,8 +429,7 @@ def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
         realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name, realfs.RENAME_EXCHANGE)
     else:
         _move(ov, old_parent, old_name, new_parent, new_name, src.is_dir)
-    if ov.index is not None:
-        ov.index.nlink_end(indexed)
+    _nlink_end(ov, indexed)
     for path in (old, new):
         if src.is_dir or (dst is not None and dst.is_dir):
             ov.lookup.invalidate(path)

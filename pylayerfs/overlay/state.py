@@ -129,12 +129,12 @@ class OverlayState:
         self.index: Index | None = None
         if index:  # index=on: the workdir's index/ (index.py); raises MountError where the kernel refuses the mount
             try:
-                self.index = self.lookup.index = Index.open(
-                    self.upper, workdir, self.lowers, self.markers, self.inodes.of_real, uuid_off
-                )
+                self.index = Index.open(self.upper, workdir, self.lowers, self.markers, self.inodes.of_real, uuid_off)
             except BaseException:
                 self.close()
                 raise
+            if self.index is not None:
+                self.lookup.alias, self.lookup.indexed = self.index.alias, self.index.indexed
 
     def close(self) -> None:
         """Close every fd the stack holds: open files, cached directories, layers, workdir (idempotent)."""
