@@ -337,3 +337,32 @@ def test_index_on_falls_back_as_on_the_kernel(tmp_path, caplog):
         from pylayerfs.overlay.params import parse_options
 
         parse_options(["lowerdir=/,index=bogus"])
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_a_lower_without_file_handles_turns_the_index_off_as_on_the_kernel(tmp_path):
+    """A lower on another overlay (no file handles there): the mount goes on with index=off and the kernel's warning;
+    neither writes an index, an origin on the upper root, or keeps the names of a hard link together. A stack without
+    upper layer ignores index=on."""
+    lower = _lower(tmp_path)
+    no_handles = str(tmp_path / "ovl")
+    log = str(tmp_path / "log")
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    with kernel_mount(no_handles, [lower, empty]):  # the kernel mounts no single lower without upper
+        views = []
+        for name, mount, extra in (("kernel", kernel_mount, ""), ("pylayerfs", pylayerfs_mount, f",logfile={log}")):
+            upper, work, mnt = _layers(tmp_path, name)
+            with mount(mnt, [no_handles], upper, work, "index=on" + extra):
+                _on_mount(mnt, ("append", "a"))
+                # st_ino apart: over a lower on another filesystem pylayerfs maps inode numbers (see inode.py)
+                views.append({path: seen and seen[1:] for path, seen in _view(mnt).items()})
+            assert not os.path.exists(os.path.join(work, "index"))
+            assert PREFIX + "origin" not in os.listxattr(upper)
+        assert views[0] == views[1]
+        assert views[1]["d/b"][2] == "data\n"  # type: ignore[index]
+        with open(log) as f:
+            assert f"fs on '{no_handles}' does not support file handles, falling back to index=off" in f.read()
+    with pylayerfs_mount(str(tmp_path / "ro"), [lower], extra="index=on") as mnt:
+        assert _view(mnt)["a"] is not None
