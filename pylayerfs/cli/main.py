@@ -46,13 +46,15 @@ options (-o, comma-separated; \\: and \\, escape a colon or comma in a path):
   timeout=SECONDS          how long the kernel may cache entries and attributes
                            (default a day; 0 for none)
   metacopy=on|off          on: chmod and chown copy up metadata only
+  index=on|off             on: hard links to a lower file stay one inode after
+                           copy-up (the kernel's inode index, in workdir/index)
   binding=native|libfuse   the FUSE transport (default native, or
                            $PYLAYERFS_BINDING)
   passthrough=on|off       native: reads and writes of open files go to their
                            real files in the kernel (default on, as root on
                            Linux >= 6.9; -o debug logs whether it is in use)
-  redirect_dir, index,     accepted with the values pylayerfs implements
-  xino, nfs_export, uuid   (redirect_dir=off, index=off, ...)
+  redirect_dir, xino,      accepted with the values pylayerfs implements
+  nfs_export, uuid         (redirect_dir=off, nfs_export=off, ...)
 
 examples:
   pylayerfs mount -o lowerdir=L1:L2:L3,upperdir=U,workdir=W MOUNTPOINT
