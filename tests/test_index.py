@@ -162,6 +162,9 @@ SCENARIOS: dict[str, list[Step]] = {
     "unlink-all": [("unlink", "d/b"), ("append", "a"), ("unlink", "a"), ("unlink", "c")],
     # a new link, a rename over a name, a rename of a name
     "link-rename": [("link", "a", "n/new"), ("rename", "solo", "a"), ("rename", "d/b", "solo")],
+    # a name written, a new link, a lower-only name replaced by a rename (the kernel copies it up first), the new
+    # link removed
+    "rename-over": [("append", "a"), ("link", "a", "n/new"), ("rename", "solo", "c"), ("unlink", "n/new")],
 }
 # What the FUSE transport cannot do as the kernel: an open or a chmod names a node, not a path (FUSE_OPEN, SETATTR
 # carry a node ID), and every name of an indexed hard link is one node, so its copy-up links the name the node was
