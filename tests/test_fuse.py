@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
+import json
 import os
 import signal
 import stat
@@ -14,6 +16,8 @@ import time
 
 import pytest
 
+from pylayerfs.fuse.mount import records_dir
+from pylayerfs.overlay.params import mountinfo
 from tests.mounts import PYLAYERFS, force_unmount, options, pylayerfs_mount, run_pylayerfs
 from tests.trees import WHITEOUT, build, tree_hash, view
 
@@ -398,3 +402,34 @@ def test_a_foreground_mount_stopped_by_a_signal_unmounts_and_exits_0(stack, sig)
             force_unmount(mnt)
     assert daemon.returncode == 0, stderr
     assert "could not mount" not in stderr and not os.path.ismount(mnt)
+
+
+def test_umount_returns_once_the_daemon_has_let_go_of_the_layers(tmp_path):
+    """`umount; mount` of the same upper in a script: the daemon holds the upper and work directories (flock) until
+    it exits, so umount waits for it to be gone (a remount found them "in use" now and then under load)."""
+    lower, upper, work, mnt = (str(tmp_path / d) for d in ("l", "u", "w", "m"))
+    build(lower, {"f": "x"})
+    for d in (upper, work, mnt):
+        os.makedirs(d)
+    for _ in range(3):
+        run_pylayerfs("mount", "-o", options([lower], upper, work), mnt)
+        entry = next(e for e in mountinfo() if e.mountpoint == os.path.realpath(mnt))
+        with open(os.path.join(records_dir(), f"{entry.mount_id}.json"), encoding="utf-8") as f:
+            pid = json.load(f)["pid"]
+        run_pylayerfs("umount", mnt)
+        assert _gone(pid)
+        for layer in (upper, work):  # free: the next mount may take them at once
+            fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+
+
+def _gone(pid: int) -> bool:
+    """Has process ``pid`` exited (a zombie its new parent has not reaped yet counts: the daemon is not our child)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True

@@ -55,13 +55,15 @@ options (-o, comma-separated; \\: and \\, escape a colon or comma in a path):
   redirect_always_follow=on|off
                            off: redirect_dir=off means nofollow (the kernel
                            module parameter's counterpart; default on)
+  index=on|off             on: hard links to a lower file stay one inode after
+                           copy-up (the kernel's inode index, in workdir/index)
   binding=native|libfuse   the FUSE transport (default native, or
                            $PYLAYERFS_BINDING)
   passthrough=on|off       native: reads and writes of open files go to their
                            real files in the kernel (default on, as root on
                            Linux >= 6.9; -o debug logs whether it is in use)
-  index, xino,             accepted with the values pylayerfs implements
-  nfs_export, uuid         (index=off, xino=off|auto, nfs_export=off, uuid=...)
+  xino, nfs_export, uuid   accepted with the values pylayerfs implements
+                           (xino=off|auto, nfs_export=off, uuid=...)
 
 examples:
   pylayerfs mount -o lowerdir=L1:L2:L3,upperdir=U,workdir=W MOUNTPOINT

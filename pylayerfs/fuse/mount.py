@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 from pylayerfs.fuse.native.device import FSTYPE, FUSE_DEVICE
 from pylayerfs.overlay import realfs
@@ -159,11 +160,11 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def recorded_config(entry: MountEntry) -> MountConfig | None:
-    """The options the live daemon of the pylayerfs mount ``entry`` serves, from its record.
+def _record(entry: MountEntry) -> dict[str, Any] | None:
+    """The record of the live daemon of the pylayerfs mount ``entry`` (see :func:`write_record`).
 
-    None when there is no record, or it does not match ``entry`` (mount ID, device, mountpoint), or
-    its daemon is gone, or it is not owned by the mount's user: a stale or foreign record is ignored.
+    None when there is none, or it does not match ``entry`` (mount ID, device, mountpoint), or its daemon is gone,
+    or it is not owned by the mount's user: a stale or foreign record is ignored. Never raises.
     """
     owner = entry.option("user_id")
     uid = int(owner) if owner is not None and owner.isdigit() else os.geteuid()
@@ -175,8 +176,18 @@ def recorded_config(entry: MountEntry) -> MountConfig | None:
             record = json.load(f)
         if (record["mount_id"], record["dev"], record["mountpoint"]) != (entry.mount_id, entry.dev, entry.mountpoint):
             return None
-        if not _alive(int(record["pid"])):
-            return None
+        return record if isinstance(record, dict) and _alive(int(record["pid"])) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def recorded_config(entry: MountEntry) -> MountConfig | None:
+    """The options the live daemon of the pylayerfs mount ``entry`` serves, from its record (None as
+    :func:`_record`)."""
+    record = _record(entry)
+    if record is None:
+        return None
+    try:
         lowers, upper, work = record["lowerdirs"], record["upperdir"], record["workdir"]
         if not (isinstance(lowers, list) and lowers and all(isinstance(d, str) and os.path.isabs(d) for d in lowers)):
             return None
@@ -236,7 +247,7 @@ def build_overlay(config: MountConfig) -> tuple[Overlay, list[int]]:
     try:
         overlay = Overlay(config.lowerdirs, config.upperdir, config.workdir, userxattr=config.userxattr,
                           metacopy=config.metacopy, redirect_dir=config.redirect_mode,
-                          uuid_off=config.uuid_off)  # fmt: skip
+                          uuid_off=config.uuid_off, index=config.index)  # fmt: skip
     except OSError as exc:
         for fd in locks:
             os.close(fd)
@@ -451,10 +462,26 @@ def _reap(pid: int) -> None:
 
 
 def umount(mountpoint: str, *, lazy: bool = False) -> None:
-    """Unmount a pylayerfs mount; its daemon then exits."""
+    """Unmount a pylayerfs mount and wait for its daemon to exit (at most :data:`DAEMON_EXIT_WAIT` seconds), so that
+    its upper and work directories are free for the next mount when this returns (not with ``lazy``, where the
+    daemon serves until the last user leaves). Raises MountError for a path that is not a pylayerfs mountpoint, or
+    one that cannot be unmounted (EBUSY...).
+    """
     real = os.path.realpath(mountpoint)
     if not is_mountpoint(real):
         raise MountError(f"'{mountpoint}' is not a pylayerfs mountpoint")
+    entries = [e for e in mountinfo() if e.mountpoint == real and e.fstype == FSTYPE]
+    record = _record(entries[-1]) if entries and not lazy else None
+    _unmount(mountpoint, real, lazy)
+    deadline = time.monotonic() + DAEMON_EXIT_WAIT
+    while record is not None and _alive(int(record["pid"])) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+DAEMON_EXIT_WAIT = 10.0  # seconds umount waits for the daemon to close the layers and exit
+
+
+def _unmount(mountpoint: str, real: str, lazy: bool) -> None:
     if os.geteuid() == 0:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         if libc.umount2(os.fsencode(real), 2 if lazy else 0) != 0:  # 2: MNT_DETACH

@@ -23,6 +23,7 @@ object's file handle is recorded in the kernel's ``origin`` xattr, in its format
 The parent directory is marked ``impure`` (once), as the kernel marks it. The
 object copied up is the top-most lower one, at its path in its layer: not the
 merged path when a redirect led the lookup elsewhere.
+With ``index=on`` a lower hard link goes to its index entry and is linked at its name (:mod:`.index`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def _start(ov: OverlayState, path: str, with_data: bool, meta_only: bool) -> tup
         return node, None
     parent_path, name = split(path)
     parent = copy_up(ov, parent_path)
+    if ov.index is not None and ov.index.link_up(node, parent.upper_fd, name):  # index=on: another name was copied up
+        mark_impure(ov, parent)  # as the kernel's ovl_link_up
+        return ov.lookup.lookup(path), None
     metacopy = meta_only and ov.metacopy and stat.S_ISREG(node.mode)
     return node, CopyUp(ov, parent, node, name, with_data and not metacopy, metacopy)
 
@@ -94,6 +98,9 @@ class CopyUp:
         self._replacing = node.upper is not None
         self._st = st = node.st
         data = node.data or top
+        # index=on: a lower hard link is copied to its index entry, then linked at its name (index.py)
+        self._index = ov.index if ov.index is not None and not metacopy else None
+        self._index_entry = self._index.name_for(node) if self._index is not None else None
         self._work = ov.writable(node.path)[1]
         self._tmp = self._work.temp_name()
         self._src: int | None = None
@@ -178,7 +185,11 @@ class CopyUp:
             mark_impure(ov, parent)  # the parent now holds a copied-up object
             realfs.utime(work.fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
             parent_st = os.stat(parent.upper_fd)
-            realfs.renameat2(work.fd, tmp, parent.upper_fd, self._name, realfs.RENAME_NOREPLACE)
+            if self._index is not None and self._index_entry is not None:
+                realfs.renameat2(work.fd, tmp, self._index.fd, self._index_entry, realfs.RENAME_NOREPLACE)
+                self._index.copied_up(self._index_entry, st.st_nlink, parent.upper_fd, self._name)
+            else:
+                realfs.renameat2(work.fd, tmp, parent.upper_fd, self._name, realfs.RENAME_NOREPLACE)
         except BaseException:
             self.abort()
             raise
@@ -197,10 +208,12 @@ class CopyUp:
         """The ``origin`` the copy gets (None: none): the lower object's, as the kernel's ``ovl_copy_up_one`` decides.
 
         A directory or a file with a single link gets its lower object's handle (a hard-linked one none: its names
-        may be copied up apart, ``index=off``). Raises the
-        getxattr and name_to_handle_at errors (ENOENT...).
+        may be copied up apart, ``index=off``; with ``index=on`` it gets it too). Raises the getxattr and
+        name_to_handle_at errors (ENOENT...).
         """
         markers, st = self._ov.markers, self._st
+        if self._index_entry is not None:
+            return bytes.fromhex(self._index_entry)  # the index entry's name is its origin
         if not (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
             return None
         with self._top.layer.parent(self._top.path) as (dirfd, name):

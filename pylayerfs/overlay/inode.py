@@ -59,10 +59,11 @@ def attributes(node: Node, ino: int) -> dict[str, Any]:
     """The merged object's ``struct stat`` as a dict of ``st_*`` fields, ``ino`` as its ``st_ino``.
 
     ``st_atime``, ``st_mtime`` and ``st_ctime`` are in nanoseconds; a merged directory has ``st_nlink == 1``; a metacopy
-    file reports the blocks of the lower file holding its data, as the kernel does.
+    file reports the blocks of the lower file holding its data, as the kernel does; an indexed hard link its merged link
+    count (``node.nlink``: index.py).
     """
     st = node.st
-    nlink = 1 if node.is_merged and stat.S_ISDIR(st.st_mode) else st.st_nlink
+    nlink = 1 if node.is_merged and stat.S_ISDIR(st.st_mode) else st.st_nlink if node.nlink is None else node.nlink
     attrs = stat_dict(st, ino, nlink)
     if node.data is not None:  # the blocks holding the data are the lower file's, as the kernel reports
         attrs["st_blocks"] = node.data.layer.lstat_found(node.data.path).st_blocks

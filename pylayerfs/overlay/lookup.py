@@ -154,6 +154,7 @@ class Node:
     impure: bool = False  # the upper directory is marked impure (copy-up marks it once)
     fd_owner: DirFd | None = field(default=None, repr=False, compare=False)  # closes upper_fd with the node
     lower_st: os.stat_result | None = field(default=None, repr=False, compare=False)  # read by ``st``, once
+    nlink: int | None = None  # the merged link count of an indexed hard link (index.py), else the real object's
 
     @property
     def st(self) -> os.stat_result:
@@ -226,6 +227,10 @@ class Lookup:
         self._roots = [(layer, "") for layer in lowers]  # where an absolute redirect is looked up
         self._root_stack: LowerStack | None = None
         self._lower_stacks: dict[str, LowerStack] = {}
+        # index=on (index.py): a lower-only name of an indexed hard link is its index entry; an upper one gets its
+        # merged link count. None: index=off.
+        self.alias: Callable[[Node], Node] | None = None
+        self.indexed: Callable[[Node, int, str], Node] | None = None
         self._dirs: OrderedDict[str, Node] = OrderedDict()  # least recently used first
         self.max_dirs = max_cached_dirs()
 
@@ -431,6 +436,8 @@ class Lookup:
             node = Node(path, None, lower)
             if lower.metacopy:
                 self._check_metacopy(node)
+            if self.alias is not None:
+                node = self.alias(node)
             if node.is_dir:
                 self._remember(node)
             return node
@@ -439,7 +446,8 @@ class Lookup:
             present = markers.present(parent.upper_fd, name)
             origin = self._origin_ino(parent.upper_fd, name, present)
             if not (stat.S_ISREG(upper_st.st_mode) and upper_st.st_size and markers.metacopy in present):
-                return Node(path, upper_st, NO_LOWER, origin=origin)
+                node = Node(path, upper_st, NO_LOWER, origin=origin)
+                return node if self.indexed is None else self.indexed(node, parent.upper_fd, name)
             redirect = self._upper_redirect(parent, parent.upper_fd, name, present)
             lower = self._lower_lookup(parent.lower, _Walk(redirect or name, metacopy=True))
             node = Node(path, upper_st, lower, origin=origin, metacopy=True, redirect=redirect)

@@ -20,6 +20,8 @@ The upper-layer rules they follow:
   its absolute path from the layer roots. A new directory made in a merged
   directory is marked opaque then, as the kernel's ``ovl_create_upper`` does
   when offline changes to the layers are not allowed.
+* With ``index=on``, link, unlink and rename over an indexed hard link keep
+  its merged link count in its index entry (:mod:`.index`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ def _upper_stat(parent: Node, name: str) -> os.stat_result | None:
         return os.stat(name, dir_fd=parent.upper_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
+
+
+def _nlink_start(ov: OverlayState, path: str) -> str | None:
+    """With ``index=on``, before a link, unlink or rename over the object at ``path`` (``Index.nlink_start``)."""
+    return ov.index.nlink_start(path, ov.lookup, lambda p: copy_up(ov, p)) if ov.index is not None else None
+
+
+def _nlink_end(ov: OverlayState, entry: str | None) -> None:
+    """After it: its index ``entry`` goes where no name is left (``Index.nlink_end``)."""
+    if ov.index is not None:
+        ov.index.nlink_end(entry)
 
 
 # -- creating --------------------------------------------------------------------------
@@ -274,6 +287,7 @@ def link(ov: OverlayState, old: str, new: str) -> None:
     if src.is_dir:
         raise _error(errno.EPERM, old)
     src = copy_up(ov, old, meta_only=True)  # with metacopy=on a regular file's data stay below
+    indexed = _nlink_start(ov, old)
     old_parent_path, old_name = split(old)
     if src.metacopy:  # every name of it must find the data: an absolute redirect (the kernel's ovl_link)
         _set_redirect(ov, src, False, ov.lookup.lookup(old_parent_path))
@@ -285,6 +299,7 @@ def link(ov: OverlayState, old: str, new: str) -> None:
     _create_object(ov, new, make, owner=None)
     if src.origin is not None:  # the new name's directory holds an object with an origin (the kernel's ovl_link)
         mark_impure(ov, ov.lookup.lookup(split(new)[0]))
+    _nlink_end(ov, indexed)
 
 
 # -- removing ----------------------------------------------------------------------------
@@ -313,10 +328,12 @@ def unlink(ov: OverlayState, path: str) -> None:
     if node.is_dir:
         raise _error(errno.EISDIR, path)
     parent, name = upper_parent(ov, path)
+    indexed = _nlink_start(ov, path)
     if ov.lookup.lower_positive(parent, name):
         _replace_with_whiteout(ov, parent, name, is_dir=False)
     else:
         realfs.unlink(parent.upper_fd, name)
+    _nlink_end(ov, indexed)
     ov.files.forget(path)
 
 
@@ -412,6 +429,8 @@ def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
     copy_up(ov, old, meta_only=True)
     if exchange:
         copy_up(ov, new, meta_only=True)
+    replaced = not exchange and dst is not None and not dst.is_dir
+    indexed = _nlink_start(ov, new) if replaced else None
     old_parent, old_name = upper_parent(ov, old)
     new_parent, new_name = upper_parent(ov, new)
     old_parent = ov.lookup.lookup(split(old)[0])  # refreshed: copying up one parent may move the other's node
@@ -424,6 +443,7 @@ def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
         realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name, realfs.RENAME_EXCHANGE)
     else:
         _move(ov, old_parent, old_name, new_parent, new_name, src.is_dir)
+    _nlink_end(ov, indexed)
     for path in (old, new):
         if src.is_dir or (dst is not None and dst.is_dir):
             ov.lookup.moved(path)

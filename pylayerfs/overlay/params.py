@@ -17,7 +17,6 @@ BINDINGS = ("native", "libfuse")  # the FUSE transports (-o binding=): pylayerfs
 
 # Options of the kernel's overlayfs that pylayerfs accepts at the value it implements.
 _KERNEL_DEFAULTS = {
-    "index": ("off",),
     "nfs_export": ("off",),
     "xino": ("off", "auto"),
     "uuid": ("on", "off", "auto", "null"),
@@ -57,6 +56,7 @@ class MountConfig:
     debug: bool = False
     logfile: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
+    index: bool = False  # index=on: hard links to a lower file stay one inode after copy-up (overlay/index.py)
     metacopy: bool = False  # chmod, chown, utimes and xattrs copy a file's metadata only (the kernel's metacopy=on)
     redirect_dir: str | None = None  # as given (None: not given); redirect_mode() gives the mode the mount runs with
     redirect_always_follow: bool = True  # the kernel module parameter's counterpart: redirect_dir=off means follow
@@ -176,7 +176,7 @@ def parse_options(options: list[str]) -> MountConfig:
             if value not in REDIRECT_MODES:
                 raise MountError(f"redirect_dir needs {', '.join(REDIRECT_MODES[:-1])} or off, not '{value}'")
             config.redirect_dir = value
-        elif key in ("metacopy", "passthrough", "redirect_always_follow"):
+        elif key in ("metacopy", "passthrough", "redirect_always_follow", "index"):
             if value not in ("on", "off"):
                 raise MountError(f"{key} needs on or off, not '{value}'")
             setattr(config, key, value == "on")

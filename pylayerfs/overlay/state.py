@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pylayerfs.overlay.file import OpenFiles
+from pylayerfs.overlay.index import Index
 from pylayerfs.overlay.inode import InodeNumbers
 from pylayerfs.overlay.layers import Layer, LowerLayer, split
 from pylayerfs.overlay.lookup import Lookup, Node
@@ -99,7 +100,9 @@ class OverlayState:
     EACCES) as ``open(2)`` does; the workdir's ``work/`` is created and emptied. ``redirect_dir``: ``"on"``,
     ``"follow"`` or ``"nofollow"`` (None: the default for the other options, :func:`params.redirect_mode
     <pylayerfs.overlay.params.redirect_mode>`; it raises MountError for a combination the kernel refuses). With
-    ``uuid_off`` (the kernel's ``uuid=off``), origin file handles name their filesystem by the null UUID.
+    ``uuid_off`` (the kernel's ``uuid=off``), origin file handles name their filesystem by the null UUID. With
+    ``index`` (``index=on``), the workdir's ``index/`` is made and checked (:meth:`Index.open
+    <pylayerfs.overlay.index.Index.open>`, which raises MountError where the kernel refuses the mount).
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class OverlayState:
         metacopy: bool = False,
         redirect_dir: str | None = None,
         uuid_off: bool = False,
+        index: bool = False,
     ) -> None:
         if (upperdir is None) != (workdir is None):
             raise ValueError("upperdir and workdir go together")
@@ -129,6 +133,15 @@ class OverlayState:
         self.files = OpenFiles()
         self.listings = Listings()
         self._closed = False
+        self.index: Index | None = None
+        if index:  # index=on: the workdir's index/ (index.py); raises MountError where the kernel refuses the mount
+            try:
+                self.index = Index.open(self.upper, workdir, self.lowers, self.markers, self.inodes.of_real, uuid_off)
+            except BaseException:
+                self.close()
+                raise
+            if self.index is not None:
+                self.lookup.alias, self.lookup.indexed = self.index.alias, self.index.indexed
 
     def close(self) -> None:
         """Close every fd the stack holds: open files, cached directories, layers, workdir (idempotent)."""
@@ -142,6 +155,8 @@ class OverlayState:
                 layer.close()
         if self.workdir is not None:
             self.workdir.close()
+        if self.index is not None:
+            self.index.close()
 
     def writable(self, path: str) -> tuple[Layer, Workdir]:
         """The upper layer and workdir; raises EROFS (naming ``path``) on a read-only (lowers only) stack."""

@@ -141,7 +141,9 @@ class Core:
 
     def _found(self, path: str, attrs: dict[str, Any]) -> NodeEntry:
         is_dir = stat.S_ISDIR(attrs["st_mode"])
-        split = not is_dir and attrs["st_nlink"] > 1 and self.ov.lookup.lookup(path).upper is None
+        # A lower-only hard link splits at copy-up, unless index=on keeps its names one inode.
+        split = not is_dir and attrs["st_nlink"] > 1 and self.ov.index is None
+        split = split and self.ov.lookup.lookup(path).upper is None
         node = self.nodes.found(path, identity(attrs["st_ino"], path, split), is_dir)
         self._counted.append(node)
         return node
