@@ -49,6 +49,7 @@ from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.params import BINDINGS, MountConfig, MountEntry, MountError, mountinfo, mounts_below
 
 log = logging.getLogger("pylayerfs")
+DAEMON_EXIT_WAIT = 10.0  # seconds an unmounted daemon may take to close its layers and exit (umount, mount wait)
 READY = b"ready\n"
 START_TIMEOUT = 30.0
 ROOT_RECORDS = "/run/pylayerfs/mounts"
@@ -230,14 +231,29 @@ def mount_failure_hint(config: MountConfig) -> str:
 
 
 def _lock(path: str, what: str) -> int:
-    """Hold an exclusive lock on a directory for the life of the daemon (one mount per upper/work)."""
+    """Hold an exclusive lock on a directory for the life of the daemon (one mount per upper/work); return its fd.
+
+    A lock held by no mounted pylayerfs (the daemon of a mount just unmounted, a container stopped and started again,
+    may still be closing its layers) is waited for up to :data:`DAEMON_EXIT_WAIT` seconds. Raises MountError at once
+    when a mount uses the directory, or when the lock is still held then.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise MountError(f"{what} '{path}' is in use by another pylayerfs mount") from None
-    return fd
+    deadline = time.monotonic() + DAEMON_EXIT_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline or _mounted_with(path):
+                os.close(fd)
+                raise MountError(f"{what} '{path}' is in use by another pylayerfs mount") from None
+            time.sleep(0.02)
+
+
+def _mounted_with(layer: str) -> bool:
+    """Does a mounted pylayerfs (by its daemon's record) use the directory ``layer`` as its upper or work dir?"""
+    configs = [recorded_config(e) for e in mountinfo() if e.fstype == FSTYPE]
+    return any(c is not None and layer in (c.upperdir, c.workdir) for c in configs)
 
 
 def build_overlay(config: MountConfig) -> tuple[Overlay, list[int]]:
@@ -476,9 +492,6 @@ def umount(mountpoint: str, *, lazy: bool = False) -> None:
     deadline = time.monotonic() + DAEMON_EXIT_WAIT
     while record is not None and _alive(int(record["pid"])) and time.monotonic() < deadline:
         time.sleep(0.01)
-
-
-DAEMON_EXIT_WAIT = 10.0  # seconds umount waits for the daemon to close the layers and exit
 
 
 def _unmount(mountpoint: str, real: str, lazy: bool) -> None:
