@@ -292,7 +292,7 @@ def _stopped(pid: int) -> bool:
         ("lowerdir={l},upperdir={u}", "go together"),
         ("lowerdir={l},upperdir={u},workdir={u}/w", "separate subtrees"),
         ("lowerdir={l},upperdir={u},workdir=/dev/shm", "same filesystem"),
-        ("lowerdir={l},index=on", "not supported"),
+        ("lowerdir={l},xino=on", "not supported"),
         ("lowerdir={l},redirect_dir=bogus", "redirect_dir needs on, follow, nofollow or off"),
         ("lowerdir={l},metacopy=on,redirect_dir=off", "conflicting options: metacopy=on,redirect_dir=follow"),
         ("lowerdir={l},userxattr,redirect_dir=on", "conflicting options: userxattr,redirect_dir=on"),
