@@ -1,0 +1,317 @@
+"""Directory renames (``redirect_dir=on``) and metacopy renames and links, against the kernel's overlayfs (issue 16).
+
+The same operations on ``mount -t overlay`` and on pylayerfs, over the SAME lower directory (read-only for both, so
+that the origins the two write are byte for byte equal): every result, the merged view, inode numbers, the upper on
+disk with its redirect, opaque, metacopy, impure and origin xattrs; then each upper remounted by its own
+implementation and by the other, the kernel's upper as a lower layer, the kernel's upper under ``redirect_dir=nofollow``
+and under the default options, and the option combinations the kernel refuses. The kernel's behaviour here:
+``/work/tools/h16-facts.md`` (fs/overlayfs/namei.c, dir.c ``ovl_set_redirect``, params.c ``ovl_fs_params_verify``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pylayerfs.overlay import realfs
+from tests.mounts import TIMEOUT, backings, force_unmount, kernel_mount, options, pylayerfs_mount, run_pylayerfs
+from tests.test_kernel import run
+from tests.test_metacopy import all_hole
+from tests.trees import Spec, build, disk_form, tree_hash, view
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(300)]
+
+OPTIONS = ["redirect_dir=on", "metacopy=on", "redirect_dir=on,metacopy=on"]  # metacopy=on turns redirect_dir=on
+XATTRS = ("redirect", "impure", "origin")  # recorded besides opaque and metacopy; all deterministic over one lower
+
+LOWER: Spec = {
+    "merged/m1": "m1",  # becomes a merged directory (a file created in it), then moves to another parent
+    "merged/sub/s1": "s1",
+    "merged/sub/deeper/s2": "s2",
+    "low/l1": "l1",  # stays a lower-only directory until renamed
+    "low/deep/d1": "d1",
+    "low/ls": ("symlink", "../f1"),
+    "empty": None,
+    "emptym": None,  # becomes an empty merged directory (chmod), then renamed over
+    "mover/q": "q",
+    "lx/x/x1": "x1",  # exchanged with a pure-upper directory
+    "other/o1": "o1",
+    "other/f2": "f2 data",
+    "f1": "f1 data " * 1000,
+    "hl": "hard",
+    "sym": ("symlink", "f1"),
+}
+
+
+def _create(path: str, data: str = "new") -> None:
+    with open(path, "w") as f:
+        f.write(data)
+
+
+def _append(path: str) -> None:
+    with open(path, "a") as f:
+        f.write("+")
+
+
+def _mkdir_and_list(path: str) -> list[str]:
+    os.mkdir(path)
+    return os.listdir(path)
+
+
+def _renameat2(flags: int) -> Callable[[str, str], None]:
+    return lambda old, new: realfs.renameat2(-100, old, -100, new, flags)
+
+
+_exchange, _noreplace = _renameat2(realfs.RENAME_EXCHANGE), _renameat2(realfs.RENAME_NOREPLACE)
+
+# (description, operation on the mountpoint)
+OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
+    ("create in a lower dir: merged", lambda m: _create(f"{m}/merged/new")),
+    ("mkdir a pure-upper dir", lambda m: os.mkdir(f"{m}/new")),
+    ("create in it", lambda m: _create(f"{m}/new/n1")),
+    ("rename a lower-only dir, same parent", lambda m: os.rename(f"{m}/low", f"{m}/low2")),
+    ("move a merged dir to another parent", lambda m: os.rename(f"{m}/merged", f"{m}/other/merged")),
+    ("move a lower dir into a renamed dir", lambda m: os.rename(f"{m}/other/merged/sub", f"{m}/low2/sub")),
+    ("rename a renamed dir again", lambda m: os.rename(f"{m}/low2", f"{m}/low3")),
+    ("rename it back to its old name", lambda m: os.rename(f"{m}/low3", f"{m}/low")),
+    ("chmod an empty lower dir: merged", lambda m: os.chmod(f"{m}/emptym", 0o700)),
+    ("rename a lower dir over an empty merged dir", lambda m: os.rename(f"{m}/mover", f"{m}/emptym")),
+    ("exchange a lower dir and a pure-upper dir", lambda m: _exchange(f"{m}/lx", f"{m}/new")),
+    ("noreplace onto an existing name", lambda m: _noreplace(f"{m}/empty", f"{m}/f1")),
+    ("noreplace a lower dir to a free name", lambda m: _noreplace(f"{m}/empty", f"{m}/empty2")),
+    ("move a relatively redirected dir to another parent", lambda m: os.rename(f"{m}/new", f"{m}/other/new2")),
+    ("move a dir out of a renamed dir", lambda m: os.rename(f"{m}/low/deep", f"{m}/emptym/deep")),
+    ("list a moved merged dir", lambda m: sorted(os.listdir(f"{m}/other/merged"))),
+    ("list a dir moved into a renamed dir", lambda m: sorted(os.listdir(f"{m}/low/sub"))),
+    ("list an exchanged dir", lambda m: sorted(os.listdir(f"{m}/other/new2"))),
+    ("read through a renamed dir", lambda m: Path(f"{m}/low/sub/deeper/s2").read_bytes()),
+    ("read a symlink in a renamed dir", lambda m: os.readlink(f"{m}/low/ls")),
+    ("create in a renamed tree", lambda m: _create(f"{m}/other/merged/created")),
+    ("unlink a lower file in a renamed dir", lambda m: os.unlink(f"{m}/other/merged/m1")),
+    ("unlink a lower file two renames deep", lambda m: os.unlink(f"{m}/low/sub/s1")),
+    ("rmdir a non-empty renamed dir", lambda m: os.rmdir(f"{m}/low/sub")),
+    ("rmdir an empty renamed dir", lambda m: os.rmdir(f"{m}/empty2")),
+    ("mkdir at a moved dir's old name: empty", lambda m: _mkdir_and_list(f"{m}/merged")),
+    ("mkdir at a renamed dir's old name: empty", lambda m: _mkdir_and_list(f"{m}/empty")),
+    ("mkdir where a dir moved out of a moved dir", lambda m: _mkdir_and_list(f"{m}/other/merged/sub")),
+    ("rename a lower file, same parent", lambda m: os.rename(f"{m}/f1", f"{m}/f1x")),
+    ("move a lower file to a renamed dir", lambda m: os.rename(f"{m}/other/f2", f"{m}/low/f2")),
+    ("rename the moved file again", lambda m: os.rename(f"{m}/low/f2", f"{m}/low/f2b")),
+    ("hard link a lower file into another dir", lambda m: os.link(f"{m}/hl", f"{m}/other/hlink")),
+    ("read both names", lambda m: (Path(f"{m}/hl").read_bytes(), Path(f"{m}/other/hlink").read_bytes())),
+    ("move a lower symlink", lambda m: os.rename(f"{m}/sym", f"{m}/other/sym2")),
+    ("read a renamed file", lambda m: Path(f"{m}/f1x").read_bytes()[:16]),
+    ("chmod a renamed file", lambda m: os.chmod(f"{m}/f1x", 0o600)),
+    ("write to it: data copy-up", lambda m: _append(f"{m}/f1x")),
+    ("read it", lambda m: Path(f"{m}/f1x").read_bytes()[-16:]),
+    ("read the moved file", lambda m: Path(f"{m}/low/f2b").read_bytes()),
+]
+
+# Where the kernel records each rename (redirect_dir=on; h16-facts.md): the bare old name within one parent, the
+# path from the layer's root for a move to another parent, built from the ancestors' redirects.
+REDIRECTS = {
+    "low": b"low",  # renamed twice in the same parent, back to its name: the first redirect stays
+    "other/merged": b"/merged",
+    "low/sub": b"/merged/sub",
+    "other/new2": b"/lx",  # relative "lx" from the exchange, made absolute by the move
+    "emptym": b"mover",  # same parent, over an empty merged dir
+    "emptym/deep": b"/low/deep",
+}
+METACOPY_REDIRECTS = {"low/f2b": b"/other/f2", "hl": b"/hl", "other/hlink": b"/hl"}  # no data copied for these
+
+
+@dataclass
+class Side:
+    """One implementation's run: its upper and work directories, each operation's result, the view, inode numbers."""
+
+    upper: str
+    work: str
+    results: list[object]
+    view: dict[str, object]
+    inos: dict[str, int]
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., contextlib.AbstractContextManager[str]]] = {
+    "kernel": kernel_mount,
+    "pylayerfs": pylayerfs_mount,
+}
+
+
+def _inos(mnt: str) -> dict[str, int]:
+    return {path: os.lstat(os.path.join(mnt, path)).st_ino for path in view(mnt)}
+
+
+def _fresh(root: Path, *names: str) -> list[str]:
+    """Fresh (emptied) directories ``root/name``."""
+    dirs = [str(root / name) for name in names]
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+    return dirs
+
+
+def _operate(root: Path, impl: str, lower: str, extra: str) -> Side:
+    upper, work, mnt = _fresh(root / impl, "u", "w", "m")
+    with IMPLEMENTATIONS[impl](mnt, [lower], upper, work, extra):
+        results = run(mnt, OPERATIONS)
+        return Side(upper, work, results, view(mnt), _inos(mnt))
+
+
+def _mounted_view(root: Path, impl: str, lowers: list[str], upper: str | None, extra: str) -> dict[str, object]:
+    """The view (errors included) of ``lowers`` and ``upper`` mounted by ``impl`` with a fresh workdir."""
+    work, mnt = _fresh(root / f"{impl}-again", "w", "m")
+    with IMPLEMENTATIONS[impl](mnt, lowers, upper, work if upper else None, extra):
+        return view(mnt, errors=True)
+
+
+@pytest.fixture(params=OPTIONS)
+def extra(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def lower(backing: Path) -> str:
+    return build(str(backing / "l"), LOWER)
+
+
+@pytest.mark.parametrize("backing", backings(), indirect=True)
+def test_renames_give_the_kernels_results_view_inodes_and_upper(backing, lower, extra):
+    lower_hash = tree_hash(lower)
+    kernel, pylayerfs = (_operate(backing, impl, lower, extra) for impl in IMPLEMENTATIONS)
+    table = [(d, k, p) for (d, _), k, p in zip(OPERATIONS, kernel.results, pylayerfs.results, strict=True) if k != p]
+    assert table == [], "operations that differ from the kernel (what, kernel, pylayerfs)"
+    assert pylayerfs.view == kernel.view
+    lower_inos = {os.lstat(os.path.join(dirpath, n)).st_ino for dirpath, ds, fs in os.walk(lower) for n in ds + fs}
+    inos = [
+        (path, ino, pylayerfs.inos.get(path))
+        for path, ino in kernel.inos.items()
+        if (ino in lower_inos or pylayerfs.inos.get(path) in lower_inos) and pylayerfs.inos.get(path) != ino
+    ]
+    assert inos == [], "st_ino of lower objects (path, kernel, pylayerfs)"
+    k_disk, p_disk = (disk_form(side.upper, xattrs=XATTRS, links=True) for side in (kernel, pylayerfs))
+    differ = {path: (k_disk.get(path), p_disk.get(path)) for path in k_disk.keys() | p_disk.keys()}
+    assert {path: pair for path, pair in differ.items() if pair[0] != pair[1]} == {}, "upper (kernel, pylayerfs)"
+    assert tree_hash(lower) == lower_hash
+
+    # what the operations were meant to do, as the kernel does it (so a kernel change shows here)
+    results = dict(zip((d for d, _ in OPERATIONS), kernel.results, strict=True))
+    assert results["noreplace onto an existing name"] == os.strerror(errno.EEXIST)
+    assert results["rmdir a non-empty renamed dir"] == os.strerror(errno.ENOTEMPTY)
+    redirects = {**REDIRECTS, **(METACOPY_REDIRECTS if "metacopy" in extra else {})}
+    for side in (kernel, pylayerfs):
+        found = {path: os.getxattr(os.path.join(side.upper, path), "trusted.overlay.redirect") for path in redirects}
+        assert found == redirects, side.upper
+        for path in ("merged", "other/merged/sub"):  # a new dir at an old name: opaque, nothing shows through
+            assert os.getxattr(os.path.join(side.upper, path), "trusted.overlay.opaque") == b"y"
+        for path in METACOPY_REDIRECTS if "metacopy" in extra else ():
+            assert all_hole(os.path.join(side.upper, path)), f"data copied up for {path}"
+
+
+@pytest.mark.parametrize("backing", backings(), indirect=True)
+def test_each_remounts_its_upper_reads_the_others_and_the_kernels_upper_as_a_lower(backing, lower, extra):
+    kernel, pylayerfs = (_operate(backing, impl, lower, extra) for impl in IMPLEMENTATIONS)
+    for impl, side in (("kernel", kernel), ("pylayerfs", pylayerfs)):
+        assert _mounted_view(backing, impl, [lower], side.upper, extra) == side.view, f"{impl} remounting its upper"
+    assert _mounted_view(backing, "kernel", [lower], pylayerfs.upper, extra) == pylayerfs.view, (
+        "the kernel reads pylayerfs's upper differently"
+    )
+    assert _mounted_view(backing, "pylayerfs", [lower], kernel.upper, extra) == kernel.view, (
+        "pylayerfs reads the kernel's upper differently"
+    )
+    # redirects in a lower layer are followed into the layers below it
+    for impl in IMPLEMENTATIONS:
+        assert _mounted_view(backing, impl, [kernel.upper, lower], None, extra) == kernel.view, (
+            f"{impl}: the kernel's upper as a lower layer"
+        )
+
+
+def _lookups(mnt: str, paths: list[str]) -> dict[str, str]:
+    """Each path's ``lstat`` ("ok") or strerror: a merged directory's listing may omit what its lookup refuses."""
+    found = {}
+    for path in paths:
+        try:
+            os.lstat(os.path.join(mnt, path))
+            found[path] = "ok"
+        except OSError as exc:
+            found[path] = os.strerror(exc.errno or 0)
+    return found
+
+
+@pytest.mark.parametrize("backing", backings(), indirect=True)
+def test_a_redirected_upper_under_nofollow_and_the_default_options(backing, lower, extra):
+    """``redirect_dir=nofollow`` refuses a redirect that leads to a lower object (EPERM); the default (follow)
+    follows it. Without ``metacopy=on`` a metacopy file is refused (EPERM) under both."""
+    kernel = _operate(backing, "kernel", lower, extra)
+    probes = [*REDIRECTS, *METACOPY_REDIRECTS, "f1x", "other", "empty"]
+    for mode in ("redirect_dir=nofollow", ""):
+        seen = {}
+        for impl, mount in IMPLEMENTATIONS.items():
+            work, mnt = _fresh(backing / f"{impl}-{mode}", "w", "m")
+            with mount(mnt, [lower], kernel.upper, work, mode):
+                seen[impl] = (view(mnt, errors=True), _lookups(mnt, probes))
+        assert seen["pylayerfs"] == seen["kernel"], mode or "default options"
+        refused = {path for path, found in seen["kernel"][1].items() if found == os.strerror(errno.EPERM)}
+        metacopy = METACOPY_REDIRECTS if "metacopy" in extra else {}
+        if mode:  # every redirect, and what is below a redirected dir
+            assert refused == {p for p in probes for r in [*REDIRECTS, *metacopy] if (p + "/").startswith(r + "/")}
+        else:  # only the metacopy files
+            assert refused == set(metacopy)
+            if not metacopy:
+                assert seen["kernel"][0] == kernel.view
+
+
+# Options the kernel refuses together (params.c ovl_fs_params_verify; its reason goes to the kernel log only).
+REFUSED = [
+    "metacopy=on,redirect_dir=off",
+    "redirect_dir=off,metacopy=on",
+    "metacopy=on,redirect_dir=follow",
+    "metacopy=on,redirect_dir=nofollow",
+    "redirect_dir=nofollow,metacopy=on",
+    "userxattr,redirect_dir=on",
+    "userxattr,redirect_dir=follow",
+    "redirect_dir=off,userxattr",
+    "userxattr,metacopy=on",
+    "nfs_export=on,index=off",
+    "metacopy=on,nfs_export=on",
+    "redirect_dir=bogus",
+]
+
+
+def _kernel_refusal(mnt: str, opts: str) -> str:
+    """The reason the kernel logs for refusing ``mount -t overlay -o opts`` (AssertionError if it mounts)."""
+    marker = f"pylayerfs-test {uuid.uuid4()}"
+    with open("/dev/kmsg", "w") as kmsg:
+        kmsg.write(marker + "\n")
+    mounted = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, mnt], capture_output=True, timeout=TIMEOUT
+    )
+    if mounted.returncode == 0:
+        force_unmount(mnt)
+        raise AssertionError(f"the kernel mounted with {opts}")
+    log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+    after = log[log.rindex(marker) :].splitlines()[1:]
+    [reason] = [line.split(": ", 1)[1] for line in after if "overlay" in line.split("]", 1)[-1].split(":")[0]]
+    return reason
+
+
+@pytest.mark.parametrize("combination", REFUSED)
+def test_options_the_kernel_refuses_together_are_refused_with_its_reason(backing, combination):
+    lower = build(str(backing / "l"), {"f": "f"})
+    upper, work, mnt = _fresh(backing, "u", "w", "m")
+    opts = options([lower], upper, work, combination)
+    reason = _kernel_refusal(mnt, opts)
+    try:
+        refused = run_pylayerfs("mount", "-o", opts, mnt, check=False)
+        assert refused.returncode != 0, f"pylayerfs mounted with {combination}"
+        assert len(refused.stderr.strip().splitlines()) == 1 and reason in refused.stderr, (reason, refused.stderr)
+    finally:
+        force_unmount(mnt)
