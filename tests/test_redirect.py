@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,6 +139,7 @@ class Side:
     results: list[object]
     view: dict[str, object]
     inos: dict[str, int]
+    before_write: dict[str, Any]  # the upper's disk_form before the renamed file's first write
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., contextlib.AbstractContextManager[str]]] = {
@@ -159,11 +161,24 @@ def _fresh(root: Path, *names: str) -> list[str]:
     return dirs
 
 
+def _disk(upper: str) -> dict[str, Any]:
+    return disk_form(upper, xattrs=XATTRS, links=True)
+
+
+def _differences(kernel: dict[str, object], pylayerfs: dict[str, object]) -> dict[str, tuple[object, object]]:
+    """``{path: (kernel's, pylayerfs's)}`` where the two differ (None: missing)."""
+    pairs = {path: (kernel.get(path), pylayerfs.get(path)) for path in kernel.keys() | pylayerfs.keys()}
+    return {path: pair for path, pair in pairs.items() if pair[0] != pair[1]}
+
+
 def _operate(root: Path, impl: str, lower: str, extra: str) -> Side:
     upper, work, mnt = _fresh(root / impl, "u", "w", "m")
+    write = [d for d, _ in OPERATIONS].index("write to it: data copy-up")
     with IMPLEMENTATIONS[impl](mnt, [lower], upper, work, extra):
-        results = run(mnt, OPERATIONS)
-        return Side(upper, work, results, view(mnt), _inos(mnt))
+        results = run(mnt, OPERATIONS[:write])
+        before_write = _disk(upper)
+        results += run(mnt, OPERATIONS[write:])
+        return Side(upper, work, results, view(mnt), _inos(mnt), before_write)
 
 
 def _mounted_view(root: Path, impl: str, lowers: list[str], upper: str | None, extra: str) -> dict[str, object]:
@@ -197,15 +212,18 @@ def test_renames_give_the_kernels_results_view_inodes_and_upper(backing, lower, 
         if (ino in lower_inos or pylayerfs.inos.get(path) in lower_inos) and pylayerfs.inos.get(path) != ino
     ]
     assert inos == [], "st_ino of lower objects (path, kernel, pylayerfs)"
-    k_disk, p_disk = (disk_form(side.upper, xattrs=XATTRS, links=True) for side in (kernel, pylayerfs))
-    differ = {path: (k_disk.get(path), p_disk.get(path)) for path in k_disk.keys() | p_disk.keys()}
-    assert {path: pair for path, pair in differ.items() if pair[0] != pair[1]} == {}, "upper (kernel, pylayerfs)"
+    assert _differences(kernel.before_write, pylayerfs.before_write) == {}, "upper before the write (kernel, pylayerfs)"
+    assert _differences(_disk(kernel.upper), _disk(pylayerfs.upper)) == {}, "upper (kernel, pylayerfs)"
     assert tree_hash(lower) == lower_hash
 
     # what the operations were meant to do, as the kernel does it (so a kernel change shows here)
     results = dict(zip((d for d, _ in OPERATIONS), kernel.results, strict=True))
     assert results["noreplace onto an existing name"] == os.strerror(errno.EEXIST)
     assert results["rmdir a non-empty renamed dir"] == os.strerror(errno.ENOTEMPTY)
+    for path, was in {"low": "low", "other/merged": "merged", "f1x": "f1", "other/hlink": "hl"}.items():
+        assert kernel.inos[path] == os.lstat(os.path.join(lower, was)).st_ino, path  # so st_ino is compared
+    if "metacopy" in extra:  # chmod kept the renamed file metadata-only
+        assert ("metacopy", b"") in kernel.before_write["f1x"] and ("metacopy", b"") not in _disk(kernel.upper)["f1x"]
     redirects = {**REDIRECTS, **(METACOPY_REDIRECTS if "metacopy" in extra else {})}
     for side in (kernel, pylayerfs):
         found = {path: os.getxattr(os.path.join(side.upper, path), "trusted.overlay.redirect") for path in redirects}
