@@ -287,6 +287,86 @@ def test_a_redirected_upper_under_nofollow_and_the_default_options(backing, lowe
                 assert seen["kernel"][0] == kernel.view
 
 
+# Redirects written by hand: invalid, dangling, escaping, a directory's to a file and a file's to a directory, each to
+# its own target (two overlay objects sharing one lower directory give ESTALE on the kernel). What the kernel shows
+# under metacopy=on (a directory listing, a file's content, or the strerror): namei.c ovl_check_redirect (EINVAL),
+# lookup_one ("." and ".." are EACCES), a metacopy file whose data is missing is EIO.
+EINVAL, EACCES, EIO = (os.strerror(e) for e in (errno.EINVAL, errno.EACCES, errno.EIO))
+HAND_MADE: dict[str, tuple[bytes, object]] = {
+    "d_empty": (b"", EINVAL),
+    "d_slash": (b"/", EINVAL),
+    "d_2slash": (b"//", EINVAL),
+    "d_relative_with_slash": (b"t1/b", EINVAL),
+    "d_trailing_slash": (b"/t2/", EINVAL),
+    "d_double_slash": (b"/t3//b", EINVAL),
+    "d_nowhere": (b"/nowhere", []),
+    "d_relative_nowhere": (b"nowhere", []),
+    "d_absolute": (b"/a", ["b", "x"]),
+    "d_relative": (b"t4", ["y"]),
+    "d_nested": (b"/a2/b", ["c2"]),
+    "d_dotdot": (b"..", EACCES),
+    "d_dot": (b".", EACCES),
+    "d_root_dotdot": (b"/..", EACCES),
+    "d_up_and_down": (b"/t5/../t5", EACCES),
+    "d_to_a_file": (b"/f", []),
+    "d_too_long": (b"/" + b"x" * 300, []),
+    "d_nul": (b"t6\x00", ["y"]),  # the value ends at the NUL
+    "f_empty": (b"", EINVAL),
+    "f_absolute": (b"/g1", "1"),
+    "f_relative": (b"g2", "2"),
+    "f_nested": (b"/a3/g3", "3"),
+    "f_nowhere": (b"/nowhere", EIO),
+    "f_to_a_dir": (b"/t7", EIO),
+    "f_relative_with_slash": (b"t1/g", EINVAL),
+    "f_dotdot": (b"..", EACCES),
+}
+HAND_MADE_LOWER: Spec = {
+    "a/b/c": "c",
+    "a/x": "x",
+    "a2/b/c2": "c2",
+    "a3/g3": "3",
+    "f": "f",
+    "g1": "1",
+    "g2": "2",
+    "t1/g": "g",
+    **{f"t{i}/y": "y" for i in range(1, 8)},
+}
+
+
+def _hand_made_upper(upper: Path) -> str:
+    """``upper`` with HAND_MADE's directories and metacopy files (1 byte), each with its redirect."""
+    for name, (redirect, _) in HAND_MADE.items():
+        if name.startswith("d_"):
+            (upper / name).mkdir(parents=True)
+        else:
+            with open(upper / name, "w") as f:
+                f.truncate(1)
+            os.setxattr(upper / name, "trusted.overlay.metacopy", b"")
+        os.setxattr(upper / name, "trusted.overlay.redirect", redirect)
+    return str(upper)
+
+
+@pytest.mark.parametrize("mode", ["redirect_dir=on", "metacopy=on", "redirect_dir=nofollow", ""])
+@pytest.mark.parametrize("backing", backings(), indirect=True)
+def test_invalid_dangling_and_escaping_redirects_as_the_kernel(backing, mode):
+    lower = build(str(backing / "l"), HAND_MADE_LOWER)
+    upper = _hand_made_upper(backing / "u")
+    seen: dict[str, dict[str, object]] = {}
+    for impl, mount in IMPLEMENTATIONS.items():
+        work, mnt = _fresh(backing / impl, "w", "m")
+        with mount(mnt, [lower], upper, work, mode):
+            seen[impl] = {}
+            for name in HAND_MADE:
+                try:
+                    path = os.path.join(mnt, name)
+                    seen[impl][name] = sorted(os.listdir(path)) if name.startswith("d_") else Path(path).read_text()
+                except OSError as exc:
+                    seen[impl][name] = os.strerror(exc.errno or 0)
+    assert _differences(seen["kernel"], seen["pylayerfs"]) == {}, "(kernel, pylayerfs)"
+    if mode == "metacopy=on":
+        assert seen["kernel"] == {name: shown for name, (_, shown) in HAND_MADE.items()}
+
+
 # Options the kernel refuses together (params.c ovl_fs_params_verify; its reason goes to the kernel log only).
 REFUSED = [
     "metacopy=on,redirect_dir=off",
