@@ -132,10 +132,9 @@ METACOPY_REDIRECTS = {"low/f2b": b"/other/f2", "hl": b"/hl", "other/hlink": b"/h
 
 @dataclass
 class Side:
-    """One implementation's run: its upper and work directories, each operation's result, the view, inode numbers."""
+    """One implementation's run: its upper directory, each operation's result, the view, inode numbers."""
 
     upper: str
-    work: str
     results: list[object]
     view: dict[str, object]
     inos: dict[str, int]
@@ -178,7 +177,7 @@ def _operate(root: Path, impl: str, lower: str, extra: str) -> Side:
         results = run(mnt, OPERATIONS[:write])
         before_write = _disk(upper)
         results += run(mnt, OPERATIONS[write:])
-        return Side(upper, work, results, view(mnt), _inos(mnt), before_write)
+        return Side(upper, results, view(mnt), _inos(mnt), before_write)
 
 
 def _mounted_view(root: Path, impl: str, lowers: list[str], upper: str | None, extra: str) -> dict[str, object]:
