@@ -383,21 +383,17 @@ REFUSED = [
 ]
 
 
-def _kernel_refusal(mnt: str, opts: str) -> str:
-    """The reason the kernel logs for refusing ``mount -t overlay -o opts`` (AssertionError if it mounts)."""
+def _kernel_mount_logged(mnt: str, opts: str) -> tuple[bool, list[str]]:
+    """Try ``mount -t overlay -o opts mnt``: whether it mounted (it stays mounted), and what overlayfs logged meanwhile
+    (its messages without the prefix: a refusal's reason goes only to the kernel log, mount(8) says "bad option")."""
     marker = f"pylayerfs-test {uuid.uuid4()}"
     with open("/dev/kmsg", "w") as kmsg:
         kmsg.write(marker + "\n")
-    mounted = subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", opts, mnt], capture_output=True, timeout=TIMEOUT
-    )
-    if mounted.returncode == 0:
-        force_unmount(mnt)
-        raise AssertionError(f"the kernel mounted with {opts}")
+    command = ["mount", "-t", "overlay", "overlay", "-o", opts, mnt]
+    mounted = subprocess.run(command, capture_output=True, timeout=TIMEOUT).returncode == 0
     log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
     after = log[log.rindex(marker) :].splitlines()[1:]
-    [reason] = [line.split(": ", 1)[1] for line in after if "overlay" in line.split("]", 1)[-1].split(":")[0]]
-    return reason
+    return mounted, [line.split(": ", 1)[1] for line in after if "overlay" in line.split("]", 1)[-1].split(":")[0]]
 
 
 @pytest.mark.parametrize("combination", REFUSED)
@@ -405,10 +401,37 @@ def test_options_the_kernel_refuses_together_are_refused_with_its_reason(backing
     lower = build(str(backing / "l"), {"f": "f"})
     upper, work, mnt = _fresh(backing, "u", "w", "m")
     opts = options([lower], upper, work, combination)
-    reason = _kernel_refusal(mnt, opts)
     try:
+        mounted, [reason] = _kernel_mount_logged(mnt, opts)
+        assert not mounted, f"the kernel mounted with {combination}"
         refused = run_pylayerfs("mount", "-o", opts, mnt, check=False)
         assert refused.returncode != 0, f"pylayerfs mounted with {combination}"
         assert len(refused.stderr.strip().splitlines()) == 1 and reason in refused.stderr, (reason, refused.stderr)
     finally:
         force_unmount(mnt)
+
+
+@pytest.mark.parametrize("upper", [True, False], ids=["lower-without-file-handles", "no-upper"])
+def test_index_on_where_the_kernel_ignores_it_mounts(backing, upper):
+    """``index=on`` over a lower without file handles (an overlay) falls back to index=off, and without an upper it is
+    useless: the kernel mounts, saying so in its log; pylayerfs mounts too and shows the same."""
+    lowers = [build(str(backing / "l"), {"d/x": "x"}), build(str(backing / "l2"), {"d/y": "y"})]
+    work, mnt, nested = _fresh(backing, "w", "m", "nested")
+    seen = {}
+    with contextlib.ExitStack() as stack:
+        if upper:  # an overlay as the lower: no file handles
+            lowers = [stack.enter_context(kernel_mount(nested, lowers))]
+            dirs: tuple[str | None, ...] = tuple(_fresh(backing, "u"))
+        else:
+            dirs = (None,)
+        try:
+            mounted, said = _kernel_mount_logged(mnt, options(lowers, dirs[0], work if upper else None, "index=on"))
+            assert mounted and len(said) == 1 and ("file handles" if upper else "useless") in said[0], said
+            seen["kernel"] = view(mnt)
+        finally:
+            force_unmount(mnt)
+        if upper:
+            _fresh(backing, "u", "w")
+        with pylayerfs_mount(mnt, lowers, dirs[0], work if upper else None, "index=on"):
+            seen["pylayerfs"] = view(mnt)
+    assert seen["pylayerfs"] == seen["kernel"]
