@@ -1,11 +1,12 @@
 """Directory renames (``redirect_dir=on``) and metacopy renames and links, against the kernel's overlayfs (issue 16).
 
-The same operations on ``mount -t overlay`` and on pylayerfs, over the SAME lower directory (read-only for both, so
-that the origins the two write are byte for byte equal): every result, the merged view, inode numbers, the upper on
-disk with its redirect, opaque, metacopy, impure and origin xattrs; then each upper remounted by its own
-implementation and by the other, the kernel's upper as a lower layer, the kernel's upper under ``redirect_dir=nofollow``
-and under the default options, and the option combinations the kernel refuses. The kernel's behaviour here:
-``/work/tools/h16-facts.md`` (fs/overlayfs/namei.c, dir.c ``ovl_set_redirect``, params.c ``ovl_fs_params_verify``).
+The same operations on ``mount -t overlay`` and on pylayerfs, over the SAME two lower directories (read-only for
+both, so that the origins the two write are byte for byte equal): every result, the merged view, inode numbers, the
+upper on disk with its redirect, opaque, metacopy, impure and origin xattrs; then each upper remounted by its own
+implementation and by the other, the kernel's upper as a lower layer, the kernel's upper under
+``redirect_dir=nofollow`` and under the default options, hand-made redirects (invalid, dangling, escaping), and the
+option combinations the kernel refuses. The kernel's behaviour here: ``/work/tools/h16-facts.md``
+(fs/overlayfs/namei.c ``ovl_lookup``, dir.c ``ovl_set_redirect``, params.c ``ovl_fs_params_verify``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ LOWER: Spec = {
     "hl": "hard",
     "sym": ("symlink", "f1"),
 }
+BOTTOM: Spec = {  # a second lower layer below LOWER: redirects are followed in every lower layer
+    "merged/m2": "m2 from the bottom",
+    "merged/sub/s3": "s3 from the bottom",
+    "low/l2": "l2 from the bottom",
+    "lx/x/x2": "x2 from the bottom",
+    "bottom/b": "only in the bottom layer",
+    "f1": "hidden by the top layer",
+}
 
 
 def _create(path: str, data: str = "new") -> None:
@@ -90,6 +99,7 @@ OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
     ("noreplace onto an existing name", lambda m: _noreplace(f"{m}/empty", f"{m}/f1")),
     ("noreplace a lower dir to a free name", lambda m: _noreplace(f"{m}/empty", f"{m}/empty2")),
     ("move a relatively redirected dir to another parent", lambda m: os.rename(f"{m}/new", f"{m}/other/new2")),
+    ("move a dir only in the bottom layer", lambda m: os.rename(f"{m}/bottom", f"{m}/low/sub/bottom2")),
     ("move a dir out of a renamed dir", lambda m: os.rename(f"{m}/low/deep", f"{m}/emptym/deep")),
     ("list a moved merged dir", lambda m: sorted(os.listdir(f"{m}/other/merged"))),
     ("list a dir moved into a renamed dir", lambda m: sorted(os.listdir(f"{m}/low/sub"))),
@@ -126,6 +136,7 @@ REDIRECTS = {
     "other/new2": b"/lx",  # relative "lx" from the exchange, made absolute by the move
     "emptym": b"mover",  # same parent, over an empty merged dir
     "emptym/deep": b"/low/deep",
+    "low/sub/bottom2": b"/bottom",
 }
 METACOPY_REDIRECTS = {"low/f2b": b"/other/f2", "hl": b"/hl", "other/hlink": b"/hl"}  # no data copied for these
 
@@ -170,10 +181,10 @@ def _differences(kernel: dict[str, object], pylayerfs: dict[str, object]) -> dic
     return {path: pair for path, pair in pairs.items() if pair[0] != pair[1]}
 
 
-def _operate(root: Path, impl: str, lower: str, extra: str) -> Side:
+def _operate(root: Path, impl: str, lowers: list[str], extra: str) -> Side:
     upper, work, mnt = _fresh(root / impl, "u", "w", "m")
     write = [d for d, _ in OPERATIONS].index("write to it: data copy-up")
-    with IMPLEMENTATIONS[impl](mnt, [lower], upper, work, extra):
+    with IMPLEMENTATIONS[impl](mnt, lowers, upper, work, extra):
         results = run(mnt, OPERATIONS[:write])
         before_write = _disk(upper)
         results += run(mnt, OPERATIONS[write:])
@@ -193,18 +204,20 @@ def extra(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def lower(backing: Path) -> str:
-    return build(str(backing / "l"), LOWER)
+def lowers(backing: Path) -> list[str]:
+    return [build(str(backing / "l0"), LOWER), build(str(backing / "l1"), BOTTOM)]
 
 
 @pytest.mark.parametrize("backing", backings(), indirect=True)
-def test_renames_give_the_kernels_results_view_inodes_and_upper(backing, lower, extra):
-    lower_hash = tree_hash(lower)
-    kernel, pylayerfs = (_operate(backing, impl, lower, extra) for impl in IMPLEMENTATIONS)
+def test_renames_give_the_kernels_results_view_inodes_and_upper(backing, lowers, extra):
+    lower_hashes = [tree_hash(lower) for lower in lowers]
+    kernel, pylayerfs = (_operate(backing, impl, lowers, extra) for impl in IMPLEMENTATIONS)
     table = [(d, k, p) for (d, _), k, p in zip(OPERATIONS, kernel.results, pylayerfs.results, strict=True) if k != p]
     assert table == [], "operations that differ from the kernel (what, kernel, pylayerfs)"
     assert pylayerfs.view == kernel.view
-    lower_inos = {os.lstat(os.path.join(dirpath, n)).st_ino for dirpath, ds, fs in os.walk(lower) for n in ds + fs}
+    lower_inos = {
+        os.lstat(os.path.join(d, n)).st_ino for lower in lowers for d, ds, fs in os.walk(lower) for n in ds + fs
+    }
     inos = [
         (path, ino, pylayerfs.inos.get(path))
         for path, ino in kernel.inos.items()
@@ -213,14 +226,14 @@ def test_renames_give_the_kernels_results_view_inodes_and_upper(backing, lower, 
     assert inos == [], "st_ino of lower objects (path, kernel, pylayerfs)"
     assert _differences(kernel.before_write, pylayerfs.before_write) == {}, "upper before the write (kernel, pylayerfs)"
     assert _differences(_disk(kernel.upper), _disk(pylayerfs.upper)) == {}, "upper (kernel, pylayerfs)"
-    assert tree_hash(lower) == lower_hash
+    assert [tree_hash(lower) for lower in lowers] == lower_hashes
 
     # what the operations were meant to do, as the kernel does it (so a kernel change shows here)
     results = dict(zip((d for d, _ in OPERATIONS), kernel.results, strict=True))
     assert results["noreplace onto an existing name"] == os.strerror(errno.EEXIST)
     assert results["rmdir a non-empty renamed dir"] == os.strerror(errno.ENOTEMPTY)
     for path, was in {"low": "low", "other/merged": "merged", "f1x": "f1", "other/hlink": "hl"}.items():
-        assert kernel.inos[path] == os.lstat(os.path.join(lower, was)).st_ino, path  # so st_ino is compared
+        assert kernel.inos[path] == os.lstat(os.path.join(lowers[0], was)).st_ino, path  # so st_ino is compared
     if "metacopy" in extra:  # chmod kept the renamed file metadata-only
         assert ("metacopy", b"") in kernel.before_write["f1x"] and ("metacopy", b"") not in _disk(kernel.upper)["f1x"]
     redirects = {**REDIRECTS, **(METACOPY_REDIRECTS if "metacopy" in extra else {})}
@@ -234,19 +247,19 @@ def test_renames_give_the_kernels_results_view_inodes_and_upper(backing, lower, 
 
 
 @pytest.mark.parametrize("backing", backings(), indirect=True)
-def test_each_remounts_its_upper_reads_the_others_and_the_kernels_upper_as_a_lower(backing, lower, extra):
-    kernel, pylayerfs = (_operate(backing, impl, lower, extra) for impl in IMPLEMENTATIONS)
+def test_each_remounts_its_upper_reads_the_others_and_the_kernels_upper_as_a_lower(backing, lowers, extra):
+    kernel, pylayerfs = (_operate(backing, impl, lowers, extra) for impl in IMPLEMENTATIONS)
     for impl, side in (("kernel", kernel), ("pylayerfs", pylayerfs)):
-        assert _mounted_view(backing, impl, [lower], side.upper, extra) == side.view, f"{impl} remounting its upper"
-    assert _mounted_view(backing, "kernel", [lower], pylayerfs.upper, extra) == pylayerfs.view, (
+        assert _mounted_view(backing, impl, lowers, side.upper, extra) == side.view, f"{impl} remounting its upper"
+    assert _mounted_view(backing, "kernel", lowers, pylayerfs.upper, extra) == pylayerfs.view, (
         "the kernel reads pylayerfs's upper differently"
     )
-    assert _mounted_view(backing, "pylayerfs", [lower], kernel.upper, extra) == kernel.view, (
+    assert _mounted_view(backing, "pylayerfs", lowers, kernel.upper, extra) == kernel.view, (
         "pylayerfs reads the kernel's upper differently"
     )
     # redirects in a lower layer are followed into the layers below it
     for impl in IMPLEMENTATIONS:
-        assert _mounted_view(backing, impl, [kernel.upper, lower], None, extra) == kernel.view, (
+        assert _mounted_view(backing, impl, [kernel.upper, *lowers], None, extra) == kernel.view, (
             f"{impl}: the kernel's upper as a lower layer"
         )
 
@@ -264,16 +277,16 @@ def _lookups(mnt: str, paths: list[str]) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("backing", backings(), indirect=True)
-def test_a_redirected_upper_under_nofollow_and_the_default_options(backing, lower, extra):
+def test_a_redirected_upper_under_nofollow_and_the_default_options(backing, lowers, extra):
     """``redirect_dir=nofollow`` refuses a redirect that leads to a lower object (EPERM); the default (follow)
     follows it. Without ``metacopy=on`` a metacopy file is refused (EPERM) under both."""
-    kernel = _operate(backing, "kernel", lower, extra)
+    kernel = _operate(backing, "kernel", lowers, extra)
     probes = [*REDIRECTS, *METACOPY_REDIRECTS, "f1x", "other", "empty"]
     for mode in ("redirect_dir=nofollow", ""):
         seen = {}
         for impl, mount in IMPLEMENTATIONS.items():
             work, mnt = _fresh(backing / f"{impl}-{mode}", "w", "m")
-            with mount(mnt, [lower], kernel.upper, work, mode):
+            with mount(mnt, lowers, kernel.upper, work, mode):
                 seen[impl] = (view(mnt, errors=True), _lookups(mnt, probes))
         assert seen["pylayerfs"] == seen["kernel"], mode or "default options"
         refused = {path for path, found in seen["kernel"][1].items() if found == os.strerror(errno.EPERM)}
