@@ -5,8 +5,9 @@ both, so that the origins the two write are byte for byte equal): every result, 
 upper on disk with its redirect, opaque, metacopy, impure and origin xattrs; then each upper remounted by its own
 implementation and by the other, the kernel's upper as a lower layer, the kernel's upper under
 ``redirect_dir=nofollow`` and under the default options, hand-made redirects (invalid, dangling, escaping), and the
-option combinations the kernel refuses. The kernel's behaviour here: ``/work/tools/h16-facts.md``
-(fs/overlayfs/namei.c ``ovl_lookup``, dir.c ``ovl_set_redirect``, params.c ``ovl_fs_params_verify``).
+option combinations the kernel refuses. Sources: Documentation/filesystems/overlayfs.rst ("Renaming directories",
+"Metadata only copy up"), fs/overlayfs/namei.c ``ovl_lookup``, dir.c ``ovl_set_redirect``, params.c
+``ovl_fs_params_verify``; the kernel mounted here (6.18) is the oracle.
 """
 
 from __future__ import annotations
