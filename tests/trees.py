@@ -53,7 +53,8 @@ def _user_xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
     return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names if n.startswith("user.")))
 
 
-def _entry(full: str, with_ino: bool) -> tuple[Any, ...]:
+def entry(full: str, with_ino: bool = False) -> tuple[Any, ...]:
+    """What :func:`view` records for the object at ``full`` (raises OSError when it cannot be looked up or read)."""
     st = os.lstat(full)
     entry: list[Any] = [stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid]
     if stat.S_ISREG(st.st_mode):
@@ -82,7 +83,7 @@ def view(root: str, *, with_ino: bool = False, errors: bool = False) -> dict[str
         for name in sorted(dirnames + filenames):
             full = os.path.join(dirpath, name)
             try:
-                out[os.path.relpath(full, root)] = _entry(full, with_ino)
+                out[os.path.relpath(full, root)] = entry(full, with_ino)
             except OSError as exc:
                 if not errors:
                     raise
