@@ -119,6 +119,8 @@ OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
     ("rename a lower file, same parent", lambda m: os.rename(f"{m}/f1", f"{m}/f1x")),
     ("move a lower file to a renamed dir", lambda m: os.rename(f"{m}/other/f2", f"{m}/low/f2")),
     ("rename the moved file again", lambda m: os.rename(f"{m}/low/f2", f"{m}/low/f2b")),
+    ("hard link a renamed file", lambda m: os.link(f"{m}/low/f2b", f"{m}/f2link")),
+    ("rename a lower file over another", lambda m: os.rename(f"{m}/other/o1", f"{m}/low/l1")),
     ("hard link a lower file into another dir", lambda m: os.link(f"{m}/hl", f"{m}/other/hlink")),
     ("read both names", lambda m: (Path(f"{m}/hl").read_bytes(), Path(f"{m}/other/hlink").read_bytes())),
     ("move a lower symlink", lambda m: os.rename(f"{m}/sym", f"{m}/other/sym2")),
@@ -140,7 +142,13 @@ REDIRECTS = {
     "emptym/deep": b"/low/deep",
     "low/sub/bottom2": b"/bottom",
 }
-METACOPY_REDIRECTS = {"low/f2b": b"/other/f2", "hl": b"/hl", "other/hlink": b"/hl"}  # no data copied for these
+METACOPY_REDIRECTS = {  # no data copied for these
+    "low/f2b": b"/other/f2",
+    "f2link": b"/other/f2",
+    "low/l1": b"/other/o1",
+    "hl": b"/hl",
+    "other/hlink": b"/hl",
+}
 
 
 @dataclass
