@@ -53,6 +53,10 @@ LOWER: Spec = {
     "f1": "f1 data " * 1000,
     "hl": "hard",
     "sym": ("symlink", "f1"),
+    "xa/a1": "a1",
+    "deep/xb/b1": "b1",
+    "gone/g1": "g1",
+    "gone/sub/g2": "g2",
 }
 BOTTOM: Spec = {  # a second lower layer below LOWER: redirects are followed in every lower layer
     "merged/m2": "m2 from the bottom",
@@ -61,6 +65,7 @@ BOTTOM: Spec = {  # a second lower layer below LOWER: redirects are followed in 
     "lx/x/x2": "x2 from the bottom",
     "bottom/b": "only in the bottom layer",
     "f1": "hidden by the top layer",
+    f"{'L' * 200}/{'M' * 100}/z": "a redirect to here takes over 256 bytes",
 }
 
 
@@ -107,7 +112,11 @@ OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
     ("list a dir moved into a renamed dir", lambda m: sorted(os.listdir(f"{m}/low/sub"))),
     ("list an exchanged dir", lambda m: sorted(os.listdir(f"{m}/other/new2"))),
     ("read through a renamed dir", lambda m: Path(f"{m}/low/sub/deeper/s2").read_bytes()),
-    ("read a symlink in a renamed dir", lambda m: os.readlink(f"{m}/low/ls")),
+    ("read a symlink in a renamed dir", lambda m: (os.readlink(f"{m}/low/ls"),)),
+    ("move a dir out of a dir moved absolutely", lambda m: os.rename(f"{m}/low/sub/deeper", f"{m}/deeper2")),
+    ("exchange two lower dirs in two parents", lambda m: _exchange(f"{m}/xa", f"{m}/deep/xb")),
+    ("rename with a 201-byte redirect", lambda m: os.rename(f"{m}/{'L' * 200}", f"{m}/other/{'K' * 200}")),
+    ("rename needing a 302-byte redirect", lambda m: os.rename(f"{m}/other/{'K' * 200}/{'M' * 100}", f"{m}/far")),
     ("create in a renamed tree", lambda m: _create(f"{m}/other/merged/created")),
     ("unlink a lower file in a renamed dir", lambda m: os.unlink(f"{m}/other/merged/m1")),
     ("unlink a lower file two renames deep", lambda m: os.unlink(f"{m}/low/sub/s1")),
@@ -116,6 +125,11 @@ OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
     ("mkdir at a moved dir's old name: empty", lambda m: _mkdir_and_list(f"{m}/merged")),
     ("mkdir at a renamed dir's old name: empty", lambda m: _mkdir_and_list(f"{m}/empty")),
     ("mkdir where a dir moved out of a moved dir", lambda m: _mkdir_and_list(f"{m}/other/merged/sub")),
+    ("rename a lower dir to empty it", lambda m: os.rename(f"{m}/gone", f"{m}/other/gone2")),
+    ("unlink in it", lambda m: os.unlink(f"{m}/other/gone2/g1")),
+    ("unlink in its lower subdir", lambda m: os.unlink(f"{m}/other/gone2/sub/g2")),
+    ("rmdir a lower dir in it", lambda m: os.rmdir(f"{m}/other/gone2/sub")),
+    ("rmdir the emptied renamed dir", lambda m: os.rmdir(f"{m}/other/gone2")),
     ("rename a lower file, same parent", lambda m: os.rename(f"{m}/f1", f"{m}/f1x")),
     ("move a lower file to a renamed dir", lambda m: os.rename(f"{m}/other/f2", f"{m}/low/f2")),
     ("rename the moved file again", lambda m: os.rename(f"{m}/low/f2", f"{m}/low/f2b")),
@@ -141,6 +155,10 @@ REDIRECTS = {
     "emptym": b"mover",  # same parent, over an empty merged dir
     "emptym/deep": b"/low/deep",
     "low/sub/bottom2": b"/bottom",
+    "deeper2": b"/merged/sub/deeper",  # the path built from its parent's absolute redirect
+    "xa": b"/deep/xb",  # RENAME_EXCHANGE: each side redirected to the other's origin
+    "deep/xb": b"/xa",
+    f"other/{'K' * 200}": b"/" + b"L" * 200,  # 201 bytes; a 302-byte one is EXDEV (the kernel's redirect_max 256)
 }
 METACOPY_REDIRECTS = {  # no data copied for these
     "low/f2b": b"/other/f2",
