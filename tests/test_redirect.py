@@ -424,6 +424,46 @@ def test_invalid_dangling_and_escaping_redirects_as_the_kernel(backing, mode):
         assert seen["kernel"] == {name: shown for name, (_, shown) in HAND_MADE.items()}
 
 
+# Three lower layers, redirects in the upper two: a redirect found in a layer is looked up in the layers below it only,
+# and a redirected directory met there is followed further (namei.c ovl_lookup: "d.redirect" carried down the stack).
+STACK: list[tuple[Spec, dict[str, bytes]]] = [
+    ({"a/y": "top's a", "c/top": "top's c"}, {"c": b"/n"}),  # c: to the middle layer's n, itself redirected
+    (
+        {"a/mid": "middle's a", "n/own": "n's own", "m": "8 bytes!", "r/rr": "r"},
+        {"n": b"/a", "m": b"/data/f", "r": b"b1"},
+    ),
+    ({"a/x": "bottom's a", "data/f": "the data", "b1/z": "z"}, {}),
+]
+
+
+def _stack(root: Path) -> list[str]:
+    lowers = []
+    for i, (spec, redirects) in enumerate(STACK):
+        lowers.append(build(str(root / f"s{i}"), spec))
+        for path, redirect in redirects.items():
+            os.setxattr(os.path.join(lowers[-1], path), "trusted.overlay.redirect", redirect)
+            if os.path.isfile(os.path.join(lowers[-1], path)):
+                os.setxattr(os.path.join(lowers[-1], path), "trusted.overlay.metacopy", b"")
+    return lowers
+
+
+@pytest.mark.parametrize("mode", ["redirect_dir=on", "metacopy=on", "redirect_dir=nofollow", ""])
+def test_redirects_in_lower_layers_are_followed_below_them_as_on_the_kernel(backing, mode):
+    lowers = _stack(backing)
+    seen = {}
+    for impl, mount in IMPLEMENTATIONS.items():
+        _, mnt = _fresh(backing / impl, "w", "m")
+        with mount(mnt, lowers, None, None, mode):
+            seen[impl] = view(mnt, errors=True)
+            seen[impl] |= _lookups(mnt, ["c", "n", "m", "r", "c/own", "c/x", "n/x"])
+    assert _differences(seen["kernel"], seen["pylayerfs"]) == {}, "(kernel, pylayerfs)"
+    if mode == "metacopy=on":
+        assert {"c/top", "c/own", "c/x", "n/x", "r/z"} <= set(seen["kernel"]) and not {"c/y", "c/mid"} & set(
+            seen["kernel"]
+        )
+        assert seen["kernel"]["m"] == seen["kernel"]["data/f"]  # the metacopy file's data, from the layer below
+
+
 # Options the kernel refuses together (params.c ovl_fs_params_verify; its reason goes to the kernel log only).
 NOT_YET = (
     "issue 16: pylayerfs has no index=on nor nfs_export=on yet (refused as unsupported, not with the kernel's reason)"
