@@ -368,6 +368,7 @@ HAND_MADE: dict[str, tuple[bytes, object]] = {
     "d_to_a_file": (b"/f", []),
     "d_too_long": (b"/" + b"x" * 300, []),
     "d_nul": (b"t6\x00", ["y"]),  # the value ends at the NUL
+    "d_opaque": (b"/t8", []),  # also opaque: nothing below shows
     "f_empty": (b"", EINVAL),
     "f_absolute": (b"/g1", "1"),
     "f_relative": (b"g2", "2"),
@@ -386,28 +387,31 @@ HAND_MADE_LOWER: Spec = {
     "g1": "1",
     "g2": "2",
     "t1/g": "g",
-    **{f"t{i}/y": "y" for i in range(1, 8)},
+    **{f"t{i}/y": "y" for i in range(1, 9)},
 }
 
 
-def _hand_made_upper(upper: Path) -> str:
-    """``upper`` with HAND_MADE's directories and metacopy files (1 byte), each with its redirect."""
+def _hand_made_upper(upper: Path, prefix: str) -> str:
+    """``upper`` with HAND_MADE's directories and metacopy files (1 byte), each with its redirect; xattrs named
+    ``prefix`` + "redirect" and so on."""
     for name, (redirect, _) in HAND_MADE.items():
         if name.startswith("d_"):
             (upper / name).mkdir(parents=True)
         else:
             with open(upper / name, "w") as f:
                 f.truncate(1)
-            os.setxattr(upper / name, "trusted.overlay.metacopy", b"")
-        os.setxattr(upper / name, "trusted.overlay.redirect", redirect)
+            os.setxattr(upper / name, prefix + "metacopy", b"")
+        os.setxattr(upper / name, prefix + "redirect", redirect)
+    os.setxattr(upper / "d_opaque", prefix + "opaque", b"y")
     return str(upper)
 
 
-@pytest.mark.parametrize("mode", ["redirect_dir=on", "metacopy=on", "redirect_dir=nofollow", ""])
+# userxattr: user.overlay.* xattrs, only redirect_dir=nofollow allowed (params.c), no metacopy
+@pytest.mark.parametrize("mode", ["redirect_dir=on", "metacopy=on", "redirect_dir=nofollow", "", "userxattr"])
 @pytest.mark.parametrize("backing", backings(), indirect=True)
 def test_invalid_dangling_and_escaping_redirects_as_the_kernel(backing, mode):
     lower = build(str(backing / "l"), HAND_MADE_LOWER)
-    upper = _hand_made_upper(backing / "u")
+    upper = _hand_made_upper(backing / "u", "user.overlay." if mode == "userxattr" else "trusted.overlay.")
     seen: dict[str, dict[str, object]] = {}
     for impl, mount in IMPLEMENTATIONS.items():
         work, mnt = _fresh(backing / impl, "w", "m")
