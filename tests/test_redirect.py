@@ -4,10 +4,12 @@ The same operations on ``mount -t overlay`` and on pylayerfs, over the SAME two 
 both, so that the origins the two write are byte for byte equal): every result, the merged view, inode numbers, the
 upper on disk with its redirect, opaque, metacopy, impure and origin xattrs; then each upper remounted by its own
 implementation and by the other, the kernel's upper as a lower layer, the kernel's upper under
-``redirect_dir=nofollow`` and under the default options, hand-made redirects (invalid, dangling, escaping), and the
-option combinations the kernel refuses. Sources: Documentation/filesystems/overlayfs.rst ("Renaming directories",
-"Metadata only copy up"), fs/overlayfs/namei.c ``ovl_lookup``, dir.c ``ovl_set_redirect``, params.c
-``ovl_fs_params_verify``; the kernel mounted here (6.18) is the oracle.
+``redirect_dir=nofollow`` and under the default options, hand-made redirects (invalid, dangling, escaping, in the
+upper and in lower layers), the option combinations the kernel refuses, and ``index=on`` where it ignores it.
+
+Sources: Documentation/filesystems/overlayfs.rst ("Renaming directories", "Metadata only copy up"),
+fs/overlayfs/namei.c ``ovl_lookup``, dir.c ``ovl_set_redirect``, params.c ``ovl_fs_params_verify``; the kernel
+mounted here (6.18) is the oracle.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tests.trees import Spec, build, disk_form, entry, tree_hash, view
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(300)]
 
 OPTIONS = ["redirect_dir=on", "metacopy=on", "redirect_dir=on,metacopy=on"]  # metacopy=on turns redirect_dir=on
-XATTRS = ("redirect", "impure", "origin")  # recorded besides opaque and metacopy; all deterministic over one lower
+XATTRS = ("redirect", "impure", "origin")  # recorded besides opaque and metacopy; deterministic over the same lowers
 
 LOWER: Spec = {
     "merged/m1": "m1",  # becomes a merged directory (a file created in it), then moves to another parent
