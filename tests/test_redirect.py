@@ -257,20 +257,23 @@ def lowers(backing: Path) -> list[str]:
 def test_renames_give_the_kernels_results_view_inodes_and_upper(backing, lowers, extra):
     lower_hashes = [tree_hash(lower) for lower in lowers]
     kernel, pylayerfs = (_operate(backing, impl, lowers, extra) for impl in IMPLEMENTATIONS)
-    table = [(d, k, p) for (d, _), k, p in zip(OPERATIONS, kernel.results, pylayerfs.results, strict=True) if k != p]
-    assert table == [], "operations that differ from the kernel (what, kernel, pylayerfs)"
-    assert pylayerfs.view == kernel.view
     lower_inos = {
         os.lstat(os.path.join(d, n)).st_ino for lower in lowers for d, ds, fs in os.walk(lower) for n in ds + fs
     }
-    inos = [
-        (path, ino, pylayerfs.inos.get(path))
-        for path, ino in kernel.inos.items()
-        if (ino in lower_inos or pylayerfs.inos.get(path) in lower_inos) and pylayerfs.inos.get(path) != ino
-    ]
-    assert inos == [], "st_ino of lower objects (path, kernel, pylayerfs)"
-    assert _differences(kernel.before_write, pylayerfs.before_write) == {}, "upper before the write (kernel, pylayerfs)"
-    assert _differences(_disk(kernel.upper), _disk(pylayerfs.upper)) == {}, "upper (kernel, pylayerfs)"
+    differ = {  # everything that differs, at once: (kernel's, pylayerfs's)
+        "results": [
+            (d, k, p) for (d, _), k, p in zip(OPERATIONS, kernel.results, pylayerfs.results, strict=True) if k != p
+        ],
+        "view": _differences(kernel.view, pylayerfs.view),
+        "st_ino of lower objects": {
+            path: (ino, pylayerfs.inos.get(path))
+            for path, ino in kernel.inos.items()
+            if (ino in lower_inos or pylayerfs.inos.get(path) in lower_inos) and pylayerfs.inos.get(path) != ino
+        },
+        "upper before the write": _differences(kernel.before_write, pylayerfs.before_write),
+        "upper": _differences(_disk(kernel.upper), _disk(pylayerfs.upper)),
+    }
+    assert {what: found for what, found in differ.items() if found} == {}
     assert [tree_hash(lower) for lower in lowers] == lower_hashes
 
     # what the operations were meant to do, as the kernel does it (so a kernel change shows here)
