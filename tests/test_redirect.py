@@ -59,6 +59,10 @@ LOWER: Spec = {
     "deep/xb/b1": "b1",
     "gone/g1": "g1",
     "gone/sub/g2": "g2",
+    "hx1": "two names",
+    "hx2": ("link", "hx1"),  # a lower hard link
+    "tr": "to be truncated",
+    "fdf": "read through a descriptor",
 }
 BOTTOM: Spec = {  # a second lower layer below LOWER: redirects are followed in every lower layer
     "merged/m2": "m2 from the bottom",
@@ -79,6 +83,22 @@ def _create(path: str, data: str = "new") -> None:
 def _append(path: str) -> None:
     with open(path, "a") as f:
         f.write("+")
+
+
+def _rename_and_truncate(old: str, new: str) -> None:
+    os.rename(old, new)
+    os.truncate(new, 3)
+
+
+def _rename_and_write_open(old: str, new: str) -> bytes:
+    """What a descriptor opened before the rename (and the data copy-up) reads after both."""
+    fd = os.open(old, os.O_RDONLY)
+    try:
+        os.rename(old, new)
+        _append(new)
+        return os.pread(fd, 100, 0)
+    finally:
+        os.close(fd)
 
 
 def _mkdir_and_list(path: str) -> list[str]:
@@ -145,6 +165,11 @@ OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
     ("write to it: data copy-up", lambda m: _append(f"{m}/f1x")),
     ("read it", lambda m: Path(f"{m}/f1x").read_bytes()[-16:]),
     ("read the moved file", lambda m: Path(f"{m}/low/f2b").read_bytes()),
+    ("rename one of two lower hard links", lambda m: os.rename(f"{m}/hx1", f"{m}/other/hx1r")),
+    ("setxattr on a renamed dir", lambda m: os.setxattr(f"{m}/low", "user.k", b"v")),
+    ("utimes on a renamed file", lambda m: os.utime(f"{m}/low/f2b", (1, 2))),
+    ("rename a lower file and truncate it", lambda m: _rename_and_truncate(f"{m}/tr", f"{m}/other/trr")),
+    ("rename and write a file open before", lambda m: _rename_and_write_open(f"{m}/fdf", f"{m}/low/fdf2")),
     ("write through one link of a metacopy file", lambda m: _append(f"{m}/other/hlink")),
     ("read the other link", lambda m: Path(f"{m}/hl").read_bytes()),
     ("rename a lower dir over a non-empty renamed dir", lambda m: os.rename(f"{m}/deep", f"{m}/low")),
@@ -176,7 +201,7 @@ METACOPY_REDIRECTS = {  # no data copied for these
 }
 
 
-UNWRITTEN = ("low/f2b", "f2link", "low/l1")  # with metacopy=on, metacopy files to the end (hl's data is written)
+UNWRITTEN = ("low/f2b", "f2link", "low/l1", "other/hx1r")  # with metacopy=on, metacopy files to the end
 
 
 @dataclass
