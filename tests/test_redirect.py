@@ -63,6 +63,8 @@ LOWER: Spec = {
     "hx2": ("link", "hx1"),  # a lower hard link
     "tr": "to be truncated",
     "fdf": "read through a descriptor",
+    "od/c1": "in a dir renamed while open",
+    "od/sd/c2": "deeper",
 }
 BOTTOM: Spec = {  # a second lower layer below LOWER: redirects are followed in every lower layer
     "merged/m2": "m2 from the bottom",
@@ -97,6 +99,19 @@ def _rename_and_write_open(old: str, new: str) -> bytes:
         os.rename(old, new)
         _append(new)
         return os.pread(fd, 100, 0)
+    finally:
+        os.close(fd)
+
+
+def _rename_open_dir(old: str, new: str) -> tuple[object, ...]:
+    """Through a descriptor of a directory opened before its rename: its listing, a read and a create below it."""
+    fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(old, new)
+        with open("sd/c2", "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=fd)) as f:
+            data = f.read()
+        os.close(os.open("made", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+        return sorted(os.listdir(fd)), data, sorted(os.listdir(new))
     finally:
         os.close(fd)
 
@@ -170,6 +185,7 @@ OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
     ("utimes on a renamed file", lambda m: os.utime(f"{m}/low/f2b", (1, 2))),
     ("rename a lower file and truncate it", lambda m: _rename_and_truncate(f"{m}/tr", f"{m}/other/trr")),
     ("rename and write a file open before", lambda m: _rename_and_write_open(f"{m}/fdf", f"{m}/low/fdf2")),
+    ("rename a dir open as a dirfd", lambda m: _rename_open_dir(f"{m}/od", f"{m}/other/od2")),
     ("write through one link of a metacopy file", lambda m: _append(f"{m}/other/hlink")),
     ("read the other link", lambda m: Path(f"{m}/hl").read_bytes()),
     ("rename a lower dir over a non-empty renamed dir", lambda m: os.rename(f"{m}/deep", f"{m}/low")),
