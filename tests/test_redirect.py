@@ -206,6 +206,7 @@ REDIRECTS = {
     "deeper2": b"/merged/sub/deeper",  # the path built from its parent's absolute redirect
     "xa": b"/deep/xb",  # RENAME_EXCHANGE: each side redirected to the other's origin
     "deep/xb": b"/xa",
+    "other/od2": b"/od",  # renamed while open
     f"other/{'K' * 200}": b"/" + b"L" * 200,  # 201 bytes; a 302-byte one is EXDEV (the kernel's redirect_max 256)
 }
 METACOPY_REDIRECTS = {  # no data copied for these
