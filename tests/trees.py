@@ -56,18 +56,18 @@ def _user_xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
 def entry(full: str, with_ino: bool = False) -> tuple[Any, ...]:
     """What :func:`view` records for the object at ``full`` (raises OSError when it cannot be looked up or read)."""
     st = os.lstat(full)
-    entry: list[Any] = [stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid]
+    found: list[Any] = [stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid]
     if stat.S_ISREG(st.st_mode):
         with open(full, "rb") as f:
-            entry += [st.st_size, hashlib.sha256(f.read()).hexdigest()[:16]]
+            found += [st.st_size, hashlib.sha256(f.read()).hexdigest()[:16]]
     elif stat.S_ISLNK(st.st_mode):
-        entry.append(os.readlink(full))
+        found.append(os.readlink(full))
     elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        entry.append(st.st_rdev)
-    entry.append(_user_xattrs(full))
+        found.append(st.st_rdev)
+    found.append(_user_xattrs(full))
     if with_ino:
-        entry.append(st.st_ino)
-    return tuple(entry)
+        found.append(st.st_ino)
+    return tuple(found)
 
 
 def view(root: str, *, with_ino: bool = False, errors: bool = False) -> dict[str, Any]:
