@@ -193,7 +193,7 @@ OPERATIONS: list[tuple[str, Callable[[str], object]]] = [
     ("rename a renamed dir over a file", lambda m: os.rename(f"{m}/low", f"{m}/f1x")),
 ]
 
-# Where the kernel records each rename (redirect_dir=on; h16-facts.md): the bare old name within one parent, the
+# Where the kernel records each rename (redirect_dir=on; dir.c ovl_set_redirect): the bare old name in one parent, the
 # path from the layer's root for a move to another parent, built from the ancestors' redirects.
 REDIRECTS = {
     "low": b"low",  # renamed twice in the same parent, back to its name: the first redirect stays
