@@ -74,6 +74,21 @@ def test_a_file_below_a_directory_ends_the_merge(stack):
     assert "does not exist" in deep.result
 
 
+def test_a_renamed_directory_is_followed_to_where_it_was(tmp_path):
+    """A directory renamed with redirect_dir=on, in a lower layer (a former upper): the lookup reads the layers below
+    at its old path, and explain says where."""
+    top = build(str(tmp_path / "top"), {"new": None, "old": WHITEOUT})
+    os.setxattr(f"{top}/new", TRUSTED_PREFIX + "redirect", b"/old")
+    low = build(str(tmp_path / "low"), {"old/f": "moved with its directory"})
+    stack = [Layer("top", top), Layer("low", low)]
+    e = explain(stack, "/new")
+    assert e.layers[0].holds == "renamed directory" and "redirect" in e.layers[0].rule
+    assert e.layers[1].holds == "directory at /old" and e.entries == {"f": "low"}
+    f = explain(stack, "/new/f")
+    assert f.layers[1].holds == "file at /old/f" and f.result.endswith(f"({low}/old/f)")
+    assert explain(stack, "/old").source is None
+
+
 def test_lower_only_and_missing(stack):
     assert explain(stack, "/only").source == "low"
     missing = explain(stack, "/nowhere")

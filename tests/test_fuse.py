@@ -307,10 +307,14 @@ def test_bad_mount_requests_fail_with_one_line(tmp_path, opts, message):
     for d in (f"{lower}/sub", f"{upper}/w/x", work, mnt):
         os.makedirs(d)
     before = {d: sorted(os.listdir(d)) for d in (lower, upper, work)}
-    result = run_pylayerfs("mount", "-o", opts.format(l=lower, u=upper, w=work), mnt, check=False)
-    assert result.returncode != 0
+    try:
+        result = run_pylayerfs("mount", "-o", opts.format(l=lower, u=upper, w=work), mnt, check=False)
+    finally:
+        mounted = os.path.ismount(mnt)
+        force_unmount(mnt)  # a request wrongly accepted must not leave its mount behind
+    assert result.returncode != 0 and not mounted
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not os.path.ismount(mnt) and {d: sorted(os.listdir(d)) for d in before} == before
+    assert {d: sorted(os.listdir(d)) for d in before} == before
 
 
 def test_mountpoint_inside_a_layer_and_upper_in_use_are_refused(stack):

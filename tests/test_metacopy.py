@@ -135,12 +135,35 @@ def test_without_metacopy_on_a_metacopy_file_is_refused_and_one_without_data_is_
     assert orphan.value.errno == errno.EIO
 
 
-def test_metacopy_and_userxattr_conflict_as_in_the_kernel():
+@pytest.mark.parametrize(
+    ("options", "mode"),
+    [
+        ("", "follow"),  # the kernel module's defaults: redirect_dir=N, redirect_always_follow=Y
+        ("redirect_dir=off", "follow"),
+        ("redirect_dir=off,redirect_always_follow=off", "nofollow"),
+        ("redirect_dir=nofollow", "nofollow"),
+        ("metacopy=on", "on"),  # metacopy needs redirects: turned on
+        ("metacopy=on,redirect_dir=on", "on"),
+        ("userxattr", "nofollow"),
+        ("userxattr,redirect_dir=nofollow", "nofollow"),
+        ("metacopy=on,redirect_dir=off", "conflicting options: metacopy=on,redirect_dir=follow"),
+        ("redirect_dir=nofollow,metacopy=on", "conflicting options: metacopy=on,redirect_dir=nofollow"),
+        ("userxattr,redirect_dir=off", "conflicting options: userxattr,redirect_dir=follow"),
+        ("userxattr,metacopy=on", "conflicting options: userxattr,metacopy=on"),
+        ("userxattr,metacopy=on,redirect_dir=on", "conflicting options: userxattr,redirect_dir=on"),
+    ],
+)
+def test_redirect_modes_and_conflicts_as_the_kernel_resolves_them(options, mode):
+    """fs/overlayfs/params.c ovl_fs_params_verify's order and words (each checked against mount -t overlay's dmesg
+    on Linux 6.18; tests/test_redirect.py compares the refusals with the kernel's)."""
     from pylayerfs.overlay.params import MountError, parse_options
 
-    assert parse_options(["lowerdir=a,metacopy=on"]).metacopy
-    with pytest.raises(MountError, match="conflicting options: userxattr,metacopy=on"):
-        parse_options(["lowerdir=a,metacopy=on,userxattr"])
+    text = "lowerdir=a" + ("," + options if options else "")
+    if mode.startswith("conflicting"):
+        with pytest.raises(MountError, match=mode):
+            parse_options([text])
+    else:
+        assert parse_options([text]).redirect_mode == mode
 
 
 # -- the kernel as the oracle -----------------------------------------------------------------

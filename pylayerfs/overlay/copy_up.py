@@ -8,11 +8,9 @@ it appears complete or not at all. A directory is copied without its contents.
 The parent's times are restored afterwards: copy-up leaves no visible trace.
 
 With ``metacopy=on``, a copy-up for a metadata change (chmod, chown, utimes,
-xattrs) of a regular file copies no data: the upper file is sparse, of the
-same size, marked ``metacopy``, and reads go on to the lower file. Any other
-copy-up of it (an open for write, a truncate, a rename, a link) copies the
-data in: a new file built in the workdir from the lower data and the upper
-metadata replaces the metacopy file by rename.
+xattrs, a rename or link) of a regular file copies no data: the upper file is
+sparse, of the same size, marked ``metacopy``, and reads go on to the lower
+file. An open for write or a truncate then copies the data into it, in place.
 
 A copy-up is made in three steps (:class:`CopyUp`): begun (:func:`start_copy_up`: ancestors, the
 temporary object), its data copied (:meth:`CopyUp.copy_data`: pure I/O between two fds, no engine
@@ -38,7 +36,6 @@ from collections.abc import Callable
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.layers import split
 from pylayerfs.overlay.lookup import Node
-from pylayerfs.overlay.markers import get as get_xattr
 from pylayerfs.overlay.state import OverlayState
 
 _CHUNK = 64 << 20  # bytes per copy_file_range call: how often a cancelled copy looks (~0.1 s)
@@ -85,8 +82,10 @@ class CopyUp:
     other requests), and :meth:`install` (owner, mode, xattrs, origin, times, the atomic rename into the upper
     layer and the engine's caches: on the engine's thread). :meth:`abort` instead removes the temporary
     object. Data come from the top lower object (below a metacopy file: the file holding them); metadata from
-    the top lower object too, except for the data copy-up of a metacopy file, whose metadata are its own (and
-    which the new file replaces). ``size`` is the number of bytes :meth:`copy_data` will copy (0: none).
+    the top lower object too. The data copy-up of a metacopy file is made in place, as the kernel's
+    ``ovl_copy_up_meta_inode_data``: its data are written into it (so every hard link of it, and its mtime, see
+    them) and removing its ``metacopy`` xattr is the commit; until then reads still go below, so a crash half-way
+    leaves it as it was. ``size`` is the number of bytes :meth:`copy_data` will copy (0: none).
     """
 
     def __init__(self, ov: OverlayState, parent: Node, node: Node, name: str, with_data: bool, metacopy: bool) -> None:
@@ -99,10 +98,16 @@ class CopyUp:
         self._tmp = self._work.temp_name()
         self._src: int | None = None
         self._dst: int | None = None
-        realfs.trace("copy_up", f"{data.layer.root}/{data.path}", to=self._tmp, metacopy=metacopy)
+        to = node.path if self._replacing else self._tmp
+        realfs.trace("copy_up", f"{data.layer.root}/{data.path}", to=to, metacopy=metacopy)
         try:
             with data.layer.parent(data.path) as (src_dirfd, src_name):
-                self._create(src_dirfd, src_name, with_data)
+                if self._replacing:  # in place: the metacopy file gets its data
+                    self._dst = realfs.openat2(parent.upper_fd, name, os.O_WRONLY | os.O_NOFOLLOW)
+                    if with_data and st.st_size:
+                        self._src = realfs.openat2(src_dirfd, src_name, os.O_RDONLY | os.O_NOFOLLOW)
+                else:
+                    self._create(src_dirfd, src_name, with_data)
         except BaseException:
             self.abort()
             raise
@@ -155,35 +160,29 @@ class CopyUp:
         """
         ov, parent, node, st, work, tmp = self._ov, self._parent, self._node, self._st, self._work, self._tmp
         self._close()
+        path = node.path
+        if self._replacing:  # the data are in: no longer a metacopy file (its redirect stays, as the kernel's)
+            realfs.removexattr(parent.upper_fd, self._name, ov.markers.metacopy)
+            upper = ov.writable(path)[0]
+            ov.files.copied_up(path, lambda: upper.open(path, os.O_RDONLY | os.O_NOFOLLOW))
+            return ov.lookup.lookup(path)
         try:
             _copy_owner_and_mode(st, work.fd, tmp)
-            with (
-                contextlib.nullcontext((parent.upper_fd, self._name))
-                if self._replacing
-                else self._top.layer.parent(self._top.path) as meta
-            ):
+            with self._top.layer.parent(self._top.path) as meta:
                 _copy_xattrs(ov, realfs.fd_path(*meta), realfs.fd_path(work.fd, tmp))
             origin = self._origin()
             if origin is not None:
                 ov.markers.set_origin(work.fd, tmp, origin)
             if self._metacopy:
                 ov.markers.set_metacopy(work.fd, tmp)
-            if self._replacing:
-                if node.redirect is not None:  # the kernel keeps it when the data come up
-                    ov.markers.set_redirect(work.fd, tmp, node.redirect)
-            elif not parent.impure:  # the parent now holds a copied-up object (the kernel's ovl_set_impure)
-                ov.markers.set_impure(parent.upper_fd)
-                parent.impure = True
+            mark_impure(ov, parent)  # the parent now holds a copied-up object
             realfs.utime(work.fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
             parent_st = os.stat(parent.upper_fd)
-            realfs.renameat2(
-                work.fd, tmp, parent.upper_fd, self._name, 0 if self._replacing else realfs.RENAME_NOREPLACE
-            )
+            realfs.renameat2(work.fd, tmp, parent.upper_fd, self._name, realfs.RENAME_NOREPLACE)
         except BaseException:
             self.abort()
             raise
         _restore_times(parent.upper_fd, parent_st)
-        path = node.path
         if node.is_dir:
             ov.lookup.invalidate(path)
         elif self._metacopy:
@@ -198,12 +197,10 @@ class CopyUp:
         """The ``origin`` the copy gets (None: none): the lower object's, as the kernel's ``ovl_copy_up_one`` decides.
 
         A directory or a file with a single link gets its lower object's handle (a hard-linked one none: its names
-        may be copied up apart, ``index=off``); a metacopy file getting its data keeps the one it has. Raises the
+        may be copied up apart, ``index=off``). Raises the
         getxattr and name_to_handle_at errors (ENOENT...).
         """
         markers, st = self._ov.markers, self._st
-        if self._replacing:
-            return get_xattr(self._parent.upper_fd, self._name, markers.origin)
         if not (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
             return None
         with self._top.layer.parent(self._top.path) as (dirfd, name):
@@ -219,8 +216,13 @@ class CopyUp:
         return self.install()
 
     def abort(self) -> None:
-        """Give up: close the fds and remove the temporary object (never raises; the workdir is emptied at mount)."""
+        """Give up: close the fds and remove the temporary object (never raises; the workdir is emptied at mount).
+
+        A metacopy file half-way through getting its data in place stays a metacopy file: its reads still go below.
+        """
         self._close()
+        if self._replacing:
+            return
         with contextlib.suppress(OSError):
             self._work.remove(self._tmp)
 
@@ -229,6 +231,14 @@ class CopyUp:
             if fd is not None:
                 os.close(fd)
         self._src = self._dst = None
+
+
+def mark_impure(ov: OverlayState, directory: Node) -> None:
+    """Mark the upper ``directory`` impure once (the kernel's ``ovl_set_impure``): it holds an object with an origin,
+    put there by copy-up, a rename or a link. Best effort, never raises."""
+    if not directory.impure:
+        ov.markers.set_impure(directory.upper_fd)
+        directory.impure = True
 
 
 def _restore_times(dirfd: int, st: os.stat_result) -> None:

@@ -90,6 +90,25 @@ class OpenFiles:
         """
         self._lower_by_path.pop(path, None)
 
+    def moved(self, old: str, new: str, exchange: bool = False) -> None:
+        """A rename moved ``old`` (and what is below it) to ``new`` (with ``exchange``, ``new`` to ``old`` too): lower
+        handles opened there follow their objects, still switched when they are copied up (a file of a directory
+        renamed with ``redirect_dir=on`` stays in its lower layer until then)."""
+        moving = [(old, new), (new, old)] if exchange else [(old, new)]
+        taken = [(src, dst, self._take(src)) for src, dst in moving]
+        for src, dst, handles in taken:
+            for path, ofs in handles:
+                dest = dst + path[len(src) :]
+                for of in ofs:
+                    of.path = dest
+                self._lower_by_path.setdefault(dest, []).extend(ofs)
+
+    def _take(self, path: str) -> list[tuple[str, list[OpenFile]]]:
+        """Remove and return the lower handles registered at ``path`` and below it, with their paths."""
+        prefix = path + "/"
+        keys = [k for k in self._lower_by_path if k == path or k.startswith(prefix)]
+        return [(k, self._lower_by_path.pop(k)) for k in keys]
+
     def _unregister(self, of: OpenFile) -> None:
         handles = [h for h in self._lower_by_path.pop(of.path, []) if h is not of]
         if handles:

@@ -290,7 +290,7 @@ class Lookup:
             elif not walk.metacopy:
                 hits.append(hit)
             if walk.name.startswith("/") and bases is not self._roots:
-                bases, i = self._roots, layer.index  # on from the roots of the layers below this one
+                bases, i = self._roots, self.lowers.index(layer) + 1  # on from the roots of the layers below this one
         return LowerStack(tuple(hits), top_metacopy, orphan=walk.metacopy)
 
     def _in_layer(self, layer: LowerLayer, base: str, walk: _Walk, last: bool) -> LowerHit | None:

@@ -31,7 +31,7 @@ import stat
 from collections.abc import Callable, Iterator
 
 from pylayerfs.overlay import realfs
-from pylayerfs.overlay.copy_up import copy_up, upper_parent
+from pylayerfs.overlay.copy_up import copy_up, mark_impure, upper_parent
 from pylayerfs.overlay.file import OpenFile
 from pylayerfs.overlay.layers import split
 from pylayerfs.overlay.lookup import Node
@@ -283,6 +283,8 @@ def link(ov: OverlayState, old: str, new: str) -> None:
         realfs.link(src_parent.upper_fd, old_name, fd, name)
 
     _create_object(ov, new, make, owner=None)
+    if src.origin is not None:  # the new name's directory holds an object with an origin (the kernel's ovl_link)
+        mark_impure(ov, ov.lookup.lookup(split(new)[0]))
 
 
 # -- removing ----------------------------------------------------------------------------
@@ -415,12 +417,9 @@ def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
     old_parent = ov.lookup.lookup(split(old)[0])  # refreshed: copying up one parent may move the other's node
     src = ov.lookup.lookup(old)
     samedir = split(old)[0] == split(new)[0]
-    if exchange:
-        assert dst is not None
-        dst = ov.lookup.lookup(new)
     _mark_moved(ov, src, samedir, new_parent, old_parent)
     if exchange:
-        assert dst is not None
+        dst = ov.lookup.lookup(new)
         _mark_moved(ov, dst, samedir, old_parent, new_parent)
         realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name, realfs.RENAME_EXCHANGE)
     else:
@@ -428,7 +427,9 @@ def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
     for path in (old, new):
         if src.is_dir or (dst is not None and dst.is_dir):
             ov.lookup.moved(path)
-        ov.files.forget(path)
+    if not exchange:
+        ov.files.forget(new)  # the object it named is gone
+    ov.files.moved(old, new, exchange)
 
 
 def _can_move(ov: OverlayState, node: Node) -> bool:
@@ -449,36 +450,33 @@ def _mark_moved(ov: OverlayState, node: Node, samedir: bool, to: Node, source: N
             ov.markers.set_opaque(source.upper_fd, split(node.path)[1])
         except OSError:
             raise _error(errno.EXDEV, node.path) from None
-    if not samedir and not to.impure and (node.origin is not None or node.lower.hits):
-        ov.markers.set_impure(to.upper_fd)
-        to.impure = True
+    if not samedir and (node.origin is not None or node.lower.hits):
+        mark_impure(ov, to)
 
 
 def _set_redirect(ov: OverlayState, node: Node, samedir: bool, parent: Node) -> None:
-    """Record in the copied-up ``node`` (in the directory ``parent``) where its lower part is, before it is renamed (the
-    kernel's
-    ``ovl_set_redirect`` and ``ovl_get_redirect``): its current name for a rename within its directory, else its
-    absolute path, made of its ancestors' names, each replaced by its own redirect where it has one, up to the root or
-    to an absolute redirect. An absolute redirect is kept, and so is a relative one within the same directory. Raises
-    EXDEV for an absolute path over :data:`REDIRECT_MAX` bytes, or one the upper filesystem cannot store (``mv`` then
-    copies, as under the kernel).
+    """Record in the copied-up ``node`` (in the directory ``parent``) where its lower part is, before it is renamed
+    (the kernel's ``ovl_set_redirect`` and ``ovl_get_redirect``): its current name for a rename within its directory,
+    else its absolute path, made of its ancestors' names, each replaced by its own redirect where it has one, up to
+    the root or to an absolute redirect. An absolute redirect is kept, and so is a relative one within the same
+    directory. Raises EXDEV for an absolute path over :data:`REDIRECT_MAX` bytes, or one the upper filesystem cannot
+    store (``mv`` then copies, as under the kernel).
     """
     if node.redirect is not None and (samedir or node.redirect.startswith("/")):
         return
-    path, name = split(node.path)
-    if samedir:
-        redirect = name
-    else:
-        parts = [node.redirect or name]
-        while path and not parts[0].startswith("/"):
-            ancestor = ov.lookup.lookup(path)
-            path, name = split(path)
-            parts.insert(0, ancestor.redirect or name)
-        redirect = "/".join(parts) if parts[0].startswith("/") else "/" + "/".join(parts)
+    above, name = split(node.path)
+    parts = [name if samedir else node.redirect or name]
+    while not samedir and above and not parts[0].startswith("/"):
+        ancestor = ov.lookup.lookup(above)
+        above, ancestor_name = split(above)
+        parts.insert(0, ancestor.redirect or ancestor_name)
+    redirect = "/".join(parts)
+    if not samedir:
+        redirect = redirect if redirect.startswith("/") else "/" + redirect
         if len(os.fsencode(redirect)) > REDIRECT_MAX:
             raise _error(errno.EXDEV, node.path)
     try:
-        ov.markers.set_redirect(parent.upper_fd, split(node.path)[1], redirect)
+        ov.markers.set_redirect(parent.upper_fd, name, redirect)
     except OSError:
         raise _error(errno.EXDEV, node.path) from None
 

@@ -98,6 +98,11 @@ class _Step:
     error: OSError | None = None  # the engine refused the name (a metacopy file: EPERM, EIO)
     stopper: int | None = None  # the layer where the lookup ended
     stop: str = ""  # why it ended there: WHITEOUT, NON_DIRECTORY, OPAQUE, OBJECT, REFUSED
+    paths: dict[int, str] = field(default_factory=dict)  # where each layer is looked at, when not the merged path
+
+    def at(self, i: int, rel: str) -> str:
+        """The path the lookup reads in layer ``i`` for the merged path ``rel`` (another one below a redirect)."""
+        return self.paths.get(i, rel)
 
 
 class _Walk:
@@ -120,6 +125,10 @@ class _Walk:
             self._holds[key] = self._upper_holds(layer, rel) if is_upper else self._lower_holds(layer, rel)
         return self._holds[key]
 
+    def holds_at(self, step: _Step, i: int, rel: str) -> str:
+        """What layer ``i`` has where ``step``'s lookup of the merged path ``rel`` reads it (:meth:`_Step.at`)."""
+        return self.holds(i, step.at(i, rel))
+
     def _lower_holds(self, layer: engine.Layer, rel: str) -> str:
         assert isinstance(layer, engine.LowerLayer)
         if not rel:
@@ -132,13 +141,10 @@ class _Walk:
         if st is None:
             return "nothing"
         if stat.S_ISDIR(st.st_mode):
-            return "opaque directory" if layer.listing(rel).opaque else "directory"
-        if stat.S_ISREG(st.st_mode) and st.st_size:
-            try:
-                if layer.is_metacopy(rel):
-                    return "metacopy file"
-            except OSError:
-                return "metacopy file"  # one with a redirect, which pylayerfs refuses
+            below = layer.listing(rel)
+            return "opaque directory" if below.opaque else "renamed directory" if below.redirect else "directory"
+        if stat.S_ISREG(st.st_mode) and st.st_size and layer.is_metacopy(rel):
+            return "metacopy file"
         return _kind(st.st_mode)
 
     def _upper_holds(self, layer: engine.Layer, rel: str) -> str:
@@ -154,7 +160,9 @@ class _Walk:
         if stat.S_ISDIR(st.st_mode):
             fd = layer.open(rel, os.O_PATH | os.O_DIRECTORY)
             try:
-                return "opaque directory" if markers.is_opaque(fd) else "directory"
+                if markers.is_opaque(fd):
+                    return "opaque directory"
+                return "renamed directory" if markers.redirect_of(fd) is not None else "directory"
             finally:
                 os.close(fd)
         if stat.S_ISREG(st.st_mode) and st.st_size:
@@ -173,9 +181,10 @@ class _Walk:
         upper = [0] if node.upper is not None else []
         return upper + [hit.layer.index for hit in node.lower.hits]
 
-    def step(self, rel: str, consulted: list[int]) -> _Step:
-        """The engine's lookup of ``rel`` (whose parent is a merged directory consulting ``consulted``)."""
-        step = _Step(consulted, None, [])
+    def step(self, rel: str, consulted: list[int], where: dict[int, str] | None = None) -> _Step:
+        """The engine's lookup of ``rel`` (whose parent is a merged directory consulting ``consulted``, each layer at
+        the path ``where`` gives, the merged one by default)."""
+        step = _Step(consulted, None, [], paths=dict(where or {}))
         if not consulted:
             return step
         try:
@@ -185,19 +194,22 @@ class _Walk:
                 step.error = exc
         if step.node is not None:
             step.members = self.members(step.node)
+            step.paths.update({hit.layer.index: hit.path for hit in step.node.lower.hits})
             last = step.members[-1]
             if not step.node.is_dir:
                 step.stopper, step.stop = last, OBJECT
-            elif self.holds(last, rel) == "opaque directory" or (last == 0 and self.stack.upper and step.node.opaque):
+            elif self.holds_at(step, last, rel) == "opaque directory" or (
+                last == 0 and self.stack.upper and step.node.opaque
+            ):
                 step.stopper, step.stop = last, OPAQUE
             else:  # the merge went on below the last directory: the first thing found there ended it
                 below = consulted[consulted.index(last) + 1 :] if last in consulted else []
-                found = [i for i in below if self.holds(i, rel) != "nothing"]
+                found = [i for i in below if self.holds_at(step, i, rel) != "nothing"]
                 if found:
                     step.stopper = found[0]
-                    step.stop = WHITEOUT if self.holds(found[0], rel) == "whiteout" else NON_DIRECTORY
+                    step.stop = WHITEOUT if self.holds_at(step, found[0], rel) == "whiteout" else NON_DIRECTORY
             return step
-        found = [i for i in consulted if self.holds(i, rel) != "nothing"]
+        found = [i for i in consulted if self.holds_at(step, i, rel) != "nothing"]
         if found:
             step.stopper = found[0]
             step.stop = REFUSED if step.error is not None else WHITEOUT
@@ -206,17 +218,19 @@ class _Walk:
     def walk(self, rel: str) -> tuple[_Step, dict[int, str]]:
         """The lookup of ``rel`` and, for each layer its parent's merge leaves out, why."""
         consulted = list(range(len(self.stack.layers)))
+        where: dict[int, str] = {}
         why: dict[int, str] = {}
         parts = rel.split("/") if rel else []
         for depth in range(len(parts)):
             ancestor = "/".join(parts[:depth])
-            step = self.step(ancestor, consulted)
+            step = self.step(ancestor, consulted, where)
             merged = step.members if step.node is not None and step.node.is_dir else []
             for i in consulted:
                 if i not in merged:
                     why[i] = self._left_out(i, ancestor, step)
             consulted = merged
-        return self.step(rel, consulted), why
+            where = {i: engine.join(step.at(i, ancestor), parts[depth]) for i in merged}
+        return self.step(rel, consulted, where), why
 
     def _left_out(self, i: int, ancestor: str, step: _Step) -> str:
         """Why the lookup below ``/ancestor`` does not consult layer ``i`` (consulted for the ancestor)."""
@@ -243,7 +257,9 @@ class _Walk:
         labels = [layer.label for layer in self.stack.layers]
         findings: list[Finding] = []
         for i, layer in enumerate(self.stack.layers):
-            holds = self.holds(i, rel)
+            holds = self.holds_at(step, i, rel)
+            if step.at(i, rel) != rel and holds != "nothing":
+                holds += f" at /{step.at(i, rel)}"  # a redirect above led the lookup there
             if i not in step.consulted:
                 rule, asked = f"not consulted: {why.get(i, f'a parent of /{rel} is not here')}", False
             elif step.stopper is not None and step.consulted.index(i) > step.consulted.index(step.stopper):
@@ -264,6 +280,8 @@ class _Walk:
             if node.is_dir:
                 if step.stop == OPAQUE and i == step.stopper:
                     return "an opaque directory: nothing below it is merged"
+                if holds.startswith("renamed directory"):
+                    return "a directory renamed here (its redirect): the layers below are merged from where it was"
                 return "a directory: merged with the directories below (upper entries hide lower ones)"
             if node.data is not None:
                 top, data = step.members[0], step.members[-1]
@@ -275,7 +293,7 @@ class _Walk:
                     return f"holds the data of the metacopy file in {labels[top]}: reads return these bytes"
                 return "another metacopy file: the lookup goes on down to the data"
             rule = f"the top-most object: the merged view shows this {holds}, and reads return these bytes"
-            if holds == "metacopy file":
+            if holds.startswith("metacopy file"):
                 rule += " (the mount is not metacopy=on: it is shown as it is on disk)"
             return rule
         if i == step.stopper:
@@ -319,10 +337,10 @@ class _Walk:
             return f"{shown} is a directory; its attributes are {labels[top]}'s", labels[top]
         if node.data is not None:
             data = step.members[-1]
-            path = os.path.join(self.stack.layers[data].root, rel)
+            path = os.path.join(self.stack.layers[data].root, step.at(data, rel))
             return f"{shown} is a file with {labels[top]}'s metadata and {labels[data]}'s data ({path})", labels[data]
-        path = os.path.join(self.stack.layers[top].root, rel)
-        return f"{shown} is a {self.holds(top, rel)} from {labels[top]} ({path})", labels[top]
+        path = os.path.join(self.stack.layers[top].root, step.at(top, rel))
+        return f"{shown} is a {self.holds_at(step, top, rel)} from {labels[top]} ({path})", labels[top]
 
     def entries(self, node: Node) -> dict[str, int]:
         """The names the merged directory ``node`` lists, each with the layer its object is taken from."""
