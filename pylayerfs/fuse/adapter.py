@@ -199,15 +199,23 @@ class FuseOperations(fuse.Operations):  # type: ignore[misc]
         return True
 
     def _moved(self, old: str, new: str, exchange: bool) -> None:
-        """A rename moved (or exchanged) ``old`` and ``new``: so did the hidden files below them in libfuse's tree."""
+        """A rename moved (or exchanged) ``old`` and ``new``: so did the hidden files below them in libfuse's tree,
+        and the open directories at or below them (a directory renamed while open still lists its entries)."""
         moves = {old + "/": new + "/"} | ({new + "/": old + "/"} if exchange else {})
+
+        def moved(path: str) -> str | None:
+            return next((dst + path[len(src) :] for src, dst in moves.items() if path.startswith(src)), None)
+
         renamed: dict[str, set[int]] = {}
         for hidden in list(self._hidden):
-            for src, dst in moves.items():
-                if hidden.startswith(src):
-                    renamed[dst + hidden[len(src) :]] = self._hidden.pop(hidden)
-                    break
+            dest = moved(hidden)
+            if dest is not None:
+                renamed[dest] = self._hidden.pop(hidden)
         self._hidden.update(renamed)
+        for fh, rel in self._dirs.items():  # relative paths: "" is the root, which never moves
+            dest = moved("/" + rel + "/")
+            if dest is not None:
+                self._dirs[fh] = dest.strip("/")
 
     @_answers_eio
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:

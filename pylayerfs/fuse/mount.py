@@ -327,6 +327,8 @@ def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | Non
     if binding(config) == "native":
         passthrough(config)  # a bad $PYLAYERFS_PASSTHROUGH fails here, before anything is mounted
         return _serve_native(config, mountpoint, source, ready_fd)
+    if config.index:  # its names would be kernel inodes of their own, each with its cached pages and link count
+        raise MountError("index=on needs the native binding: libfuse's path API gives every name its own inode")
     from pylayerfs.fuse import adapter  # the binding is loaded only by the process that serves
 
     os.umask(0)  # modes of new objects come from the caller, already masked by the kernel

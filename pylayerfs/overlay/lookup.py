@@ -449,6 +449,8 @@ class Lookup:
                 node = Node(path, upper_st, NO_LOWER, origin=origin)
                 return node if self.indexed is None else self.indexed(node, parent.upper_fd, name)
             redirect = self._upper_redirect(parent, parent.upper_fd, name, present)
+            if not self.metacopy:  # refused before any lower layer is read (only a malformed redirect comes first)
+                raise OSError(errno.EPERM, "refusing to follow a metacopy file without metacopy=on", path)
             lower = self._lower_lookup(parent.lower, _Walk(redirect or name, metacopy=True))
             node = Node(path, upper_st, lower, origin=origin, metacopy=True, redirect=redirect)
             self._check_metacopy(node)
@@ -515,10 +517,8 @@ class Lookup:
         return None
 
     def _check_metacopy(self, node: Node) -> None:
-        """As the kernel's ``ovl_lookup``: a metacopy file with a lower part is refused without ``metacopy=on``
-        (EPERM, "refusing to follow metacopy origin"); one whose data is in no layer below is EIO."""
-        if not self.metacopy and node.lower.hits:
-            raise OSError(errno.EPERM, "refusing to follow a metacopy file without metacopy=on", node.path)
+        """As the kernel's ``ovl_lookup``: a metacopy file whose data is in no layer below is EIO. (Without
+        ``metacopy=on`` an upper one is refused before, EPERM, and lower ones are not looked for.)"""
         if node.lower.orphan:
             raise OSError(errno.EIO, "a metacopy file whose data is in no layer below", node.path)
 

@@ -17,7 +17,6 @@ BINDINGS = ("native", "libfuse")  # the FUSE transports (-o binding=): pylayerfs
 
 # Options of the kernel's overlayfs that pylayerfs accepts at the value it implements.
 _KERNEL_DEFAULTS = {
-    "nfs_export": ("off",),
     "xino": ("off", "auto"),
     "uuid": ("on", "off", "auto", "null"),
 }
@@ -56,6 +55,7 @@ class MountConfig:
     debug: bool = False
     logfile: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
+    nfs_export: bool = False  # asked for; refused (see parse_options), with the kernel's reason where it has one
     index: bool = False  # index=on: hard links to a lower file stay one inode after copy-up (overlay/index.py)
     metacopy: bool = False  # chmod, chown, utimes and xattrs copy a file's metadata only (the kernel's metacopy=on)
     redirect_dir: str | None = None  # as given (None: not given); redirect_mode() gives the mode the mount runs with
@@ -151,6 +151,7 @@ def parse_options(options: list[str]) -> MountConfig:
     implement, and the combinations the kernel refuses (:func:`redirect_mode`).
     """
     config = MountConfig(lowerdirs=[])
+    given: set[str] = set()
     for opt in (o for text in options for o in _split_options(text)):
         key, has_value, value = opt.partition("=")
         if key == "lowerdir":
@@ -174,12 +175,15 @@ def parse_options(options: list[str]) -> MountConfig:
             config.binding = value
         elif key == "redirect_dir":
             if value not in REDIRECT_MODES:
-                raise MountError(f"redirect_dir needs {', '.join(REDIRECT_MODES[:-1])} or off, not '{value}'")
+                raise MountError(f"Bad value for 'redirect_dir': '{value}' (on, follow, nofollow or off)")
             config.redirect_dir = value
-        elif key in ("metacopy", "passthrough", "redirect_always_follow", "index"):
-            if value not in ("on", "off"):
-                raise MountError(f"{key} needs on or off, not '{value}'")
+        elif key in ("metacopy", "passthrough", "redirect_always_follow", "index", "nfs_export"):
+            if value not in ("on", "off"):  # the kernel's words for its own options
+                kernels = key in ("metacopy", "index", "nfs_export")
+                raise MountError(f"Bad value for '{key}': '{value}' (on or off)" if kernels else
+                                 f"{key} needs on or off, not '{value}'")  # fmt: skip
             setattr(config, key, value == "on")
+            given.add(key)
         elif key in ("userxattr", "debug", "allow_other", "default_permissions") and not has_value:
             setattr(config, key, True)
         elif key in ("noallow_other", "nodefault_permissions") and not has_value:
@@ -197,13 +201,25 @@ def parse_options(options: list[str]) -> MountConfig:
             pass
         else:
             raise MountError(f"unknown mount option '{opt}'")
+    _check_together(config, given)
+    return config
+
+
+def _check_together(config: MountConfig, given: set[str]) -> None:
+    """Refuse the options that cannot go together (``given``: the on/off options the user set), with the kernel's
+    reason for its own (its ``ovl_fs_params_verify``, in its order)."""
     redirect_mode(config.redirect_dir, config.metacopy, config.userxattr, config.redirect_always_follow)
+    if config.nfs_export:  # nfs_export turns index on, and needs metacopy off
+        if "index" in given and not config.index:
+            raise MountError("conflicting options: nfs_export=on,index=off")
+        if config.metacopy:
+            raise MountError("conflicting options: nfs_export=on,metacopy=on")
+        raise MountError("nfs_export=on is not supported (pylayerfs implements nfs_export=off)")
     if not config.default_permissions and config.allow_other:
         # Without default_permissions no one checks permissions (the daemon does not): with allow_other, every user
         # of the machine could read and change everything in the mount with the daemon's rights.
         raise MountError("nodefault_permissions turns off every permission check: it needs noallow_other "
                          "(only the mounting user may use the mount)")  # fmt: skip
-    return config
 
 
 def _check_no_overlap(config: MountConfig) -> None:
