@@ -33,6 +33,13 @@ def force_unmount(path: str) -> None:
         subprocess.run(["fusermount3", "-uz", path], capture_output=True, timeout=TIMEOUT, check=False)
 
 
+def _upper_in_use() -> bool:
+    """Did the kernel's last overlay mount refuse an upper in use by another superblock (its log says so)?"""
+    log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=TIMEOUT, check=False).stdout
+    lines = [line for line in log.splitlines() if "overlayfs:" in line]
+    return bool(lines) and "is in-use as upperdir/workdir of another mount" in lines[-1]
+
+
 def options(lowers: list[str], upper: str | None, work: str | None, extra: str = "") -> str:
     opts = "lowerdir=" + ":".join(lowers)
     if upper is not None:
@@ -68,12 +75,19 @@ def kernel_mount(
     mnt: str, lowers: list[str], upper: str | None = None, work: str | None = None, extra: str = ""
 ) -> Iterator[str]:
     os.makedirs(mnt, exist_ok=True)
-    subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", options(lowers, upper, work, extra), mnt],
-        check=True,
-        capture_output=True,
-        timeout=TIMEOUT,
-    )
+    command = ["mount", "-t", "overlay", "overlay", "-o", options(lowers, upper, work, extra), mnt]
+    # With index=on the kernel refuses an upper that another superblock still holds ("upperdir is in-use"): the one
+    # just unmounted lives on while a copy of its mount in another mount namespace (a container or sandbox of a test
+    # running beside) lets go. Such a refusal is retried for a few seconds; any other one fails at once.
+    deadline = time.monotonic() + (5 if "index=on" in extra else 0)
+    while True:
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=TIMEOUT)
+            break
+        except subprocess.CalledProcessError:
+            if time.monotonic() >= deadline or not _upper_in_use():
+                raise
+            time.sleep(0.1)
     try:
         yield mnt
     finally:

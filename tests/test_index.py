@@ -313,17 +313,26 @@ def test_mount_time_checks_as_the_kernels(backing):
 
 @pytest.mark.root
 @pytest.mark.fuse
-def test_a_bad_index_entry_refuses_the_mount_as_on_the_kernel(tmp_path):
+@pytest.mark.parametrize("bad", ["a name that is no file handle", "an origin that is no file handle"])
+def test_a_bad_index_entry_refuses_the_mount_as_on_the_kernel(tmp_path, bad):
+    """Refused, not removed: the entry may be the only one holding a hard link's data (its names would split)."""
     lower = _lower(tmp_path)
     upper, work, mnt = _layers(tmp_path, "o")
-    with pylayerfs_mount(mnt, [lower], upper, work, "index=on"):
-        pass
-    open(os.path.join(work, "index", "nothex"), "w").close()
+    with pylayerfs_mount(mnt, [lower], upper, work, "index=on"), open(os.path.join(mnt, "a"), "a") as f:
+        f.write("new\n")
+    (entry,) = os.listdir(os.path.join(work, "index"))
+    if bad.startswith("a name"):
+        entry = "nothex"
+        open(os.path.join(work, "index", entry), "w").close()
+    else:
+        os.setxattr(os.path.join(work, "index", entry), "trusted.overlay.origin", b"garbage")
+    before = sorted(os.listdir(os.path.join(work, "index")))
     with pytest.raises(subprocess.CalledProcessError), kernel_mount(mnt, [lower], upper, work, "index=on"):
         pass
     result = run_pylayerfs("mount", "-o", f"lowerdir={lower},upperdir={upper},workdir={work},index=on", mnt,
                            check=False)  # fmt: skip
-    assert result.returncode != 0 and "failed to verify index (index/nothex)" in result.stderr
+    assert result.returncode != 0 and f"failed to verify index (index/{entry})" in result.stderr
+    assert sorted(os.listdir(os.path.join(work, "index"))) == before
 
 
 def test_index_on_falls_back_as_on_the_kernel(tmp_path, caplog):
@@ -369,3 +378,27 @@ def test_a_lower_without_file_handles_turns_the_index_off_as_on_the_kernel(tmp_p
             assert f"fs on '{no_handles}' does not support file handles, falling back to index=off" in f.read()
     with pylayerfs_mount(str(tmp_path / "ro"), [lower], extra="index=on") as mnt:
         assert _view(mnt)["a"] is not None
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.parametrize("backing", backings(), indirect=True)
+def test_with_metacopy_a_lower_hard_link_stays_one_inode_as_on_the_kernel(backing):
+    """metacopy=on,index=on: a link of one name, then a write through another, then a remount (found by a new user:
+    the write went to the first name's copy, and the other name showed the old data after the remount). A lower hard
+    link that the index keeps one inode is copied whole, so every name shares the entry's data."""
+    lower = _lower(backing)
+    steps: list[Step] = [("link", "a", "n/new"), ("append", "c"), ("rename", "a", "n/moved")]
+    seen = []
+    for name, mount in (("kernel", kernel_mount), ("pylayerfs", pylayerfs_mount)):
+        upper, work, mnt = _layers(backing, name)
+        views = []
+        with mount(mnt, [lower], upper, work, "metacopy=on,index=on"):
+            for step in steps:
+                _on_mount(mnt, step)
+                views.append(_view(mnt))
+        with mount(mnt, [lower], upper, work, "metacopy=on,index=on"):
+            views.append(_view(mnt))
+        seen.append(views)
+    assert seen[0] == seen[1]
+    assert seen[0][-1]["d/b"] == seen[0][-1]["n/new"] and seen[0][-1]["d/b"][3] == "data\n+c\n"  # type: ignore[index]

@@ -174,3 +174,49 @@ def test_redirects_in_a_lower_layer_are_followed_for_the_layers_below_it(tmp_pat
         Overlay([former, base], redirect_dir="nofollow").getattr("n")
     assert exc.value.errno == errno.EPERM
     assert _names(Overlay([base, former], redirect_dir="nofollow"), "") == ["a", "n", "o"]  # the bottom's: not read
+
+
+def test_a_handle_opened_through_another_name_reads_the_data_a_write_brings_up(tmp_path):
+    """metacopy=on: a hard link makes two names of one metacopy file; the data copy-up through one name (after a
+    rename) switches the handles opened through the other, as every name is one inode (found by a new user)."""
+    lower = build(str(tmp_path / "l"), {"d/h": "x3\n"})
+    os.link(f"{lower}/d/h", f"{lower}/d/h2")
+    for d in ("u", "w"):
+        (tmp_path / d).mkdir()
+    ov = Overlay([lower], str(tmp_path / "u"), str(tmp_path / "w"), metacopy=True)
+    ov.link("d/h", "d/h4")
+    before = ov.open("d/h4", os.O_RDONLY)
+    ov.rename("d/h", "d/hh")
+    fh = ov.open("d/hh", os.O_WRONLY | os.O_APPEND)
+    ov.write(fh, b"append\n", 3)
+    ov.release(fh)
+    assert ov.read(before, 100, 0) == b"x3\nappend\n" == read_all(ov, "d/h4")
+    ov.release(before)
+    ov.close()
+
+
+@pytest.mark.parametrize("options", [{"redirect_dir": "on"}, {"index": True}])
+def test_a_new_directory_in_a_merged_one_is_opaque_when_lowers_may_not_change_offline(layers, options):
+    """The kernel's ovl_create_upper with ovl_allow_offline_changes false (redirect_dir=on, index=on, metacopy=on)."""
+    lower, upper, work = layers
+    ov = Overlay([lower], upper, work, **options)
+    ov.mkdir("new", 0o755, Caller.me())
+    ov.mkdir("new/inner", 0o755, Caller.me())  # its parent is not merged: no marker needed
+    assert os.getxattr(f"{upper}/new", "trusted.overlay.opaque") == b"y"
+    assert "trusted.overlay.opaque" not in os.listxattr(f"{upper}/new/inner")
+    ov.close()
+
+
+def test_a_name_the_mount_refuses_does_not_hide_its_directory(layers):
+    """nofollow: the redirected directory's own lookup is EPERM; its directory still lists (it is not impure), as
+    the kernel's readdir lists it (found by a new user: ls, find, tar and rm -rf lost the whole directory)."""
+    upper = layers[1]
+    os.mkdir(f"{upper}/a")
+    os.mkdir(f"{upper}/a/moved")
+    os.setxattr(f"{upper}/a/moved", REDIRECT, b"/c")
+    ov = _overlay(layers, "nofollow")
+    assert _names(ov, "a") == ["b", "g", "moved"]
+    with pytest.raises(OSError) as exc:
+        ov.getattr("a/moved")
+    assert exc.value.errno == errno.EPERM
+    ov.close()

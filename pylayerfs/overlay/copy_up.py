@@ -73,7 +73,9 @@ def _start(ov: OverlayState, path: str, with_data: bool, meta_only: bool) -> tup
     if ov.index is not None and ov.index.link_up(node, parent.upper_fd, name):  # index=on: another name was copied up
         mark_impure(ov, parent)  # as the kernel's ovl_link_up
         return ov.lookup.lookup(path), None
-    metacopy = meta_only and ov.metacopy and stat.S_ISREG(node.mode)
+    # A lower hard link that index=on keeps one inode is copied whole: its names share the index entry's data.
+    indexed = ov.index is not None and ov.index.name_for(node) is not None
+    metacopy = meta_only and ov.metacopy and stat.S_ISREG(node.mode) and not indexed
     return node, CopyUp(ov, parent, node, name, with_data and not metacopy, metacopy)
 
 
@@ -171,7 +173,7 @@ class CopyUp:
         if self._replacing:  # the data are in: no longer a metacopy file (its redirect stays, as the kernel's)
             realfs.removexattr(parent.upper_fd, self._name, ov.markers.metacopy)
             upper = ov.writable(path)[0]
-            ov.files.copied_up(path, lambda: upper.open(path, os.O_RDONLY | os.O_NOFOLLOW))
+            ov.files.copied_up(path, lambda: upper.open(path, os.O_RDONLY | os.O_NOFOLLOW), ov.inodes.of_node(node))
             return ov.lookup.lookup(path)
         try:
             _copy_owner_and_mode(st, work.fd, tmp)

@@ -65,14 +65,23 @@ class OpenFiles:
             self._unregister(of)
         os.close(of.fd)
 
-    def copied_up(self, path: str, reopen: Callable[[], int]) -> None:
+    def copied_up(self, path: str, reopen: Callable[[], int], ino: int | None = None) -> None:
         """``path`` now has an upper copy: point every lower handle on it to that copy.
 
         ``reopen()`` opens the upper copy (read-only) and returns an fd, once per handle; each handle keeps its number
-        (the new fd is ``dup2``'d onto it). Raises what ``reopen`` raises (then the remaining handles still read the
-        lower file).
+        (the new fd is ``dup2``'d onto it). With ``ino`` (a metacopy file that got its data in place), the handles
+        opened through its other names (its hard links in the upper layer) are switched too. Raises what ``reopen``
+        raises (then the remaining handles still read the lower file).
         """
-        for of in self._lower_by_path.pop(path, []):
+        handles = self._lower_by_path.pop(path, [])
+        if ino is not None:
+            for other in list(self._lower_by_path):
+                same = [of for of in self._lower_by_path[other] if of.metacopy and of.ino == ino]
+                handles += same
+                kept = [of for of in self._lower_by_path.pop(other) if of not in same]
+                if kept:
+                    self._lower_by_path[other] = kept
+        for of in handles:
             new_fd = reopen()
             os.dup2(new_fd, of.fd, inheritable=False)  # the handle (the fd number) stays the same
             os.close(new_fd)

@@ -348,7 +348,7 @@ class Index:
         if st is None or is_whiteout(st) or stat.S_ISDIR(st.st_mode):
             return 0  # a whiteout blocks an exported handle; directories are verified with nfs_export only
         value = get(self.fd, name, self.markers.origin)
-        if value is None:
+        if value is None or decode_origin(value) is None:  # none, or one that is no file handle: "invalid origin"
             return errno.ENODATA
         if value != raw:
             return errno.ESTALE

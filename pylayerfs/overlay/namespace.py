@@ -18,8 +18,8 @@ The upper-layer rules they follow:
   records where it came from in ``redirect`` (the kernel's ``ovl_rename``,
   fs/overlayfs/dir.c): its old name if it stays in the same directory, else
   its absolute path from the layer roots. A new directory made in a merged
-  directory is marked opaque then, as the kernel's ``ovl_create_upper`` does
-  when offline changes to the layers are not allowed.
+  directory is marked opaque then (and with ``index=on``), as the kernel's
+  ``ovl_create_upper`` does when offline changes to the layers are not allowed.
 * With ``index=on``, link, unlink and rename over an indexed hard link keep
   its merged link count in its index entry (:mod:`.index`).
 """
@@ -97,8 +97,9 @@ def _create_object(
     try:
         with _umask(owner):
             make(dirfd, tmp)
-        if is_dir and existing is None and ov.redirect_dir == "on" and parent.is_merged:
-            ov.markers.set_opaque(dirfd, tmp)  # lower layers may not change offline: nothing below to look for
+        if is_dir and existing is None and parent.is_merged and (ov.redirect_dir == "on" or ov.index is not None):
+            # Lower layers may not change offline then (the kernel's ovl_allow_offline_changes): nothing to look for
+            ov.markers.set_opaque(dirfd, tmp)
         if is_dir and parent_st.st_mode & stat.S_ISGID:  # passed on, also to a directory built in the workdir
             mode = stat.S_IMODE(os.stat(tmp, dir_fd=dirfd, follow_symlinks=False).st_mode)
             realfs.chmod(dirfd, tmp, mode | stat.S_ISGID)

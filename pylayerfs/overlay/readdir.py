@@ -50,7 +50,9 @@ def merged_names(ov: OverlayState, node: Node) -> Iterator[str]:
 def _merged(ov: OverlayState, node: Node, resolve: bool) -> Iterator[Entry]:
     """``(name, type bits, st_ino)`` of each visible entry (without ``resolve``: the name and zeros).
 
-    A name that only lower layers hold is the object of the top-most layer listing it (the
+    An upper name whose lookup fails (a redirect or a metacopy file the mount refuses) does not fail the listing: it
+    is listed as the real entry is, or left out of an impure directory, as the kernel's readdir does (only its own
+    lookup fails). A name that only lower layers hold is the object of the top-most layer listing it (the
     others are below it, whited out, or hidden behind an opaque directory): its listing's stat
     gives its type and inode number without a lookup.
     """
@@ -66,7 +68,13 @@ def _merged(ov: OverlayState, node: Node, resolve: bool) -> Iterator[Entry]:
                     if not resolve:
                         yield entry.name, 0, 0
                         continue
-                    child = ov.lookup.child(node, entry.name)
+                    try:
+                        child = ov.lookup.child(node, entry.name)
+                    except OSError:  # a redirect or metacopy file this mount refuses: its own lookup fails
+                        if not node.impure:  # listed from the real entry, as the kernel's readdir (an impure
+                            real = entry.stat(follow_symlinks=False)  # directory's looks each entry up: left out)
+                            yield entry.name, stat.S_IFMT(real.st_mode), ov.inodes.of_real(real)
+                        continue
                     if child is not None:
                         yield entry.name, stat.S_IFMT(child.mode), ov.inodes.of_node(child)
         finally:
