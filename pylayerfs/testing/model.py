@@ -4,7 +4,10 @@ It starts from the lower layers flattened top-down by the kernel's lookup
 rules (:func:`pylayerfs.testing.lowers.flatten`) and then changes the way POSIX
 says, with the one rule overlayfs adds to POSIX: renaming a directory that has
 a part in a lower layer fails with EXDEV (the kernel's default,
-``redirect_dir=off``). Copy-up is invisible in the model: an object keeps its
+``redirect_dir=follow``, and ``off`` and ``nofollow``). With ``redirect_dir=on``
+(or ``metacopy=on``, which turns it on) there is no such rule: such a directory
+moves with its whole subtree, as a directory of the upper layer does, and the
+model is plain POSIX (see :func:`moves_lower_dirs`). Copy-up is invisible in the model: an object keeps its
 mode, owner, times and xattrs, and a directory whose entry is copied up keeps
 its mtime. Times the system sets (a write, a new entry) are "any": the model
 pins only the times that come from the layers or from ``utime``.
@@ -39,7 +42,7 @@ class Obj:
     content: bytes = b""
     target: str = ""
     xattrs: dict[str, bytes] = field(default_factory=dict)
-    lower: bool = False  # a directory with a lower part: renaming it is EXDEV
+    lower: bool = False  # a directory with a lower part: renaming it is EXDEV (unless redirect_dir=on)
     lower_file: bool = False  # a regular file of a lower layer, not copied up yet
     id: int = field(default_factory=lambda: next(_ids))
 
@@ -49,12 +52,41 @@ class _Handle:
     obj: Obj
 
 
-class Model(Vfs):
-    """The merged view as ``path -> Obj``; ``""`` is the root directory."""
+def moves_lower_dirs(mount_options: str) -> bool:
+    """Whether a mount with ``mount_options`` (``-o`` syntax, ``key=value,...``) renames directories with a lower part.
 
-    def __init__(self, objects: dict[str, Obj]) -> None:
+    True for ``redirect_dir=on`` and for ``metacopy=on`` (which turns it on); False for ``redirect_dir=follow``
+    (the kernel's module default here), ``nofollow`` and ``off``: those rename such a directory with EXDEV. The last
+    value of an option wins, as in the kernel's ``fs/overlayfs/params.c`` (``ovl_fs_params_verify``). Raises
+    ValueError with the kernel's reason for the options it refuses to mount with: a bad ``redirect_dir`` or
+    ``metacopy`` value, and ``metacopy=on`` with ``redirect_dir`` other than ``on`` (in either order).
+    """
+    given: dict[str, str] = {}
+    for option in (o for o in mount_options.split(",") if o):
+        key, _, value = option.partition("=")
+        given[key] = value
+    redirect, metacopy = given.get("redirect_dir"), given.get("metacopy", "off")
+    if redirect not in (None, "on", "follow", "nofollow", "off"):
+        raise ValueError("Bad value for 'redirect_dir'")
+    if metacopy not in ("on", "off"):
+        raise ValueError("Bad value for 'metacopy'")
+    if metacopy == "on" and redirect not in (None, "on"):
+        mode = "follow" if redirect == "off" else redirect  # off means follow (redirect_always_follow=Y)
+        raise ValueError(f"conflicting options: metacopy=on,redirect_dir={mode}")
+    return redirect == "on" or metacopy == "on"
+
+
+class Model(Vfs):
+    """The merged view as ``path -> Obj``; ``""`` is the root directory.
+
+    ``moves_dirs``: a directory with a lower part is renamed like any other (``redirect_dir=on``), not refused with
+    EXDEV.
+    """
+
+    def __init__(self, objects: dict[str, Obj], moves_dirs: bool = False) -> None:
         super().__init__()
         self.objects = objects
+        self.moves_dirs = moves_dirs
         self.caller = (os.geteuid(), os.getegid())
 
     def _obj(self, path: str) -> Obj:
@@ -174,8 +206,16 @@ class Model(Vfs):
         self._changed(new)
 
     def _rename(self, old: str, new: str, flags: int) -> None:
+        """Move ``old`` and its subtree to ``new`` (swap them with EXCHANGE).
+
+        A directory with a lower part (either one, with EXCHANGE) is EXDEV unless ``moves_dirs``: with
+        ``redirect_dir=on`` the kernel copies it up alone and records where it came from in
+        ``trusted.overlay.redirect`` (fs/overlayfs/dir.c, ``ovl_rename`` and ``ovl_set_redirect``), so what a user
+        sees is the move of a directory of the upper layer.
+        """
         source, target = self.objects[old], self.objects.get(new)
-        if any(o is not None and o.kind == "dir" and o.lower for o in (source, target if flags & EXCHANGE else None)):
+        moving = (source, target if flags & EXCHANGE else None)
+        if not self.moves_dirs and any(o is not None and o.kind == "dir" and o.lower for o in moving):
             raise fail(errno.EXDEV, old)
         if target is not None and target.kind == "dir" and not flags & EXCHANGE and self._children(new):
             raise fail(errno.ENOTEMPTY, new)

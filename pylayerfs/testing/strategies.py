@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from pylayerfs.testing import ops
 from pylayerfs.testing.lowers import FILE_MODES, OWNERS, PATHS, SYMLINK_TARGETS, XATTR, Node, layers
+from pylayerfs.testing.vfs import within
 
 UTIMES = (1_000_000_000, 1_234_567_890)
 XATTR_NAMES = ("user.a", XATTR)
@@ -79,6 +80,7 @@ def operations(
     fresh: Sequence[str] = (),
     dirs: Sequence[str] = ("",),
     lacking: Iterable[str] = (),
+    moves_dirs: bool = False,
 ) -> st.SearchStrategy[ops.Op]:
     """One operation from the given families (see :data:`pylayerfs.testing.ops.FAMILIES`).
 
@@ -87,7 +89,11 @@ def operations(
     existing directory: what it creates, links or renames to) and, for
     ``O_TMPFILE``, from ``dirs`` (the directories). ``lacking`` names the
     open flags (:data:`pylayerfs.testing.ops.FD_FLAGS`) not to use, because an
-    implementation does not support them.
+    implementation does not support them. ``moves_dirs`` (``redirect_dir=on``):
+    with the ``rename`` family, one operation in three renames a directory of
+    ``dirs`` (nested ones too) to a free name of any directory or over another
+    directory, with any flag; drawn one after the other, these make chains of
+    renames of the same subtree.
     """
     names = st.sampled_from(PATHS)
     src = st.one_of(st.sampled_from(sorted(existing)), names) if existing else names
@@ -100,7 +106,18 @@ def operations(
     drawn = [s for name in table if name in families for s in table[name]]
     if "fd" in families:  # the names of open files change meanwhile
         drawn += [s for name in ("remove", "rename", "link") if name not in families for s in table[name][:1]]
-    return st.one_of(drawn)
+    any_op = st.one_of(drawn)
+    subdirs = sorted(d for d in dirs if d)
+    if not (moves_dirs and "rename" in families and subdirs):
+        return any_op
+
+    def move(old: str) -> st.SearchStrategy[ops.Op]:  # anywhere but into itself (EINVAL, drawn often enough above)
+        onto = [sorted(p for p in pool if not within(p, old)) for pool in (fresh, subdirs)]
+        new = st.one_of([st.sampled_from(p) for p in onto if p] or [names])
+        return st.builds(ops.Rename, st.just(old), new, st.sampled_from(list(ops.RENAME_FLAGS)))
+
+    moved = st.sampled_from(subdirs).flatmap(move)
+    return st.sampled_from((any_op, any_op, moved)).flatmap(lambda strategy: strategy)
 
 
 @dataclass(frozen=True)
