@@ -220,9 +220,8 @@ def test_model_refuses_what_the_kernel_refuses(mount_options: str, reason: str) 
         moves_lower_dirs(mount_options)
     with pytest.raises(TargetError, match=re.escape(reason)):
         _redirect_model(mount_options)
-    assert check(MODEL, MODEL, Options(examples=1, mount_options=mount_options)).error == (
-        f"{reason} (the kernel refuses these options together)"
-    )
+    error = check(MODEL, MODEL, Options(examples=1, mount_options=mount_options)).error
+    assert error == f"-o {mount_options}: the kernel refuses to mount with them: {reason}"
 
 
 def test_model_moves_a_lower_directory_with_its_subtree() -> None:

@@ -125,7 +125,7 @@ def _options(args: argparse.Namespace) -> Options:
     try:
         moves_lower_dirs(mount_options)
     except ValueError as exc:
-        raise UsageError(f"--options: {exc} (the kernel refuses to mount with them)") from None
+        raise UsageError(f"--options {mount_options}: {exc}") from None
     return Options(
         examples=args.examples,
         seed=args.seed if args.seed is not None else random.randrange(1 << 32),

@@ -6,8 +6,8 @@ says, with the one rule overlayfs adds to POSIX: renaming a directory that has
 a part in a lower layer fails with EXDEV (the kernel's default,
 ``redirect_dir=follow``, and ``off`` and ``nofollow``). With ``redirect_dir=on``
 (or ``metacopy=on``, which turns it on) there is no such rule: such a directory
-moves with its whole subtree, as a directory of the upper layer does, and the
-model is plain POSIX (see :func:`moves_lower_dirs`). Copy-up is invisible in the model: an object keeps its
+moves with its whole subtree, as a directory of the upper layer does (see
+:func:`moves_lower_dirs`). Copy-up is invisible in the model: an object keeps its
 mode, owner, times and xattrs, and a directory whose entry is copied up keeps
 its mtime. Times the system sets (a write, a new entry) are "any": the model
 pins only the times that come from the layers or from ``utime``.
@@ -58,35 +58,33 @@ def moves_lower_dirs(mount_options: str) -> bool:
     True for ``redirect_dir=on`` and for ``metacopy=on`` (which turns it on); False for ``redirect_dir=follow``
     (the kernel's module default here), ``nofollow`` and ``off``: those rename such a directory with EXDEV. The last
     value of an option wins, as in the kernel's ``fs/overlayfs/params.c`` (``ovl_fs_params_verify``). Raises
-    ValueError with the kernel's reason for the options it refuses to mount with: a bad ``redirect_dir`` or
-    ``metacopy`` value, and ``metacopy=on`` with ``redirect_dir`` other than ``on`` (in either order).
+    ValueError naming the kernel's reason (its dmesg line) for the options it refuses to mount with: a bad
+    ``redirect_dir`` or ``metacopy`` value, and ``metacopy=on`` with ``redirect_dir`` other than ``on`` (in either
+    order).
     """
     given: dict[str, str] = {}
     for option in (o for o in mount_options.split(",") if o):
         key, _, value = option.partition("=")
         given[key] = value
     redirect, metacopy = given.get("redirect_dir"), given.get("metacopy", "off")
+    refused = "the kernel refuses to mount with them"
     if redirect not in (None, "on", "follow", "nofollow", "off"):
-        raise ValueError("Bad value for 'redirect_dir'")
+        raise ValueError(f"{refused}: Bad value for 'redirect_dir'")
     if metacopy not in ("on", "off"):
-        raise ValueError("Bad value for 'metacopy'")
+        raise ValueError(f"{refused}: Bad value for 'metacopy'")
     if metacopy == "on" and redirect not in (None, "on"):
         mode = "follow" if redirect == "off" else redirect  # off means follow (redirect_always_follow=Y)
-        raise ValueError(f"conflicting options: metacopy=on,redirect_dir={mode}")
+        raise ValueError(f"{refused}: conflicting options: metacopy=on,redirect_dir={mode}")
     return redirect == "on" or metacopy == "on"
 
 
 class Model(Vfs):
-    """The merged view as ``path -> Obj``; ``""`` is the root directory.
+    """The merged view as ``path -> Obj``; ``""`` is the root directory."""
 
-    ``moves_dirs``: a directory with a lower part is renamed like any other (``redirect_dir=on``), not refused with
-    EXDEV.
-    """
-
-    def __init__(self, objects: dict[str, Obj], moves_dirs: bool = False) -> None:
+    def __init__(self, objects: dict[str, Obj]) -> None:
         super().__init__()
         self.objects = objects
-        self.moves_dirs = moves_dirs
+        self.moves_dirs = False  # a directory with a lower part is renamed like any other (redirect_dir=on)
         self.caller = (os.geteuid(), os.getegid())
 
     def _obj(self, path: str) -> Obj:

@@ -73,7 +73,7 @@ def check(subject: Target, reference: Target, options: Options) -> Report:
     try:
         moves_dirs = moves_lower_dirs(options.mount_options)
     except ValueError as exc:
-        report.error = f"{exc} (the kernel refuses these options together)"
+        report.error = f"-o {options.mount_options}: {exc}"
         return report
 
     @settings(

@@ -81,7 +81,7 @@ class _ModelInstance(Instance):
         try:
             moves_dirs = moves_lower_dirs(mount_options)
         except ValueError as exc:
-            raise TargetError(f"model: {exc} (as the kernel refuses them)") from None
+            raise TargetError(f"model: -o {mount_options}: {exc}") from None
         self.fs = flatten(lowers)
         self.fs.moves_dirs = moves_dirs
 
