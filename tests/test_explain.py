@@ -158,7 +158,7 @@ def _engine_view(ov: Overlay, path: str) -> tuple[int, int] | None:
     except OSError as exc:
         assert exc.errno in (2, 20), exc
         return None
-    layer = node.data[0] if node.data is not None else ov.top_layer(node)
+    layer = node.data.layer if node.data is not None else ov.top_object(node)[0]
     position = 0 if layer is ov.upper else ov.lowers.index(layer) + (ov.upper is not None)  # type: ignore[arg-type]
     return stat.S_IFMT(node.st.st_mode), position
 

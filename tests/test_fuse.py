@@ -288,7 +288,11 @@ def _stopped(pid: int) -> bool:
         ("lowerdir={l},upperdir={u}", "go together"),
         ("lowerdir={l},upperdir={u},workdir={u}/w", "separate subtrees"),
         ("lowerdir={l},upperdir={u},workdir=/dev/shm", "same filesystem"),
-        ("lowerdir={l},redirect_dir=on", "not supported"),
+        ("lowerdir={l},index=on", "not supported"),
+        ("lowerdir={l},redirect_dir=bogus", "redirect_dir needs on, follow, nofollow or off"),
+        ("lowerdir={l},metacopy=on,redirect_dir=off", "conflicting options: metacopy=on,redirect_dir=follow"),
+        ("lowerdir={l},userxattr,redirect_dir=on", "conflicting options: userxattr,redirect_dir=on"),
+        ("lowerdir={l},userxattr,metacopy=on", "conflicting options: userxattr,metacopy=on"),
         # overlapping layers: a write through the mount would change a lower layer (the kernel: ELOOP)
         ("lowerdir={l}:{l}", "are the same directory"),
         ("lowerdir={l}/sub:{l}", "overlap"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -85,23 +86,34 @@ def test_chmod_copies_metadata_only_and_the_first_write_copies_the_data(stack):
 
 @pytest.mark.root
 @pytest.mark.parametrize(
-    ("change", "name", "data"),
+    ("change", "name", "redirect"),
     [
-        (lambda ov: ov.rename("app.sh", "moved.sh"), "moved.sh", APP),
-        (lambda ov: ov.link("app.sh", "moved.sh"), "moved.sh", APP),
-        (lambda ov: ov.truncate("app.sh", 10), "app.sh", APP[:10]),
+        (lambda ov: ov.rename("app.sh", "moved.sh"), "moved.sh", b"app.sh"),  # same directory: the old name
+        (lambda ov: ov.link("app.sh", "moved.sh"), "app.sh", b"/app.sh"),  # every name finds the data: absolute
     ],
-    ids=["rename", "link", "truncate"],
+    ids=["rename", "link"],
 )
-def test_renaming_linking_or_truncating_a_metacopy_file_copies_its_data_first(stack, change, name, data):
-    """Without redirects a metacopy file must stay at its path: these copy its data up (no redirect_dir here)."""
+def test_renaming_or_linking_a_metacopy_file_records_a_redirect_and_copies_no_data(stack, change, name, redirect):
+    """As the kernel's ovl_rename and ovl_link with metacopy=on (checked against it in tests/test_redirect.py)."""
     ov = overlay(stack)
     ov.chmod("app.sh", 0o700)
     change(ov)
     upper = os.path.join(stack[1], name)
+    assert os.getxattr(upper, METACOPY) == b"" and os.getxattr(upper, "trusted.overlay.redirect") == redirect
+    assert all_hole(upper)
+    assert read_all(ov, "moved.sh") == APP
+    ov.close()
+
+
+@pytest.mark.root
+def test_truncating_a_metacopy_file_copies_its_data_first(stack):
+    ov = overlay(stack)
+    ov.chmod("app.sh", 0o700)
+    ov.truncate("app.sh", 10)
+    upper = os.path.join(stack[1], "app.sh")
     assert METACOPY not in os.listxattr(upper)
-    assert Path(upper).read_bytes() == data and os.stat(upper).st_blocks > 0
-    assert read_all(ov, name) == data
+    assert Path(upper).read_bytes() == APP[:10] and os.stat(upper).st_blocks > 0
+    assert read_all(ov, "app.sh") == APP[:10]
     ov.close()
 
 
@@ -127,7 +139,7 @@ def test_metacopy_and_userxattr_conflict_as_in_the_kernel():
     from pylayerfs.overlay.params import MountError, parse_options
 
     assert parse_options(["lowerdir=a,metacopy=on"]).metacopy
-    with pytest.raises(MountError, match="conflicts with userxattr"):
+    with pytest.raises(MountError, match="conflicting options: userxattr,metacopy=on"):
         parse_options(["lowerdir=a,metacopy=on,userxattr"])
 
 
@@ -250,11 +262,12 @@ def test_build_with_metacopy_makes_the_chmod_layer_0B_with_the_same_diff_id(tmp_
 @pytest.mark.root
 @pytest.mark.fuse
 @pytest.mark.parametrize("backing", backings(), indirect=True)
-def test_a_metacopy_file_the_kernel_renamed_is_refused_not_read_from_the_wrong_file(backing):
+def test_a_metacopy_file_the_kernel_renamed_reads_its_own_data_not_the_file_now_at_its_name(backing):
     """The kernel (redirect_dir=on with metacopy) renames a lower file as metacopy plus a redirect.
 
-    pylayerfs follows no redirects, so it must refuse that file (EPERM), never show the data of the
-    file that now sits at the new name below. `pylayerfs check` found the wrong-data case.
+    pylayerfs follows the redirect to the data (the file that now sits at the new name below is not it: `pylayerfs
+    check` found the wrong-data case when redirects were not followed); with redirect_dir=nofollow it refuses the file
+    (EPERM), as the kernel does.
     """
     lower = build(str(backing / "l"), {"a": "", "b": "1"})
     upper, work = backing / "u", backing / "w"
@@ -267,6 +280,58 @@ def test_a_metacopy_file_the_kernel_renamed_is_refused_not_read_from_the_wrong_f
     shutil.rmtree(work)
     work.mkdir()
     with pylayerfs_mount(str(backing / "p"), [lower], str(upper), str(work), "metacopy=on") as mnt:
+        assert Path(f"{mnt}/a").read_text() == "1"
+        assert not os.path.exists(f"{mnt}/b")
+    with pylayerfs_mount(str(backing / "p"), [lower], str(upper), str(work), "redirect_dir=nofollow") as mnt:
         with pytest.raises(PermissionError):
             Path(f"{mnt}/a").read_text()
         assert not os.path.exists(f"{mnt}/b")
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.parametrize("driver", ["fuse", "overlay"])
+def test_a_metacopy_build_that_renames_stores_whole_trees_and_no_redirect(tmp_path, driver):
+    """With metacopy=on (so redirect_dir=on) a RUN step's renames leave redirects in its upper: a tar has none, so the
+    layer's tar carries the moved tree whole and its data, and the layer on disk is that tar applied (as moby's
+    overlay2 commits a container through its tar). Both storage drivers, whose overlays make the same redirects."""
+    from pylayerfs.image.store import Store
+    from tests.test_build import pylayerfs
+
+    ctx = tmp_path / "ctx"
+    build(str(ctx / "tree"), {"d/f": "deep data\n", "d/e/x": "x\n", "g": "file data\n", "keep": "k\n"})
+    (ctx / "Dockerfile").write_text(
+        "FROM alpine\nCOPY tree /tree\n"
+        "RUN chmod 600 /tree/d/f && mv /tree/d /tree/moved && mv /tree/g /tree/g2 && mv /tree/moved/e /tree/e2\n"
+        "RUN chmod 640 /tree/keep\n"  # a metacopy layer on top: containers of the image mount with metacopy=on
+        'CMD ["sh", "-c", "cat /tree/moved/f /tree/g2 /tree/e2/x; ls /tree"]\n'
+    )
+    root = tmp_path / "store"
+    pylayerfs(root, "base", "alpine")
+    pylayerfs(root, "build", "--metacopy", "--storage-driver", driver, "-t", "moved", str(ctx))
+    store = Store(str(root))
+    layer = store.layers_of(store.resolve("moved"))[1]
+    diff = Path(store.layers.diff_dir(layer.cache_id))
+    assert not [p for p in diff.rglob("*") if "trusted.overlay.redirect" in os.listxattr(p, follow_symlinks=False)]
+    assert (diff / "tree/moved/f").read_text() == "deep data\n" and (diff / "tree/g2").read_text() == "file data\n"
+    with open(tmp_path / "layer.tar", "wb") as tar:  # what save and push send
+        store.layers.write_tar(layer, tar)
+    with tarfile.open(tmp_path / "layer.tar") as t:
+        names = set(t.getnames())
+        assert {"tree/moved/f", "tree/moved/.wh..wh..opq", "tree/g2", "tree/e2/x", "tree/.wh.d", "tree/.wh.g"} <= names
+        assert t.extractfile("tree/moved/f").read() == b"deep data\n"  # type: ignore[union-attr]
+    tar_digest = hashlib.sha256((tmp_path / "layer.tar").read_bytes()).hexdigest()
+    assert f"sha256:{tar_digest}" == layer.diff_id
+    out = pylayerfs(root, "run", "--rm", "moved").stdout
+    assert out == "deep data\nfile data\nx\ne2\ng2\nkeep\nmoved\n"
+
+    # a container renaming a directory (its mount is metacopy=on, so redirect_dir=on): docker diff lists the tree
+    pylayerfs(root, "run", "-d", "--name", "mover", "moved", "sleep", "600")
+    try:
+        pylayerfs(root, "exec", "mover", "mv", "/tree/moved", "/tree/m3")
+        redirects = [os.getxattr(p, "trusted.overlay.redirect") for p in (root / "overlay2").glob("*/diff/tree/m3")]
+        assert redirects == [b"moved"]  # moved by the overlay, not copied by mv
+        assert pylayerfs(root, "diff", "mover").stdout.splitlines() == ["C /tree", "A /tree/m3", "A /tree/m3/f",
+                                                                        "D /tree/moved"]  # fmt: skip
+    finally:
+        pylayerfs(root, "rm", "-f", "mover")

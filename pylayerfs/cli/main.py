@@ -45,14 +45,23 @@ options (-o, comma-separated; \\: and \\, escape a colon or comma in a path):
   noexec, noatime, ...
   timeout=SECONDS          how long the kernel may cache entries and attributes
                            (default a day; 0 for none)
-  metacopy=on|off          on: chmod and chown copy up metadata only
+  metacopy=on|off          on: chmod, chown, rename and link copy up metadata
+                           only (turns redirect_dir=on)
+  redirect_dir=on|follow|nofollow|off
+                           on: renaming a lower or merged directory moves it
+                           (a redirect xattr); follow (the default): follow
+                           redirects, make none (such a rename is EXDEV);
+                           nofollow: refuse them (EPERM); off: follow
+  redirect_always_follow=on|off
+                           off: redirect_dir=off means nofollow (the kernel
+                           module parameter's counterpart; default on)
   binding=native|libfuse   the FUSE transport (default native, or
                            $PYLAYERFS_BINDING)
   passthrough=on|off       native: reads and writes of open files go to their
                            real files in the kernel (default on, as root on
                            Linux >= 6.9; -o debug logs whether it is in use)
-  redirect_dir, index,     accepted with the values pylayerfs implements
-  xino, nfs_export, uuid   (redirect_dir=off, index=off, ...)
+  index, xino,             accepted with the values pylayerfs implements
+  nfs_export, uuid         (index=off, xino=off|auto, nfs_export=off, uuid=...)
 
 examples:
   pylayerfs mount -o lowerdir=L1:L2:L3,upperdir=U,workdir=W MOUNTPOINT

@@ -120,6 +120,7 @@ def write_record(config: MountConfig, mountpoint: str, before: set[int]) -> str 
         "workdir": os.path.abspath(config.workdir) if config.workdir is not None else None,
         "userxattr": config.userxattr,
         "metacopy": config.metacopy,
+        "redirect_dir": config.redirect_mode,
         "binding": binding(config),
     }
     directory = records_dir()
@@ -181,8 +182,10 @@ def recorded_config(entry: MountEntry) -> MountConfig | None:
             return None
         if not all(d is None or (isinstance(d, str) and os.path.isabs(d)) for d in (upper, work)):
             return None
+        redirect = record.get("redirect_dir")
         return MountConfig(lowerdirs=lowers, upperdir=upper, workdir=work, userxattr=record["userxattr"] is True,
-                           metacopy=record["metacopy"] is True)  # fmt: skip
+                           metacopy=record["metacopy"] is True,
+                           redirect_dir=redirect if redirect in ("on", "follow", "nofollow") else None)  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -232,7 +235,8 @@ def build_overlay(config: MountConfig) -> tuple[Overlay, list[int]]:
         locks = [_lock(config.upperdir, "upperdir"), _lock(config.workdir, "workdir")]
     try:
         overlay = Overlay(config.lowerdirs, config.upperdir, config.workdir, userxattr=config.userxattr,
-                          metacopy=config.metacopy, uuid_off=config.uuid_off)  # fmt: skip
+                          metacopy=config.metacopy, redirect_dir=config.redirect_mode,
+                          uuid_off=config.uuid_off)  # fmt: skip
     except OSError as exc:
         for fd in locks:
             os.close(fd)

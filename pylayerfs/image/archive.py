@@ -19,6 +19,12 @@ that tar byte for byte as moby's overlay2 driver does (``pkg/archive``
 * a metacopy file (``metacopy=on``) holds no data: its entry carries the data
   of the file below it, read through the layers under the layer (``lowers``),
   so a layer's tar and DiffID do not depend on how the layer is stored;
+* a directory the overlay renamed (a ``redirect``: ``redirect_dir=on``, or
+  ``metacopy=on``, which turns it on) holds only what changed in it: a tar has
+  no redirects, so its entry is followed by an opaque marker and by everything
+  the merged view shows below it, as moby's naive diff would give the whole
+  moved tree (its overlay2 driver uses that diff when the kernel makes
+  redirects);
 * a whiteout (char device 0/0) is an empty regular file ``.wh.<name>`` (mode
   0600 without type bits, its owner and mtime); an opaque directory is
   followed by an empty ``<dir>/.wh..wh..opq`` (the directory's permission
@@ -63,7 +69,9 @@ from pylayerfs.overlay.markers import (
     TAR_META_PREFIX,
     TAR_OPAQUE_MARKER,
     TAR_WHITEOUT_PREFIX,
+    has_redirect,
     is_metacopy_file,
+    is_opaque_dir,
     is_whiteout,
     make_whiteout,
 )
@@ -77,6 +85,7 @@ SHARED_WHITEOUT = object()  # the one inode of every whiteout in a layer (see _w
 
 if TYPE_CHECKING:
     from pylayerfs.overlay.filesystem import Overlay
+    from pylayerfs.overlay.lookup import Node
 
 
 class ArchiveError(Exception):
@@ -227,17 +236,17 @@ def tar_info(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
 def write_layer(diff: str, out: BinaryIO, lowers: Sequence[str] = ()) -> int:
     """Write the tar of the layer directory ``diff`` (over the layers ``lowers``, top first) to ``out``.
 
-    Returns the number of bytes.
+    Returns the number of bytes. Raises :class:`ArchiveError` for a metacopy file whose data no layer below holds, and
+    the OSError of reading the layers or writing ``out``.
     """
-    with _DataBelow(lowers) as below:
-        return _write_layer(diff, out, below)
+    with _Below(diff, lowers) as below:
+        return _write_layer(below, out)
 
 
-def _write_layer(diff: str, out: BinaryIO, below: _DataBelow) -> int:
+def _write_layer(below: _Below, out: BinaryIO) -> int:
     written = 0
     links: dict[object, str] = {}  # moby's SeenFiles: the first name of each multiply-linked inode
-    for rel, st in walk(diff):
-        full = os.path.join(diff, rel)
+    for rel, st, full, data_path, opaque in below.entries():
         data: BinaryIO | None = None
         if stat.S_ISSOCK(st.st_mode):
             continue  # moby skips sockets ("archive: skipping ... since it is a socket")
@@ -266,13 +275,13 @@ def _write_layer(diff: str, out: BinaryIO, below: _DataBelow) -> int:
             info.name = f"{head}/{TAR_WHITEOUT_PREFIX}{name}".lstrip("/")
             info.type, info.mode, info.devmajor, info.devminor = tarfile.REGTYPE, 0o600, 0, 0
         elif info.type == tarfile.REGTYPE:
-            data = below.open(rel) if is_metacopy_file(full, st) else open(full, "rb")  # noqa: SIM115 - closed by _emit
+            data = open(data_path, "rb")  # noqa: SIM115 - closed by _emit
         if not is_whiteout(st) and not stat.S_ISLNK(st.st_mode):
             capability = _get_xattr(full, CAPABILITY)
             if capability is not None:
                 info.pax_headers = {"SCHILY.xattr." + CAPABILITY: capability.decode("latin-1")}
         written += _emit(out, info, data)
-        if stat.S_ISDIR(st.st_mode) and _get_xattr(full, OPAQUE_XATTR) == OPAQUE_YES:
+        if opaque:
             marker = tar_info(f"{rel}/{TAR_OPAQUE_MARKER}", st, tarfile.REGTYPE)
             marker.mode, marker.mtime = st.st_mode & 0o777, 0
             written += _emit(out, marker, None)
@@ -280,34 +289,72 @@ def _write_layer(diff: str, out: BinaryIO, below: _DataBelow) -> int:
     return written + len(TRAILER)
 
 
-class _DataBelow:
-    """The data of metacopy files: read through a read-only overlay of the layers below."""
+class _Below:
+    """A layer directory's entries for its tar, with what the layers below give them: a metacopy file's data, a
+    renamed directory's whole tree. Both are read through a read-only overlay of the layer itself over the layers
+    below it (which follows the redirects), made when first needed."""
 
-    def __init__(self, lowers: Sequence[str]) -> None:
+    def __init__(self, diff: str, lowers: Sequence[str]) -> None:
+        self.diff = diff
         self.lowers = list(lowers)
         self.overlay: Overlay | None = None
 
-    def __enter__(self) -> _DataBelow:
+    def __enter__(self) -> _Below:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.overlay is not None:
             self.overlay.close()
 
-    def open(self, rel: str) -> BinaryIO:
-        if not self.lowers:
+    def entries(self, rel: str = "") -> Iterator[tuple[str, os.stat_result, str, str, bool]]:
+        """``(name, lstat, real path, path of its data, followed by an opaque marker)`` of each entry, in lexical
+        walk order (Go's filepath.Walk); below a renamed directory, the merged view's (:meth:`_merged`)."""
+        for name in sorted(os.listdir(os.path.join(self.diff, rel) if rel else self.diff)):
+            path = f"{rel}/{name}" if rel else name
+            full = os.path.join(self.diff, path)
+            st = os.lstat(full)
+            if stat.S_ISDIR(st.st_mode) and has_redirect(full):
+                yield path, st, full, full, True
+                yield from self._merged(path)
+                continue
+            data = self._data(path) if is_metacopy_file(full, st) else full
+            yield path, st, full, data, stat.S_ISDIR(st.st_mode) and is_opaque_dir(full)
+            if stat.S_ISDIR(st.st_mode):
+                yield from self.entries(path)
+
+    def _merged(self, rel: str) -> Iterator[tuple[str, os.stat_result, str, str, bool]]:
+        """The entries of the directory ``rel`` as the merged view shows them, each from its real object."""
+        from pylayerfs.overlay.readdir import merged_entries
+
+        ov = self._node(rel)[0]
+        for name in sorted(e[0] for e in merged_entries(ov, rel) if e[0] not in (".", "..")):
+            path = f"{rel}/{name}"
+            node = self._node(path)[1]
+            layer, real = ov.top_object(node)
+            full = os.path.join(layer.root, real)
+            data = os.path.join(node.data.layer.root, node.data.path) if node.data is not None else full
+            yield path, node.st, full, data, False
+            if node.is_dir:
+                yield from self._merged(path)
+
+    def _data(self, rel: str) -> str:
+        """The real path of the data of the metacopy file ``rel`` (further down, where its redirect leads)."""
+        node = self._node(rel)[1]
+        if node.data is None:
             raise ArchiveError(f"{rel} is a metacopy file and no layer below holds its data")
+        return os.path.join(node.data.layer.root, node.data.path)
+
+    def _node(self, rel: str) -> tuple[Overlay, Node]:
+        """The overlay of the layer over the layers below, and its node at ``rel``; ArchiveError if it cannot be
+        looked up (a metacopy file whose data no layer holds: EIO)."""
         if self.overlay is None:
             from pylayerfs.overlay.filesystem import Overlay
 
-            self.overlay = Overlay(self.lowers, metacopy=True)
+            self.overlay = Overlay([self.diff, *self.lowers], metacopy=True)
         try:
-            fh = self.overlay.open(rel, os.O_RDONLY)
+            return self.overlay, self.overlay.lookup.lookup(rel)
         except OSError as exc:
-            raise ArchiveError(f"{rel} is a metacopy file and its data cannot be read below: {exc.strerror}") from exc
-        data = os.fdopen(os.dup(fh), "rb")
-        self.overlay.release(fh)
-        return data
+            raise ArchiveError(f"{rel} cannot be read through the layers below: {exc.strerror}") from exc
 
 
 def _emit(out: BinaryIO, info: tarfile.TarInfo, data: BinaryIO | None) -> int:

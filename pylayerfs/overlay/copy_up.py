@@ -22,6 +22,9 @@ rename, the engine's caches). :func:`copy_up` makes the three in a row.
 Objects whose lower inode can be reported after copy-up (directories, and files
 with a single link, as the kernel decides) keep their inode number: the lower
 object's file handle is recorded in the kernel's ``origin`` xattr, in its format.
+The parent directory is marked ``impure`` (once), as the kernel marks it. The
+object copied up is the top-most lower one, at its path in its layer: not the
+merged path when a redirect led the lookup elsewhere.
 """
 
 from __future__ import annotations
@@ -88,17 +91,17 @@ class CopyUp:
 
     def __init__(self, ov: OverlayState, parent: Node, node: Node, name: str, with_data: bool, metacopy: bool) -> None:
         self._ov, self._parent, self._node, self._name, self._metacopy = ov, parent, node, name, metacopy
-        layer = node.lower.hits[0][0]
-        self._layer, self._replacing = layer, node.upper is not None
+        self._top = top = node.lower.hits[0]  # the object copied up (its path in its layer: a redirect may lead there)
+        self._replacing = node.upper is not None
         self._st = st = node.st
-        data_layer = node.data[0] if node.data is not None else layer
+        data = node.data or top
         self._work = ov.writable(node.path)[1]
         self._tmp = self._work.temp_name()
         self._src: int | None = None
         self._dst: int | None = None
-        realfs.trace("copy_up", f"{data_layer.root}/{node.path}", to=self._tmp, metacopy=metacopy)
+        realfs.trace("copy_up", f"{data.layer.root}/{data.path}", to=self._tmp, metacopy=metacopy)
         try:
-            with data_layer.parent(node.path) as (src_dirfd, src_name):
+            with data.layer.parent(data.path) as (src_dirfd, src_name):
                 self._create(src_dirfd, src_name, with_data)
         except BaseException:
             self.abort()
@@ -157,7 +160,7 @@ class CopyUp:
             with (
                 contextlib.nullcontext((parent.upper_fd, self._name))
                 if self._replacing
-                else self._layer.parent(node.path) as meta
+                else self._top.layer.parent(self._top.path) as meta
             ):
                 _copy_xattrs(ov, realfs.fd_path(*meta), realfs.fd_path(work.fd, tmp))
             origin = self._origin()
@@ -165,6 +168,12 @@ class CopyUp:
                 ov.markers.set_origin(work.fd, tmp, origin)
             if self._metacopy:
                 ov.markers.set_metacopy(work.fd, tmp)
+            if self._replacing:
+                if node.redirect is not None:  # the kernel keeps it when the data come up
+                    ov.markers.set_redirect(work.fd, tmp, node.redirect)
+            elif not parent.impure:  # the parent now holds a copied-up object (the kernel's ovl_set_impure)
+                ov.markers.set_impure(parent.upper_fd)
+                parent.impure = True
             realfs.utime(work.fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
             parent_st = os.stat(parent.upper_fd)
             realfs.renameat2(
@@ -197,8 +206,8 @@ class CopyUp:
             return get_xattr(self._parent.upper_fd, self._name, markers.origin)
         if not (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
             return None
-        with self._layer.parent(self._node.path) as (dirfd, name):
-            return markers.origin_value(dirfd, name, self._layer.uuid)
+        with self._top.layer.parent(self._top.path) as (dirfd, name):
+            return markers.origin_value(dirfd, name, self._top.layer.uuid)
 
     def run(self) -> Node:
         """:meth:`copy_data` then :meth:`install` in this thread (:meth:`abort` on failure); the fresh node."""

@@ -223,7 +223,8 @@ class Overlay(OverlayState):
             node = copy_up(self, path, with_data=not flags & os.O_TRUNC)
         ino = self.inodes.of_node(node)
         data = node.data  # a metacopy file's data is in a layer below it
-        fd = (data[0] if data else self.top_layer(node)).open(path, real_flags)
+        layer, real_path = (data.layer, data.path) if data else self.top_object(node)
+        fd = layer.open(real_path, real_flags)
         on_lower = (node.upper is None or node.metacopy) and stat.S_ISREG(node.mode)
         return self.files.add(OpenFile(fd, path, ino, on_lower, data is not None))
 
@@ -238,7 +239,8 @@ class Overlay(OverlayState):
         held. :meth:`release` drops it. Raises ENOENT/ENOTDIR as the lookup does.
         """
         node = self.lookup.lookup(path)
-        fd = self.top_layer(node).open(path, os.O_PATH | os.O_NOFOLLOW)
+        layer, real_path = self.top_object(node)
+        fd = layer.open(real_path, os.O_PATH | os.O_NOFOLLOW)
         on_lower = node.upper is None or node.metacopy
         held = OpenFile(fd, path, self.inodes.of_node(node), on_lower, node.metacopy, held=True,
                         merged_dir=node.is_merged and node.is_dir)  # fmt: skip
@@ -321,7 +323,7 @@ class Overlay(OverlayState):
         Raises ENOENT/ENOTDIR as the lookup does.
         """
         node = self.lookup.lookup(path)
-        reals = {_identity(node.st)} | ({_identity(node.data[1])} if node.data is not None else set())
+        reals = {_identity(node.st)} | ({_identity(node.data.entry)} if node.data is not None else set())
         return self.files.matching(lambda fd: _identity(os.fstat(fd)) in reals)
 
     def fsync(self, fh: int, datasync: bool) -> None:

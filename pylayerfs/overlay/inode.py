@@ -65,7 +65,7 @@ def attributes(node: Node, ino: int) -> dict[str, Any]:
     nlink = 1 if node.is_merged and stat.S_ISDIR(st.st_mode) else st.st_nlink
     attrs = stat_dict(st, ino, nlink)
     if node.data is not None:  # the blocks holding the data are the lower file's, as the kernel reports
-        attrs["st_blocks"] = node.data[0].lstat_found(node.path).st_blocks
+        attrs["st_blocks"] = node.data.layer.lstat_found(node.data.path).st_blocks
     return attrs
 
 

@@ -121,6 +121,7 @@ class Listing:
 
     ``entries``: name -> :class:`Entry` of every entry but whiteouts; ``whiteouts``: the names whited out in this
     directory (0/0 devices, or xattr whiteouts in an ``opaque = "x"`` directory); ``opaque``: marked ``opaque = "y"``;
+    ``redirect``: the directory's own raw ``redirect`` xattr (a directory the kernel renamed), None when unset;
     ``unread``: the whole lstat of each entry, until :meth:`LowerLayer.lstat_found` takes it (a listing is usually
     followed by a lookup of its entries, which then costs no second ``lstat``; each is handed out once).
     """
@@ -129,6 +130,7 @@ class Listing:
     unread: dict[str, os.stat_result] = field(default_factory=dict)  # whole lstats not yet asked for (lstat_found)
     whiteouts: set[str] = field(default_factory=set)
     opaque: bool = False
+    redirect: bytes | None = None
 
 
 class LowerLayer(Layer):
@@ -178,6 +180,7 @@ class LowerLayer(Layer):
         try:
             opaque = self._markers.opaque_value(fd)
             listing.opaque = opaque == OPAQUE_YES
+            listing.redirect = self._markers.redirect_of(fd)
             with os.scandir(fd) as it:
                 for entry in it:
                     st = entry.stat(follow_symlinks=False)
@@ -222,6 +225,10 @@ class LowerLayer(Layer):
 
         One ``getxattr`` through ``/proc/self/fd``: the lookup reached ``path`` through directories this layer's
         listings found (no symlinks on the way, and lower layers do not change), and the last component is not followed.
-        Raises EPERM for a metacopy file with a ``redirect`` (see :meth:`Markers.is_metacopy`).
+        Raises the getxattr errors other than ENODATA and ENOTSUP.
         """
         return self._markers.is_metacopy(self.fd, path)
+
+    def redirect_of(self, path: str) -> bytes | None:
+        """The raw ``redirect`` of the metacopy file ``path`` (found as :meth:`is_metacopy` finds it), None if unset."""
+        return self._markers.redirect_of(self.fd, path)

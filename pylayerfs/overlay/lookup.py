@@ -46,11 +46,11 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pylayerfs.overlay.layers import Entry, Layer, LowerLayer, entry_of, join, split
-from pylayerfs.overlay.markers import Markers, OriginHandle, is_whiteout
+from pylayerfs.overlay.markers import Markers, OriginHandle, check_component, is_whiteout, parse_redirect
 
-LowerHit = tuple[LowerLayer, Entry]
 MAX_CACHED_DIRS = 4096  # the most directory fds the cache keeps, when the fd limit allows it
 _DIR_FD_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -87,6 +87,30 @@ class DirFd:
         self.close()
 
 
+class LowerHit(NamedTuple):
+    """One lower layer's part of a merged object: the layer, its listing's :class:`Entry`, and its path in that layer
+    (the merged path, unless a redirect on the way led elsewhere)."""
+
+    layer: LowerLayer
+    entry: Entry
+    path: str
+
+
+@dataclass(slots=True)
+class _Walk:
+    """The state of one lookup down the lower layers (the kernel's ``struct ovl_lookup_data``).
+
+    ``name``: what is looked up, a name in the parent's directories or an absolute path from the layer roots (after a
+    redirect); ``is_dir``: a directory was found (only directories merge below it); ``metacopy``: the last object found
+    is a metacopy file (its data, a regular file, is further down); ``stop``: nothing below may be looked at.
+    """
+
+    name: str
+    is_dir: bool = False
+    metacopy: bool = False
+    stop: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class LowerStack:
     """What the lower layers hold at one path, top-first, ignoring the upper layer.
@@ -103,7 +127,7 @@ class LowerStack:
     @property
     def is_dir(self) -> bool:
         """True when the top-most hit is a directory (then every hit is one: they merge)."""
-        return bool(self.hits) and stat.S_ISDIR(self.hits[0][1].st_mode)
+        return bool(self.hits) and stat.S_ISDIR(self.hits[0].entry.st_mode)
 
 
 NO_LOWER = LowerStack()
@@ -125,7 +149,9 @@ class Node:
     upper_fd: int = -1  # O_PATH fd of the upper directory, for cached directory nodes
     opaque: bool = False  # the upper directory is marked opaque
     origin: int | None = None  # inode number the upper object had before copy-up
-    metacopy: bool = False  # the upper file holds metadata only: the data is the lower file's (lower.hits[0])
+    metacopy: bool = False  # the upper file holds metadata only: the data is the lower file's (lower.hits[-1])
+    redirect: str | None = None  # the upper object's redirect (checked): where its lower part was looked up
+    impure: bool = False  # the upper directory is marked impure (copy-up marks it once)
     fd_owner: DirFd | None = field(default=None, repr=False, compare=False)  # closes upper_fd with the node
     lower_st: os.stat_result | None = field(default=None, repr=False, compare=False)  # read by ``st``, once
 
@@ -139,14 +165,15 @@ class Node:
         if self.upper is not None:
             return self.upper
         if self.lower_st is None:
-            self.lower_st = self.lower.hits[0][0].lstat_found(self.path)
+            hit = self.lower.hits[0]
+            self.lower_st = hit.layer.lstat_found(hit.path)
         return self.lower_st
 
     @property
     def top(self) -> os.stat_result | Entry:
         """The top-most real object's upper lstat, or its lower listing's :class:`Entry` (mode, inode, device, size):
         enough for its type and inode number without reading a lower object's whole lstat."""
-        return self.upper if self.upper is not None else self.lower.hits[0][1]
+        return self.upper if self.upper is not None else self.lower.hits[0].entry
 
     @property
     def mode(self) -> int:
@@ -160,7 +187,7 @@ class Node:
 
     @property
     def data(self) -> LowerHit | None:
-        """Where a metacopy file's data is: ``(layer, entry of the file holding it)``; None for any other object."""
+        """Where a metacopy file's data is: the :class:`LowerHit` of the file holding it; None for any other object."""
         if self.metacopy or (self.upper is None and self.lower.metacopy):
             return self.lower.hits[-1]
         return None
@@ -175,8 +202,10 @@ class Lookup:
     """Resolves merged paths over one stack of layers (the kernel's ``namei.c``), with the module's two caches.
 
     ``upper`` is None on a read-only stack; ``lowers`` are top-first; with ``metacopy`` (the ``metacopy=on`` option)
-    lower metacopy files are recognised and followed. ``ino_of`` maps a real object's lstat to the inode number the
-    mount reports (``InodeNumbers.of_real``; by default its own ``st_ino``).
+    lower metacopy files are recognised and followed. ``follow``: redirects are followed (``redirect_dir=on`` or
+    ``follow``); without it, one met where the kernel reads it is refused with EPERM (``nofollow``). ``ino_of`` maps a
+    real object's lstat to the inode number the mount reports (``InodeNumbers.of_real``; by default its own
+    ``st_ino``).
     """
 
     def __init__(
@@ -186,47 +215,38 @@ class Lookup:
         markers: Markers,
         metacopy: bool = False,
         ino_of: Callable[[os.stat_result], int] = operator.attrgetter("st_ino"),
+        follow: bool = True,
     ) -> None:
         self.ino_of = ino_of
         self.upper = upper
         self.lowers = lowers
         self.markers = markers
         self.metacopy = metacopy
+        self.follow = follow
+        self._roots = [(layer, "") for layer in lowers]  # where an absolute redirect is looked up
+        self._root_stack: LowerStack | None = None
         self._lower_stacks: dict[str, LowerStack] = {}
         self._dirs: OrderedDict[str, Node] = OrderedDict()  # least recently used first
         self.max_dirs = max_cached_dirs()
 
     # -- lower layers (immutable, cached forever) ------------------------------
 
-    def lower_stack(self, path: str) -> LowerStack:
-        """What the lower layers hold at ``path``, top-first (:class:`LowerStack`).
-
-        A stack with hits is cached for the life of the mount; :data:`NO_LOWER` is not (any name may be asked for, and
-        answering it again costs one dictionary probe per layer of the parent's merge). Ignores the upper layer, so
-        whiteouts and opaque directories in the upper layer are the caller's to apply. Raises what
-        :meth:`LowerLayer.listing <pylayerfs.overlay.layers.LowerLayer.listing>` raises, and EPERM for a lower metacopy
-        file with a ``redirect`` (with ``metacopy=on``).
-        """
-        cached = self._lower_stacks.get(path)
-        if cached is not None:
-            return cached
-        if not path:
-            result = self._root_lower_stack()
-            self._lower_stacks[path] = result
-            return result
-        parent_path, name = split(path)
-        return self.lower_stack_in(self.lower_stack(parent_path), parent_path, name)
-
     def lower_stack_in(self, parent: LowerStack, parent_path: str, name: str) -> LowerStack:
         """What the lower layers hold at ``name`` in ``parent_path``, given ``parent``: the stack the lookup found
-        for that directory (:data:`NO_LOWER` for an opaque upper directory); cached as :meth:`lower_stack`."""
+        for that directory (:data:`NO_LOWER` for an opaque upper directory).
+
+        Ignores the upper layer's object at the name, so its whiteout, opaque marker or redirect is the caller's to
+        apply. A stack with hits is cached by its merged path until :meth:`invalidate` (a rename may give the path
+        another lower part); :data:`NO_LOWER` is not cached (answering it again costs a dictionary probe per layer of
+        the parent's merge). Raises what :meth:`_lower_lookup` raises.
+        """
         if not parent.is_dir:
             return NO_LOWER  # checked first: the cache may hold the path from before its parent became opaque
         path = join(parent_path, name)
         cached = self._lower_stacks.get(path)
         if cached is not None:
             return cached
-        result = self._lower_child(parent, parent_path, name)
+        result = self._lower_lookup(parent, _Walk(name))
         if result.hits:
             self._lower_stacks[path] = result
         return result
@@ -234,35 +254,118 @@ class Lookup:
     def _root_lower_stack(self) -> LowerStack:
         """Every lower layer's root: the kernel never looks the root up, so an opaque marker on a layer's root
         hides nothing (``ovl_get_lowerstack`` stacks them all; checked against the kernel in tests/test_kernel.py)."""
-        return LowerStack(tuple((layer, entry_of(layer.lstat(""), layer.dev)) for layer in self.lowers))
+        if self._root_stack is None:
+            hits = tuple(LowerHit(layer, entry_of(layer.lstat(""), layer.dev), "") for layer in self.lowers)
+            self._root_stack = LowerStack(hits)
+        return self._root_stack
 
-    def _lower_child(self, parent: LowerStack, parent_path: str, name: str) -> LowerStack:
+    def _lower_lookup(self, parent: LowerStack, walk: _Walk) -> LowerStack:
+        """Look ``walk.name`` up down the lower layers, from the directories of ``parent`` (the kernel's lower loop in
+        ``ovl_lookup``, fs/overlayfs/namei.c).
+
+        A relative name is looked up in each of ``parent``'s directories, top-down; an absolute one (a redirect) is
+        walked from every lower layer's root. A redirect met on the way changes the name for the layers below (an
+        absolute one makes them start from their roots). Intermediate metacopy files are not kept: the stack holds the
+        top-most object and, below a metacopy file, the file holding the data. Raises EACCES, EINVAL and EPERM for
+        redirects as :meth:`_follow` does, and the listing and getxattr errors (EACCES, EIO...).
+        """
+        bases = [(hit.layer, hit.path) for hit in parent.hits] if parent.is_dir else []
+        if walk.name.startswith("/"):
+            bases = self._roots
         hits: list[LowerHit] = []
-        path = join(parent_path, name)
-        metacopy = False
-        for layer, _ in parent.hits:
-            listing = layer.listing(parent_path)
-            if name in listing.whiteouts:
-                break
-            st = listing.entries.get(name)
-            if st is None:
+        top_metacopy = False
+        i = 0
+        while i < len(bases) and not walk.stop:
+            layer, base = bases[i]
+            i += 1
+            # The bottom-most layer has no redirect or opaque marker read (nothing is below it to lead to or hide);
+            # with redirect_dir=nofollow, the last layer of the parent's merge.
+            last = i == len(bases) if not self.follow else layer is self.lowers[-1]
+            hit = self._in_layer(layer, base, walk, last)
+            if hit is None:
                 continue
-            if metacopy and not stat.S_ISREG(st.st_mode):
-                break  # a metacopy file's data can only be a regular file
-            if not stat.S_ISDIR(st.st_mode):
-                if hits and not metacopy:
-                    break  # a non-directory below a directory: hidden
-                hits.append((layer, st))
-                # Lower metacopy files are looked for with metacopy=on only: a getxattr per lower file
-                # doubles the cost of a cold lookup. Without it they show as they are on disk.
-                if self.metacopy and stat.S_ISREG(st.st_mode) and st.st_size and layer.is_metacopy(path):
-                    metacopy = True
-                    continue  # the data is further down
-                return LowerStack(tuple(hits), len(hits) > 1)
-            hits.append((layer, st))
-            if layer.listing(path).opaque:
-                break
-        return LowerStack(tuple(hits), metacopy, orphan=metacopy)
+            if not hits:
+                top_metacopy = walk.metacopy
+                hits.append(hit)
+            elif not walk.metacopy:
+                hits.append(hit)
+            if walk.name.startswith("/") and bases is not self._roots:
+                bases, i = self._roots, layer.index  # on from the roots of the layers below this one
+        return LowerStack(tuple(hits), top_metacopy, orphan=walk.metacopy)
+
+    def _in_layer(self, layer: LowerLayer, base: str, walk: _Walk, last: bool) -> LowerHit | None:
+        """``walk.name`` in ``layer``: a name in its directory ``base``, or an absolute path walked component by
+        component from its root (the kernel's ``ovl_lookup_layer``); the hit, or None (with ``walk.stop`` set where
+        nothing below may be looked at). Raises as :meth:`_lower_lookup`."""
+        if not walk.name.startswith("/"):
+            return self._single(layer, base, walk.name, walk, last, "", "")
+        base, rest = "", walk.name[1:]
+        while True:
+            name, sep, tail = rest.partition("/")
+            post = sep + tail
+            hit = self._single(layer, base, name, walk, last, walk.name[: len(walk.name) - len(rest)], post)
+            if hit is None or not post:
+                return hit
+            base, rest = hit.path, tail
+
+    def _single(
+        self, layer: LowerLayer, base: str, name: str, walk: _Walk, last: bool, prefix: str, post: str
+    ) -> LowerHit | None:
+        """One component ``name`` in the directory ``base`` of ``layer`` (the kernel's ``ovl_lookup_single``).
+
+        ``post`` is what the walk still has to look up after it (``""``: it is the last component), ``prefix`` what
+        came before (for a relative redirect met here). Updates ``walk`` as the kernel's lookup data; the hit, or None.
+        """
+        check_component(name)
+        listing = layer.listing(base)
+        if name in listing.whiteouts:
+            walk.stop = True
+            return None
+        entry = listing.entries.get(name)
+        if entry is None:
+            return None
+        hit = LowerHit(layer, entry, join(base, name))
+        mode = entry.st_mode
+        if not post and walk.metacopy and not stat.S_ISREG(mode):
+            walk.stop = True  # a metacopy file's data can only be a regular file
+            return None
+        if not stat.S_ISDIR(mode):
+            if walk.is_dir or post:
+                walk.stop = True  # a non-directory below a directory, or on the way: hidden
+                return None
+            # Lower metacopy files are looked for with metacopy=on only: a getxattr per lower file
+            # doubles the cost of a cold lookup. Without it they show as they are on disk.
+            walk.metacopy = self.metacopy and stat.S_ISREG(mode) and entry.st_size > 0 and layer.is_metacopy(hit.path)
+            walk.stop = not walk.metacopy
+            if not walk.metacopy or last:
+                return hit
+            redirect = layer.redirect_of(hit.path)
+        else:
+            if not post:
+                walk.is_dir = True
+            if last:
+                return hit
+            below = layer.listing(hit.path)
+            if below.opaque:
+                walk.stop = True
+                return hit
+            redirect = below.redirect
+        if redirect is not None:
+            self._follow(walk, redirect, prefix, post)
+        return hit
+
+    def _follow(self, walk: _Walk, value: bytes, prefix: str, post: str) -> None:
+        """A redirect ``value`` met on the way: the name looked up below becomes it (the kernel's
+        ``ovl_check_redirect``). Raises EINVAL for a malformed one (:func:`parse_redirect`) and EPERM with
+        ``redirect_dir=nofollow`` (the kernel's "refusing to follow redirect")."""
+        redirect = parse_redirect(value)
+        if not self.follow:
+            raise OSError(errno.EPERM, "refusing to follow redirect (redirect_dir=nofollow)", redirect)
+        if redirect.startswith("/"):
+            walk.stop = False  # an opaque directory on the way hid what was above, not what the redirect leads to
+            walk.name = redirect + post
+        else:
+            walk.name = prefix + redirect + post
 
     # -- the merged view -------------------------------------------------------
 
@@ -276,9 +379,10 @@ class Lookup:
 
     def _make_root(self) -> Node:
         if self.upper is None:
-            return Node("", None, self.lower_stack(""))
+            return Node("", None, self._root_lower_stack())
         upper_st = self.upper.lstat("")
-        return Node("", upper_st, self.lower_stack(""), self.upper.fd)  # never opaque (see _root_lower_stack)
+        impure = self.markers.impure in self.markers.present(self.upper.fd, None)
+        return Node("", upper_st, self._root_lower_stack(), self.upper.fd, impure=impure)  # never opaque
 
     def lookup(self, path: str) -> Node:
         """The merged node at ``path`` (``""``: the root), each directory on the way cached.
@@ -305,8 +409,10 @@ class Lookup:
     def child(self, parent: Node, name: str) -> Node | None:
         """Look ``name`` up in the directory ``parent``: its node, or None when the merged view has no such name.
 
-        A whiteout in the upper layer answers None. Raises EPERM/EIO for a metacopy file as :meth:`lookup` does, and the
-        lstat/getxattr errors of the real objects other than ENOENT.
+        A whiteout in the upper layer answers None; an upper directory (or metacopy file) with a redirect has its lower
+        part where the redirect leads. Raises EPERM/EIO for a metacopy file as :meth:`lookup` does, EINVAL, EACCES and
+        EPERM for a redirect as :meth:`_follow` does, and the lstat/getxattr errors of the real objects other than
+        ENOENT.
         """
         path = join(parent.path, name)
         cached = self._cached(path)
@@ -318,39 +424,70 @@ class Lookup:
                 upper_st = os.stat(name, dir_fd=parent.upper_fd, follow_symlinks=False)
             if upper_st is not None and is_whiteout(upper_st):
                 return None
-        lower = self.lower_stack_in(parent.lower, parent.path, name)
         if upper_st is None:
+            lower = self.lower_stack_in(parent.lower, parent.path, name)
             if not lower.hits:
                 return None
             node = Node(path, None, lower)
             if lower.metacopy:
                 self._check_metacopy(node)
-        elif not stat.S_ISDIR(upper_st.st_mode):
-            origin = self._origin_ino(parent.upper_fd, name)
-            if self._is_metacopy(parent, name, upper_st, lower):
-                node = Node(path, upper_st, lower, origin=origin, metacopy=True)
-                self._check_metacopy(node)
-                return node
-            return Node(path, upper_st, NO_LOWER, origin=origin)
+            if node.is_dir:
+                self._remember(node)
+            return node
+        markers = self.markers
+        if not stat.S_ISDIR(upper_st.st_mode):
+            present = markers.present(parent.upper_fd, name)
+            origin = self._origin_ino(parent.upper_fd, name, present)
+            if not (stat.S_ISREG(upper_st.st_mode) and upper_st.st_size and markers.metacopy in present):
+                return Node(path, upper_st, NO_LOWER, origin=origin)
+            redirect = self._upper_redirect(parent, parent.upper_fd, name, present)
+            lower = self._lower_lookup(parent.lower, _Walk(redirect or name, metacopy=True))
+            node = Node(path, upper_st, lower, origin=origin, metacopy=True, redirect=redirect)
+            self._check_metacopy(node)
+            return node
+        owner = DirFd(self._open_dir(parent.upper_fd, name))
+        fd = owner.fd
+        present = markers.present(fd, None)
+        opaque = markers.opaque in present and markers.is_opaque(fd)
+        origin = self._origin_ino(fd, None, present)
+        redirect = None if opaque else self._upper_redirect(parent, fd, None, present)
+        if opaque:
+            lower = NO_LOWER
+        elif redirect is not None:
+            lower = self._lower_lookup(parent.lower, _Walk(redirect, is_dir=True))
         else:
-            owner = DirFd(self._open_dir(parent.upper_fd, name))
-            fd = owner.fd
-            opaque = self._upper_opaque(fd)
-            origin = self._origin_ino(fd, None)
-            lower = lower if lower.is_dir and not opaque else NO_LOWER
-            node = Node(path, upper_st, lower, fd, opaque, origin, fd_owner=owner)
-        if node.is_dir:
-            self._remember(node)
+            lower = self.lower_stack_in(parent.lower, parent.path, name)
+            lower = lower if lower.is_dir else NO_LOWER
+        impure = markers.impure in present
+        node = Node(path, upper_st, lower, fd, opaque, origin, redirect=redirect, impure=impure, fd_owner=owner)
+        self._remember(node)
         return node
 
-    def _origin_ino(self, dirfd: int, name: str | None) -> int | None:
+    def _upper_redirect(self, parent: Node, dirfd: int, name: str | None, present: frozenset[str]) -> str | None:
+        """The redirect of the upper ``(dirfd, name)`` in ``parent``, checked (:func:`parse_redirect`); None if it has
+        none, or where the kernel does not read it (nofollow below a directory with no lower part). Raises EINVAL for a
+        malformed one and EPERM with ``redirect_dir=nofollow``."""
+        if self.markers.redirect not in present or not (self.follow or parent.lower.hits):
+            return None
+        value = self.markers.redirect_of(dirfd, name)
+        if value is None:
+            return None
+        redirect = parse_redirect(value)
+        if not self.follow:
+            raise OSError(errno.EPERM, "refusing to follow redirect (redirect_dir=nofollow)", redirect)
+        return redirect
+
+    def _origin_ino(self, dirfd: int, name: str | None, present: frozenset[str]) -> int | None:
         """The inode number of the lower object the upper ``(dirfd, name)`` was copied up from; None if unknown.
 
-        Its ``origin`` file handle is opened (open_by_handle_at) in the first lower layer whose UUID is the handle's
-        (the null UUID with ``uuid=off``; the kernel's ``ovl_check_origin_fh``, ``ovl_decode_real_fh``); a stale handle,
-        or none, gives None: the object reports its upper inode number, as the kernel's does. An older pylayerfs
-        upper's recorded inode number is taken as it is. Raises the getxattr errors other than ENODATA and ENOTSUP.
+        ``present``: the overlay xattrs it carries (:meth:`Markers.present`). Its ``origin`` file handle is opened
+        (open_by_handle_at) in the first lower layer whose UUID is the handle's (the null UUID with ``uuid=off``; the
+        kernel's ``ovl_check_origin_fh``, ``ovl_decode_real_fh``); a stale handle, or none, gives None: the object
+        reports its upper inode number, as the kernel's does. An older pylayerfs upper's recorded inode number is taken
+        as it is. Raises the getxattr errors other than ENODATA and ENOTSUP.
         """
+        if self.markers.origin not in present and self.markers.legacy_origin not in present:
+            return None
         origin = self.markers.origin_of(dirfd, name)
         if not isinstance(origin, OriginHandle):
             return origin
@@ -369,15 +506,10 @@ class Lookup:
                 return self.ino_of(st)
         return None
 
-    def _is_metacopy(self, parent: Node, name: str, upper_st: os.stat_result, lower: LowerStack) -> bool:
-        """Is the upper file ``name`` a metadata-only copy of the lower file below it?"""
-        if not (stat.S_ISREG(upper_st.st_mode) and upper_st.st_size and lower.hits):
-            return False
-        return stat.S_ISREG(lower.hits[0][1].st_mode) and self.markers.is_metacopy(parent.upper_fd, name)
-
     def _check_metacopy(self, node: Node) -> None:
-        """As the kernel: without ``metacopy=on`` a metacopy file is refused (EPERM); one without data is EIO."""
-        if not self.metacopy:
+        """As the kernel's ``ovl_lookup``: a metacopy file with a lower part is refused without ``metacopy=on``
+        (EPERM, "refusing to follow metacopy origin"); one whose data is in no layer below is EIO."""
+        if not self.metacopy and node.lower.hits:
             raise OSError(errno.EPERM, "refusing to follow a metacopy file without metacopy=on", node.path)
         if node.lower.orphan:
             raise OSError(errno.EIO, "a metacopy file whose data is in no layer below", node.path)
@@ -388,9 +520,6 @@ class Lookup:
         Raises as :meth:`lower_stack`.
         """
         return bool(self.lower_stack_in(parent.lower, parent.path, name).hits)
-
-    def _upper_opaque(self, fd: int) -> bool:
-        return self.markers.is_opaque(fd)
 
     # -- cache of directory nodes ------------------------------------------------
 
@@ -434,6 +563,14 @@ class Lookup:
         prefix = path + "/"
         for key in [k for k in self._dirs if k == path or k.startswith(prefix)]:
             del self._dirs[key]
+
+    def moved(self, path: str) -> None:
+        """A rename changed what the directory at ``path`` is (or was): forget its cached node and lower stack and
+        every one below, since a redirect may now give those paths another lower part."""
+        self.invalidate(path)
+        prefix = path + "/"
+        for key in [k for k in self._lower_stacks if k == path or k.startswith(prefix)]:
+            del self._lower_stacks[key]
 
     def invalidate_all(self) -> None:
         """Forget every cached directory node (their upper fds close once no caller holds them)."""

@@ -27,6 +27,14 @@ kernel's format, so that an upper directory written by pylayerfs mounts under
   "copied up"). Lookup reports the lower object's inode number through it.
   Uppers written by earlier pylayerfs carry ``<prefix>pylayerfs.origin`` (the inode
   number in decimal) instead; it is still read, never written.
+* A directory renamed with ``redirect_dir=on`` (or a metacopy file renamed or
+  linked with ``metacopy=on``) carries ``<prefix>redirect``: where its lower
+  part is, either the bare old name (a rename within the same parent) or an
+  absolute path from the layer roots (``/a/b``), at most 256 bytes when written
+  (the kernel's ``redirect_max``). Its old name is whited out.
+* A directory where copy-up put an object with an origin (or a rename moved
+  one) carries ``<prefix>impure = "y"``: the kernel's readdir then looks up
+  those entries' origins for ``d_ino``.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ TRUSTED_PREFIX = "trusted.overlay."
 USER_PREFIX = "user.overlay."
 OPAQUE_YES = b"y"
 OPAQUE_XWHITEOUTS = b"x"
+IMPURE_YES = b"y"
+REDIRECT_MAX = 256  # the longest redirect written (the kernel's redirect_max module parameter's default)
 OPAQUE_XATTR = TRUSTED_PREFIX + "opaque"  # what a layer in the store carries (images never use userxattr)
 TAR_WHITEOUT_PREFIX = ".wh."
 TAR_OPAQUE_MARKER = ".wh..wh..opq"
@@ -132,6 +142,16 @@ class Markers:
         return self.prefix + "origin"
 
     @property
+    def redirect(self) -> str:
+        """The redirect xattr's name: ``<prefix>redirect`` (where a renamed object's lower part is)."""
+        return self.prefix + "redirect"
+
+    @property
+    def impure(self) -> str:
+        """The impure xattr's name: ``<prefix>impure`` (a directory holding copied-up or moved objects)."""
+        return self.prefix + "impure"
+
+    @property
     def legacy_origin(self) -> str:
         """Where older pylayerfs recorded a copied-up object's inode number: ``<prefix>pylayerfs.origin``."""
         return self.prefix + "pylayerfs.origin"
@@ -148,6 +168,21 @@ class Markers:
     # -- reading -------------------------------------------------------------
     # Objects are named by an open directory fd and, for an entry in it, a name
     # (see realfs.xattr_ref).
+
+    def present(self, dirfd: int, name: str | None) -> frozenset[str]:
+        """The names of the overlay xattrs ``(dirfd, name)`` carries (name None: ``dirfd``), from one ``listxattr``.
+
+        Most upper objects carry none: a lookup then reads no xattr. Empty where the filesystem has no xattrs; raises
+        the listxattr errors other than ENOTSUP (ENOENT, EACCES...).
+        """
+        path, follow = realfs.xattr_ref(dirfd, name)
+        try:
+            names = os.listxattr(path, follow_symlinks=follow)
+        except OSError as exc:
+            if realfs.is_enotsup(exc):
+                return frozenset()
+            raise
+        return frozenset(n for n in names if n.startswith(self.prefix))
 
     def opaque_value(self, dirfd: int) -> bytes | None:
         """The opaque xattr of the directory ``dirfd``: ``b"y"``, ``b"x"`` or None when unset.
@@ -175,15 +210,20 @@ class Markers:
     def is_metacopy(self, dirfd: int, name: str) -> bool:
         """Is ``(dirfd, name)`` a metadata-only copy, the upper file's data still the lower file's?
 
-        One the kernel renamed carries a ``redirect`` to where its data is; pylayerfs follows no redirects (it is
-        ``redirect_dir=off``), so it refuses the file with EPERM, as the kernel refuses redirects it may not follow,
-        rather than read the data of the wrong file. Also raises the getxattr errors other than ENODATA and ENOTSUP.
+        Raises the getxattr errors other than ENODATA and ENOTSUP.
         """
-        if get(dirfd, name, self.metacopy) is None:
-            return False
-        if get(dirfd, name, self.prefix + "redirect") is not None:
-            raise OSError(errno.EPERM, "a metacopy file with a redirect: pylayerfs follows no redirects", name)
-        return True
+        return get(dirfd, name, self.metacopy) is not None
+
+    def redirect_of(self, dirfd: int, name: str | None = None) -> bytes | None:
+        """The raw ``<prefix>redirect`` of ``(dirfd, name)`` (name None: ``dirfd``), None when unset.
+
+        :func:`parse_redirect` checks it. Raises the getxattr errors other than ENODATA and ENOTSUP.
+        """
+        return get(dirfd, name, self.redirect)
+
+    def is_impure(self, dirfd: int) -> bool:
+        """Is the directory ``dirfd`` marked impure? Raises the getxattr errors other than ENODATA and ENOTSUP."""
+        return get(dirfd, None, self.impure) == IMPURE_YES
 
     def origin_of(self, dirfd: int, name: str | None = None) -> OriginHandle | int | None:
         """The origin recorded on ``(dirfd, name)`` (name None: ``dirfd``): its handle, else a legacy inode number.
@@ -217,6 +257,22 @@ class Markers:
         """
         set_(dirfd, name, self.opaque, OPAQUE_YES)
 
+    def set_redirect(self, dirfd: int, name: str, redirect: str) -> None:
+        """Record where the renamed object ``(dirfd, name)`` came from: ``<prefix>redirect = redirect``.
+
+        Raises what :func:`realfs.setxattr <pylayerfs.overlay.realfs.setxattr>` raises (the kernel then falls back to
+        EXDEV, and so does the caller).
+        """
+        set_(dirfd, name, self.redirect, os.fsencode(redirect))
+
+    def set_impure(self, dirfd: int) -> None:
+        """Mark the upper directory ``dirfd`` impure (``<prefix>impure = "y"``), as the kernel's ``ovl_set_impure``.
+
+        Best effort, never raises: an upper filesystem without xattrs holds no origins or redirects either.
+        """
+        with contextlib.suppress(OSError):
+            set_(dirfd, None, self.impure, IMPURE_YES)
+
     def set_metacopy(self, dirfd: int, name: str) -> None:
         """Mark the file ``(dirfd, name)`` as a metadata-only copy: ``<prefix>metacopy``, empty.
 
@@ -232,6 +288,26 @@ class Markers:
         """
         with contextlib.suppress(OSError):
             set_(dirfd, name, self.origin, value)
+
+
+def parse_redirect(value: bytes) -> str:
+    """A redirect xattr's value as the lookup uses it: the bare old name, or an absolute path (``/a/b``).
+
+    As the kernel's ``ovl_get_redirect_xattr`` (fs/overlayfs/util.c): the value ends at its first NUL; an empty one,
+    an absolute one with an empty component (``//a``, ``/a/``) or a relative one holding a ``/`` raise EINVAL. A
+    ``.`` or ``..`` component is refused where the lookup meets it (:func:`check_component`).
+    """
+    text = os.fsdecode(value.split(b"\0", 1)[0])
+    if not text or ("/" in text and (not text.startswith("/") or "" in text[1:].split("/"))):
+        raise OSError(errno.EINVAL, "invalid redirect", text)
+    return text
+
+
+def check_component(name: str) -> None:
+    """A redirect's component is looked up as a name: ``.`` and ``..`` raise EACCES, as ``lookup_one`` refuses them
+    in the kernel (so no redirect leads out of a layer)."""
+    if name in (".", ".."):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), name)
 
 
 def get(dirfd: int, name: str | None, attr: str) -> bytes | None:
@@ -278,6 +354,16 @@ def is_opaque_dir(path: str, prefix: str = TRUSTED_PREFIX) -> bool:
         return os.getxattr(path, prefix + "opaque", follow_symlinks=False) == OPAQUE_YES
     except OSError:
         return False
+
+
+def has_redirect(path: str, prefix: str = TRUSTED_PREFIX) -> bool:
+    """Does the object at ``path`` (never followed) carry ``<prefix>redirect`` (a directory or metacopy file renamed
+    by the overlay)? For layers on disk that are not mounted; never raises (an unreadable xattr reads as no)."""
+    try:
+        os.getxattr(path, prefix + "redirect", follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def is_whiteout(st: os.stat_result) -> bool:

@@ -9,10 +9,17 @@ The upper-layer rules they follow:
   pure-upper name leaves nothing. A merged directory can be removed only when
   it shows no entry; its upper part (holding only whiteouts) is then swapped
   for a whiteout and deleted in the workdir.
-* Renaming a lower or merged directory is refused with EXDEV (no
-  ``redirect_dir``): ``mv`` then copies. Anything else is copied up and renamed
-  in the upper layer, with a whiteout left at the old name if a lower layer
-  holds it; a directory moved into a merged directory is marked opaque.
+* Renaming a lower or merged directory is refused with EXDEV unless the mount
+  is ``redirect_dir=on`` (``mv`` then copies). Anything else is copied up and
+  renamed in the upper layer, with a whiteout left at the old name if a lower
+  layer holds it; a pure-upper directory moved into a merged directory is
+  marked opaque. With ``redirect_dir=on`` a lower or merged directory (and with
+  ``metacopy=on`` a metacopy file) is copied up without its contents and
+  records where it came from in ``redirect`` (the kernel's ``ovl_rename``,
+  fs/overlayfs/dir.c): its old name if it stays in the same directory, else
+  its absolute path from the layer roots. A new directory made in a merged
+  directory is marked opaque then, as the kernel's ``ovl_create_upper`` does
+  when offline changes to the layers are not allowed.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from pylayerfs.overlay.copy_up import copy_up, upper_parent
 from pylayerfs.overlay.file import OpenFile
 from pylayerfs.overlay.layers import split
 from pylayerfs.overlay.lookup import Node
-from pylayerfs.overlay.markers import is_whiteout, make_whiteout
+from pylayerfs.overlay.markers import REDIRECT_MAX, is_whiteout, make_whiteout
 from pylayerfs.overlay.readdir import merged_names
 from pylayerfs.overlay.state import Caller, OverlayState
 from pylayerfs.overlay.workdir import Workdir
@@ -77,6 +84,8 @@ def _create_object(
     try:
         with _umask(owner):
             make(dirfd, tmp)
+        if is_dir and existing is None and ov.redirect_dir == "on" and parent.is_merged:
+            ov.markers.set_opaque(dirfd, tmp)  # lower layers may not change offline: nothing below to look for
         if is_dir and parent_st.st_mode & stat.S_ISGID:  # passed on, also to a directory built in the workdir
             mode = stat.S_IMODE(os.stat(tmp, dir_fd=dirfd, follow_symlinks=False).st_mode)
             realfs.chmod(dirfd, tmp, mode | stat.S_ISGID)
@@ -256,15 +265,18 @@ def symlink(ov: OverlayState, path: str, target: str, caller: Caller) -> None:
 def link(ov: OverlayState, old: str, new: str) -> None:
     """Make ``new`` a hard link to ``old``, which is copied up first (links live in the upper layer only).
 
+    With ``metacopy=on`` a regular file is copied up as a metacopy file with an absolute ``redirect`` to its data.
     The new name keeps the object's owner. Raises ENOENT/ENOTDIR as the lookup of ``old`` does, EPERM for a directory,
-    EROFS on a read-only stack, EEXIST when the merged view has ``new``, and the upper filesystem's errors (EMLINK,
-    ENOSPC...).
+    EROFS on a read-only stack, EEXIST when the merged view has ``new``, EXDEV when the redirect cannot be recorded,
+    and the upper filesystem's errors (EMLINK, ENOSPC...).
     """
     src = ov.lookup.lookup(old)
     if src.is_dir:
         raise _error(errno.EPERM, old)
-    copy_up(ov, old)
+    src = copy_up(ov, old, meta_only=True)  # with metacopy=on a regular file's data stay below
     old_parent_path, old_name = split(old)
+    if src.metacopy:  # every name of it must find the data: an absolute redirect (the kernel's ovl_link)
+        _set_redirect(ov, src, False, ov.lookup.lookup(old_parent_path))
 
     def make(fd: int, name: str) -> None:
         src_parent = ov.lookup.lookup(old_parent_path)
@@ -358,13 +370,17 @@ _RENAME_FLAGS = realfs.RENAME_NOREPLACE | realfs.RENAME_EXCHANGE
 def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
     """Rename ``old`` to ``new`` in the merged view; ``flags``: RENAME_NOREPLACE or RENAME_EXCHANGE (``renameat2(2)``).
 
-    ``old`` (and, for an exchange, ``new``) is copied up and renamed in the upper layer, with a whiteout left at ``old``
-    if a lower layer holds it; ``old == new`` changes nothing. Raises EROFS on a read-only stack; EINVAL for other flags
-    or both; ENOENT/ENOTDIR as the lookups of ``old`` and of ``new``'s parent do, ENOENT for a missing ``new`` with
+    ``old`` (and, for an exchange, ``new``) is copied up (with ``metacopy=on`` a regular file's metadata only) and
+    renamed in the upper layer, with a whiteout left at ``old`` if a lower layer holds it; ``old == new`` changes
+    nothing. A lower or merged directory, and a metacopy file, records where it came from in ``redirect``
+    (:func:`_set_redirect`); the new parent is marked impure when an object with an origin moves into it (the
+    kernel's ``ovl_rename``, fs/overlayfs/dir.c). Raises EROFS on a read-only stack; EINVAL for other flags or both;
+    ENOENT/ENOTDIR as the lookups of ``old`` and of ``new``'s parent do, ENOENT for a missing ``new`` with
     RENAME_EXCHANGE; EEXIST for RENAME_NOREPLACE over an existing name; ENOTDIR/EISDIR when a directory would replace a
-    non-directory or the reverse; EXDEV for a lower or merged directory (``redirect_dir=off``: overlayfs.rst, "Renaming
-    directories"; ``mv`` then copies); ENOTEMPTY over a directory that shows entries. Moving a directory below itself
-    (EINVAL) is the VFS's check, not made here.
+    non-directory or the reverse; EXDEV for a lower or merged directory unless ``redirect_dir=on`` (overlayfs.rst,
+    "Renaming directories"; ``mv`` then copies), and when a redirect cannot be recorded (too long, no xattrs);
+    ENOTEMPTY over a directory that shows entries. Moving a directory below itself (EINVAL) is the VFS's check, not
+    made here.
     """
     ov.writable(old)
     if flags & ~_RENAME_FLAGS or flags == _RENAME_FLAGS:
@@ -386,34 +402,85 @@ def rename(ov: OverlayState, old: str, new: str, flags: int = 0) -> None:
             raise _error(errno.ENOTDIR, new)
         if not src.is_dir and dst.is_dir:
             raise _error(errno.EISDIR, new)
-    if (src.is_dir and src.lower.hits) or (exchange and dst is not None and dst.is_dir and dst.lower.hits):
-        raise _error(errno.EXDEV, old)  # no redirect_dir: lower and merged directories do not move
+    if not _can_move(ov, src) or (exchange and dst is not None and not _can_move(ov, dst)):
+        raise _error(errno.EXDEV, old)  # redirect_dir is not on: lower and merged directories do not move
     if dst is not None and not exchange and dst.is_dir and has_visible_entries(ov, dst):
         raise _error(errno.ENOTEMPTY, new)
 
-    copy_up(ov, old)
+    copy_up(ov, old, meta_only=True)
     if exchange:
-        copy_up(ov, new)
+        copy_up(ov, new, meta_only=True)
     old_parent, old_name = upper_parent(ov, old)
     new_parent, new_name = upper_parent(ov, new)
     old_parent = ov.lookup.lookup(split(old)[0])  # refreshed: copying up one parent may move the other's node
     src = ov.lookup.lookup(old)
-
-    # A pure-upper directory moving into a merged directory is marked opaque, as the kernel does.
-    if src.is_dir and not src.opaque and new_parent.is_merged:
-        ov.markers.set_opaque(old_parent.upper_fd, old_name)
+    samedir = split(old)[0] == split(new)[0]
     if exchange:
         assert dst is not None
         dst = ov.lookup.lookup(new)
-        if dst.is_dir and not dst.opaque and old_parent.is_merged:
-            ov.markers.set_opaque(new_parent.upper_fd, new_name)
+    _mark_moved(ov, src, samedir, new_parent, old_parent)
+    if exchange:
+        assert dst is not None
+        _mark_moved(ov, dst, samedir, old_parent, new_parent)
         realfs.renameat2(old_parent.upper_fd, old_name, new_parent.upper_fd, new_name, realfs.RENAME_EXCHANGE)
     else:
         _move(ov, old_parent, old_name, new_parent, new_name, src.is_dir)
     for path in (old, new):
         if src.is_dir or (dst is not None and dst.is_dir):
-            ov.lookup.invalidate(path)
+            ov.lookup.moved(path)
         ov.files.forget(path)
+
+
+def _can_move(ov: OverlayState, node: Node) -> bool:
+    """May ``node`` be renamed? Not a lower or merged directory unless ``redirect_dir=on`` (the kernel's
+    ``ovl_can_move``)."""
+    return ov.redirect_dir == "on" or not node.is_dir or not node.lower.hits
+
+
+def _mark_moved(ov: OverlayState, node: Node, samedir: bool, to: Node, source: Node) -> None:
+    """Mark the copied-up ``node`` before it moves from the directory ``source`` into ``to`` (the kernel's
+    ``ovl_rename``): a lower or merged directory, or a metacopy file, gets its redirect; a pure-upper directory
+    moving into a merged directory is marked opaque; ``to`` is marked impure when ``node`` has an origin and the move
+    is to another directory. Raises EXDEV where a redirect or the opaque marker cannot be recorded."""
+    if (node.is_dir and node.lower.hits) or node.metacopy:
+        _set_redirect(ov, node, samedir, source)
+    elif node.is_dir and not node.opaque and to.is_merged:
+        try:
+            ov.markers.set_opaque(source.upper_fd, split(node.path)[1])
+        except OSError:
+            raise _error(errno.EXDEV, node.path) from None
+    if not samedir and not to.impure and (node.origin is not None or node.lower.hits):
+        ov.markers.set_impure(to.upper_fd)
+        to.impure = True
+
+
+def _set_redirect(ov: OverlayState, node: Node, samedir: bool, parent: Node) -> None:
+    """Record in the copied-up ``node`` (in the directory ``parent``) where its lower part is, before it is renamed (the
+    kernel's
+    ``ovl_set_redirect`` and ``ovl_get_redirect``): its current name for a rename within its directory, else its
+    absolute path, made of its ancestors' names, each replaced by its own redirect where it has one, up to the root or
+    to an absolute redirect. An absolute redirect is kept, and so is a relative one within the same directory. Raises
+    EXDEV for an absolute path over :data:`REDIRECT_MAX` bytes, or one the upper filesystem cannot store (``mv`` then
+    copies, as under the kernel).
+    """
+    if node.redirect is not None and (samedir or node.redirect.startswith("/")):
+        return
+    path, name = split(node.path)
+    if samedir:
+        redirect = name
+    else:
+        parts = [node.redirect or name]
+        while path and not parts[0].startswith("/"):
+            ancestor = ov.lookup.lookup(path)
+            path, name = split(path)
+            parts.insert(0, ancestor.redirect or name)
+        redirect = "/".join(parts) if parts[0].startswith("/") else "/" + "/".join(parts)
+        if len(os.fsencode(redirect)) > REDIRECT_MAX:
+            raise _error(errno.EXDEV, node.path)
+    try:
+        ov.markers.set_redirect(parent.upper_fd, split(node.path)[1], redirect)
+    except OSError:
+        raise _error(errno.EXDEV, node.path) from None
 
 
 def _move(ov: OverlayState, old_parent: Node, old_name: str, new_parent: Node, new_name: str, is_dir: bool) -> None:

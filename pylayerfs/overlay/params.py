@@ -17,7 +17,6 @@ BINDINGS = ("native", "libfuse")  # the FUSE transports (-o binding=): pylayerfs
 
 # Options of the kernel's overlayfs that pylayerfs accepts at the value it implements.
 _KERNEL_DEFAULTS = {
-    "redirect_dir": ("off", "nofollow"),
     "index": ("off",),
     "nfs_export": ("off",),
     "xino": ("off", "auto"),
@@ -33,6 +32,7 @@ _IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "g
             "diratime", "loud", "silent"}  # fmt: skip
 
 
+REDIRECT_MODES = ("on", "follow", "nofollow", "off")  # redirect_dir= (overlayfs.rst, "Redirect")
 MAX_TIMEOUT = 2**32 - 1  # seconds: FUSE replies carry cache times as 64-bit seconds; a century is plenty
 
 
@@ -58,6 +58,8 @@ class MountConfig:
     logfile: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
     metacopy: bool = False  # chmod, chown, utimes and xattrs copy a file's metadata only (the kernel's metacopy=on)
+    redirect_dir: str | None = None  # as given (None: not given); redirect_mode() gives the mode the mount runs with
+    redirect_always_follow: bool = True  # the kernel module parameter's counterpart: redirect_dir=off means follow
     uuid_off: bool = False  # uuid=off: origin file handles carry the null UUID instead of the lower fs's
     timeout: float = 86400.0  # how long the kernel may cache entries and attributes (fuse-overlayfs's timeout=)
     binding: str | None = None  # the FUSE transport, "native" or "libfuse" (None: the daemon's default)
@@ -66,9 +68,41 @@ class MountConfig:
     )
 
     @property
+    def redirect_mode(self) -> str:
+        """The redirect mode the mount runs with (:func:`redirect_mode`): ``"on"``, ``"follow"`` or ``"nofollow"``."""
+        return redirect_mode(self.redirect_dir, self.metacopy, self.userxattr, self.redirect_always_follow)
+
+    @property
     def read_only(self) -> bool:
         """True when the mount cannot write: no ``upperdir``, or the ``ro`` flag."""
         return self.upperdir is None or "ro" in self.fuse_flags
+
+
+def redirect_mode(given: str | None, metacopy: bool, userxattr: bool, always_follow: bool = True) -> str:
+    """The redirect mode a mount runs with: ``"on"``, ``"follow"`` or ``"nofollow"``, as the kernel's
+    ``ovl_fs_params_verify`` (fs/overlayfs/params.c) resolves it.
+
+    ``given`` is the ``redirect_dir=`` value (None: not given); ``off`` is ``follow``, or ``nofollow`` without
+    ``always_follow`` (the kernel's ``redirect_always_follow`` module parameter, on by default). Not given, the mode is
+    the kernel module's default, ``follow`` (``redirect_dir`` module parameter off, ``redirect_always_follow`` on), or
+    ``on`` with ``metacopy=on``, which needs it; with ``userxattr`` it is ``nofollow``. Raises :class:`MountError` with
+    the kernel's words for ``metacopy=on`` with another given mode, and ``userxattr`` with ``metacopy=on`` or a given
+    mode other than ``nofollow``.
+    """
+    mode = given if given is not None else "follow"
+    if mode == "off":
+        mode = "follow" if always_follow else "nofollow"
+    if metacopy and mode != "on":
+        if given is not None:
+            raise MountError(f"conflicting options: metacopy=on,redirect_dir={mode}")
+        mode = "on"
+    if userxattr:
+        if given is not None and mode != "nofollow":
+            raise MountError(f"conflicting options: userxattr,redirect_dir={mode}")
+        if metacopy:
+            raise MountError("conflicting options: userxattr,metacopy=on")
+        mode = "nofollow"
+    return mode
 
 
 def split_escaped(text: str, sep: str, *, keep_escapes: bool = False) -> list[str]:
@@ -114,7 +148,7 @@ def parse_options(options: list[str]) -> MountConfig:
 
     Checks the syntax only (the directories are checked by :func:`check`). Raises :class:`MountError` for an unknown
     option, a missing or bad value, an empty ``lowerdir`` entry, a kernel option at a value pylayerfs does not
-    implement, and ``metacopy=on`` with ``userxattr`` (refused by the kernel's ``params.c`` too).
+    implement, and the combinations the kernel refuses (:func:`redirect_mode`).
     """
     config = MountConfig(lowerdirs=[])
     for opt in (o for text in options for o in _split_options(text)):
@@ -138,7 +172,11 @@ def parse_options(options: list[str]) -> MountConfig:
             if value not in BINDINGS:
                 raise MountError(f"binding needs {' or '.join(BINDINGS)}, not '{value}'")
             config.binding = value
-        elif key in ("metacopy", "passthrough"):
+        elif key == "redirect_dir":
+            if value not in REDIRECT_MODES:
+                raise MountError(f"redirect_dir needs {', '.join(REDIRECT_MODES[:-1])} or off, not '{value}'")
+            config.redirect_dir = value
+        elif key in ("metacopy", "passthrough", "redirect_always_follow"):
             if value not in ("on", "off"):
                 raise MountError(f"{key} needs on or off, not '{value}'")
             setattr(config, key, value == "on")
@@ -159,8 +197,7 @@ def parse_options(options: list[str]) -> MountConfig:
             pass
         else:
             raise MountError(f"unknown mount option '{opt}'")
-    if config.metacopy and config.userxattr:
-        raise MountError("metacopy=on conflicts with userxattr (as in the kernel)")
+    redirect_mode(config.redirect_dir, config.metacopy, config.userxattr, config.redirect_always_follow)
     if not config.default_permissions and config.allow_other:
         # Without default_permissions no one checks permissions (the daemon does not): with allow_other, every user
         # of the machine could read and change everything in the mount with the daemon's rights.

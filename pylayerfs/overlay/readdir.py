@@ -71,8 +71,8 @@ def _merged(ov: OverlayState, node: Node, resolve: bool) -> Iterator[Entry]:
                         yield entry.name, stat.S_IFMT(child.mode), ov.inodes.of_node(child)
         finally:
             os.close(fd)
-    for layer, _ in node.lower.hits:
-        listing = layer.listing(node.path)
+    for hit in node.lower.hits:
+        listing = hit.layer.listing(hit.path)
         for name, st in listing.entries.items():
             if name not in seen:
                 seen.add(name)

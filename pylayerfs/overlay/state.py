@@ -25,6 +25,7 @@ from pylayerfs.overlay.inode import InodeNumbers
 from pylayerfs.overlay.layers import Layer, LowerLayer, split
 from pylayerfs.overlay.lookup import Lookup, Node
 from pylayerfs.overlay.markers import Markers
+from pylayerfs.overlay.params import redirect_mode
 from pylayerfs.overlay.workdir import Workdir
 
 Entry = tuple[str, int, int]  # a merged directory entry: name, st_mode type bits, st_ino
@@ -95,8 +96,10 @@ class OverlayState:
     ``lowerdirs`` are paths, the top-most first (``lowerdir=top:...:bottom``).
     ``upperdir`` and ``workdir`` go together (ValueError otherwise); without them
     the stack is read-only. Opening the layers raises OSError (ENOENT, ENOTDIR,
-    EACCES) as ``open(2)`` does; the workdir's ``work/`` is created and emptied. With ``uuid_off`` (the kernel's
-    ``uuid=off``), origin file handles name their filesystem by the null UUID.
+    EACCES) as ``open(2)`` does; the workdir's ``work/`` is created and emptied. ``redirect_dir``: ``"on"``,
+    ``"follow"`` or ``"nofollow"`` (None: the default for the other options, :func:`params.redirect_mode
+    <pylayerfs.overlay.params.redirect_mode>`; it raises MountError for a combination the kernel refuses). With
+    ``uuid_off`` (the kernel's ``uuid=off``), origin file handles name their filesystem by the null UUID.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class OverlayState:
         *,
         userxattr: bool = False,
         metacopy: bool = False,
+        redirect_dir: str | None = None,
         uuid_off: bool = False,
     ) -> None:
         if (upperdir is None) != (workdir is None):
@@ -116,9 +120,12 @@ class OverlayState:
         self.lowers = [LowerLayer(i, d, self.markers, uuid_off) for i, d in enumerate(lowerdirs, start=1)]
         self.workdir = Workdir(workdir) if workdir is not None else None
         self.metacopy = metacopy
+        self.redirect_dir = redirect_mode(redirect_dir, metacopy, userxattr)
         layer_fds = ([self.upper.fd] if self.upper else []) + [layer.fd for layer in self.lowers]
         self.inodes = InodeNumbers(layer_fds)
-        self.lookup = Lookup(self.upper, self.lowers, self.markers, metacopy, self.inodes.of_real)
+        self.lookup = Lookup(
+            self.upper, self.lowers, self.markers, metacopy, self.inodes.of_real, self.redirect_dir != "nofollow"
+        )
         self.files = OpenFiles()
         self.listings = Listings()
         self._closed = False
@@ -142,12 +149,14 @@ class OverlayState:
             raise erofs(path)
         return self.upper, self.workdir
 
-    def top_layer(self, node: Node) -> Layer:
-        """The layer whose object the merged view shows for ``node``: the upper layer, else its top-most lower layer."""
+    def top_object(self, node: Node) -> tuple[Layer, str]:
+        """Where the object the merged view shows for ``node`` is: ``(layer, path in it)``, the upper layer's at the
+        merged path, else its top-most lower layer's (at another path when a redirect led there)."""
         if node.upper is not None:
             assert self.upper is not None
-            return self.upper
-        return node.lower.hits[0][0]
+            return self.upper, node.path
+        hit = node.lower.hits[0]
+        return hit.layer, hit.path
 
     @contextlib.contextmanager
     def real(self, node: Node) -> Iterator[tuple[int, str | None]]:
@@ -159,8 +168,8 @@ class OverlayState:
         if node.upper_fd >= 0:
             yield node.upper_fd, None
             return
-        layer = self.top_layer(node)
-        if not node.path:
+        layer, path = self.top_object(node)
+        if not path:
             yield layer.fd, None
             return
         if node.upper is not None:  # in an upper directory: its cached node holds an fd on it
@@ -169,7 +178,7 @@ class OverlayState:
             if parent.upper_fd >= 0:
                 yield parent.upper_fd, name
                 return
-        with layer.parent(node.path) as (fd, name):
+        with layer.parent(path) as (fd, name):
             yield fd, name
 
     def upper_object_of(self, fh: int) -> int:

@@ -171,7 +171,7 @@ class _Walk:
     def members(self, node: Node) -> list[int]:
         """The layers whose objects make ``node``: the upper one, then the lower stack's."""
         upper = [0] if node.upper is not None else []
-        return upper + [layer.index for layer, _ in node.lower.hits]
+        return upper + [hit.layer.index for hit in node.lower.hits]
 
     def step(self, rel: str, consulted: list[int]) -> _Step:
         """The engine's lookup of ``rel`` (whose parent is a merged directory consulting ``consulted``)."""
@@ -336,9 +336,9 @@ class _Walk:
             finally:
                 os.close(fd)
         if node.lower.is_dir:
-            for layer, _ in node.lower.hits:
-                for name in layer.listing(node.path).entries:
-                    candidates.setdefault(name, layer.index)
+            for hit in node.lower.hits:
+                for name in hit.layer.listing(hit.path).entries:
+                    candidates.setdefault(name, hit.layer.index)
         out: dict[str, int] = {}
         for name, top in sorted(candidates.items()):
             try:

@@ -37,7 +37,7 @@ from pylayerfs.image.store.layout import (
     write_value,
 )
 from pylayerfs.overlay import realfs
-from pylayerfs.overlay.markers import is_metacopy_file
+from pylayerfs.overlay.markers import has_redirect, is_metacopy_file
 from pylayerfs.overlay.params import mounts_below
 
 LINK_ID_LENGTH = 26
@@ -183,12 +183,13 @@ class LayerStore:
         their sha256); its split (``tar-split.json.gz``, as moby keeps it; ``layer.tar.gz`` when a split cannot hold)
         moves into the entry so that :meth:`write_tar` gives them back, checked once first: what it gives back must
         hash to the DiffID (:class:`StoreError` if not). A diff holding names that start with ``.wh.`` (made by a RUN
-        step) is replaced by the extraction of its tar, whiteouts made of those names, as moby's overlay2 commit
-        applies the container's tar (:meth:`_apply_own_tar`). An empty built diff (the empty tar's DiffID; an empty
-        layer given as a tar is kept, as moby's ``Register`` keeps it) and an already registered ChainID drop the
-        directory; the latter returns the existing layer. ``incomplete`` marks a new layer as not yet used by an image
-        (a load or pull in progress): :meth:`complete` clears the mark, and :meth:`collect_garbage` removes a layer
-        that still has it (its writer died). Raises :class:`StoreError` for a missing ``parent``,
+        step) or redirects (a RUN step's renames with ``metacopy=on``) is replaced by the extraction of its tar,
+        whiteouts made of those names, renamed trees whole, as moby's overlay2 commit applies the container's tar
+        (:meth:`_apply_own_tar`): a layer of the store holds no redirect. An empty built diff (the empty tar's DiffID;
+        an empty layer given as a tar is kept, as moby's ``Register`` keeps it) and an already registered ChainID drop
+        the directory; the latter returns the existing layer. ``incomplete`` marks a new layer as not yet used by an
+        image (a load or pull in progress): :meth:`complete` clears the mark, and :meth:`collect_garbage` removes a
+        layer that still has it (its writer died). Raises :class:`StoreError` for a missing ``parent``,
         :class:`~pylayerfs.image.archive.ArchiveError` for a diff that cannot be applied, and the OSError of reading
         the diff or writing the entry.
         """
@@ -196,7 +197,7 @@ class LayerStore:
         made = isinstance(kept, str)  # a split made here, removed when not taken
         if isinstance(kept, str):
             kept = tarsplit.split_file(kept, self._split_path(), diff)
-        elif kept is None and any(rel.rpartition("/")[2].startswith(".wh.") for rel, _ in archive.walk(diff)):
+        elif kept is None and any(_needs_own_tar(diff, rel) for rel, _ in archive.walk(diff)):
             kept, made = self._apply_own_tar(cache_id, parent), True
         try:
             diff_id = kept.diff_id if kept else archive.diff_id(diff, self.lower_dirs(parent))
@@ -380,3 +381,9 @@ class LayerStore:
             path = os.path.join(self.layout.tmp, name)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
         return removed
+
+
+def _needs_own_tar(diff: str, rel: str) -> bool:
+    """Must the diff be replaced by the extraction of its own tar (:meth:`LayerStore._apply_own_tar`)? For a name
+    starting with ``.wh.`` (a whiteout once in a tar) or an object with a redirect (no tar holds one)."""
+    return rel.rpartition("/")[2].startswith(".wh.") or has_redirect(os.path.join(diff, rel))
