@@ -36,13 +36,16 @@ from pylayerfs.testing import (
     OverlayMachine,
     Report,
     check,
+    flatten,
     operations,
     ops,
     report,
+    run_scenario,
     snapshot,
     target,
 )
-from pylayerfs.testing.model import moves_lower_dirs
+from pylayerfs.testing.model import features
+from pylayerfs.testing.strategies import Scenario
 from pylayerfs.testing.targets import Layout, TargetError
 from pylayerfs.testing.vfs import within
 from tests.mounts import BACKINGS, pylayerfs_mount, run_pylayerfs
@@ -203,7 +206,7 @@ def _tree(fs: Model) -> dict[str, str]:
      ("metacopy=on,metacopy=off", False), ("redirect_dir=on,redirect_dir=off", False), ("index=on,xino=on", False)],
 )  # fmt: skip
 def test_model_reads_redirect_dir_and_metacopy(mount_options: str, moves: bool) -> None:
-    assert moves_lower_dirs(mount_options) is moves
+    assert features(mount_options).moves_dirs is moves
     fs = _redirect_model(mount_options)
     assert ops.Rename("a", "c/a3").run(fs) == ("ok" if moves else "EXDEV")
     assert ops.Rename("c", "d").run(fs) == ("ok" if moves else "EXDEV")  # a merged directory (empty) too
@@ -217,7 +220,7 @@ def test_model_reads_redirect_dir_and_metacopy(mount_options: str, moves: bool) 
 )  # fmt: skip
 def test_model_refuses_what_the_kernel_refuses(mount_options: str, reason: str) -> None:
     with pytest.raises(ValueError, match=re.escape(reason)):
-        moves_lower_dirs(mount_options)
+        features(mount_options)
     with pytest.raises(TargetError, match=re.escape(reason)):
         _redirect_model(mount_options)
     error = check(MODEL, MODEL, Options(examples=1, mount_options=mount_options)).error
@@ -288,6 +291,53 @@ def test_directory_renames_are_drawn_often_with_redirect_dir_on() -> None:
     plain, moved = moves(False), moves(True)
     assert len(moved) > max(30, 10 * len(plain)), (len(moved), len(plain))
     assert {op.old for op in moved} == set(dirs[1:]) and {op.flags for op in moved} == set(ops.RENAME_FLAGS)
+
+
+# Found by the checker against the kernel (-o metacopy=on --steps 30, seed 6): a metadata change (or link, or rename)
+# copies a lower file's metadata only; when its data follow (an open for write), the kernel sets no time: the mtime
+# is the system's, if the file has data.
+METACOPY_STEPS = {
+    "chmod a 600": "a", "utime a 1000000000": "a", "setxattr a user.a 1": "a", "rename a b": "b", "link a b": "a",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("content", [b"1", b""])
+@pytest.mark.parametrize("mount_options", ["metacopy=on", "redirect_dir=on", ""])
+@pytest.mark.parametrize("first", METACOPY_STEPS)
+def test_model_data_after_metadata_copy_up(first: str, mount_options: str, content: bytes) -> None:
+    fs = flatten([{"a": Node("file", content)}])
+    fs.features = features(mount_options)
+    name = METACOPY_STEPS[first]
+    assert ops.parse(first).run(fs) == "ok"
+    pinned = snapshot(fs)[0][name].mtime
+    assert ops.Open(name, "r+", b"").run(fs) == "ok"  # writes nothing: only the copy-up of the data
+    assert snapshot(fs)[0][name].mtime == (None if mount_options == "metacopy=on" and content else pinned)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("mount_options", ["metacopy=on", ""])
+def test_kernel_data_after_metadata_copy_up(mount_options: str) -> None:
+    lowers = [{"a": Node("file", b"1"), "c": Node("file", b"2"), "d": Node("file", b"")}]
+    steps = ["link a b", "fopen 0 a rw", "chmod c 600", "open c r+ ''", "utime d 1000000000", "open d a ''"]
+    run_scenario(Scenario(lowers, [ops.parse(line) for line in steps]), target("kernel"), MODEL, None, mount_options)
+
+
+FALLOCATE_STEPS = [  # vfs_fallocate: EINVAL for a length of 0 before EBADF for a read-only descriptor
+    ("fopen 0 a rw", "ok"), ("fallocate 0 alloc 0 0", "EINVAL"), ("fallocate 0 keep 1 3", "ok"),
+    ("fopen 1 a r", "ok"), ("fallocate 1 keep 0 0", "EINVAL"), ("fallocate 1 keep 0 1", "EBADF"),
+]  # fmt: skip
+
+
+def test_model_fallocate_of_nothing_is_einval() -> None:
+    """Found by the checker (engine, metacopy=on): the model answered ok where every kernel answers EINVAL."""
+    fs = flatten([{"a": Node("file", b"1")}])
+    assert [(line, ops.parse(line).run(fs)) for line, _ in FALLOCATE_STEPS] == FALLOCATE_STEPS
+
+
+@pytest.mark.root
+def test_kernel_fallocate_of_nothing_is_einval() -> None:
+    lowers = [{"a": Node("file", b"1")}]
+    run_scenario(Scenario(lowers, [ops.parse(line) for line, _ in FALLOCATE_STEPS]), target("kernel"), MODEL)
 
 
 @pytest.mark.root

@@ -29,7 +29,7 @@ from pylayerfs.fuse.mount import remove_tree
 from pylayerfs.image.sandbox import CLONE_NEWNS, SandboxError, make_mounts_private
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.params import mountinfo
-from pylayerfs.testing.model import moves_lower_dirs
+from pylayerfs.testing.model import features
 from pylayerfs.testing.ops import FAMILIES
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def _options(args: argparse.Namespace) -> Options:
     if given & {"lowerdir", "upperdir", "workdir"}:
         raise UsageError("--options: the checker gives lowerdir, upperdir and workdir itself")
     try:
-        moves_lower_dirs(mount_options)
+        features(mount_options)
     except ValueError as exc:
         raise UsageError(f"--options {mount_options}: {exc}") from None
     return Options(

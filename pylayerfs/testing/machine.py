@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from pylayerfs.testing.lowers import Node, layers
-from pylayerfs.testing.model import moves_lower_dirs
+from pylayerfs.testing.model import features
 from pylayerfs.testing.ops import FAMILIES
 from pylayerfs.testing.run import Run
 from pylayerfs.testing.strategies import operations
@@ -47,8 +47,9 @@ class OverlayMachine(RuleBasedStateMachine):
     def step(self, data: st.DataObject) -> None:
         assert self.run is not None
         run = self.run
-        moves_dirs = moves_lower_dirs(self.mount_options)
-        self.run.step(data.draw(operations(self.families, run.paths, run.fresh, run.dirs, run.lacking, moves_dirs)))
+        moves_dirs = features(self.mount_options).moves_dirs
+        drawn = operations(self.families, run.paths, run.fresh, run.dirs, run.lacking, run.held, moves_dirs)
+        self.run.step(data.draw(drawn))
 
     def teardown(self) -> None:
         if self.run is not None:

@@ -138,6 +138,11 @@ class Run:
         side.instance = target.start(layout, self.lowers)
         return side
 
+    @property
+    def held(self) -> list[int]:
+        """The descriptor slots that hold one now (``ops.SLOTS``), to aim the next operations at."""
+        return sorted(self.reference.fs.held)
+
     def _probe(self) -> None:
         """Which open flags a side does not support at all (EOPNOTSUPP at the root): they are not checked."""
         for side in self.sides:

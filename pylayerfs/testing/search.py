@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import DeadlineExceeded
 
 from pylayerfs.testing.lowers import Node, layers
-from pylayerfs.testing.model import moves_lower_dirs
+from pylayerfs.testing.model import features
 from pylayerfs.testing.ops import FAMILIES, Op
 from pylayerfs.testing.run import Divergence, Run
 from pylayerfs.testing.strategies import Scenario, operations
@@ -71,7 +71,7 @@ def check(subject: Target, reference: Target, options: Options) -> Report:
     report = Report(subject.name, reference.name, options)
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if options.shrink else [])
     try:
-        moves_dirs = moves_lower_dirs(options.mount_options)
+        moves_dirs = features(options.mount_options).moves_dirs
     except ValueError as exc:
         report.error = f"-o {options.mount_options}: {exc}"
         return report
@@ -94,7 +94,8 @@ def check(subject: Target, reference: Target, options: Options) -> Report:
             with Run(lowers, subject, reference, options.base, options.skip, options.mount_options) as run:
                 report.unchecked.update(run.lacking.values())
                 for _ in range(data.draw(st.integers(1, options.max_steps), label="steps")):
-                    drawn = operations(options.families, run.paths, run.fresh, run.dirs, run.lacking, moves_dirs)
+                    drawn = operations(options.families, run.paths, run.fresh, run.dirs, run.lacking, run.held,
+                                       moves_dirs)  # fmt: skip
                     done.append(data.draw(drawn))
                     run.step(done[-1])
                 run.finish()

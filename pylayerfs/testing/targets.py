@@ -24,7 +24,7 @@ from pylayerfs.fuse.mount import build_overlay
 from pylayerfs.overlay.params import MountError, mountinfo, parse_options
 from pylayerfs.testing.engine import EngineFileSystem
 from pylayerfs.testing.lowers import Layer, flatten
-from pylayerfs.testing.model import moves_lower_dirs
+from pylayerfs.testing.model import features
 from pylayerfs.testing.ops import FileSystem, OsFileSystem
 
 MOUNT_TIMEOUT = 30.0
@@ -79,11 +79,11 @@ class Target(ABC):
 class _ModelInstance(Instance):
     def __init__(self, lowers: Sequence[Layer], mount_options: str) -> None:
         try:
-            moves_dirs = moves_lower_dirs(mount_options)
+            followed = features(mount_options)
         except ValueError as exc:
             raise TargetError(f"model: -o {mount_options}: {exc}") from None
         self.fs = flatten(lowers)
-        self.fs.moves_dirs = moves_dirs
+        self.fs.features = followed
 
 
 class ModelTarget(Target):
