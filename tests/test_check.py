@@ -144,7 +144,7 @@ def test_same_seed_same_scenarios(monkeypatch: pytest.MonkeyPatch) -> None:
 def _found(mutation: str, monkeypatch: pytest.MonkeyPatch) -> Report:
     module, name, broken, families = MUTATIONS[mutation]
     monkeypatch.setattr(module, name, broken)
-    return check(ENGINE, MODEL, Options(examples=300, seed=1, families=families))
+    return check(ENGINE, MODEL, Options(examples=1000, seed=1, families=families))
 
 
 @pytest.mark.root
