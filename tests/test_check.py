@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -20,21 +21,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 
 from pylayerfs.overlay import copy_up, namespace, readdir
 from pylayerfs.overlay.filesystem import Overlay
 from pylayerfs.overlay.markers import is_whiteout
 from pylayerfs.testing import (
     EngineTarget,
+    Model,
     ModelTarget,
+    Node,
     Options,
     OverlayMachine,
     Report,
     check,
+    flatten,
+    operations,
+    ops,
     report,
+    run_scenario,
+    snapshot,
     target,
 )
+from pylayerfs.testing.model import features
+from pylayerfs.testing.strategies import Scenario
+from pylayerfs.testing.targets import Layout, TargetError
+from pylayerfs.testing.vfs import within
 from tests.mounts import BACKINGS, pylayerfs_mount, run_pylayerfs
 
 ENGINE, MODEL = EngineTarget(), ModelTarget()
@@ -131,7 +143,7 @@ def test_same_seed_same_scenarios(monkeypatch: pytest.MonkeyPatch) -> None:
 def _found(mutation: str, monkeypatch: pytest.MonkeyPatch) -> Report:
     module, name, broken, families = MUTATIONS[mutation]
     monkeypatch.setattr(module, name, broken)
-    return check(ENGINE, MODEL, Options(examples=300, seed=1, families=families))
+    return check(ENGINE, MODEL, Options(examples=1000, seed=1, families=families))
 
 
 @pytest.mark.root
@@ -164,9 +176,196 @@ def test_json_report_and_exit_status() -> None:
     bad = check_cli("--impl", "nonsense")
     assert bad.returncode == 1 and bad.stderr.startswith("pylayerfs check: unknown implementation") and not bad.stdout
     assert "Traceback" not in bad.stderr
-    for usage in (["--deadline", "0"], ["--deadline", "nan"], ["--ops", "bogus"], ["--examples", "0"]):
+    for usage in (["--deadline", "0"], ["--deadline", "nan"], ["--ops", "bogus"], ["--examples", "0"],
+                  ["-o", "metacopy=on,redirect_dir=off"], ["--options", "upperdir=/u"]):  # fmt: skip
         wrong = check_cli(*usage)
         assert wrong.returncode == 2 and len(wrong.stderr.splitlines()) == 1 and not wrong.stdout, (usage, wrong)
+
+
+# -- redirect_dir=on (issue 16): the model moves directories with a lower part, and the kernel agrees --------------
+
+
+def _redirect_model(mount_options: str) -> Model:
+    """The model of lower ``a/b/f``, ``a/g``, ``a2/`` and ``c/`` (one layer), as mounted with ``mount_options``."""
+    lowers = [{p: Node("dir") for p in ("a", "a/b", "a2", "c")} | {p: Node("file", b"1") for p in ("a/b/f", "a/g")}]
+    layout = Layout(("l",), "u", "w", "m", mount_options)
+    fs = MODEL.start(layout, lowers).fs
+    assert isinstance(fs, Model)
+    return fs
+
+
+def _tree(fs: Model) -> dict[str, str]:
+    return {p: e.kind + (f" {e.content!r}" if e.content else "") for p, e in snapshot(fs)[0].items()}
+
+
+@pytest.mark.parametrize(
+    ("mount_options", "moves"),
+    [("", False), ("redirect_dir=off", False), ("redirect_dir=follow", False), ("redirect_dir=nofollow", False),
+     ("redirect_dir=on", True), ("metacopy=on", True), ("redirect_dir=on,metacopy=on", True),
+     ("metacopy=on,metacopy=off", False), ("redirect_dir=on,redirect_dir=off", False), ("index=on,xino=on", False)],
+)  # fmt: skip
+def test_model_reads_redirect_dir_and_metacopy(mount_options: str, moves: bool) -> None:
+    assert features(mount_options).moves_dirs is moves
+    fs = _redirect_model(mount_options)
+    assert ops.Rename("a", "c/a3").run(fs) == ("ok" if moves else "EXDEV")
+    assert ops.Rename("c", "d").run(fs) == ("ok" if moves else "EXDEV")  # a merged directory (empty) too
+
+
+@pytest.mark.parametrize(
+    ("mount_options", "reason"),
+    [("metacopy=on,redirect_dir=off", "conflicting options: metacopy=on,redirect_dir=follow"),
+     ("redirect_dir=nofollow,metacopy=on", "conflicting options: metacopy=on,redirect_dir=nofollow"),
+     ("redirect_dir=bogus", "Bad value for 'redirect_dir'"), ("metacopy=yes", "Bad value for 'metacopy'")],
+)  # fmt: skip
+def test_model_refuses_what_the_kernel_refuses(mount_options: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        features(mount_options)
+    with pytest.raises(TargetError, match=re.escape(reason)):
+        _redirect_model(mount_options)
+    error = check(MODEL, MODEL, Options(examples=1, mount_options=mount_options)).error
+    assert error == f"-o {mount_options}: the kernel refuses to mount with them: {reason}"
+
+
+def test_model_moves_a_lower_directory_with_its_subtree() -> None:
+    """Contents, inode numbers and later operations follow the moved directory; its old name is free and new."""
+    fs = _redirect_model("redirect_dir=on")
+    inodes = snapshot(fs)[1]
+    steps = [
+        ops.Rename("a", "c/a3"),  # to another parent
+        ops.Open("c/a3/b/f", "a", b"2"),  # inside the moved tree
+        ops.Mkdir("a"),  # at the old name: a new, empty directory
+        ops.Readdir("a"),
+        ops.Rename("c/a3/b", "a/bb"),  # a nested one, out of the moved tree into the new one
+        ops.Rename("a2", "a2x", "noreplace"),  # same parent
+        ops.Rename("a2x", "c", "exchange"),  # two directories with a lower part swap
+    ]
+    assert [op.run(fs) for op in steps] == ["ok"] * 3 + ["ok: (empty)"] + ["ok"] * 3
+    assert _tree(fs) == {
+        "a": "dir", "a/bb": "dir", "a/bb/f": "file b'12'", "a2x": "dir", "a2x/a3": "dir", "a2x/a3/g": "file b'1'",
+        "c": "dir",
+    }  # fmt: skip
+    after = snapshot(fs)[1]
+    assert after["a/bb/f"] == inodes["a/b/f"] and after["a2x/a3"] == inodes["a"] and after["c"] == inodes["a2"]
+    assert after["a"] not in inodes.values()
+
+
+def test_model_renames_a_moved_directory_again() -> None:
+    """Back to its old name, over an emptied merged directory, into a renamed directory; then removed."""
+    fs = _redirect_model("redirect_dir=on")
+    steps = [
+        (ops.Rename("a", "c/a3"), "ok"),
+        (ops.Rename("c/a3", "a"), "ok"),  # back where it was
+        (ops.Rename("a", "c"), "ok"),  # over the empty merged c
+        (ops.Rename("a2", "c/b/a2"), "ok"),  # into the directory just renamed
+        (ops.Rename("c", "c/b/a2/x"), "EINVAL"),  # not into itself
+        (ops.Rmdir("c"), "ENOTEMPTY"),
+        (ops.Unlink("c/b/f"), "ok"),
+        (ops.Unlink("c/g"), "ok"),
+        (ops.Rmdir("c/b/a2"), "ok"),
+        (ops.Rmdir("c/b"), "ok"),
+        (ops.Rmdir("c"), "ok"),
+    ]
+    assert [(op, op.run(fs)) for op, _ in steps] == steps
+    assert _tree(fs) == {}
+
+
+def test_directory_renames_are_drawn_often_with_redirect_dir_on() -> None:
+    """When directories move, many more operations move a directory of the tree elsewhere, with every flag."""
+    dirs = ("", "a", "a/b", "c")
+    existing = ("a", "a/b", "a/b/f", "c")
+    fresh = ("b", "a/a", "a/b/a", "c/a")
+
+    def moves(moves_dirs: bool) -> list[ops.Rename]:
+        found = []
+
+        @settings(max_examples=300, database=None, derandomize=True)
+        @given(operations(ops.FAMILIES, existing, fresh, dirs, moves_dirs=moves_dirs))
+        def draw(op: ops.Op) -> None:
+            if isinstance(op, ops.Rename) and op.old in dirs[1:] and op.new in (*fresh, *dirs[1:]):
+                found.extend([] if within(op.new, op.old) else [op])
+
+        draw()
+        return found
+
+    plain, moved = moves(False), moves(True)
+    assert len(moved) > max(30, 10 * len(plain)), (len(moved), len(plain))
+    assert {op.old for op in moved} == set(dirs[1:]) and {op.flags for op in moved} == set(ops.RENAME_FLAGS)
+
+
+# Found by the checker against the kernel (-o metacopy=on --steps 30, seed 6): a metadata change (or link, or rename)
+# copies a lower file's metadata only; when its data follow (an open for write), the kernel sets no time: the mtime
+# is the system's, if the file has data.
+METACOPY_STEPS = {
+    "chmod a 600": "a", "utime a 1000000000": "a", "setxattr a user.a 1": "a", "rename a b": "b", "link a b": "a",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("content", [b"1", b""])
+@pytest.mark.parametrize("mount_options", ["metacopy=on", "redirect_dir=on", ""])
+@pytest.mark.parametrize("first", METACOPY_STEPS)
+def test_model_data_after_metadata_copy_up(first: str, mount_options: str, content: bytes) -> None:
+    fs = flatten([{"a": Node("file", content)}])
+    fs.features = features(mount_options)
+    name = METACOPY_STEPS[first]
+    assert ops.parse(first).run(fs) == "ok"
+    pinned = snapshot(fs)[0][name].mtime
+    assert ops.Open(name, "r+", b"").run(fs) == "ok"  # writes nothing: only the copy-up of the data
+    assert snapshot(fs)[0][name].mtime == (None if mount_options == "metacopy=on" and content else pinned)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("mount_options", ["metacopy=on", ""])
+def test_kernel_data_after_metadata_copy_up(mount_options: str) -> None:
+    lowers = [{"a": Node("file", b"1"), "c": Node("file", b"2"), "d": Node("file", b"")}]
+    steps = ["link a b", "fopen 0 a rw", "chmod c 600", "open c r+ ''", "utime d 1000000000", "open d a ''"]
+    run_scenario(Scenario(lowers, [ops.parse(line) for line in steps]), target("kernel"), MODEL, None, mount_options)
+
+
+FALLOCATE_STEPS = [  # vfs_fallocate: EINVAL for a length of 0 before EBADF for a read-only descriptor
+    ("fopen 0 a rw", "ok"), ("fallocate 0 alloc 0 0", "EINVAL"), ("fallocate 0 keep 1 3", "ok"),
+    ("fopen 1 a r", "ok"), ("fallocate 1 keep 0 0", "EINVAL"), ("fallocate 1 keep 0 1", "EBADF"),
+]  # fmt: skip
+
+
+def test_model_fallocate_of_nothing_is_einval() -> None:
+    """Found by the checker (engine, metacopy=on): the model answered ok where every kernel answers EINVAL."""
+    fs = flatten([{"a": Node("file", b"1")}])
+    assert [(line, ops.parse(line).run(fs)) for line, _ in FALLOCATE_STEPS] == FALLOCATE_STEPS
+
+
+@pytest.mark.root
+def test_kernel_fallocate_of_nothing_is_einval() -> None:
+    lowers = [{"a": Node("file", b"1")}]
+    run_scenario(Scenario(lowers, [ops.parse(line) for line, _ in FALLOCATE_STEPS]), target("kernel"), MODEL)
+
+
+@pytest.mark.root
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mount_options", ["redirect_dir=on", "metacopy=on"])
+def test_kernel_passes_against_the_model_with(mount_options: str) -> None:
+    result = check(target("kernel"), MODEL, Options(examples=200, seed=16, mount_options=mount_options))
+    assert result.passed, report.text(result)
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("reference", ["model", "kernel"])
+def test_pylayerfs_mount_passes_with_redirect_dir_on(reference: str) -> None:
+    """Against the model and against the kernel mounted with the same options (interop both ways)."""
+    options = Options(examples=30, seed=16, mount_options="redirect_dir=on")
+    result = check(target("pylayerfs"), target(reference), options)
+    assert result.passed, report.text(result)
+
+
+@pytest.mark.root
+def test_fuse_overlayfs_refusing_redirect_dir_on_is_one_line() -> None:
+    if shutil.which("fuse-overlayfs") is None:
+        pytest.skip("fuse-overlayfs is not installed")
+    result = check(target("fuse-overlayfs"), MODEL, Options(examples=5, mount_options="redirect_dir=on"))
+    assert result.error is not None and result.seconds < 10, report.text(result)  # a refusal is not retried
+    assert result.error.startswith("fuse-overlayfs cannot mount: ") and "redirect_dir=off" in result.error
+    assert len(report.text(result).splitlines()) == 1
 
 
 class EngineMachine(OverlayMachine):

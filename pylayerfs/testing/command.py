@@ -29,6 +29,7 @@ from pylayerfs.fuse.mount import remove_tree
 from pylayerfs.image.sandbox import CLONE_NEWNS, SandboxError, make_mounts_private
 from pylayerfs.overlay import realfs
 from pylayerfs.overlay.params import mountinfo
+from pylayerfs.testing.model import features
 from pylayerfs.testing.ops import FAMILIES
 
 if TYPE_CHECKING:
@@ -51,6 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="model",
         metavar="model|NAME|NAME=COMMAND",
         help="the reference: the model of overlay semantics (default), or an implementation (differential mode)",
+    )
+    parser.add_argument(
+        "-o",
+        "--options",
+        action="append",
+        default=[],
+        metavar="OPT,...",
+        help="mount options every implementation gets besides its directories, as mount -o takes them, e.g. "
+        "redirect_dir=on or metacopy=on (the model follows redirect_dir and metacopy; repeatable)",
     )
     parser.add_argument("--examples", type=int, default=100, help="scenarios to try per implementation (100)")
     parser.add_argument("--seed", type=int, help="the same seed gives the same scenarios (default: random, printed)")
@@ -108,6 +118,14 @@ def _options(args: argparse.Namespace) -> Options:
         raise UsageError(f"--deadline: {args.deadline:g} is not a number of milliseconds above 0")
     if args.dir is not None and not os.path.isdir(args.dir):
         raise UsageError(f"--dir: '{args.dir}' is not a directory")
+    mount_options = ",".join(o for text in args.options for o in text.split(",") if o)
+    given = {o.partition("=")[0] for o in mount_options.split(",")}
+    if given & {"lowerdir", "upperdir", "workdir"}:
+        raise UsageError("--options: the checker gives lowerdir, upperdir and workdir itself")
+    try:
+        features(mount_options)
+    except ValueError as exc:
+        raise UsageError(f"--options {mount_options}: {exc}") from None
     return Options(
         examples=args.examples,
         seed=args.seed if args.seed is not None else random.randrange(1 << 32),
@@ -118,6 +136,7 @@ def _options(args: argparse.Namespace) -> Options:
         realistic=args.lowers == "realistic",
         shrink=not args.no_shrink,
         skip=skip,
+        mount_options=mount_options,
         base=args.dir,
     )
 
@@ -308,8 +327,10 @@ def _check_all(args: argparse.Namespace, options: Options, reference: Target, su
 
     if args.format == "text":
         families = "all" if set(options.families) == set(FAMILIES) else ",".join(options.families)
+        mounted = f", mount options {options.mount_options}" if options.mount_options else ""
         print(f"pylayerfs check: {options.examples} scenarios each, seed {options.seed}, operations: {families}, "
-              f"up to {options.max_layers} lower layers and {options.max_steps} steps", flush=True)  # fmt: skip
+              f"up to {options.max_layers} lower layers and {options.max_steps} steps{mounted}",
+              flush=True)  # fmt: skip
     results = []
     for subject in subjects:
         r = check(subject, reference, options)

@@ -84,8 +84,9 @@ class EngineFileSystem(Vfs):
     def _listdir(self, path: str) -> list[str]:
         return [name for name, _, _ in self.ov.readdir(path) if name not in (".", "..")]
 
-    def _create(self, path: str, mode: int) -> _Handle:
-        return self._named(self.ov.create(path, stat.S_IFREG | mode, os.O_WRONLY, self.caller), path)
+    def _create(self, path: str, mode: int, access: int) -> _Handle:
+        """``access``: O_RDONLY, O_WRONLY or O_RDWR, as the open asked (O_RDWR|O_CREAT must read back)."""
+        return self._named(self.ov.create(path, stat.S_IFREG | mode, access, self.caller), path)
 
     def _tmpfile(self, directory: str, mode: int) -> _Handle:
         fh = self.ov.tmpfile(directory, stat.S_IFREG | mode, os.O_RDWR | os.O_TMPFILE, self.caller)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from pylayerfs.testing.lowers import Node, layers
+from pylayerfs.testing.model import features
 from pylayerfs.testing.ops import FAMILIES
 from pylayerfs.testing.run import Run
 from pylayerfs.testing.strategies import operations
@@ -32,6 +33,7 @@ class OverlayMachine(RuleBasedStateMachine):
     reference: Target = ModelTarget()
     families: Sequence[str] = FAMILIES
     base: str | None = None  # where the layers are built (a temporary directory by default)
+    mount_options: str = ""  # what both sides mount with besides their directories, e.g. "redirect_dir=on"
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,13 +41,15 @@ class OverlayMachine(RuleBasedStateMachine):
 
     @initialize(lowers=layers())
     def start(self, lowers: list[dict[str, Node]]) -> None:
-        self.run = Run(lowers, self.subject, self.reference, self.base)
+        self.run = Run(lowers, self.subject, self.reference, self.base, mount_options=self.mount_options)
 
     @rule(data=st.data())
     def step(self, data: st.DataObject) -> None:
         assert self.run is not None
         run = self.run
-        self.run.step(data.draw(operations(self.families, run.paths, run.fresh, run.dirs, run.lacking)))
+        moves_dirs = features(self.mount_options).moves_dirs
+        drawn = operations(self.families, run.paths, run.fresh, run.dirs, run.lacking, run.held, moves_dirs)
+        self.run.step(data.draw(drawn))
 
     def teardown(self) -> None:
         if self.run is not None:

@@ -4,10 +4,15 @@ It starts from the lower layers flattened top-down by the kernel's lookup
 rules (:func:`pylayerfs.testing.lowers.flatten`) and then changes the way POSIX
 says, with the one rule overlayfs adds to POSIX: renaming a directory that has
 a part in a lower layer fails with EXDEV (the kernel's default,
-``redirect_dir=off``). Copy-up is invisible in the model: an object keeps its
+``redirect_dir=follow``, and ``off`` and ``nofollow``). With ``redirect_dir=on``
+(or ``metacopy=on``, which turns it on) there is no such rule: such a directory
+moves with its whole subtree, as a directory of the upper layer does (see
+:func:`features`). Copy-up is invisible in the model: an object keeps its
 mode, owner, times and xattrs, and a directory whose entry is copied up keeps
-its mtime. Times the system sets (a write, a new entry) are "any": the model
-pins only the times that come from the layers or from ``utime``.
+its mtime; except that with ``metacopy=on`` a file whose metadata alone were
+copied up loses its mtime when its data follow (:meth:`Model._copy_up`).
+Times the system sets (a write, a new entry) are "any": the model pins only
+the times that come from the layers or from ``utime``.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ class Obj:
     content: bytes = b""
     target: str = ""
     xattrs: dict[str, bytes] = field(default_factory=dict)
-    lower: bool = False  # a directory with a lower part: renaming it is EXDEV
+    lower: bool = False  # a directory with a lower part: renaming it is EXDEV (unless redirect_dir=on)
     lower_file: bool = False  # a regular file of a lower layer, not copied up yet
+    metacopy: bool = False  # (metacopy=on) copied up as a metacopy file: its metadata are up, its data below
     id: int = field(default_factory=lambda: next(_ids))
 
 
@@ -49,12 +55,47 @@ class _Handle:
     obj: Obj
 
 
+@dataclass(frozen=True)
+class Features:
+    """What the model follows of a mount's options."""
+
+    moves_dirs: bool = False  # redirect_dir=on: a directory with a lower part is renamed like any other, not EXDEV
+    metacopy: bool = False  # metacopy=on: a metadata change, link or rename copies a file's metadata only
+
+
+def features(mount_options: str) -> Features:
+    """What a mount with ``mount_options`` (``-o`` syntax, ``key=value,...``) does that the model follows.
+
+    Directories with a lower part move with ``redirect_dir=on`` and with ``metacopy=on`` (which turns it on);
+    ``redirect_dir=follow`` (the kernel's module default here), ``nofollow`` and ``off`` rename such a directory
+    with EXDEV. Other options are not looked at. The last value of an option wins, as in the kernel's
+    ``fs/overlayfs/params.c`` (``ovl_fs_params_verify``). Raises ValueError naming the kernel's reason (its dmesg
+    line) for the options it refuses to mount with: a bad ``redirect_dir`` or ``metacopy`` value, and
+    ``metacopy=on`` with ``redirect_dir`` other than ``on`` (in either order).
+    """
+    given: dict[str, str] = {}
+    for option in (o for o in mount_options.split(",") if o):
+        key, _, value = option.partition("=")
+        given[key] = value
+    redirect, metacopy = given.get("redirect_dir"), given.get("metacopy", "off")
+    refused = "the kernel refuses to mount with them"
+    if redirect not in (None, "on", "follow", "nofollow", "off"):
+        raise ValueError(f"{refused}: Bad value for 'redirect_dir'")
+    if metacopy not in ("on", "off"):
+        raise ValueError(f"{refused}: Bad value for 'metacopy'")
+    if metacopy == "on" and redirect not in (None, "on"):
+        mode = "follow" if redirect == "off" else redirect  # off means follow (redirect_always_follow=Y)
+        raise ValueError(f"{refused}: conflicting options: metacopy=on,redirect_dir={mode}")
+    return Features(moves_dirs=redirect == "on" or metacopy == "on", metacopy=metacopy == "on")
+
+
 class Model(Vfs):
     """The merged view as ``path -> Obj``; ``""`` is the root directory."""
 
     def __init__(self, objects: dict[str, Obj]) -> None:
         super().__init__()
         self.objects = objects
+        self.features = Features()  # the mount options' effects (none: the kernel's defaults)
         self.caller = (os.geteuid(), os.getegid())
 
     def _obj(self, path: str) -> Obj:
@@ -108,7 +149,7 @@ class Model(Vfs):
     def _listdir(self, path: str) -> list[str]:
         return [p.rpartition("/")[2] for p in self._children(path)]
 
-    def _create(self, path: str, mode: int) -> _Handle:
+    def _create(self, path: str, mode: int, access: int) -> _Handle:
         return _Handle(self._new(path, "file", mode))
 
     def _tmpfile(self, directory: str, mode: int) -> _Handle:
@@ -119,7 +160,7 @@ class Model(Vfs):
     def _open(self, path: str, flags: int) -> _Handle:
         obj = self.objects[path]
         if flags & os.O_ACCMODE != os.O_RDONLY:
-            obj.lower_file = False  # copied up
+            self._copy_up(obj, data=True)
         return _Handle(obj)
 
     def _pread(self, handle: _Handle, size: int, offset: int) -> bytes:
@@ -134,7 +175,7 @@ class Model(Vfs):
         pass
 
     def _truncate(self, path: str | None, length: int, handle: _Handle | None) -> None:
-        obj = handle.obj if handle is not None else self._up(path)
+        obj = handle.obj if handle is not None else self._copy_up(self._obj(path or ""), data=True)
         obj.content = obj.content[:length].ljust(length, b"\0")
         obj.mtime = None
 
@@ -174,8 +215,16 @@ class Model(Vfs):
         self._changed(new)
 
     def _rename(self, old: str, new: str, flags: int) -> None:
+        """Move ``old`` and its subtree to ``new`` (swap them with EXCHANGE).
+
+        A directory with a lower part (either one, with EXCHANGE) is EXDEV unless ``features.moves_dirs``: with
+        ``redirect_dir=on`` the kernel copies it up alone and records where it came from in
+        ``trusted.overlay.redirect`` (fs/overlayfs/dir.c, ``ovl_rename`` and ``ovl_set_redirect``), so what a user
+        sees is the move of a directory of the upper layer.
+        """
         source, target = self.objects[old], self.objects.get(new)
-        if any(o is not None and o.kind == "dir" and o.lower for o in (source, target if flags & EXCHANGE else None)):
+        moving = (source, target if flags & EXCHANGE else None)
+        if not self.features.moves_dirs and any(o is not None and o.kind == "dir" and o.lower for o in moving):
             raise fail(errno.EXDEV, old)
         if target is not None and target.kind == "dir" and not flags & EXCHANGE and self._children(new):
             raise fail(errno.ENOTEMPTY, new)
@@ -193,10 +242,23 @@ class Model(Vfs):
         """Remove ``path`` and everything below it; return them."""
         return {p: self.objects.pop(p) for p in [p for p in self.objects if within(p, path)]}
 
-    def _up(self, path: str | None) -> Obj:
-        """The object at ``path``, copied up: from now on it has an upper file of its own."""
-        assert path is not None
-        obj = self.objects[path]
+    def _up(self, path: str) -> Obj:
+        """The object at ``path``, copied up for a change of its metadata, a link or a rename."""
+        return self._copy_up(self.objects[path], data=False)
+
+    def _copy_up(self, obj: Obj, data: bool) -> Obj:
+        """``obj``, copied up: from now on it has an upper file of its own; its data too when ``data`` (a write).
+
+        With ``metacopy=on`` a lower file copied up without ``data`` becomes a metacopy file, and when its data
+        follow, its mtime is the system's if it has any data: the kernel copies them into the upper file and sets
+        no time afterwards (fs/overlayfs/copy_up.c, ``ovl_copy_up_meta_inode_data``; seen on Linux 6.18).
+        """
+        if data and obj.metacopy:
+            obj.metacopy = False
+            if obj.content:
+                obj.mtime = None
+        elif not data and obj.lower_file and self.features.metacopy:
+            obj.metacopy = True
         obj.lower_file = False
         return obj
 
@@ -209,8 +271,7 @@ class Model(Vfs):
         obj = handle.obj
         if obj.lower_file and not any(o is obj for o in self.objects.values()):
             raise fail(errno.EEXIST, "")
-        obj.lower_file = False
-        return obj
+        return self._copy_up(obj, data=False)
 
     def _chmod(self, path: str, mode: int) -> None:
         self._fchmod(_Handle(self.objects[path]), mode)

@@ -48,6 +48,7 @@ def as_dict(report: Report, script: str | None = None) -> dict[str, Any]:
         "seconds": round(report.seconds, 3),
         "seed": report.options.seed,
         "families": list(report.options.families),
+        "mount_options": report.options.mount_options,
         "error": report.error,
         "unchecked": sorted(report.unchecked),
         "divergence": None,
@@ -100,9 +101,12 @@ def reproduction(report: Report) -> str:
     d, scenario = report.divergence, report.scenario
     assert d is not None and scenario is not None
     lowers = ":".join(f"$T/l{i}" for i in range(len(scenario.lowers)))
+    extra = f",{report.options.mount_options}" if report.options.mount_options else ""
+    dirs = f"lowerdir={lowers},upperdir=$T/upper,workdir=$T/work{extra}"
     header = [
         "#!/bin/sh",
         f"# pylayerfs check: {report.subject} against {report.reference} (seed {report.options.seed}): {d.check}",
+        *([f"# mount options: {report.options.mount_options}"] if extra else []),
         f"# {d.message}",
         *(f"# step {n}: {s.op} -> {s.actual} (expected {s.expected})" for n, s in enumerate(d.steps, start=1)),
         *(f"# {line}" for line in d.details),
@@ -120,8 +124,7 @@ def reproduction(report: Report) -> str:
         'cd "$T"',
         "umask 022",
         "setx() { python3 -c 'import os, sys; os.setxattr(sys.argv[1], sys.argv[2], sys.argv[3].encode())' \"$@\"; }",
-        f'mnt() {{ eval "$(printf %s "$1" | sed "s|{{options}}|lowerdir={lowers},upperdir=$T/upper,workdir=$T/work|; '
-        's|{mountpoint}|$T/merged|")"; }',
+        f'mnt() {{ eval "$(printf %s "$1" | sed "s|{{options}}|{dirs}|; s|{{mountpoint}}|$T/merged|")"; }}',
     ]
     body = [line for i, layer in enumerate(scenario.lowers) for line in _shell_layer(layer, i)]
     tail = [

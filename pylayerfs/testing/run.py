@@ -100,9 +100,12 @@ class Run:
         reference: Target,
         base: str | None = None,
         skip: Sequence[str] = (),
+        mount_options: str = "",
     ) -> None:
+        """``mount_options``: what every side mounts with besides its directories (``redirect_dir=on,...``)."""
         self.lowers = lowers
         self.skip = set(skip)
+        self.mount_options = mount_options
         self.base = tempfile.mkdtemp(prefix="pylayerfs-check-", dir=base)
         self.steps: list[Step] = []
         self.sides: list[_Side] = []
@@ -123,7 +126,8 @@ class Run:
     def _start(self, target: Target, tag: str) -> _Side:
         d = os.path.join(self.base, tag)
         lowers = tuple(os.path.join(d, f"l{i}") for i in range(len(self.lowers)))
-        layout = Layout(lowers, *(os.path.join(d, name) for name in ("upper", "work", "merged")))
+        upper, work, merged = (os.path.join(d, name) for name in ("upper", "work", "merged"))
+        layout = Layout(lowers, upper, work, merged, self.mount_options)
         if target.on_disk:
             for i, (layer, root) in enumerate(zip(self.lowers, layout.lowers, strict=True)):
                 build(root, layer, i)
@@ -133,6 +137,11 @@ class Run:
         self.sides.append(side)
         side.instance = target.start(layout, self.lowers)
         return side
+
+    @property
+    def held(self) -> list[int]:
+        """The descriptor slots that hold one now (``ops.SLOTS``), to aim the next operations at."""
+        return sorted(self.reference.fs.held)
 
     def _probe(self) -> None:
         """Which open flags a side does not support at all (EOPNOTSUPP at the root): they are not checked."""

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from hypothesis.errors import DeadlineExceeded
 
 from pylayerfs.testing.lowers import Node, layers
+from pylayerfs.testing.model import features
 from pylayerfs.testing.ops import FAMILIES, Op
 from pylayerfs.testing.run import Divergence, Run
 from pylayerfs.testing.strategies import Scenario, operations
-from pylayerfs.testing.targets import Target
+from pylayerfs.testing.targets import Target, TargetError
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Options:
     max_steps: int = 12
     realistic: bool = True  # lowers only as a runtime writes them (see lowers.realistic)
     skip: Sequence[str] = ()  # checks not to make (run.OPTIONAL_CHECKS)
+    mount_options: str = ""  # every implementation mounts with them, e.g. "redirect_dir=on" (the model reads them)
     shrink: bool = True
     base: str | None = None  # where scenarios build their directories
 
@@ -51,10 +53,12 @@ class Report:
         return self.divergence is None and self.error is None
 
 
-def run_scenario(scenario: Scenario, subject: Target, reference: Target, base: str | None = None) -> None:
+def run_scenario(
+    scenario: Scenario, subject: Target, reference: Target, base: str | None = None, mount_options: str = ""
+) -> None:
     """Run one scenario; raises :class:`Divergence` (with its scenario attached) on the first difference."""
     try:
-        with Run(scenario.lowers, subject, reference, base) as run:
+        with Run(scenario.lowers, subject, reference, base, mount_options=mount_options) as run:
             for op in scenario.ops:
                 run.step(op)
             run.finish()
@@ -66,6 +70,11 @@ def run_scenario(scenario: Scenario, subject: Target, reference: Target, base: s
 def check(subject: Target, reference: Target, options: Options) -> Report:
     report = Report(subject.name, reference.name, options)
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if options.shrink else [])
+    try:
+        moves_dirs = features(options.mount_options).moves_dirs
+    except ValueError as exc:
+        report.error = f"-o {options.mount_options}: {exc}"
+        return report
 
     @settings(
         max_examples=options.examples,
@@ -82,10 +91,12 @@ def check(subject: Target, reference: Target, options: Options) -> Report:
         report.examples_run += 1
         done: list[Op] = []
         try:
-            with Run(lowers, subject, reference, options.base, options.skip) as run:
+            with Run(lowers, subject, reference, options.base, options.skip, options.mount_options) as run:
                 report.unchecked.update(run.lacking.values())
                 for _ in range(data.draw(st.integers(1, options.max_steps), label="steps")):
-                    done.append(data.draw(operations(options.families, run.paths, run.fresh, run.dirs, run.lacking)))
+                    drawn = operations(options.families, run.paths, run.fresh, run.dirs, run.lacking, run.held,
+                                       moves_dirs)  # fmt: skip
+                    done.append(data.draw(drawn))
                     run.step(done[-1])
                 run.finish()
         except Divergence as divergence:
@@ -98,6 +109,8 @@ def check(subject: Target, reference: Target, options: Options) -> Report:
     except Divergence as divergence:
         report.divergence = divergence
         report.scenario = divergence.scenario
+    except TargetError as exc:  # an implementation cannot run (it refuses the mount options, ...): one line
+        report.error = str(exc)
     except DeadlineExceeded as exc:
         report.error = (
             f"a scenario took {exc.runtime.total_seconds() * 1000:.0f} ms, more than --deadline {options.deadline_ms:g}"

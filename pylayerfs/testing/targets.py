@@ -9,6 +9,7 @@ takes overlayfs-style options: ``mount -t overlay``, ``pylayerfs mount``,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -19,10 +20,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pylayerfs.overlay.filesystem import Overlay
-from pylayerfs.overlay.params import mountinfo
+from pylayerfs.fuse.mount import build_overlay
+from pylayerfs.overlay.params import MountError, mountinfo, parse_options
 from pylayerfs.testing.engine import EngineFileSystem
 from pylayerfs.testing.lowers import Layer, flatten
+from pylayerfs.testing.model import features
 from pylayerfs.testing.ops import FileSystem, OsFileSystem
 
 MOUNT_TIMEOUT = 30.0
@@ -37,14 +39,19 @@ class TargetError(Exception):
 
 @dataclass(frozen=True)
 class Layout:
+    """Where one implementation runs, and the mount options it runs with besides its directories."""
+
     lowers: tuple[str, ...]
     upper: str
     work: str
     merged: str
+    mount_options: str = ""  # e.g. "redirect_dir=on,metacopy=on", the same for every implementation
 
     @property
     def options(self) -> str:
-        return f"lowerdir={':'.join(self.lowers)},upperdir={self.upper},workdir={self.work}"
+        """What ``{options}`` becomes: ``lowerdir=...,upperdir=...,workdir=...`` and the mount options."""
+        dirs = f"lowerdir={':'.join(self.lowers)},upperdir={self.upper},workdir={self.work}"
+        return f"{dirs},{self.mount_options}" if self.mount_options else dirs
 
 
 class Instance:
@@ -70,27 +77,40 @@ class Target(ABC):
 
 
 class _ModelInstance(Instance):
-    def __init__(self, lowers: Sequence[Layer]) -> None:
+    def __init__(self, lowers: Sequence[Layer], mount_options: str) -> None:
+        try:
+            followed = features(mount_options)
+        except ValueError as exc:
+            raise TargetError(f"model: -o {mount_options}: {exc}") from None
         self.fs = flatten(lowers)
+        self.fs.features = followed
 
 
 class ModelTarget(Target):
-    """The reference model of overlay semantics (nothing on disk)."""
+    """The reference model of overlay semantics (nothing on disk); it reads ``redirect_dir`` and ``metacopy``."""
 
     name = "model"
     on_disk = False
 
     def start(self, layout: Layout, lowers: Sequence[Layer]) -> Instance:
-        return _ModelInstance(lowers)
+        return _ModelInstance(lowers, layout.mount_options)
 
 
 class _EngineInstance(Instance):
     def __init__(self, layout: Layout) -> None:
-        self.layout = layout
+        try:
+            self.config = parse_options([layout.options])
+        except MountError as exc:
+            raise TargetError(f"engine: {exc}") from None
+        self._locks: list[int] = []
         self._open()
 
     def _open(self) -> None:
-        self.overlay = Overlay(list(self.layout.lowers), self.layout.upper, self.layout.work)
+        """Open the layers as ``pylayerfs mount`` does (:func:`build_overlay`: the same options, the same locks)."""
+        try:
+            self.overlay, self._locks = build_overlay(self.config)
+        except MountError as exc:
+            raise TargetError(f"engine: {exc}") from None
         self.fs = EngineFileSystem(self.overlay)
 
     def remount(self) -> None:
@@ -99,10 +119,13 @@ class _EngineInstance(Instance):
 
     def close(self) -> None:
         self.overlay.close()
+        for fd in self._locks:
+            os.close(fd)
+        self._locks = []
 
 
 class EngineTarget(Target):
-    """pylayerfs's semantics in-process, without a mount."""
+    """pylayerfs's semantics in-process, without a mount, with the mount options ``pylayerfs mount`` would get."""
 
     name = "engine"
 
@@ -132,6 +155,16 @@ def unmount(path: str) -> None:
         time.sleep(0.02)
 
 
+def held(*paths: str) -> bool:
+    """Whether a process has one of the directories ``paths`` open (a daemon on its way out holds its upper)."""
+    real = {os.path.realpath(p) for p in paths}
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in real for fd in os.listdir(f"/proc/{pid}/fd")):
+                return True
+    return False
+
+
 class _MountInstance(Instance):
     def __init__(self, target: MountTarget, layout: Layout) -> None:
         self.target = target
@@ -143,14 +176,15 @@ class _MountInstance(Instance):
         os.makedirs(self.layout.merged, exist_ok=True)
         argv = self.target.argv(self.layout)
         deadline = time.monotonic() + MOUNT_TIMEOUT
-        while True:  # a daemon that just unmounted may hold its upper a moment longer
+        while True:  # a daemon that just unmounted may hold its upper a moment longer; nothing else is retried
             result = subprocess.run(argv, capture_output=True, text=True, timeout=MOUNT_TIMEOUT, check=False)
-            if result.returncode == 0 or time.monotonic() > deadline:
+            if result.returncode == 0 or time.monotonic() > deadline or not held(self.layout.upper, self.layout.work):
                 break
             time.sleep(0.05)
-        if result.returncode != 0:
+        if result.returncode != 0:  # the program's last words first: it may refuse the options
             message = (result.stderr or result.stdout).strip().splitlines()
-            raise TargetError(f"{self.target.name}: {shlex.join(argv)} failed: {message[-1] if message else ''}")
+            reason = message[-1].strip() if message else f"exit status {result.returncode}"
+            raise TargetError(f"{self.target.name} cannot mount: {reason} (ran: {shlex.join(argv)})")
         while not is_mounted(self.layout.merged):
             if time.monotonic() > deadline:
                 raise TargetError(f"{self.target.name}: {self.layout.merged} did not appear in mountinfo")

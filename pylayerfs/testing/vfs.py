@@ -154,7 +154,7 @@ class Vfs(ABC):
         if kind is None:
             if not flags & os.O_CREAT:
                 raise fail(errno.ENOENT, path)
-            return self._add(self._create(real, mode & ~UMASK), stat.S_IFREG, flags)
+            return self._add(self._create(real, mode & ~UMASK, flags & os.O_ACCMODE), stat.S_IFREG, flags)
         if exclusive:
             raise fail(errno.EEXIST, path)
         if stat.S_ISDIR(kind) and (writes or flags & os.O_CREAT):
@@ -240,7 +240,14 @@ class Vfs(ABC):
         self._truncate(None, length, of.handle)
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
-        self._fallocate(self._file(fd, "writable").handle, mode, offset, length)
+        """fallocate(2): EINVAL for a negative offset or a length of 0 or less, before EBADF for a read-only fd
+        (fs/open.c, ``vfs_fallocate``)."""
+        of = self._file(fd)
+        if offset < 0 or length <= 0:
+            raise fail(errno.EINVAL, "")
+        if not of.writable:
+            raise fail(errno.EBADF, "")
+        self._fallocate(of.handle, mode, offset, length)
 
     def fsync(self, fd: int) -> None:
         self._fsync(self._file(fd).handle)
@@ -363,7 +370,7 @@ class Vfs(ABC):
     @abstractmethod
     def _listdir(self, path: str) -> list[str]: ...
     @abstractmethod
-    def _create(self, path: str, mode: int) -> Any: ...
+    def _create(self, path: str, mode: int, access: int) -> Any: ...
     @abstractmethod
     def _open(self, path: str, flags: int) -> Any: ...
     @abstractmethod
