@@ -340,7 +340,7 @@ class Lookup:
                 return None
             # Lower metacopy files are looked for with metacopy=on only: a getxattr per lower file
             # doubles the cost of a cold lookup. Without it they show as they are on disk.
-            walk.metacopy = self.metacopy and stat.S_ISREG(mode) and entry.st_size > 0 and layer.is_metacopy(hit.path)
+            walk.metacopy = self.metacopy and stat.S_ISREG(mode) and layer.is_metacopy(hit.path)
             walk.stop = not walk.metacopy
             if not walk.metacopy or last:
                 return hit
@@ -445,7 +445,7 @@ class Lookup:
         if not stat.S_ISDIR(upper_st.st_mode):
             present = markers.present(parent.upper_fd, name)
             origin = self._origin_ino(parent.upper_fd, name, present)
-            if not (stat.S_ISREG(upper_st.st_mode) and upper_st.st_size and markers.metacopy in present):
+            if not (stat.S_ISREG(upper_st.st_mode) and markers.metacopy in present):  # an empty one too
                 node = Node(path, upper_st, NO_LOWER, origin=origin)
                 return node if self.indexed is None else self.indexed(node, parent.upper_fd, name)
             redirect = self._upper_redirect(parent, parent.upper_fd, name, present)

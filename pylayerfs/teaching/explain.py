@@ -143,7 +143,7 @@ class _Walk:
         if stat.S_ISDIR(st.st_mode):
             below = layer.listing(rel)
             return "opaque directory" if below.opaque else "renamed directory" if below.redirect else "directory"
-        if stat.S_ISREG(st.st_mode) and st.st_size and layer.is_metacopy(rel):
+        if stat.S_ISREG(st.st_mode) and layer.is_metacopy(rel):
             return "metacopy file"
         return _kind(st.st_mode)
 
@@ -165,12 +165,9 @@ class _Walk:
                 return "renamed directory" if markers.redirect_of(fd) is not None else "directory"
             finally:
                 os.close(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_size:
+        if stat.S_ISREG(st.st_mode):
             with layer.parent(rel) as (fd, name):
-                try:
-                    if markers.is_metacopy(fd, name):
-                        return "metacopy file"
-                except OSError:
+                if markers.is_metacopy(fd, name):
                     return "metacopy file"
         return _kind(st.st_mode)
 
