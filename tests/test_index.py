@@ -19,6 +19,7 @@ from pylayerfs.overlay.layers import LowerLayer
 from pylayerfs.overlay.markers import OVL_FH_FLAG_PATH_UPPER, Markers, OriginHandle, encode_origin
 from pylayerfs.overlay.params import MountError
 from tests.mounts import backings, kernel_mount, pylayerfs_mount, run_pylayerfs
+from tests.test_origin import _layers
 from tests.trees import build
 
 PREFIX = "trusted.overlay."
@@ -27,13 +28,6 @@ NAMES = ("a", "d/b", "c", "solo", "n/new")  # a, d/b and c: three names of one l
 # random overlay uuid), so left out of the on-disk comparison.
 UNCOMPARED = {PREFIX + "impure", PREFIX + "uuid"}
 Step = tuple[str, ...]  # an operation and its paths: ("append", "a"), ("link", "c", "n/new")...
-
-
-def _layers(root, name):
-    dirs = [str(root / name / d) for d in ("u", "w", "m")]
-    for d in dirs:
-        os.makedirs(d)
-    return dirs
 
 
 def _lower(root):

@@ -41,7 +41,7 @@ import stat
 from collections.abc import Callable
 
 from pylayerfs.overlay import realfs
-from pylayerfs.overlay.layers import Layer, LowerLayer, entry_of, split
+from pylayerfs.overlay.layers import Layer, LowerLayer, entry_of, origin_object, split
 from pylayerfs.overlay.lookup import Lookup, LowerHit, LowerStack, Node
 from pylayerfs.overlay.markers import (
     OVL_FH_FLAG_PATH_UPPER,
@@ -167,20 +167,7 @@ class Index:
 
     def _lower_of(self, origin: OriginHandle) -> os.stat_result | None:
         """The lstat of the lower object ``origin`` names (``ovl_check_origin_fh``); None when no layer has it."""
-        for layer in self.lowers:
-            if origin.uuid != layer.uuid:
-                continue
-            try:
-                fd = layer.open_by_handle(origin.handle_type, origin.handle)
-            except OSError:
-                continue
-            try:
-                st = os.fstat(fd)
-            finally:
-                os.close(fd)
-            if st.st_dev == layer.dev:
-                return st
-        return None
+        return origin_object(self.lowers, *origin)
 
     def name_for(self, node: Node) -> str | None:
         """The index entry a copy-up of the lower-only ``node`` goes to: a non-directory whose lower object has more

@@ -232,3 +232,23 @@ class LowerLayer(Layer):
     def redirect_of(self, path: str) -> bytes | None:
         """The raw ``redirect`` of the metacopy file ``path`` (found as :meth:`is_metacopy` finds it), None if unset."""
         return self._markers.redirect_of(self.fd, path)
+
+
+def origin_object(lowers: list[LowerLayer], uuid: bytes, handle_type: int, handle: bytes) -> os.stat_result | None:
+    """The lstat of the lower object an origin file handle names: opened (open_by_handle_at) in the first of
+    ``lowers`` whose UUID is ``uuid`` and on whose filesystem it is (the kernel's ``ovl_check_origin_fh``,
+    ``ovl_decode_real_fh``); None when none has it (a stale handle). Never raises."""
+    for layer in lowers:
+        if uuid != layer.uuid:
+            continue
+        try:
+            fd = layer.open_by_handle(handle_type, handle)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if st.st_dev == layer.dev:
+            return st
+    return None

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pylayerfs.overlay.layers import Entry, Layer, LowerLayer, entry_of, join, split
+from pylayerfs.overlay.layers import Entry, Layer, LowerLayer, entry_of, join, origin_object, split
 from pylayerfs.overlay.markers import Markers, OriginHandle, check_component, is_whiteout, parse_redirect
 
 MAX_CACHED_DIRS = 4096  # the most directory fds the cache keeps, when the fd limit allows it
@@ -501,20 +501,8 @@ class Lookup:
         origin = self.markers.origin_of(dirfd, name)
         if not isinstance(origin, OriginHandle):
             return origin
-        for layer in self.lowers:
-            if origin.uuid != layer.uuid:
-                continue
-            try:
-                fd = layer.open_by_handle(origin.handle_type, origin.handle)
-            except OSError:
-                continue
-            try:
-                st = os.fstat(fd)
-            finally:
-                os.close(fd)
-            if st.st_dev == layer.dev:
-                return self.ino_of(st)
-        return None
+        st = origin_object(self.lowers, *origin)
+        return self.ino_of(st) if st is not None else None
 
     def _check_metacopy(self, node: Node) -> None:
         """As the kernel's ``ovl_lookup``: a metacopy file whose data is in no layer below is EIO. (Without
