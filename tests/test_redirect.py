@@ -617,6 +617,10 @@ def test_index_on_where_the_kernel_ignores_it_mounts(backing, upper):
             force_unmount(mnt)
         if upper:
             _fresh(backing, "u", "w")
+        if upper and os.environ.get("PYLAYERFS_BINDING") == "libfuse":  # refused there (docs/overlay.md, Inode index)
+            refused = run_pylayerfs("mount", "-o", options(lowers, dirs[0], work, "index=on"), mnt, check=False)
+            assert refused.returncode != 0 and "index=on needs the native binding" in refused.stderr
+            return
         with pylayerfs_mount(mnt, lowers, dirs[0], work if upper else None, "index=on"):
             seen["pylayerfs"] = view(mnt)
     assert seen["pylayerfs"] == seen["kernel"]

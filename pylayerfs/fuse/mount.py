@@ -327,7 +327,8 @@ def serve(config: MountConfig, mountpoint: str, source: str, ready_fd: int | Non
     if binding(config) == "native":
         passthrough(config)  # a bad $PYLAYERFS_PASSTHROUGH fails here, before anything is mounted
         return _serve_native(config, mountpoint, source, ready_fd)
-    if config.index:  # its names would be kernel inodes of their own, each with its cached pages and link count
+    if config.index and config.upperdir is not None:  # its names would be kernel inodes of their own, each with its
+        # cached pages and link count (without an upper layer index=on is ignored, as the kernel ignores it)
         raise MountError("index=on needs the native binding: libfuse's path API gives every name its own inode")
     from pylayerfs.fuse import adapter  # the binding is loaded only by the process that serves
 
