@@ -33,6 +33,12 @@ def _overlay(layers: tuple[str, str, str], redirect_dir: str | None = "on") -> O
     return Overlay([lower], upper, work, redirect_dir=redirect_dir)
 
 
+def _append(ov: Overlay, path: str, data: bytes) -> None:
+    fh = ov.open(path, os.O_WRONLY | os.O_APPEND)
+    ov.write(fh, data, 0)  # O_APPEND: the offset is the end
+    ov.release(fh)
+
+
 def _names(ov: Overlay, path: str) -> list[str]:
     return sorted(name for name, _, _ in ov.readdir(path) if name not in (".", ".."))
 
@@ -43,9 +49,7 @@ def test_a_handle_opened_before_its_directory_moved_reads_what_is_written_after(
     ov = _overlay(layers)
     before = ov.open("a/b/f", os.O_RDONLY)
     ov.rename("a", "c/moved")
-    fh = ov.open("c/moved/b/f", os.O_WRONLY | os.O_APPEND)
-    ov.write(fh, b"+more", 4)
-    ov.release(fh)
+    _append(ov, "c/moved/b/f", b"+more")
     assert ov.read(before, 100, 0) == b"deep+more" == read_all(ov, "c/moved/b/f")
     ov.release(before)
     ov.close()
@@ -187,9 +191,7 @@ def test_a_handle_opened_through_another_name_reads_the_data_a_write_brings_up(t
     ov.link("d/h", "d/h4")
     before = ov.open("d/h4", os.O_RDONLY)
     ov.rename("d/h", "d/hh")
-    fh = ov.open("d/hh", os.O_WRONLY | os.O_APPEND)
-    ov.write(fh, b"append\n", 3)
-    ov.release(fh)
+    _append(ov, "d/hh", b"append\n")
     assert ov.read(before, 100, 0) == b"x3\nappend\n" == read_all(ov, "d/h4")
     ov.release(before)
     ov.close()

@@ -73,10 +73,10 @@ def _start(ov: OverlayState, path: str, with_data: bool, meta_only: bool) -> tup
     if ov.index is not None and ov.index.link_up(node, parent.upper_fd, name):  # index=on: another name was copied up
         mark_impure(ov, parent)  # as the kernel's ovl_link_up
         return ov.lookup.lookup(path), None
-    # A lower hard link that index=on keeps one inode is copied whole: its names share the index entry's data.
-    indexed = ov.index is not None and ov.index.name_for(node) is not None
-    metacopy = meta_only and ov.metacopy and stat.S_ISREG(node.mode) and not indexed
-    return node, CopyUp(ov, parent, node, name, with_data and not metacopy, metacopy)
+    # index=on: a lower hard link goes to its index entry, whole (its names share the entry's data), then is linked
+    entry = ov.index.name_for(node) if ov.index is not None else None
+    metacopy = meta_only and ov.metacopy and stat.S_ISREG(node.mode) and entry is None
+    return node, CopyUp(ov, parent, node, name, with_data and not metacopy, metacopy, entry)
 
 
 class CopyUp:
@@ -94,15 +94,22 @@ class CopyUp:
     leaves it as it was. ``size`` is the number of bytes :meth:`copy_data` will copy (0: none).
     """
 
-    def __init__(self, ov: OverlayState, parent: Node, node: Node, name: str, with_data: bool, metacopy: bool) -> None:
+    def __init__(
+        self,
+        ov: OverlayState,
+        parent: Node,
+        node: Node,
+        name: str,
+        with_data: bool,
+        metacopy: bool,
+        index_entry: str | None = None,
+    ) -> None:
         self._ov, self._parent, self._node, self._name, self._metacopy = ov, parent, node, name, metacopy
+        self._index_entry = index_entry  # index=on: the copy goes there (Index.name_for), then is linked at name
         self._top = top = node.lower.hits[0]  # the object copied up (its path in its layer: a redirect may lead there)
         self._replacing = node.upper is not None
         self._st = st = node.st
         data = node.data or top
-        # index=on: a lower hard link is copied to its index entry, then linked at its name (index.py)
-        self._index = ov.index if ov.index is not None and not metacopy else None
-        self._index_entry = self._index.name_for(node) if self._index is not None else None
         self._work = ov.writable(node.path)[1]
         self._tmp = self._work.temp_name()
         self._src: int | None = None
@@ -187,9 +194,9 @@ class CopyUp:
             mark_impure(ov, parent)  # the parent now holds a copied-up object
             realfs.utime(work.fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
             parent_st = os.stat(parent.upper_fd)
-            if self._index is not None and self._index_entry is not None:
-                realfs.renameat2(work.fd, tmp, self._index.fd, self._index_entry, realfs.RENAME_NOREPLACE)
-                self._index.copied_up(self._index_entry, st.st_nlink, parent.upper_fd, self._name)
+            if ov.index is not None and self._index_entry is not None:
+                realfs.renameat2(work.fd, tmp, ov.index.fd, self._index_entry, realfs.RENAME_NOREPLACE)
+                ov.index.copied_up(self._index_entry, st.st_nlink, parent.upper_fd, self._name)
             else:
                 realfs.renameat2(work.fd, tmp, parent.upper_fd, self._name, realfs.RENAME_NOREPLACE)
         except BaseException:

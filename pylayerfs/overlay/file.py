@@ -74,13 +74,13 @@ class OpenFiles:
         raises (then the remaining handles still read the lower file).
         """
         handles = self._lower_by_path.pop(path, [])
-        if ino is not None:
-            for other in list(self._lower_by_path):
-                same = [of for of in self._lower_by_path[other] if of.metacopy and of.ino == ino]
+        for other, ofs in list(self._lower_by_path.items()) if ino is not None else []:
+            same = [of for of in ofs if of.metacopy and of.ino == ino]
+            if same:
                 handles += same
-                kept = [of for of in self._lower_by_path.pop(other) if of not in same]
-                if kept:
-                    self._lower_by_path[other] = kept
+                self._lower_by_path[other] = [of for of in ofs if of not in same]
+                if not self._lower_by_path[other]:
+                    del self._lower_by_path[other]
         for of in handles:
             new_fd = reopen()
             os.dup2(new_fd, of.fd, inheritable=False)  # the handle (the fd number) stays the same

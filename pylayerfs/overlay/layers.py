@@ -178,9 +178,10 @@ class LowerLayer(Layer):
             self._listings[path] = listing
             return listing
         try:
-            opaque = self._markers.opaque_value(fd)
+            present = self._markers.present(fd, None)  # one listxattr: most directories carry no marker
+            opaque = self._markers.opaque_value(fd) if self._markers.opaque in present else None
             listing.opaque = opaque == OPAQUE_YES
-            listing.redirect = self._markers.redirect_of(fd)
+            listing.redirect = self._markers.redirect_of(fd) if self._markers.redirect in present else None
             with os.scandir(fd) as it:
                 for entry in it:
                     st = entry.stat(follow_symlinks=False)

@@ -241,8 +241,8 @@ class Lookup:
         for that directory (:data:`NO_LOWER` for an opaque upper directory).
 
         Ignores the upper layer's object at the name, so its whiteout, opaque marker or redirect is the caller's to
-        apply. A stack with hits is cached by its merged path until :meth:`invalidate` (a rename may give the path
-        another lower part); :data:`NO_LOWER` is not cached (answering it again costs a dictionary probe per layer of
+        apply. A stack with hits is cached by its merged path until :meth:`moved` (a rename may give the path another
+        lower part); :data:`NO_LOWER` is not cached (answering it again costs a dictionary probe per layer of
         the parent's merge). Raises what :meth:`_lower_lookup` raises.
         """
         if not parent.is_dir:
